@@ -1,0 +1,29 @@
+"""quantkit: post-training quantization for large language models."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+def load(path):
+    """Load a quantkit checkpoint as a transformers model (see :func:`quantkit.runtime.loader.load`)."""
+    from quantkit.runtime.loader import load as _load
+
+    return _load(path)
+
+
+def load_tokenizer(path):
+    """The tokenizer stored with a checkpoint."""
+    from quantkit.runtime.loader import load_tokenizer as _load_tokenizer
+
+    return _load_tokenizer(path)
+
+
+def quantize(model, **kwargs):
+    """Quantize a model; see :func:`quantkit.api.quantize` for the options."""
+    from quantkit.api import quantize as _quantize
+
+    return _quantize(model, **kwargs)
+
+
+__all__ = ["__version__", "load", "load_tokenizer", "quantize"]

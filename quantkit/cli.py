@@ -1,0 +1,162 @@
+"""The ``quantkit`` command line: a thin layer over :mod:`quantkit.api`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from typer.exceptions import TyperException
+from rich.console import Console
+from rich.table import Table
+
+from quantkit.errors import QuantkitError
+
+app = typer.Typer(
+    help="Post-training quantization for large language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _split_list(values: list[str]) -> list[str]:
+    return [item.strip() for value in values for item in value.split(",") if item.strip()]
+
+
+@app.command()
+def quantize(
+    model: Annotated[str, typer.Argument(help="Hub id, local directory, .gguf file or built-in alias (smollm2-135m).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint directory to write.")],
+    method: Annotated[str, typer.Option(help="Quantizer: gptq or rtn.")] = "gptq",
+    bits: Annotated[int, typer.Option(help="Weight bits: 2, 3, 4 or 8.")] = 4,
+    group_size: Annotated[int, typer.Option(help="Input columns per scale/zero group; -1 for per-channel.")] = 128,
+    sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric grid (zero point fixed mid-range) or asymmetric.")] = True,
+    act_order: Annotated[bool, typer.Option("--act-order/--no-act-order", help="GPTQ: columns in decreasing Hessian-diagonal order.")] = True,
+    static_groups: Annotated[bool, typer.Option("--static-groups/--no-static-groups", help="GPTQ: group grids fixed before any update (no g_idx).")] = False,
+    true_sequential: Annotated[bool, typer.Option("--true-sequential/--no-true-sequential", help="Statistics of each group of linears after the earlier ones are quantized.")] = True,
+    damp: Annotated[float, typer.Option(help="GPTQ damping as a fraction of the mean Hessian diagonal.")] = 0.01,
+    mse: Annotated[bool, typer.Option("--mse/--no-mse", help="Search a clipping ratio per group (GPTQ's MSE grid).")] = False,
+    calib: Annotated[str, typer.Option(help="Calibration: c4, wikitext2 (hub), synthetic, or a local file/directory.")] = "c4",
+    nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
+    seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 2048,
+    seed: Annotated[int, typer.Option(help="Seed for sampling and anything random.")] = 0,
+    data_dir: Annotated[Optional[str], typer.Option(help="Local data directory for named sources (c4).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+) -> None:
+    """Quantize a causal LM and write a packed checkpoint."""
+    from quantkit.api import CalibrationSpec
+    from quantkit.api import quantize as run_quantize
+    from quantkit.checkpoint_info import inspect_checkpoint
+    from quantkit.schemes import QuantScheme
+
+    scheme = QuantScheme(bits=bits, group_size=group_size, symmetric=sym)
+    result = run_quantize(
+        model,
+        method=method,
+        scheme=scheme,
+        calibration=CalibrationSpec(calib, nsamples, seqlen, data_dir),
+        output=output,
+        seed=seed,
+        true_sequential=true_sequential,
+        overwrite=overwrite,
+        damp=damp,
+        act_order=act_order,
+        static_groups=static_groups,
+        mse=mse,
+    )
+    info = inspect_checkpoint(output)
+    table = Table(title=f"quantized {model} → {output}")
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    table.add_row("method", f"{method} {' '.join(f'{k}={v}' for k, v in result.quantization_config['quantizer'].items())}")
+    table.add_row("scheme", ", ".join(s.scheme for s in info.schemes))
+    table.add_row("layers quantized", str(len(result.quantized)))
+    table.add_row("bits per quantized weight", f"{info.bits_per_weight:.3f}")
+    table.add_row("checkpoint size", f"{info.file_bytes / 2**20:.1f} MiB")
+    for stage, seconds in result.seconds.items():
+        table.add_row(f"time: {stage}", f"{seconds:.1f} s")
+    console.print(table)
+
+
+@app.command("eval")
+def evaluate(
+    targets: Annotated[list[str], typer.Argument(help="Checkpoint directories or models to evaluate.")],
+    ppl: Annotated[list[str], typer.Option(help="Perplexity datasets: wikitext2, c4, ptb or a local file (repeat or comma list).")] = ["wikitext2"],  # noqa: B006
+    seqlen: Annotated[int, typer.Option(help="Tokens per evaluation window.")] = 2048,
+    max_windows: Annotated[Optional[int], typer.Option(help="Evaluate only the first N windows.")] = None,
+    baseline: Annotated[Optional[str], typer.Option(help="Model to compare against (e.g. the unquantized one).")] = None,
+    report: Annotated[Path, typer.Option(help="Directory for the JSON report.")] = Path("quantkit-reports"),
+    data_dir: Annotated[Optional[str], typer.Option(help="Local data directory for named datasets.")] = None,
+) -> None:
+    """Perplexity of checkpoints (and a baseline), as a table and a JSON report."""
+    from quantkit.eval.report import perplexity_table, save_json
+    from quantkit.eval.run import EvalRequest, run_eval
+
+    if seqlen < 2:
+        raise QuantkitError(f"--seqlen must be at least 2, got {seqlen}")
+    if max_windows is not None and max_windows < 1:
+        raise QuantkitError(f"--max-windows must be positive, got {max_windows}")
+    request = EvalRequest(targets, _split_list(ppl), seqlen, max_windows, baseline, data_dir)
+    result = run_eval(request)
+    console.print(perplexity_table(result))
+    path = report / f"eval-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}.json"
+    save_json(result, path)
+    console.print(f"report: {path}")
+
+
+@app.command()
+def inspect(
+    checkpoint: Annotated[Path, typer.Argument(help="A quantkit checkpoint directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Show what a checkpoint holds: schemes, sizes, bits per weight."""
+    from quantkit.checkpoint_info import inspect_checkpoint
+
+    info = inspect_checkpoint(checkpoint)
+    if as_json:
+        console.print_json(json.dumps(info.to_dict()))
+        return
+    table = Table(title=f"{checkpoint} ({info.model_type}, method {info.method})")
+    for column in ("scheme", "layers", "weights", "MiB", "bits/weight"):
+        table.add_column(column, justify="left" if column == "scheme" else "right")
+    for s in info.schemes:
+        table.add_row(s.scheme, str(s.layers), f"{s.weights:,}", f"{s.bytes / 2**20:.2f}", f"{s.bits_per_weight:.3f}")
+    table.add_row("not quantized (embeddings, norms, head)", "", f"{info.other_params:,}", f"{info.other_bytes / 2**20:.2f}", "")
+    table.add_row("all quantized layers", "", f"{info.quantized_weights:,}", f"{info.quantized_bytes / 2**20:.2f}", f"{info.bits_per_weight:.3f}")
+    console.print(table)
+    console.print(f"files on disk: {info.file_bytes / 2**20:.2f} MiB")
+    console.print_json(json.dumps(info.quantization_config))
+
+
+def main() -> None:
+    """Console entry point: every failure is one line on stderr and a non-zero exit."""
+    command = typer.main.get_command(app)
+    try:
+        command.main(standalone_mode=False)
+    except QuantkitError as exc:
+        _fail(str(exc), 1)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        _fail("aborted", 130)
+    except TyperException as exc:  # usage errors: unknown option, bad value, missing argument
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `quantkit`: the help is the answer
+            print(message)
+            sys.exit(0)
+        _fail(message, getattr(exc, "exit_code", 2))
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+
+
+def _fail(message: str, code: int) -> None:
+    one_line = " ".join(message.split())
+    err_console.print(f"error: {one_line}", markup=False, highlight=False, soft_wrap=True)
+    sys.exit(code)

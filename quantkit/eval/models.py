@@ -1,0 +1,25 @@
+"""Loading whatever ``quantkit eval`` is pointed at: a quantkit checkpoint or a full-precision model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from torch import nn
+
+from quantkit.models.loading import load_model
+from quantkit.runtime.loader import is_quantkit_checkpoint, load, load_tokenizer
+
+
+@dataclass
+class EvalTarget:
+    name: str
+    model: nn.Module
+    tokenizer: object
+    quantized: bool
+
+
+def load_target(spec: str) -> EvalTarget:
+    """A quantkit checkpoint directory loads through the runtime; anything else as a float model."""
+    if is_quantkit_checkpoint(spec):
+        return EvalTarget(spec, load(spec), load_tokenizer(spec), quantized=True)
+    loaded = load_model(spec)
+    return EvalTarget(spec, loaded.model, loaded.tokenizer, quantized=False)

@@ -1,0 +1,84 @@
+"""Writing tensors as sharded safetensors with the Hugging Face index layout, and reading them back safely."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from quantkit.errors import QuantkitError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> list[str]:
+    """Write ``tensors`` into shards of at most ``max_shard_bytes`` (one file when they fit); file names."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.contiguous()
+        size += nbytes
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / SINGLE_FILE), metadata=metadata)
+        return [SINGLE_FILE]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        save_file(shard, str(folder / name), metadata=metadata)
+        weight_map.update({key: name for key in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    return names
+
+
+def shard_map(folder: Path) -> dict[str, str]:
+    """Tensor name -> shard file, from the index or the single file's header; corrupt files fail clearly."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise QuantkitError(f"corrupt checkpoint index {index}: {exc}") from None
+        for shard in set(weight_map.values()):
+            if "/" in shard or "\\" in shard or not (folder / shard).is_file():
+                raise QuantkitError(f"checkpoint shard {shard!r} named in {index.name} is missing")
+        return weight_map
+    single = folder / SINGLE_FILE
+    if not single.is_file():
+        raise QuantkitError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder}")
+    return {name: SINGLE_FILE for name in header_specs(single)}
+
+
+def header_specs(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shapes and dtype names of every tensor in a safetensors file, read from its header only."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise QuantkitError(f"corrupt or truncated checkpoint file {path.name}: {str(exc).splitlines()[0]}") from None
+
+
+def read_tensors(folder: Path, names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Load the named tensors (name -> shard file) into memory."""
+    out: dict[str, torch.Tensor] = {}
+    by_file: dict[str, list[str]] = {}
+    for name, shard in names.items():
+        by_file.setdefault(shard, []).append(name)
+    for shard, keys in by_file.items():
+        try:
+            with safe_open(str(folder / shard), framework="pt") as f:
+                for key in keys:
+                    out[key] = f.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise QuantkitError(f"corrupt or truncated checkpoint file {shard}: {str(exc).splitlines()[0]}") from None
+    return out

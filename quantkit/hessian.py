@@ -1,0 +1,42 @@
+"""Accumulating ``H = 2/n * sum(x x^T)`` over calibration tokens at a linear layer's input."""
+
+from __future__ import annotations
+
+import torch
+
+_TRIANGLE_BLOCKS = 8
+
+
+def gram_upper(x: torch.Tensor) -> torch.Tensor:
+    """``x^T x`` for ``x`` of shape ``[tokens, features]``, computing only the upper block triangle.
+
+    The lower triangle of the result is left at zero; :meth:`HessianAccumulator.hessian` mirrors it.
+    Skipping the lower blocks saves about a third of the multiply-adds of a full product.
+    """
+    xt = x.t().contiguous()
+    n = xt.shape[0]
+    bounds = [n * i // _TRIANGLE_BLOCKS for i in range(_TRIANGLE_BLOCKS + 1)]
+    out = torch.zeros(n, n, dtype=x.dtype)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b > a:
+            out[a:b, a:] = xt[a:b] @ xt[a:].t()
+    return out
+
+
+class HessianAccumulator:
+    """Sums per-batch Gram matrices (float32 products) into a float64 total."""
+
+    def __init__(self, features: int) -> None:
+        self.total = torch.zeros(features, features, dtype=torch.float64)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add a batch of inputs ``[..., features]``."""
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.total += gram_upper(x)
+        self.tokens += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        """The symmetric float64 Hessian ``2/n * sum(x x^T)``."""
+        upper = torch.triu(self.total)
+        return (upper + torch.triu(upper, diagonal=1).t()) * (2.0 / max(self.tokens, 1))

@@ -1,0 +1,66 @@
+"""GGUF files converted once to a Hugging Face directory in a local cache, then loaded from there.
+
+Reading a GGUF file through transformers parses its metadata several times (config, tokenizer, weights) and
+dequantizes every tensor; the converted directory (float safetensors, config, tokenizer) loads in a
+fraction of that time. The cache key is the file's resolved path, size and modification time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from quantkit.errors import QuantkitError
+
+
+def cache_root() -> Path:
+    """``$QUANTKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/quantkit``, else ``~/.cache/quantkit``."""
+    if os.environ.get("QUANTKIT_CACHE_DIR"):
+        return Path(os.environ["QUANTKIT_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "quantkit"
+
+
+def _cache_key(path: Path) -> str:
+    stat = path.stat()
+    digest = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return f"{path.stem}-{digest}"
+
+
+def converted_gguf_dir(path: Path) -> Path:
+    """The Hugging Face directory holding ``path``'s weights, converting the file on first use."""
+    target = cache_root() / "gguf" / _cache_key(path)
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(path.resolve().parent), path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as exc:
+        raise QuantkitError(f"cannot read GGUF file {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    config = loaded.config
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config  # the weights below are already dequantized
+    # transformers refuses to save a GGUF-loaded model, so build a plain one and hand it the weights.
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    model.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging.chmod(0o755)
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    return target

@@ -1,0 +1,85 @@
+"""Loading a full-precision causal LM and its tokenizer from a hub id, a directory, a GGUF file or an alias."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quantkit.errors import QuantkitError
+from quantkit.models.adapters import ModelAdapter, adapter_for
+from quantkit.models.builtin import BUILTIN_MODELS, resolve_builtin
+from quantkit.models.gguf_cache import converted_gguf_dir
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    adapter: ModelAdapter
+    source: str
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def _from_pretrained_kwargs(spec: str) -> dict:
+    """Where and how transformers should read ``spec``; a clear error when it cannot exist."""
+    if spec in BUILTIN_MODELS:
+        return {"pretrained_model_name_or_path": str(converted_gguf_dir(resolve_builtin(spec)))}
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise QuantkitError(f"model file not found: {spec}")
+        return {"pretrained_model_name_or_path": str(converted_gguf_dir(path))}
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise QuantkitError(f"{spec} is not a Hugging Face model directory (no config.json)")
+        return {"pretrained_model_name_or_path": str(path)}
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith((".bin", ".safetensors"))
+    if looks_like_path:
+        raise QuantkitError(f"model not found: {spec}")
+    return {"pretrained_model_name_or_path": spec}
+
+
+def load_config(spec: str, trust_remote_code: bool = False):
+    """The model's config, read without loading weights."""
+    from transformers import AutoConfig
+
+    _quiet_transformers()
+    kwargs = _from_pretrained_kwargs(spec)
+    try:
+        return AutoConfig.from_pretrained(**kwargs, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise QuantkitError(f"cannot read the config of {spec!r}: {_first_line(exc)}") from None
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> LoadedModel:
+    """Load ``spec`` for quantization or evaluation; unsupported architectures fail before any weight loads."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = load_config(spec, trust_remote_code)
+    adapter = adapter_for(config.model_type)
+    kwargs = _from_pretrained_kwargs(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(**kwargs, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(**kwargs, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise QuantkitError(f"cannot load model {spec!r}: {_first_line(exc)}") from None
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, source=spec)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
