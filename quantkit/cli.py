@@ -6,12 +6,12 @@ import json
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
-from typer.exceptions import TyperException
 from rich.console import Console
 from rich.table import Table
+from typer.exceptions import TyperException
 
 from quantkit.errors import QuantkitError
 
@@ -47,7 +47,7 @@ def quantize(
     nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
     seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 2048,
     seed: Annotated[int, typer.Option(help="Seed for sampling and anything random.")] = 0,
-    data_dir: Annotated[Optional[str], typer.Option(help="Local data directory for named sources (c4).")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="Local data directory for named sources (c4).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
 ) -> None:
     """Quantize a causal LM and write a packed checkpoint."""
@@ -90,10 +90,10 @@ def evaluate(
     targets: Annotated[list[str], typer.Argument(help="Checkpoint directories or models to evaluate.")],
     ppl: Annotated[list[str], typer.Option(help="Perplexity datasets: wikitext2, c4, ptb or a local file (repeat or comma list).")] = ["wikitext2"],  # noqa: B006
     seqlen: Annotated[int, typer.Option(help="Tokens per evaluation window.")] = 2048,
-    max_windows: Annotated[Optional[int], typer.Option(help="Evaluate only the first N windows.")] = None,
-    baseline: Annotated[Optional[str], typer.Option(help="Model to compare against (e.g. the unquantized one).")] = None,
+    max_windows: Annotated[int | None, typer.Option(help="Evaluate only the first N windows.")] = None,
+    baseline: Annotated[str | None, typer.Option(help="Model to compare against (e.g. the unquantized one).")] = None,
     report: Annotated[Path, typer.Option(help="Directory for the JSON report.")] = Path("quantkit-reports"),
-    data_dir: Annotated[Optional[str], typer.Option(help="Local data directory for named datasets.")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="Local data directory for named datasets.")] = None,
 ) -> None:
     """Perplexity of checkpoints (and a baseline), as a table and a JSON report."""
     from quantkit.eval.report import perplexity_table, save_json

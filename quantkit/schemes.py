@@ -54,7 +54,7 @@ class QuantScheme:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "QuantScheme":
+    def from_dict(cls, data: dict) -> QuantScheme:
         known = {"bits", "group_size", "symmetric", "format"}
         unknown = set(data) - known
         if unknown:

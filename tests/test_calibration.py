@@ -11,9 +11,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers_tokenizer import tiny_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from helpers_tokenizer import tiny_tokenizer
 from quantkit.calib import load_calibration
 from quantkit.calib.sampling import sample_windows
 from quantkit.calib.synthetic import synthetic_windows

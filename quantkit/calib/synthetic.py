@@ -6,7 +6,8 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from quantkit.progress import progress_bar
 
 TOP_K = 50
 
@@ -48,9 +49,8 @@ def synthetic_windows(
     vocab = min(len(tokenizer), model.get_output_embeddings().out_features)
     generator = torch.Generator().manual_seed(seed)
     batches = []
-    columns = (TextColumn("synthetic calibration"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with torch.inference_mode(), Progress(*columns, transient=True) as progress:
-        task = progress.add_task("sequences", total=nsamples)
+    with torch.inference_mode(), progress_bar(transient=True) as progress:
+        task = progress.add_task("synthetic calibration", total=nsamples)
         for first in range(0, nsamples, batch_size):
             batch = min(batch_size, nsamples - first)
             on_token = partial(progress.advance, task, batch / seqlen)

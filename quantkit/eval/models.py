@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 from torch import nn
 
 from quantkit.models.loading import load_model

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from quantkit.eval.models import load_target
 from quantkit.eval.perplexity import perplexity, tokenize_stream
+from quantkit.models.loading import check_model_exists
 from quantkit.textsources import load_eval_text
 
 
@@ -30,10 +31,12 @@ class EvalReport:
 def run_eval(request: EvalRequest) -> EvalReport:
     """Evaluate the baseline (if any) and every target on every dataset, one model in memory at a time."""
     report = EvalReport(request)
+    names = ([request.baseline] if request.baseline else []) + list(request.targets)
+    for name in names:
+        check_model_exists(name)
     texts = {}
     for dataset in request.datasets:
         texts[dataset], report.sources[dataset] = load_eval_text(dataset, request.data_dir)
-    names = ([request.baseline] if request.baseline else []) + list(request.targets)
     for name in names:
         target = load_target(name)
         report.results[name] = {}

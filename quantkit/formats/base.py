@@ -17,7 +17,7 @@ from quantkit.errors import QuantkitError
 
 TensorSpec = tuple[tuple[int, ...], torch.dtype]
 
-_REGISTRY: dict[str, type["QuantizedTensor"]] = {}
+_REGISTRY: dict[str, type[QuantizedTensor]] = {}
 
 
 class QuantizedTensor(ABC):
@@ -53,7 +53,7 @@ class QuantizedTensor(ABC):
 
     @classmethod
     @abstractmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict, shape: tuple[int, int]) -> "QuantizedTensor":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict, shape: tuple[int, int]) -> QuantizedTensor:
         """Rebuild from stored tensors (already validated against :meth:`expected_tensors`)."""
 
     def storage_bytes(self) -> int:

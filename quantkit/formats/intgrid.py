@@ -96,7 +96,7 @@ class IntQuantizedTensor(QuantizedTensor):
         return specs
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict, shape: tuple[int, int]) -> "IntQuantizedTensor":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict, shape: tuple[int, int]) -> IntQuantizedTensor:
         scheme, _ = _parse_meta(meta)
         out_features, in_features = shape
         groups = scheme.num_groups(in_features)

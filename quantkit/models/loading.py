@@ -31,22 +31,26 @@ def _quiet_transformers() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
+def check_model_exists(spec: str) -> None:
+    """Refuse at once a spec that names a local file or directory which is not there."""
+    if spec in BUILTIN_MODELS or Path(spec).expanduser().exists():
+        return
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith((".gguf", ".bin", ".safetensors")):
+        raise QuantkitError(f"model not found: {spec}")
+
+
 def _from_pretrained_kwargs(spec: str) -> dict:
     """Where and how transformers should read ``spec``; a clear error when it cannot exist."""
     if spec in BUILTIN_MODELS:
         return {"pretrained_model_name_or_path": str(converted_gguf_dir(resolve_builtin(spec)))}
+    check_model_exists(spec)
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise QuantkitError(f"model file not found: {spec}")
         return {"pretrained_model_name_or_path": str(converted_gguf_dir(path))}
     if path.exists():
         if not (path / "config.json").is_file():
             raise QuantkitError(f"{spec} is not a Hugging Face model directory (no config.json)")
         return {"pretrained_model_name_or_path": str(path)}
-    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith((".bin", ".safetensors"))
-    if looks_like_path:
-        raise QuantkitError(f"model not found: {spec}")
     return {"pretrained_model_name_or_path": spec}
 
 

@@ -23,18 +23,25 @@ from quantkit.schemes import QuantScheme
 log = logging.getLogger(__name__)
 
 _DAMP_RETRIES = 6
+_FIRST_RETRY_DAMP = 0.01
+
+
+def damping_schedule(damp: float) -> list[float]:
+    """The damping asked for, then ten times more at each retry (from 0.01 when 0 was asked for)."""
+    first_retry = damp * 10 if damp > 0 else _FIRST_RETRY_DAMP
+    return [damp] + [first_retry * 10**i for i in range(_DAMP_RETRIES)]
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` in float64, returned as float32.
 
-    If the damped Hessian is not positive definite the damping is multiplied by 10 and tried again.
+    If the damped Hessian is not positive definite, the damping grows by :func:`damping_schedule`.
     """
     h = hessian.double()
     mean_diag = torch.diag(h).mean().item()
     eye = torch.eye(h.shape[0], dtype=h.dtype)
-    current = damp
-    for _ in range(_DAMP_RETRIES):
+    schedule = damping_schedule(damp)
+    for current in schedule:
         chol, info = torch.linalg.cholesky_ex(h + current * mean_diag * eye)
         if info == 0:
             upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
@@ -42,8 +49,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
                 if current != damp:
                     log.warning("Hessian needed damping %.3g (asked for %.3g)", current, damp)
                 return upper.float()
-        current *= 10
-    raise QuantkitError(f"Hessian is not positive definite even with damping {current / 10:.3g}; use more calibration data")
+    raise QuantkitError(f"Hessian is not positive definite even with damping {schedule[-1]:.3g}; use more calibration data")
 
 
 @dataclass
@@ -81,6 +87,7 @@ class GPTQQuantizer(Quantizer):
         w[:, dead] = 0
 
         static = [fit_grid(w[:, cols], scheme, self.mse) for cols in group_slices(n, group)] if self.static_groups else None
+        static_np = [(s.numpy(), z.numpy()) for s, z in static] if static is not None else None
         perm = torch.argsort(torch.diag(h), descending=True, stable=True) if self.act_order else torch.arange(n)
         w = w[:, perm]
         h = h[perm][:, perm]
@@ -88,7 +95,7 @@ class GPTQQuantizer(Quantizer):
 
         # Keep groups inside one block where possible, so a group's grid sees every earlier update.
         block = group * max(1, self.block_size // group) if group <= self.block_size else self.block_size
-        codes = torch.empty((n, out_features), dtype=torch.uint8)  # column-major while solving
+        codes = np.empty((n, out_features), dtype=np.uint8)  # column-major while solving
         scales, zeros = [], []
         scale = zero = None
         for i1 in range(0, n, block):
@@ -99,24 +106,26 @@ class GPTQQuantizer(Quantizer):
             hinv1 = hinv[i1:i2, i1:i2].numpy()
             for i in range(i2 - i1):
                 col = i1 + i
-                if static is not None:
-                    scale, zero = (t.numpy() for t in static[int(perm[col]) // group])
+                if static_np is not None:
+                    scale, zero = static_np[int(perm[col]) // group]
                 elif col % group == 0:
-                    pending = torch.cat([torch.from_numpy(w1[i:]).t(), w[:, i2:]], dim=1)[:, :group]
+                    pending = torch.from_numpy(w1[i : i + group]).t()
+                    if pending.shape[1] < group:  # the group runs past this block: take its later columns too
+                        pending = torch.cat([pending, w[:, i2 : i2 + group - pending.shape[1]]], dim=1)
                     scale_t, zero_t = fit_grid(pending, scheme, self.mse)
                     scales.append(scale_t)
                     zeros.append(zero_t)
                     scale, zero = scale_t.numpy(), zero_t.numpy()
                 column = w1[i]
                 code = np.clip(np.rint(column / scale) + zero, 0, scheme.maxq)
-                codes[col] = torch.from_numpy(code)
+                codes[col] = code
                 err = (column - (code - zero) * scale) / hinv1[i, i]
                 w1[i:] -= np.outer(hinv1[i, i:], err)
                 err1[i] = err
             w[:, i2:] -= torch.from_numpy(err1).t() @ hinv[i1:i2, i2:]
 
         inverse = torch.argsort(perm)
-        codes = codes.t()[:, inverse].contiguous()
+        codes = torch.from_numpy(codes).t()[:, inverse].contiguous()
         if static is not None:
             scales = [s for s, _ in static]
             zeros = [z for _, z in static]
