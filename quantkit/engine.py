@@ -59,9 +59,7 @@ def check_layers(model: nn.Module, adapter: ModelAdapter, scheme_for: SchemeFor)
                 raise QuantkitError(f"weight of {full} contains NaN or infinite values")
 
 
-def _quantize_linear(
-    linear: nn.Linear, full_name: str, quantizer: Quantizer, stats: LayerStats, scheme: QuantScheme
-) -> QuantizedTensor:
+def _quantize_linear(linear: nn.Linear, quantizer: Quantizer, stats: LayerStats, scheme: QuantScheme) -> QuantizedTensor:
     qt = quantizer.quantize(linear.weight.data, stats, scheme)
     linear.weight.data.copy_(qt.dequantize(linear.weight.dtype))
     return qt
@@ -117,7 +115,7 @@ class _BlockRun:
         for name in self.groups[g]:
             full = f"{self.prefix}.{name}"
             linear = _linear(self.block, name, full)
-            self.results[full] = _quantize_linear(linear, full, self.quantizer, stats, self.scheme_for(full))
+            self.results[full] = _quantize_linear(linear, self.quantizer, stats, self.scheme_for(full))
 
     def install(self, job_index: Callable[[], int], on_group: Callable[[int], None]) -> list:
         """Hooks that accumulate each group's Hessian once per job, then call ``on_group(g)``."""
@@ -167,7 +165,7 @@ def quantize_model(
             for i, block in enumerate(blocks):
                 for name in adapter.linear_names():
                     full = f"{adapter.blocks}.{i}.{name}"
-                    results[full] = _quantize_linear(_linear(block, name, full), full, quantizer, LayerStats(), scheme_for(full))
+                    results[full] = _quantize_linear(_linear(block, name, full), quantizer, LayerStats(), scheme_for(full))
                 progress.advance(task)
             return results
         if calib is None:
