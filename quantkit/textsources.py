@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from quantkit.errors import QuantkitError
 
@@ -176,6 +178,23 @@ def data_dir_file(relative: str | None, data_dir: str | None) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the hub cannot be reached, found in seconds (``datasets`` itself retries for ~25 s); None if it can.
+
+    Skipped behind a proxy, where a direct connection says nothing about what ``datasets`` can reach.
+    """
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError as exc:
+        return f"{url.hostname} unreachable: {exc.strerror or exc}"
+    return None
+
+
 def hub_documents(spec: NamedSet, alternative: str) -> Sequence[str]:
     """The `spec.field` values of a hub dataset; a one-line QuantkitError suggesting `alternative` if unreachable."""
 
@@ -185,6 +204,9 @@ def hub_documents(spec: NamedSet, alternative: str) -> Sequence[str]:
     for env in _OFFLINE_ENVS:
         if os.environ.get(env, "").strip().lower() in ("1", "true", "yes", "on"):
             raise unreachable(f"{env}={os.environ[env]}")
+    reason = _hub_unreachable()
+    if reason:
+        raise unreachable(reason)
     try:
         from datasets import load_dataset
 

@@ -39,6 +39,8 @@ CONFIGS: dict[str, list[str] | None] = {
     "gptq-w4g64-sym": ["--method", "gptq", "--bits", "4", "--group-size", "64", "--sym", "--no-act-order"],
     "gptq-w3g64-sym-actorder": ["--method", "gptq", "--bits", "3", "--group-size", "64", "--sym", "--act-order"],
     "gptq-w3g64-sym": ["--method", "gptq", "--bits", "3", "--group-size", "64", "--sym", "--no-act-order"],
+    "gptq-w4g64-sym-actorder-mse": ["--method", "gptq", "--bits", "4", "--group-size", "64", "--sym", "--act-order", "--mse"],
+    "gptq-w3g64-sym-actorder-mse": ["--method", "gptq", "--bits", "3", "--group-size", "64", "--sym", "--act-order", "--mse"],
 }
 
 # GPTQModel 7.7 on this machine under the same protocol (issue #2): perplexity, quantize wall seconds.

@@ -161,3 +161,23 @@ def test_named_set_offline_fails_fast(monkeypatch: pytest.MonkeyPatch, tmp_path:
         "--ppl path/to/wiki.test.raw" in message
         and "--data-dir DIR holding wikitext-2-raw/wiki.test.raw" in message
     )
+
+
+def test_hub_probe_tells_a_closed_endpoint_from_an_open_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from huggingface_hub import constants
+
+    from quantkit.textsources import _hub_unreachable
+
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+        assert _hub_unreachable() is None
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")  # the port is closed now
+    reason = _hub_unreachable()
+    assert reason is not None and "127.0.0.1 unreachable" in reason
