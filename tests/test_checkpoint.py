@@ -122,6 +122,27 @@ def test_lying_config_is_refused(checkpoint: Path) -> None:
         quantkit.load(checkpoint)
 
 
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda c: c["quantization_config"]["layers"]["model.layers.0.mlp.up_proj"].pop("bits"), "incomplete or invalid"),
+        (lambda c: c["quantization_config"]["layers"]["model.layers.0.mlp.up_proj"].update(bits=5), "unsupported bit width 5"),
+        (lambda c: c["quantization_config"]["layers"]["model.layers.0.mlp.up_proj"].update(kind="nf4"), "unknown quantized tensor kind"),
+        (lambda c: c["quantization_config"]["layers"].update({"model.layers.9.mlp.up_proj": {"kind": "int"}}), "does not have"),
+        (lambda c: c.update(model_type="gpt2"), "unsupported architecture 'gpt2'"),
+        (lambda c: c.update(num_attention_heads="many"), "invalid model config"),
+    ],
+)
+def test_broken_config_entries_fail_with_one_line(checkpoint: Path, edit, message: str) -> None:
+    path = checkpoint / "config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+    with pytest.raises(QuantkitError, match=message) as info:
+        quantkit.load(checkpoint)
+    assert "\n" not in str(info.value)
+
+
 def test_not_a_checkpoint(tmp_path: Path, tiny_model_dir: Path) -> None:
     with pytest.raises(QuantkitError, match="checkpoint not found"):
         quantkit.load(tmp_path / "nope")

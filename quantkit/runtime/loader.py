@@ -57,12 +57,15 @@ def _skeleton(config_dict: dict) -> nn.Module:
 
     model_type = config_dict.get("model_type")
     adapter_for(str(model_type))
-    config = AutoConfig.for_model(**config_dict)
-    dtype = getattr(config, "dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        config = AutoConfig.for_model(**config_dict)
+        dtype = getattr(config, "dtype", None) or torch.float32
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except Exception as exc:  # noqa: BLE001 - transformers validates configs with several exception types
+        raise QuantkitError(f"invalid model config in checkpoint: {' '.join(str(exc).split()) or type(exc).__name__}") from None
     model.tie_weights()  # empty-weight construction skips tying; tied tensors are stored once
     return model
 
@@ -79,7 +82,10 @@ def _swap_in_quant_linears(model: nn.Module, layers: dict[str, dict]) -> None:
             raise QuantkitError(f"checkpoint records shape {meta['shape']} for {name}, the model has "
                                 f"{[linear.out_features, linear.in_features]}")
         parent_name, _, child = name.rpartition(".")
-        quant = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, meta, linear.weight.dtype)
+        try:
+            quant = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, meta, linear.weight.dtype)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise QuantkitError(f"checkpoint entry for {name} is incomplete or invalid: {exc!r}") from None
         setattr(model.get_submodule(parent_name), child, quant)
 
 
