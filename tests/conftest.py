@@ -35,11 +35,11 @@ def tiny_llama_config(model_type: str = "llama", vocab_size: int = 320):
     )
 
 
-def tiny_model(model_type: str = "llama", seed: int = 0):
+def tiny_model(model_type: str = "llama", seed: int = 0, vocab_size: int = 320):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_llama_config(model_type)).eval()
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(model_type, vocab_size)).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model

@@ -11,8 +11,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import tiny_model
 from helpers_tokenizer import tiny_tokenizer
 from quantkit.calib import load_calibration
 from quantkit.calib.sampling import sample_windows
@@ -160,19 +160,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def _tiny_llama(vocab_size: int) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 def test_synthetic_needs_a_model() -> None:
     with pytest.raises(QuantkitError, match="no model"):
         load_calibration("synthetic", tiny_tokenizer(), 4, 16, seed=0)
@@ -181,7 +168,7 @@ def test_synthetic_needs_a_model() -> None:
 @pytest.mark.usefixtures("one_thread")
 def test_synthetic_is_deterministic_in_vocab_and_top_k() -> None:
     tokenizer = tiny_tokenizer()
-    model = _tiny_llama(len(tokenizer) + 64)  # padded embedding rows beyond the tokenizer
+    model = tiny_model(vocab_size=len(tokenizer) + 64)  # padded embedding rows beyond the tokenizer
     tokens = load_calibration("synthetic", tokenizer, 5, 12, seed=7, model=model)
     assert tokens.shape == (5, 12) and tokens.dtype == torch.int64
     assert int(tokens.min()) >= 0 and int(tokens.max()) < len(tokenizer)
