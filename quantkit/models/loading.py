@@ -54,12 +54,10 @@ def _from_pretrained_kwargs(spec: str) -> dict:
     return {"pretrained_model_name_or_path": spec}
 
 
-def load_config(spec: str, trust_remote_code: bool = False):
+def _read_config(spec: str, kwargs: dict, trust_remote_code: bool):
     """The model's config, read without loading weights."""
     from transformers import AutoConfig
 
-    _quiet_transformers()
-    kwargs = _from_pretrained_kwargs(spec)
     try:
         return AutoConfig.from_pretrained(**kwargs, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -70,9 +68,9 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code:
     """Load ``spec`` for quantization or evaluation; unsupported architectures fail before any weight loads."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    config = load_config(spec, trust_remote_code)
-    adapter = adapter_for(config.model_type)
+    _quiet_transformers()
     kwargs = _from_pretrained_kwargs(spec)
+    adapter = adapter_for(_read_config(spec, kwargs, trust_remote_code).model_type)
     try:
         tokenizer = AutoTokenizer.from_pretrained(**kwargs, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(**kwargs, dtype=dtype, trust_remote_code=trust_remote_code)
