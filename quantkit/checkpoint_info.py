@@ -6,10 +6,9 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from quantkit.export.safetensors_io import header_specs, shard_map
+from quantkit.errors import QuantkitError
+from quantkit.export.safetensors_io import DTYPE_BYTES, header_specs, shard_map
 from quantkit.runtime.loader import read_checkpoint_config
-
-_DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 @dataclass
@@ -66,7 +65,10 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     specs = {}
     for shard in sorted(set(files.values())):
         specs.update(header_specs(folder / shard))
-    nbytes = {name: math.prod(shape) * _DTYPE_BYTES.get(dtype, 4) for name, (shape, dtype) in specs.items()}
+    unknown = sorted(name for name, (_, dtype) in specs.items() if dtype not in DTYPE_BYTES)
+    if unknown:
+        raise QuantkitError(f"tensor {unknown[0]} has unsupported dtype {specs[unknown[0]][1]}")
+    nbytes = {name: math.prod(shape) * DTYPE_BYTES[dtype] for name, (shape, dtype) in specs.items()}
     numel = {name: math.prod(shape) for name, (shape, _) in specs.items()}
     by_scheme: dict[str, SchemeSummary] = {}
     owned: set[str] = set()

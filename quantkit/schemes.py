@@ -52,11 +52,3 @@ class QuantScheme:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> QuantScheme:
-        known = {"bits", "group_size", "symmetric", "format"}
-        unknown = set(data) - known
-        if unknown:
-            raise QuantkitError(f"unknown quantization scheme fields: {', '.join(sorted(unknown))}")
-        return cls(**data)

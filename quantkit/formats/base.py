@@ -56,10 +56,6 @@ class QuantizedTensor(ABC):
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict, shape: tuple[int, int]) -> QuantizedTensor:
         """Rebuild from stored tensors (already validated against :meth:`expected_tensors`)."""
 
-    def storage_bytes(self) -> int:
-        """Bytes of every tensor this weight writes: the honest basis of bits per weight."""
-        return sum(t.numel() * t.element_size() for t in self.to_tensors().values())
-
 
 def tensor_class(kind: str) -> type[QuantizedTensor]:
     """The registered class for a ``kind`` name recorded in a checkpoint."""

@@ -10,14 +10,9 @@ from torch import nn
 
 from quantkit.errors import QuantkitError
 from quantkit.export.native import FORMAT_NAME, FORMAT_VERSION, QUANT_METHOD, unique_state
-from quantkit.export.safetensors_io import header_specs, read_tensors, shard_map
+from quantkit.export.safetensors_io import SAFETENSORS_DTYPES, header_specs, read_tensors, shard_map
 from quantkit.models.adapters import adapter_for
 from quantkit.runtime.quant_linear import QuantLinear
-
-_SAFETENSORS_DTYPES = {
-    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-    torch.int32: "I32", torch.int64: "I64", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}
 
 
 def read_checkpoint_config(folder: Path) -> tuple[dict, dict]:
@@ -103,7 +98,7 @@ def _validate(folder: Path, expected: dict[str, torch.Tensor], files: dict[str, 
         if name not in specs:
             raise QuantkitError(f"tensor {name} is not in {files[name]} although the index says so")
         shape, dtype = specs[name]
-        want = (tuple(tensor.shape), _SAFETENSORS_DTYPES.get(tensor.dtype, str(tensor.dtype)))
+        want = (tuple(tensor.shape), SAFETENSORS_DTYPES.get(tensor.dtype, str(tensor.dtype)))
         if (shape, dtype) != want:
             raise QuantkitError(f"tensor {name} has shape {list(shape)} {dtype}, expected {list(want[0])} {want[1]}")
 
