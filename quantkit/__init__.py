@@ -5,11 +5,11 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 
-def load(path):
-    """Load a quantkit checkpoint as a transformers model (see :func:`quantkit.runtime.loader.load`)."""
+def load(path, kernel=None):
+    """Load a quantized checkpoint as a transformers model (see :func:`quantkit.runtime.loader.load`)."""
     from quantkit.runtime.loader import load as _load
 
-    return _load(path)
+    return _load(path, kernel)
 
 
 def load_tokenizer(path):

@@ -12,7 +12,7 @@ from torch import nn
 from quantkit import __version__
 from quantkit.engine import EngineOptions, quantize_model
 from quantkit.export.atomic import check_output_dir
-from quantkit.export.native import save_native
+from quantkit.export.formats import check_format, check_layers, save_checkpoint
 from quantkit.formats.base import QuantizedTensor
 from quantkit.models.loading import load_model
 from quantkit.quantizers import make_quantizer
@@ -46,20 +46,27 @@ def quantize(
     seed: int = 0,
     true_sequential: bool = True,
     overwrite: bool = False,
+    export_format: str = "native",
     **quantizer_options,
 ) -> QuantizeResult:
-    """Quantize ``model`` (hub id, directory, GGUF file or built-in alias); write a checkpoint to ``output``."""
+    """Quantize ``model`` (hub id, directory, GGUF file or built-in alias); write a checkpoint to ``output``.
+
+    ``export_format`` is ``native``, ``gptq`` (v1) or ``compressed-tensors`` (pack-quantized); a scheme the
+    format cannot express is refused before the model is loaded.
+    """
     from quantkit.calib import load_calibration
 
     scheme = scheme or QuantScheme()
     calibration = calibration or CalibrationSpec()
     quantizer = make_quantizer(method, **quantizer_options)
+    check_format(export_format, scheme, quantizer.column_groups())
     if output is not None:
         check_output_dir(Path(output), overwrite)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     loaded = load_model(model)
     seconds["load"] = time.perf_counter() - start
+    check_layers(export_format, scheme, _block_linear_shapes(loaded.model, loaded.adapter))
     calib = None
     if quantizer.needs_calibration:
         start = time.perf_counter()
@@ -90,9 +97,40 @@ def quantize(
     }
     if output is not None:
         start = time.perf_counter()
-        save_native(Path(output), loaded.model, loaded.tokenizer, quantized, config, overwrite=overwrite)
+        save_checkpoint(export_format, Path(output), loaded.model, loaded.tokenizer, quantized, config, overwrite=overwrite)
         seconds["export"] = time.perf_counter() - start
     return QuantizeResult(loaded.model, loaded.tokenizer, quantized, config, seconds)
 
 
-__all__ = ["CalibrationSpec", "QuantizeResult", "load", "load_tokenizer", "quantize"]
+def _block_linear_shapes(model: nn.Module, adapter) -> dict[str, tuple[int, int]]:
+    """``(out, in)`` of every linear the engine will quantize."""
+    shapes = {}
+    for i, block in enumerate(adapter.get_blocks(model)):
+        for name in adapter.linear_names():
+            linear = block.get_submodule(name)
+            shapes[f"{adapter.blocks}.{i}.{name}"] = (linear.out_features, linear.in_features)
+    return shapes
+
+
+def export(source: str | Path, output: str | Path, export_format: str, overwrite: bool = False) -> nn.Module:
+    """Convert a checkpoint quantkit can load into ``export_format`` at ``output``; returns the loaded model."""
+    from quantkit.runtime.loader import open_checkpoint
+    from quantkit.runtime.quant_linear import QuantLinear
+
+    check_format(export_format)
+    check_output_dir(Path(output), overwrite)
+    checkpoint = open_checkpoint(Path(source))
+    qc = checkpoint.quantization
+    model = load(source)
+    quantized = {name: m.quantized() for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    has_tokenizer = any((Path(source) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = load_tokenizer(source) if has_tokenizer else None
+    if checkpoint.format == "native":
+        config = {k: v for k, v in qc.items() if k not in ("quant_method", "format", "format_version", "layers")}
+    else:
+        config = {"method": checkpoint.format, "source_quantization_config": qc}
+    save_checkpoint(export_format, Path(output), model, tokenizer, quantized, config, overwrite=overwrite)
+    return model
+
+
+__all__ = ["CalibrationSpec", "QuantizeResult", "export", "load", "load_tokenizer", "quantize"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from quantkit.errors import QuantkitError
 from quantkit.export.safetensors_io import DTYPE_BYTES, header_specs, shard_map
-from quantkit.runtime.loader import read_checkpoint_config
+from quantkit.runtime.loader import describe_layers
 
 
 @dataclass
@@ -60,7 +60,8 @@ def scheme_label(meta: dict) -> str:
 
 def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     folder = Path(path)
-    config, qc = read_checkpoint_config(folder)
+    checkpoint, layers = describe_layers(folder)
+    config, qc = checkpoint.model, checkpoint.quantization
     files = shard_map(folder)
     specs = {}
     for shard in sorted(set(files.values())):
@@ -72,7 +73,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     numel = {name: math.prod(shape) for name, (shape, _) in specs.items()}
     by_scheme: dict[str, SchemeSummary] = {}
     owned: set[str] = set()
-    for layer, meta in qc["layers"].items():
+    for layer, meta in layers.items():
         tensors = [n for n in specs if n.startswith(f"{layer}.") and n != f"{layer}.bias"]
         owned.update(tensors)
         label = scheme_label(meta)
@@ -83,7 +84,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     others = [n for n in specs if n not in owned]
     return CheckpointInfo(
         path=str(folder),
-        method=str(qc.get("method")),
+        method=str(qc.get("method") or qc.get("quant_method")),
         model_type=str(config.get("model_type")),
         schemes=list(by_scheme.values()),
         quantized_weights=sum(s.weights for s in by_scheme.values()),

@@ -49,6 +49,7 @@ def quantize(
     seed: Annotated[int, typer.Option(help="Seed for sampling and anything random.")] = 0,
     data_dir: Annotated[str | None, typer.Option(help="Local data directory for named sources (c4).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    export_format: Annotated[str, typer.Option("--format", help="Checkpoint format: native, gptq (v1) or compressed-tensors (pack-quantized).")] = "native",
 ) -> None:
     """Quantize a causal LM and write a packed checkpoint."""
     from quantkit.api import CalibrationSpec
@@ -70,6 +71,7 @@ def quantize(
         act_order=act_order,
         static_groups=static_groups,
         mse=mse,
+        export_format=export_format,
     )
     info = inspect_checkpoint(output)
     table = Table(title=f"quantized {model} → {output}")
@@ -94,6 +96,7 @@ def evaluate(
     baseline: Annotated[str | None, typer.Option(help="Model to compare against (e.g. the unquantized one).")] = None,
     report: Annotated[Path, typer.Option(help="Directory for the JSON report.")] = Path("quantkit-reports"),
     data_dir: Annotated[str | None, typer.Option(help="Local data directory for named datasets.")] = None,
+    kernel: Annotated[str | None, typer.Option(help="Kernel serving quantized layers: auto, cpu, aten, triton or dequant.")] = None,
 ) -> None:
     """Perplexity of checkpoints (and a baseline), as a table and a JSON report."""
     from quantkit.eval.report import perplexity_table, save_json
@@ -103,12 +106,33 @@ def evaluate(
         raise QuantkitError(f"--seqlen must be at least 2, got {seqlen}")
     if max_windows is not None and max_windows < 1:
         raise QuantkitError(f"--max-windows must be positive, got {max_windows}")
-    request = EvalRequest(targets, _split_list(ppl), seqlen, max_windows, baseline, data_dir)
+    if kernel is not None:
+        from quantkit.runtime.kernels import check_backend
+
+        check_backend(kernel)
+    request = EvalRequest(targets, _split_list(ppl), seqlen, max_windows, baseline, data_dir, kernel)
     result = run_eval(request)
     console.print(perplexity_table(result))
     path = report / f"eval-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}.json"
     save_json(result, path)
     console.print(f"report: {path}")
+
+
+@app.command("export")
+def export_checkpoint(
+    source: Annotated[str, typer.Argument(help="A checkpoint quantkit loads (native, GPTQ or compressed-tensors).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint directory to write.")],
+    export_format: Annotated[str, typer.Option("--format", help="Target format: native, gptq or compressed-tensors.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+) -> None:
+    """Convert a quantized checkpoint to another format (the quantized weights are carried over exactly)."""
+    from quantkit.api import export
+    from quantkit.checkpoint_info import inspect_checkpoint
+
+    export(source, output, export_format, overwrite=overwrite)
+    info = inspect_checkpoint(output)
+    console.print(f"wrote {export_format} checkpoint {output}: {sum(s.layers for s in info.schemes)} "
+                  f"quantized layers ({', '.join(s.scheme for s in info.schemes)}), {info.file_bytes / 2**20:.1f} MiB")
 
 
 @app.command()

@@ -18,9 +18,9 @@ class EvalTarget:
     quantized: bool
 
 
-def load_target(spec: str) -> EvalTarget:
-    """A quantkit checkpoint directory loads through the runtime; anything else as a float model."""
+def load_target(spec: str, kernel: str | None = None) -> EvalTarget:
+    """A quantized checkpoint directory loads through the runtime (served by ``kernel``); anything else as a float model."""
     if is_quantkit_checkpoint(spec):
-        return EvalTarget(spec, load(spec), load_tokenizer(spec), quantized=True)
+        return EvalTarget(spec, load(spec, kernel), load_tokenizer(spec), quantized=True)
     loaded = load_model(spec)
     return EvalTarget(spec, loaded.model, loaded.tokenizer, quantized=False)

@@ -18,6 +18,7 @@ class EvalRequest:
     max_windows: int | None = None
     baseline: str | None = None
     data_dir: str | None = None
+    kernel: str | None = None
 
 
 @dataclass
@@ -38,7 +39,7 @@ def run_eval(request: EvalRequest) -> EvalReport:
     for dataset in request.datasets:
         texts[dataset], report.sources[dataset] = load_eval_text(dataset, request.data_dir)
     for name in names:
-        target = load_target(name)
+        target = load_target(name, request.kernel)
         report.results[name] = {}
         for dataset, text in texts.items():
             stream = tokenize_stream(text, target.tokenizer)

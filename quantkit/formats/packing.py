@@ -65,3 +65,17 @@ def _unpack_aligned(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     shifts = torch.arange(per_word, dtype=torch.int32) * bits
     codes = (packed[:, :, None] >> shifts) & (2**bits - 1)  # arithmetic shift; the mask drops sign bits
     return codes.reshape(packed.shape[0], -1)[:, :n].to(torch.uint8 if bits <= 8 else torch.int16)
+
+
+def pack_columns(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack along the first dimension: column ``j`` of ``codes`` becomes column ``j`` of the packed words.
+
+    ``[n, cols]`` codes give ``[ceil(n*bits/32), cols]`` words (GPTQ's ``qweight`` of transposed codes,
+    compressed-tensors' zero points).
+    """
+    return pack_rows(codes.t(), bits).t().contiguous()
+
+
+def unpack_columns(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_columns`: ``[n, cols]`` codes."""
+    return unpack_rows(packed.t().contiguous(), bits, n).t().contiguous()

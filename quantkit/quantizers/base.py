@@ -34,6 +34,10 @@ class Quantizer(ABC):
     def quantize(self, weight: torch.Tensor, stats: LayerStats, scheme: QuantScheme) -> QuantizedTensor:
         """Quantize one weight matrix under ``scheme``."""
 
+    def column_groups(self) -> bool:
+        """Whether the tensors it makes assign columns to groups out of order (act-order ``g_idx``)."""
+        return False
+
     @abstractmethod
     def options(self) -> dict:
         """The settings that, with the scheme, reproduce this quantizer (recorded in checkpoints)."""

@@ -74,6 +74,9 @@ class GPTQQuantizer(Quantizer):
     def options(self) -> dict:
         return asdict(self)
 
+    def column_groups(self) -> bool:
+        return self.act_order and not self.static_groups
+
     def quantize(self, weight: torch.Tensor, stats: LayerStats, scheme: QuantScheme) -> IntQuantizedTensor:
         if stats.hessian is None:
             raise QuantkitError("GPTQ needs the layer's Hessian from calibration data")

@@ -1,49 +1,112 @@
-"""Loading a quantkit checkpoint: validate every tensor against the config, then build the model."""
+"""Loading a checkpoint (quantkit native, GPTQ v1/v2, compressed-tensors pack-quantized): validate every
+tensor against the config from the safetensors headers, then build the model with QuantLinear layers."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from quantkit.errors import QuantkitError
-from quantkit.export.native import FORMAT_NAME, FORMAT_VERSION, QUANT_METHOD, unique_state
-from quantkit.export.safetensors_io import SAFETENSORS_DTYPES, header_specs, read_tensors, shard_map
+from quantkit.export import compressed_tensors_format as ct
+from quantkit.export.gptq_format import CONFIG_FILE as GPTQ_CONFIG_FILE
+from quantkit.export.native import FORMAT_NAME, FORMAT_VERSION, QUANT_METHOD
+from quantkit.export.safetensors_io import (
+    INDEX_FILE,
+    SAFETENSORS_DTYPES,
+    SINGLE_FILE,
+    header_specs,
+    read_tensors,
+    shard_map,
+)
+from quantkit.export.writer import unique_state
+from quantkit.formats.base import TensorSpec
 from quantkit.models.adapters import adapter_for
+from quantkit.runtime import readers
+from quantkit.runtime.kernels import check_backend, default_backend
 from quantkit.runtime.quant_linear import QuantLinear
 
+_PLANNERS = {
+    "native": readers.native_plans,
+    "gptq": readers.gptq_plans,
+    "compressed-tensors": readers.compressed_tensors_plans,
+}
 
-def read_checkpoint_config(folder: Path) -> tuple[dict, dict]:
-    """``(model config without quantization_config, quantization_config)`` of a quantkit checkpoint."""
+
+@dataclass
+class CheckpointConfig:
+    """A checkpoint's model config (without quantization_config), its quantization config and format name."""
+
+    model: dict
+    quantization: dict
+    format: str
+
+
+def _format_of(qc: object) -> str | None:
+    if not isinstance(qc, dict):
+        return None
+    method = qc.get("quant_method")
+    if method == QUANT_METHOD:
+        return "native"
+    if method == "gptq":
+        return "gptq"
+    if method == ct.QUANT_METHOD:
+        return "compressed-tensors"
+    return None
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise QuantkitError(f"corrupt {what} in {path.parent}: {exc}") from None
+    if not isinstance(data, dict):
+        raise QuantkitError(f"corrupt {what} in {path.parent}: not a JSON object")
+    return data
+
+
+def open_checkpoint(folder: Path) -> CheckpointConfig:
+    """Read and check the configs of any checkpoint quantkit can load."""
     if not folder.is_dir():
         raise QuantkitError(f"checkpoint not found: {folder}")
     path = folder / "config.json"
     if not path.is_file():
         raise QuantkitError(f"{folder} is not a checkpoint: no config.json")
-    try:
-        config = json.loads(path.read_text())
-    except ValueError as exc:
-        raise QuantkitError(f"corrupt config.json in {folder}: {exc}") from None
-    qc = config.pop("quantization_config", None) if isinstance(config, dict) else None
-    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
-        raise QuantkitError(f"{folder} is not a quantkit checkpoint (config.json has no quantkit quantization_config)")
-    if qc.get("format") != FORMAT_NAME or int(qc.get("format_version", 0)) > FORMAT_VERSION:
-        raise QuantkitError(f"unsupported checkpoint format {qc.get('format')} v{qc.get('format_version')}")
-    if not isinstance(qc.get("layers"), dict):
-        raise QuantkitError(f"corrupt quantization_config in {folder}: no per-layer table")
-    return config, qc
+    config = _read_json(path, "config.json")
+    qc = config.pop("quantization_config", None)
+    if qc is None and (folder / GPTQ_CONFIG_FILE).is_file():
+        qc = _read_json(folder / GPTQ_CONFIG_FILE, GPTQ_CONFIG_FILE)
+        qc.setdefault("quant_method", "gptq")
+    fmt = _format_of(qc)
+    if fmt is None:
+        raise QuantkitError(
+            f"{folder} is not a quantkit checkpoint (config.json has no quantkit, GPTQ or compressed-tensors "
+            "quantization_config)"
+        )
+    if fmt == "native":
+        if qc.get("format") != FORMAT_NAME or int(qc.get("format_version", 0)) > FORMAT_VERSION:
+            raise QuantkitError(f"unsupported checkpoint format {qc.get('format')} v{qc.get('format_version')}")
+        if not isinstance(qc.get("layers"), dict):
+            raise QuantkitError(f"corrupt quantization_config in {folder}: no per-layer table")
+    return CheckpointConfig(config, qc, fmt)
+
+
+def read_checkpoint_config(folder: Path) -> tuple[dict, dict]:
+    """``(model config without quantization_config, quantization_config)`` of a loadable checkpoint."""
+    checkpoint = open_checkpoint(folder)
+    return checkpoint.model, checkpoint.quantization
 
 
 def is_quantkit_checkpoint(path: str | Path) -> bool:
-    """Whether ``path`` claims to be a quantkit checkpoint (its config names quantkit); not a validation."""
+    """Whether ``path`` claims to be a checkpoint quantkit loads (native, GPTQ or compressed-tensors); not a validation."""
     try:
-        config = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
+        open_checkpoint(Path(path))
+    except QuantkitError:
         return False
-    qc = config.get("quantization_config") if isinstance(config, dict) else None
-    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+    return True
 
 
 def _skeleton(config_dict: dict) -> nn.Module:
@@ -65,63 +128,100 @@ def _skeleton(config_dict: dict) -> nn.Module:
     return model
 
 
-def _swap_in_quant_linears(model: nn.Module, layers: dict[str, dict]) -> None:
-    for name, meta in layers.items():
-        try:
-            linear = model.get_submodule(name)
-        except AttributeError:
-            raise QuantkitError(f"checkpoint names layer {name}, which the model does not have") from None
-        if not isinstance(linear, nn.Linear) or not isinstance(meta, dict) or "kind" not in meta:
-            raise QuantkitError(f"checkpoint entry for {name} does not describe a quantized linear layer")
-        if meta.get("shape", [linear.out_features, linear.in_features]) != [linear.out_features, linear.in_features]:
-            raise QuantkitError(f"checkpoint records shape {meta['shape']} for {name}, the model has "
-                                f"{[linear.out_features, linear.in_features]}")
-        parent_name, _, child = name.rpartition(".")
-        try:
-            quant = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, meta, linear.weight.dtype)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise QuantkitError(f"checkpoint entry for {name} is incomplete or invalid: {exc!r}") from None
-        setattr(model.get_submodule(parent_name), child, quant)
+def _shards(folder: Path) -> dict[str, str]:
+    if not (folder / SINGLE_FILE).is_file() and not (folder / INDEX_FILE).is_file():
+        pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+        if pickled:
+            raise QuantkitError(f"{folder} holds pickle weights ({pickled[0]}); quantkit loads only safetensors")
+    return shard_map(folder)
 
 
-def _validate(folder: Path, expected: dict[str, torch.Tensor], files: dict[str, str]) -> None:
+def _headers(folder: Path, files: dict[str, str]) -> readers.Headers:
+    specs: readers.Headers = {}
+    for shard in sorted(set(files.values())):
+        specs.update(header_specs(folder / shard))
+    return specs
+
+
+def _plans(model: nn.Module, checkpoint: CheckpointConfig, headers: readers.Headers) -> dict[str, readers.LayerPlan]:
+    return _PLANNERS[checkpoint.format](model, checkpoint.quantization, headers)
+
+
+def _expected(model: nn.Module, plans: dict[str, readers.LayerPlan]) -> dict[str, TensorSpec]:
+    expected: dict[str, TensorSpec] = {}
+    for name, tensor in unique_state(model).items():
+        module, _, leaf = name.rpartition(".")
+        if module not in plans or leaf == "bias":
+            expected[name] = (tuple(tensor.shape), tensor.dtype)
+    for layer, plan in plans.items():
+        expected.update({f"{layer}.{name}": spec for name, spec in plan.specs.items()})
+    return expected
+
+
+def _validate(expected: dict[str, TensorSpec], files: dict[str, str], headers: readers.Headers) -> None:
     missing = sorted(set(expected) - set(files))
     unexpected = sorted(set(files) - set(expected))
     if missing:
         raise QuantkitError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {missing[0]}")
     if unexpected:
         raise QuantkitError(f"checkpoint has {len(unexpected)} unexpected tensor(s), e.g. {unexpected[0]}")
-    specs: dict[str, tuple[tuple[int, ...], str]] = {}
-    for shard in sorted(set(files.values())):
-        specs.update(header_specs(folder / shard))
-    for name, tensor in expected.items():
-        if name not in specs:
+    for name, (shape, dtype) in expected.items():
+        if name not in headers:
             raise QuantkitError(f"tensor {name} is not in {files[name]} although the index says so")
-        shape, dtype = specs[name]
-        want = (tuple(tensor.shape), SAFETENSORS_DTYPES.get(tensor.dtype, str(tensor.dtype)))
-        if (shape, dtype) != want:
-            raise QuantkitError(f"tensor {name} has shape {list(shape)} {dtype}, expected {list(want[0])} {want[1]}")
+        want = (tuple(shape), SAFETENSORS_DTYPES.get(dtype, str(dtype)))
+        if headers[name] != want:
+            got_shape, got_dtype = headers[name]
+            raise QuantkitError(f"tensor {name} has shape {list(got_shape)} {got_dtype}, expected {list(want[0])} {want[1]}")
 
 
-def load(path: str | Path) -> nn.Module:
-    """Load a quantkit checkpoint as a transformers model whose quantized linears are QuantLinear modules."""
+def _quant_linear(name: str, linear: nn.Linear, meta: dict, kernel: str) -> QuantLinear:
+    try:
+        return QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, meta, linear.weight.dtype,
+                           backend=kernel)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise QuantkitError(f"checkpoint entry for {name} is incomplete or invalid: {exc!r}") from None
+
+
+def describe_layers(path: str | Path) -> tuple[CheckpointConfig, dict[str, dict]]:
+    """The checkpoint's configs and a native-style meta (with shape) per quantized layer, from headers only."""
     folder = Path(path)
-    config_dict, qc = read_checkpoint_config(folder)
-    model = _skeleton(config_dict)
-    _swap_in_quant_linears(model, qc["layers"])
-    expected = unique_state(model)
-    files = shard_map(folder)
-    _validate(folder, expected, files)
+    checkpoint = open_checkpoint(folder)
+    if checkpoint.format == "native":
+        return checkpoint, checkpoint.quantization["layers"]
+    model = _skeleton(checkpoint.model)
+    plans = _plans(model, checkpoint, _headers(folder, _shards(folder)))
+    return checkpoint, {name: plan.meta for name, plan in plans.items()}
+
+
+def load(path: str | Path, kernel: str | None = None) -> nn.Module:
+    """Load a checkpoint as a transformers model whose quantized linears are QuantLinear modules.
+
+    ``kernel`` names the backend that serves them (``auto``, ``cpu``, ``aten``, ``triton`` or ``dequant``;
+    default ``$QUANTKIT_KERNEL`` or ``auto``, see :mod:`quantkit.runtime.kernels`).
+    """
+    kernel = check_backend(kernel) if kernel is not None else default_backend()
+    folder = Path(path)
+    checkpoint = open_checkpoint(folder)
+    model = _skeleton(checkpoint.model)
+    files = _shards(folder)
+    headers = _headers(folder, files)
+    plans = _plans(model, checkpoint, headers)
+    _validate(_expected(model, plans), files, headers)
     tensors = read_tensors(folder, files)
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise QuantkitError(f"tensor {name} contains NaN or infinite values")
+    for layer, plan in plans.items():
+        meta, buffers = plan.decode({name: tensors.pop(f"{layer}.{name}") for name in plan.specs})
+        parent, _, child = layer.rpartition(".")
+        setattr(model.get_submodule(parent), child, _quant_linear(layer, model.get_submodule(layer), meta, kernel))
+        tensors.update({f"{layer}.{name}": t for name, t in buffers.items()})
     model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:
         raise QuantkitError(f"checkpoint left {leftover[0]} without a value")
-    for layer in qc["layers"]:
+    for layer in plans:
         model.get_submodule(layer).quantized()  # decode once: refuses out-of-range group indices early
     model.eval()
     return model

@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from quantkit.formats.base import QuantizedTensor, tensor_class
+from quantkit.runtime.kernels import Kernel, build_kernel, check_backend
 
 
 class QuantLinear(nn.Module):
-    """Stores the packed tensors of one format as buffers; forward dequantizes, then multiplies.
+    """Stores the packed tensors of one format as buffers; forward runs a kernel chosen per device and dtype.
 
-    The plain dequantize path is the reference that faster kernels are checked against.
+    ``backend`` names the kernel (see :mod:`quantkit.runtime.kernels`); the kernel is built on the first
+    call for each device and activation dtype, from the stored tensors, and reused. ``dequant`` (decode,
+    then ``F.linear``) is the reference every faster kernel is tested against.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, meta: dict, dtype: torch.dtype) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, meta: dict, dtype: torch.dtype,
+                 backend: str = "auto") -> None:
         super().__init__()
         self.in_features, self.out_features, self.meta = in_features, out_features, meta
+        self.backend = check_backend(backend)
+        self._kernels: dict[tuple[str, torch.dtype], tuple[str, Kernel]] = {}
         self.tensor_class = tensor_class(meta["kind"])
         self.tensor_names = []
         for name, (shape, tensor_dtype) in self.tensor_class.expected_tensors(meta, self.shape).items():
@@ -33,8 +38,37 @@ class QuantLinear(nn.Module):
         """The stored weight as its format's object."""
         return self.tensor_class.from_tensors({n: getattr(self, n) for n in self.tensor_names}, self.meta, self.shape)
 
+    def set_backend(self, backend: str) -> None:
+        """Serve with ``backend`` from the next call on."""
+        self.backend = check_backend(backend)
+        self._kernels.clear()
+
+    def kernel_name(self, device: torch.device, dtype: torch.dtype) -> str:
+        """The backend that serves (or will serve) inputs of this device and dtype."""
+        return self._kernel(device, dtype)[0]
+
+    def _kernel(self, device: torch.device, dtype: torch.dtype) -> tuple[str, Kernel]:
+        key = (str(device), dtype)
+        if key not in self._kernels:
+            stored = {n: getattr(self, n) for n in self.tensor_names}
+            self._kernels[key] = build_kernel(self.quantized, stored, device, dtype, self.backend)
+        return self._kernels[key]
+
+    def _apply(self, fn, recurse=True):
+        self._kernels.clear()  # moved or cast: kernels built from the old tensors are stale
+        return super()._apply(fn, recurse)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.quantized().dequantize(x.dtype), self.bias)
+        y = self._kernel(x.device, x.dtype)[1](x)
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.meta['kind']}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.meta['kind']}, backend={self.backend}"
+
+
+def set_backend(model: nn.Module, backend: str) -> int:
+    """Serve every QuantLinear of ``model`` with ``backend``; returns how many layers that is."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for layer in layers:
+        layer.set_backend(backend)
+    return len(layers)

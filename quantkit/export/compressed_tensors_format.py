@@ -1,0 +1,258 @@
+"""compressed-tensors ``pack-quantized`` checkpoints (llm-compressor / vLLM), written and read.
+
+Per quantized linear (``out`` x ``in``, ``b`` bits, ``G`` groups): ``weight_packed`` int32
+``[out, ceil(in*b/32)]``, each row a little-endian bit stream of the signed values shifted by ``+2**(b-1)``;
+``weight_scale`` ``[out, G]``; ``weight_shape`` int64 ``[2]``; asymmetric only ``weight_zero_point`` int32
+``[ceil(out*b/32), G]`` (packed along dim 0, shifted the same way); with act-order ``weight_g_idx`` int32
+``[in]``. Our unsigned code ``c`` with zero ``z`` is the signed pair ``(c - 2**(b-1), z - 2**(b-1))``, so
+the shifted values stored are exactly ``c`` and ``z``, and symmetric (``z = 2**(b-1)``) means signed zero 0.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from quantkit.errors import QuantkitError
+from quantkit.export.common import int_layers, lossless_cast
+from quantkit.formats.base import QuantizedTensor, TensorSpec
+from quantkit.formats.intgrid import IntQuantizedTensor
+from quantkit.formats.packing import pack_columns, pack_rows, packed_width, unpack_columns, unpack_rows
+from quantkit.schemes import QuantScheme
+
+FORMAT = "pack-quantized"
+QUANT_METHOD = "compressed-tensors"
+# The compressed-tensors release whose layout this matches (dense packing; identical for 2/4/8 bits in all).
+CT_VERSION = "0.20.0"
+SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+ACT_ORDER_GROUPS_REFUSED = (
+    "compressed-tensors no longer reads act-order groups (actorder='group' with weight_g_idx was removed in "
+    "compressed-tensors 0.20); quantize with --static-groups, or use --format gptq or native"
+)
+
+
+def check_scheme(scheme: QuantScheme, column_groups: bool = False) -> None:
+    """Refuse, before any work, a scheme (and act-order grouping) that this exporter will not write."""
+    if column_groups:
+        raise QuantkitError(ACT_ORDER_GROUPS_REFUSED)
+    if scheme.format != "int":
+        raise QuantkitError(f"compressed-tensors export supports only integer-grid weights, not {scheme.format!r}")
+    if scheme.bits == 3:
+        raise QuantkitError(
+            "compressed-tensors 3-bit packing differs between compressed-tensors versions; use --format native "
+            "or --format gptq for 3 bits"
+        )
+
+
+def check_layer(name: str, scheme: QuantScheme, in_features: int) -> None:
+    """compressed-tensors groups must tile the row exactly."""
+    check_scheme(scheme)
+    if scheme.group_size != -1 and in_features % scheme.group_size:
+        raise QuantkitError(
+            f"compressed-tensors needs in_features divisible by the group size; {name} has {in_features} "
+            f"columns and group size {scheme.group_size}"
+        )
+
+
+def encode(qt: IntQuantizedTensor, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The pack-quantized tensors of one layer, scales in ``scale_dtype`` when that is lossless."""
+    if qt.g_idx is not None:
+        raise QuantkitError(ACT_ORDER_GROUPS_REFUSED)
+    bits = qt.scheme.bits
+    scales = lossless_cast(qt.scales, scale_dtype)
+    tensors = {
+        "weight_packed": pack_rows(qt.codes, bits),
+        "weight_scale": (qt.scales if scales is None else scales).contiguous(),
+        "weight_shape": torch.tensor(qt.shape, dtype=torch.int64),
+    }
+    if not qt.scheme.symmetric:
+        tensors["weight_zero_point"] = pack_columns(qt.zeros, bits)
+    return tensors
+
+
+def expected_tensors(args: WeightArgs, shape: tuple[int, int], scale_dtype: torch.dtype) -> dict[str, TensorSpec]:
+    """Names, shapes and dtypes of one pack-quantized layer's tensors."""
+    out_features, in_features = shape
+    scheme = args.scheme()
+    groups = scheme.num_groups(in_features)
+    specs: dict[str, TensorSpec] = {
+        "weight_packed": ((out_features, packed_width(in_features, scheme.bits)), torch.int32),
+        "weight_scale": ((out_features, groups), scale_dtype),
+        "weight_shape": ((2,), torch.int64),
+    }
+    if not scheme.symmetric:
+        specs["weight_zero_point"] = ((packed_width(out_features, scheme.bits), groups), torch.int32)
+    if args.g_idx:
+        specs["weight_g_idx"] = ((in_features,), torch.int32)
+    return specs
+
+
+def decode(tensors: dict[str, torch.Tensor], args: WeightArgs, shape: tuple[int, int]) -> IntQuantizedTensor:
+    """One layer's pack-quantized tensors (validated shapes) as an IntQuantizedTensor."""
+    out_features, in_features = shape
+    scheme = args.scheme()
+    if tensors["weight_shape"].tolist() != [out_features, in_features]:
+        raise QuantkitError(f"weight_shape {tensors['weight_shape'].tolist()} does not match the layer's {list(shape)}")
+    groups = scheme.num_groups(in_features)
+    if scheme.symmetric:
+        zeros = torch.full((out_features, groups), (scheme.maxq + 1) // 2, dtype=torch.uint8)
+    else:
+        zeros = unpack_columns(tensors["weight_zero_point"], scheme.bits, out_features)
+    g_idx = tensors.get("weight_g_idx")
+    if g_idx is not None and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+        raise QuantkitError(f"weight_g_idx refers to groups outside [0, {groups})")
+    return IntQuantizedTensor(
+        codes=unpack_rows(tensors["weight_packed"], scheme.bits, in_features),
+        scales=tensors["weight_scale"].contiguous(),
+        zeros=zeros.contiguous(),
+        scheme=scheme,
+        g_idx=None if g_idx is None else g_idx.to(torch.int32).contiguous(),
+    )
+
+
+def _weights_args(qt: IntQuantizedTensor, observer: str) -> dict:
+    s = qt.scheme
+    return {
+        "num_bits": s.bits,
+        "type": "int",
+        "symmetric": s.symmetric,
+        "group_size": None if s.group_size == -1 else s.group_size,
+        "strategy": "channel" if s.group_size == -1 else "group",
+        "actorder": None,
+        "block_structure": None,
+        "dynamic": False,
+        "observer": observer,
+        "observer_kwargs": {},
+    }
+
+
+def layer_tensors(quantized: dict[str, QuantizedTensor], scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every quantized layer's pack-quantized tensors, keyed by full name."""
+    out = {}
+    for layer, qt in quantized.items():
+        check_layer(layer, qt.scheme, qt.shape[1])  # type: ignore[attr-defined]
+        out.update({f"{layer}.{name}": t for name, t in encode(qt, scale_dtype).items()})  # type: ignore[arg-type]
+    return out
+
+
+def build_config(quantized: dict[str, QuantizedTensor], model: nn.Module, quantkit_config: dict) -> dict:
+    """The ``quantization_config``: one config group per distinct weights scheme, the other linears ignored."""
+    layers = int_layers(quantized, "compressed-tensors")
+    observer = "mse" if (quantkit_config.get("quantizer") or {}).get("mse") else "minmax"
+    groups: list[tuple[dict, list[str]]] = []
+    for name, qt in layers.items():
+        check_layer(name, qt.scheme, qt.shape[1])
+        args = _weights_args(qt, observer)
+        for existing, names in groups:
+            if existing == args:
+                names.append(name)
+                break
+        else:
+            groups.append((args, [name]))
+    config_groups = {
+        f"group_{i}": {
+            "targets": ["Linear"] if len(groups) == 1 else names,
+            "weights": args,
+            "input_activations": None,
+            "output_activations": None,
+            "format": FORMAT,
+        }
+        for i, (args, names) in enumerate(groups)
+    }
+    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers]
+    return {
+        "quant_method": QUANT_METHOD,
+        "format": FORMAT,
+        "version": CT_VERSION,
+        "config_groups": config_groups,
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "quantization_status": "compressed",
+        "sparsity_config": {},
+        "global_compression_ratio": None,
+    }
+
+
+@dataclass(frozen=True)
+class WeightArgs:
+    """The weights entry of one config group, as far as decoding needs it."""
+
+    bits: int
+    group_size: int
+    symmetric: bool
+    g_idx: bool
+
+    def scheme(self) -> QuantScheme:
+        return QuantScheme(self.bits, self.group_size, self.symmetric)
+
+
+@dataclass(frozen=True)
+class ConfigGroup:
+    targets: tuple[str, ...]
+    weights: WeightArgs
+
+
+def _parse_weights(name: str, weights: object) -> WeightArgs:
+    if not isinstance(weights, dict):
+        raise QuantkitError(f"compressed-tensors config group {name} has no weights entry")
+    if weights.get("type", "int") != "int":
+        raise QuantkitError(f"compressed-tensors weights of type {weights.get('type')!r} are not supported (int only)")
+    if weights.get("dynamic"):
+        raise QuantkitError("dynamic compressed-tensors weight quantization is not supported")
+    strategy = weights.get("strategy") or ("channel" if weights.get("group_size") in (None, -1) else "group")
+    if strategy not in ("group", "channel"):
+        raise QuantkitError(f"compressed-tensors strategy {strategy!r} is not supported (group or channel)")
+    bits = int(weights.get("num_bits", 8))
+    if bits == 3:
+        raise QuantkitError("3-bit compressed-tensors checkpoints are not supported (packing differs between versions)")
+    group_size = -1 if strategy == "channel" else int(weights.get("group_size") or 0)
+    actorder = weights.get("actorder")
+    if actorder not in (None, False, "group", "weight", "static", "dynamic", True):
+        raise QuantkitError(f"unknown compressed-tensors actorder {actorder!r}")
+    args = WeightArgs(bits, group_size, bool(weights.get("symmetric", True)), actorder in ("group", "dynamic", True))
+    args.scheme()  # validates bits and group size
+    return args
+
+
+def parse_config(qc: dict) -> tuple[list[ConfigGroup], list[str]]:
+    """Config groups and ignore list of a pack-quantized config; one-line errors for anything unsupported."""
+    if qc.get("quantization_status", "compressed") != "compressed":
+        raise QuantkitError(f"compressed-tensors checkpoint is not compressed (status {qc.get('quantization_status')!r})")
+    if qc.get("sparsity_config") or qc.get("transform_config") or qc.get("kv_cache_scheme"):
+        raise QuantkitError("compressed-tensors sparsity, transforms and kv-cache quantization are not supported")
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise QuantkitError("compressed-tensors quantization_config has no config_groups")
+    parsed = []
+    for name, group in groups.items():
+        if not isinstance(group, dict):
+            raise QuantkitError(f"compressed-tensors config group {name} is not an object")
+        fmt = group.get("format") or qc.get("format")
+        if fmt != FORMAT:
+            raise QuantkitError(f"compressed-tensors format {fmt!r} is not supported; quantkit reads {FORMAT}")
+        if group.get("input_activations") or group.get("output_activations"):
+            raise QuantkitError("compressed-tensors activation quantization is not supported (weight-only)")
+        targets = group.get("targets")
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            raise QuantkitError(f"compressed-tensors config group {name} has no list of targets")
+        parsed.append(ConfigGroup(tuple(targets), _parse_weights(name, group.get("weights"))))
+    ignore = qc.get("ignore") or []
+    if not isinstance(ignore, list):
+        raise QuantkitError("compressed-tensors ignore entry is not a list")
+    return parsed, [str(i) for i in ignore]
+
+
+def matches(name: str, module: nn.Module, patterns) -> bool:
+    """compressed-tensors target matching: ``re:`` regex on the module name, the class name, or the name itself."""
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            if re.match(pattern[3:], name):
+                return True
+        elif pattern == name or pattern == type(module).__name__:
+            return True
+    return False

@@ -1,0 +1,71 @@
+"""Choosing the on-disk format: native, GPTQ v1 or compressed-tensors pack-quantized."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quantkit.errors import QuantkitError
+from quantkit.export import compressed_tensors_format as ct
+from quantkit.export import gptq_format as gptq
+from quantkit.export.native import save_native
+from quantkit.export.writer import DEFAULT_MAX_SHARD_BYTES, model_config_dict, plain_tensors, write_checkpoint
+from quantkit.formats.base import QuantizedTensor
+from quantkit.schemes import QuantScheme
+
+EXPORT_FORMATS = ("native", "gptq", "compressed-tensors")
+
+
+def check_format(name: str, scheme: QuantScheme | None = None, column_groups: bool = False) -> None:
+    """Refuse an unknown format, or a scheme (or act-order grouping) the format cannot express, before any long work."""
+    if name not in EXPORT_FORMATS:
+        raise QuantkitError(f"unknown export format {name!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    if scheme is not None and name == "gptq":
+        gptq.check_scheme(scheme)
+    if scheme is not None and name == "compressed-tensors":
+        ct.check_scheme(scheme, column_groups)
+
+
+def check_layers(name: str, scheme: QuantScheme, shapes: dict[str, tuple[int, int]]) -> None:
+    """Refuse layer shapes the format cannot hold with ``scheme`` (compressed-tensors: whole groups)."""
+    if name == "compressed-tensors":
+        for layer, (_, in_features) in shapes.items():
+            ct.check_layer(layer, scheme, in_features)
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's input embeddings (what "model dtype" means for scales)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    return weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else torch.float32
+
+
+def save_gptq(output: Path, model: nn.Module, tokenizer, quantized: dict[str, QuantizedTensor],
+              quantization_config: dict, overwrite: bool = False,
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """A GPTQ v1 checkpoint: config.json's quantization_config plus quantize_config.json."""
+    qc = gptq.build_config(quantized, quantization_config, lm_head="lm_head" in quantized)
+    tensors = {**plain_tensors(model, quantized), **gptq.layer_tensors(quantized)}
+    config = {**model_config_dict(model), "quantization_config": qc}
+    write_checkpoint(output, model, tokenizer, tensors, config, overwrite, max_shard_bytes, {gptq.CONFIG_FILE: qc})
+
+
+def save_compressed_tensors(output: Path, model: nn.Module, tokenizer, quantized: dict[str, QuantizedTensor],
+                            quantization_config: dict, overwrite: bool = False,
+                            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """A compressed-tensors pack-quantized checkpoint; scales in the model dtype when that is lossless."""
+    qc = ct.build_config(quantized, model, quantization_config)
+    tensors = {**plain_tensors(model, quantized), **ct.layer_tensors(quantized, model_dtype(model))}
+    config = {**model_config_dict(model), "quantization_config": qc}
+    write_checkpoint(output, model, tokenizer, tensors, config, overwrite, max_shard_bytes)
+
+
+def save_checkpoint(fmt: str, output: Path, model: nn.Module, tokenizer, quantized: dict[str, QuantizedTensor],
+                    quantization_config: dict, overwrite: bool = False,
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """Write ``quantized`` (and the model's other tensors) at ``output`` in format ``fmt``, atomically."""
+    check_format(fmt)
+    writer = {"native": save_native, "gptq": save_gptq, "compressed-tensors": save_compressed_tensors}[fmt]
+    writer(output, model, tokenizer, quantized, quantization_config, overwrite=overwrite, max_shard_bytes=max_shard_bytes)

@@ -1,0 +1,176 @@
+"""GPTQ checkpoints (AutoGPTQ / GPTQModel / transformers / vLLM layout), v1 written, v1 and v2 read.
+
+Per quantized linear with ``in`` inputs, ``out`` outputs, ``b`` bits and ``G`` groups:
+
+* ``qweight`` int32 ``[ceil(in*b/32), out]``: codes packed along the input dimension. Each column is one
+  little-endian bit stream; for 3 bits this is exactly GPTQ's 10 + split + 10 + split + 10 word scheme.
+* ``qzeros`` int32 ``[G, ceil(out*b/32)]``: zero points packed along the output dimension; v1 stores
+  ``zero - 1`` (so it cannot hold a zero point of 0), v2 (``checkpoint_format: gptq_v2``) stores ``zero``.
+* ``scales`` float16 ``[G, out]`` and ``g_idx`` int32 ``[in]`` (the group of every input column).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantkit import __version__
+from quantkit.errors import QuantkitError
+from quantkit.export.common import int_layers, lossless_cast, sequential_g_idx
+from quantkit.formats.base import QuantizedTensor, TensorSpec
+from quantkit.formats.intgrid import IntQuantizedTensor
+from quantkit.formats.packing import pack_columns, pack_rows, packed_width, unpack_columns, unpack_rows
+from quantkit.schemes import QuantScheme
+
+FORMAT = "gptq"
+V1, V2 = "gptq", "gptq_v2"
+CONFIG_FILE = "quantize_config.json"
+SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_scheme(scheme: QuantScheme) -> None:
+    """Refuse, before any work, a scheme that a GPTQ v1 checkpoint cannot hold."""
+    if scheme.format != "int":
+        raise QuantkitError(f"GPTQ export supports only integer-grid weights, not {scheme.format!r}")
+    if not scheme.symmetric:
+        raise QuantkitError(
+            "GPTQ v1 cannot store asymmetric schemes (its minus-one zero-point convention cannot hold zero "
+            "point 0); use --format native or --format compressed-tensors, or --sym"
+        )
+
+
+def encode(qt: IntQuantizedTensor, v1: bool = True) -> dict[str, torch.Tensor]:
+    """The GPTQ tensors of one layer (``qweight``, ``qzeros``, ``scales``, ``g_idx``)."""
+    bits = qt.scheme.bits
+    zeros = qt.zeros.to(torch.int16) - (1 if v1 else 0)
+    if int(zeros.min()) < 0:
+        raise QuantkitError("GPTQ v1 cannot store a zero point of 0 (it stores zero - 1)")
+    scales = lossless_cast(qt.scales, torch.float16)
+    if scales is None:
+        raise QuantkitError(f"GPTQ stores float16 scales; these {qt.scales.dtype} scales do not fit float16 exactly")
+    in_features = qt.shape[1]
+    g_idx = qt.g_idx if qt.g_idx is not None else sequential_g_idx(in_features, qt.scheme.group_size)
+    return {
+        "qweight": pack_columns(qt.codes.t(), bits),
+        "qzeros": pack_rows(zeros.t().contiguous(), bits),
+        "scales": scales.t().contiguous(),
+        "g_idx": g_idx.to(torch.int32).contiguous(),
+    }
+
+
+def expected_tensors(
+    bits: int, groups: int, shape: tuple[int, int], scale_dtype: torch.dtype, with_g_idx: bool
+) -> dict[str, TensorSpec]:
+    """Names, shapes and dtypes of one GPTQ layer's tensors."""
+    out_features, in_features = shape
+    specs: dict[str, TensorSpec] = {
+        "qweight": ((packed_width(in_features, bits), out_features), torch.int32),
+        "qzeros": ((groups, packed_width(out_features, bits)), torch.int32),
+        "scales": ((groups, out_features), scale_dtype),
+    }
+    if with_g_idx:
+        specs["g_idx"] = ((in_features,), torch.int32)
+    return specs
+
+
+def decode(tensors: dict[str, torch.Tensor], scheme: QuantScheme, shape: tuple[int, int], v1: bool) -> IntQuantizedTensor:
+    """One layer's GPTQ tensors (validated shapes) as an IntQuantizedTensor; ``scheme.symmetric`` is ignored."""
+    out_features, in_features = shape
+    bits, groups = scheme.bits, scheme.num_groups(in_features)
+    zeros = unpack_rows(tensors["qzeros"], bits, out_features).t().to(torch.int16) + (1 if v1 else 0)
+    if int(zeros.max()) > scheme.maxq:
+        raise QuantkitError(f"GPTQ v1 zero point {scheme.maxq + 1} (stored {scheme.maxq}) is outside the {bits}-bit grid")
+    g_idx = tensors.get("g_idx")
+    if g_idx is not None:
+        if int(g_idx.min()) < 0 or int(g_idx.max()) >= groups:
+            raise QuantkitError(f"g_idx refers to groups outside [0, {groups})")
+        if torch.equal(g_idx.to(torch.int32), sequential_g_idx(in_features, scheme.group_size)):
+            g_idx = None
+    mid = (scheme.maxq + 1) // 2
+    symmetric = bool((zeros == mid).all())
+    return IntQuantizedTensor(
+        codes=unpack_columns(tensors["qweight"], bits, in_features).t().contiguous(),
+        scales=tensors["scales"].t().contiguous(),
+        zeros=zeros.to(torch.uint8).contiguous(),
+        scheme=QuantScheme(bits, scheme.group_size, symmetric),
+        g_idx=None if g_idx is None else g_idx.to(torch.int32).contiguous(),
+    )
+
+
+def layer_tensors(quantized: dict[str, QuantizedTensor]) -> dict[str, torch.Tensor]:
+    """Every quantized layer's GPTQ tensors, keyed by full name."""
+    out = {}
+    for layer, qt in quantized.items():
+        out.update({f"{layer}.{name}": t for name, t in encode(qt).items()})  # type: ignore[arg-type]
+    return out
+
+
+def build_config(quantized: dict[str, QuantizedTensor], quantkit_config: dict, lm_head: bool) -> dict:
+    """The ``quantization_config`` / ``quantize_config.json`` content; refuses what one GPTQ config cannot say."""
+    layers = int_layers(quantized, "GPTQ")
+    schemes = {(qt.scheme.bits, qt.scheme.group_size, qt.scheme.symmetric) for qt in layers.values()}
+    if len(schemes) > 1:
+        raise QuantkitError(
+            f"a GPTQ config holds one scheme, the layers use {len(schemes)} (bits, group size, symmetry) "
+            "combinations; use --format native or --format compressed-tensors"
+        )
+    first = next(iter(layers.values())).scheme
+    check_scheme(first)
+    quantizer = quantkit_config.get("quantizer") or {}
+    calibration = quantkit_config.get("calibration") or {}
+    desc_act = bool(quantizer.get("act_order")) or any(qt.g_idx is not None for qt in layers.values())
+    damp = float(quantizer.get("damp", 0.01))
+    static_groups = bool(quantizer.get("static_groups", False))
+    true_sequential = bool(calibration.get("true_sequential", True))
+    return {
+        "quant_method": "gptq",
+        "bits": first.bits,
+        "group_size": first.group_size,
+        "desc_act": desc_act,
+        "sym": True,
+        "lm_head": lm_head,
+        "checkpoint_format": V1,
+        "format": V1,
+        "pack_dtype": "int32",
+        "damp_percent": damp,
+        "static_groups": static_groups,
+        "true_sequential": true_sequential,
+        "meta": {
+            "quantizer": [f"quantkit:{__version__}"],
+            "method": quantkit_config.get("method"),
+            "damp_percent": damp,
+            "static_groups": static_groups,
+            "true_sequential": true_sequential,
+            "mse": bool(quantizer.get("mse", False)),
+        },
+    }
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """What the loader needs from a GPTQ config."""
+
+    bits: int
+    group_size: int
+    v1: bool
+
+    def scheme(self) -> QuantScheme:
+        return QuantScheme(self.bits, self.group_size, True)
+
+
+def parse_config(qc: dict) -> GPTQConfig:
+    """Validate a GPTQ quantization config for loading; one-line errors for anything unsupported."""
+    checkpoint_format = str(qc.get("checkpoint_format") or qc.get("format") or V1).lower()
+    if checkpoint_format not in (V1, V2):
+        raise QuantkitError(f"unsupported GPTQ checkpoint_format {checkpoint_format!r}; quantkit reads gptq (v1) and gptq_v2")
+    if qc.get("pack_dtype", "int32") not in ("int32", "torch.int32"):
+        raise QuantkitError(f"unsupported GPTQ pack_dtype {qc.get('pack_dtype')!r}; quantkit reads int32")
+    if qc.get("dynamic"):
+        raise QuantkitError("GPTQ per-module overrides ('dynamic') are not supported")
+    try:
+        bits, group_size = int(qc["bits"]), int(qc.get("group_size", -1))
+        scheme = QuantScheme(bits, group_size, True)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise QuantkitError(f"invalid GPTQ quantization config: {exc!r}") from None
+    return GPTQConfig(scheme.bits, scheme.group_size, checkpoint_format == V1)

@@ -1,0 +1,160 @@
+"""Kernel selection for QuantLinear: which matmul serves a packed weight on a given device and dtype.
+
+Backends:
+- ``dequant``: decode the packed tensors to a dense weight on every call, then ``F.linear``. Always
+  available; every other backend is tested against it.
+- ``cpu``: quantkit's fused C kernels (``quantkit_kernels.cpu_int``) for integer weights whose input size
+  and group size are multiples of 32; 2- and 3-bit codes run as 4-bit ones; act-order by permuting columns.
+- ``aten``: torch's ``_weight_int4pack_mm_for_cpu`` (group sizes 32-256) or ``_weight_int8pack_mm``
+  (per-channel 8-bit).
+- ``triton``: the fused Triton GEMM on CUDA devices (on CPU too under ``TRITON_INTERPRET=1``, for tests).
+
+``auto`` takes, on CUDA, triton then dequant; on CPU, cpu, then aten for half-precision activations
+(torch's float32 int4 path is slower than a dense matmul), then dequant.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+
+from quantkit.errors import QuantkitError
+from quantkit.formats.base import QuantizedTensor
+from quantkit.formats.intgrid import IntQuantizedTensor
+
+BACKENDS = ("auto", "dequant", "cpu", "aten", "triton")
+Kernel = Callable[[torch.Tensor], torch.Tensor]
+
+
+def check_backend(name: str) -> str:
+    """``name`` if it is a known backend, else a clear error."""
+    if name not in BACKENDS:
+        raise QuantkitError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def default_backend() -> str:
+    """``$QUANTKIT_KERNEL`` when set, else ``auto``."""
+    return check_backend(os.environ.get("QUANTKIT_KERNEL", "auto"))
+
+
+def contiguous_groups(qt: IntQuantizedTensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Codes with columns sorted so that every group is one contiguous run of ``group_size`` columns.
+
+    Returns ``(codes, columns)`` where ``columns[i]`` is the input column at position ``i`` (``None`` when
+    already in order), or ``None`` when the grouping cannot be laid out that way.
+    """
+    out_features, in_features = qt.shape
+    size = in_features if qt.scheme.group_size == -1 else qt.scheme.group_size
+    natural = torch.arange(in_features) // size
+    if qt.g_idx is None or torch.equal(qt.g_idx.long(), natural):
+        return qt.codes, None
+    columns = torch.argsort(qt.g_idx.long(), stable=True)
+    if not torch.equal(qt.g_idx.long()[columns], natural):
+        return None
+    return qt.codes[:, columns].contiguous(), columns
+
+
+@cache
+def _cpu_library():
+    from quantkit.models.gguf_cache import cache_root
+    from quantkit_kernels.cpu_build import KernelBuildError, load_library
+
+    try:
+        return load_library(cache_root() / "kernels")
+    except KernelBuildError as exc:
+        warnings.warn(f"quantkit CPU kernels unavailable ({exc}); using slower paths", stacklevel=3)
+        return None
+
+
+def _cpu_kernel(qt: IntQuantizedTensor, stored: dict[str, torch.Tensor]) -> Kernel | None:
+    from quantkit_kernels.cpu_int import BLOCK, CpuIntKernel, block_order, pack_nibbles
+
+    in_features = qt.shape[1]
+    size = in_features if qt.scheme.group_size == -1 else qt.scheme.group_size
+    library = _cpu_library()
+    if library is None or in_features % BLOCK or size % BLOCK:
+        return None
+    layout = contiguous_groups(qt)
+    if layout is None:
+        return None
+    codes, columns = layout
+    bits = 8 if qt.scheme.bits == 8 else 4
+    if bits == qt.scheme.bits and columns is None:
+        packed = stored["qweight"].view(torch.uint8)  # the native packing is the kernel's: no copy
+    else:
+        packed = codes if bits == 8 else pack_nibbles(codes)
+    if bits == 4:
+        order = block_order(in_features)
+        columns = order if columns is None else columns[order]
+    return CpuIntKernel(library, packed, qt.scales, qt.zeros.to(torch.uint8), size, bits, columns)
+
+
+def _aten_kernel(qt: IntQuantizedTensor, dtype: torch.dtype) -> Kernel | None:
+    from quantkit_kernels.aten_int import AtenInt4Kernel, AtenInt8Kernel, int4_fits
+
+    if qt.scheme.bits == 8:
+        return AtenInt8Kernel.from_codes(qt.codes, qt.scales, qt.zeros, dtype) if qt.scheme.group_size == -1 else None
+    size = qt.scheme.group_size
+    layout = contiguous_groups(qt)
+    if layout is None or not int4_fits(*qt.shape, size):
+        return None
+    codes, columns = layout
+    return AtenInt4Kernel.from_codes(codes, qt.scales, qt.zeros, size, dtype, columns)
+
+
+def _triton_kernel(qt: IntQuantizedTensor, stored: dict[str, torch.Tensor], device: torch.device) -> Kernel | None:
+    from quantkit_kernels import triton_int
+
+    if not triton_int.is_supported(qt.scheme.bits, device):  # CUDA, or any device under TRITON_INTERPRET=1
+        return None
+    g_idx = qt.group_index().to(device=stored["qweight"].device, dtype=torch.int32)
+    qweight, scales, qzeros = stored["qweight"], stored["scales"], stored["qzeros"]
+    bits, size = qt.scheme.bits, qt.scheme.group_size
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return triton_int.int_matmul(x, qweight, scales, qzeros, g_idx, bits, size)
+
+    return run
+
+
+def dequant_kernel(decode: Callable[[], QuantizedTensor]) -> Kernel:
+    """The reference path: decode the stored tensors and dequantize on every call."""
+    return lambda x: F.linear(x, decode().dequantize(x.dtype))
+
+
+def build_kernel(
+    decode: Callable[[], QuantizedTensor], stored: dict[str, torch.Tensor], device: torch.device,
+    dtype: torch.dtype, backend: str,
+) -> tuple[str, Kernel]:
+    """``(backend name, kernel)`` for a layer; an explicitly named backend that cannot serve it is an error."""
+    check_backend(backend)
+    if backend == "dequant":
+        return "dequant", dequant_kernel(decode)
+    qt = decode()
+    if isinstance(qt, IntQuantizedTensor):
+        on_cuda = device.type == "cuda"
+        if backend == "auto":
+            order = ["triton"] if on_cuda else ["cpu"] + (["aten"] if dtype in (torch.float16, torch.bfloat16) else [])
+        else:
+            order = [backend]
+        for name in order:
+            if name == "triton":
+                kernel = _triton_kernel(qt, stored, device)
+            elif name == "cpu" and not on_cuda:
+                kernel = _cpu_kernel(qt, stored)
+            elif name == "aten" and not on_cuda:
+                kernel = _aten_kernel(qt, dtype)
+            else:
+                kernel = None
+            if kernel is not None:
+                return name, kernel
+    if backend != "auto":
+        raise QuantkitError(f"kernel backend {backend!r} cannot serve a {qt.meta()['kind']} layer "
+                            f"{list(qt.shape)} on {device.type} ({qt.meta()})")
+    return "dequant", dequant_kernel(decode)

@@ -1,0 +1,162 @@
+#!/usr/bin/env python
+"""Kernel benchmark: time per call of dense and quantized linears on CPU, bytes moved, GB/s, speed-up.
+
+Shapes: Llama-7B's (4096x4096, 4096->11008, 11008->4096) and SmolLM2-135M's (576x576, 576->192, 576->1536,
+1536->576); batches M=1 (decode) and M=128/512 (prefill). Paths: fp32 dense, bf16 dense, then each
+quantized layout through QuantLinear with a named backend (``cpu``: quantkit's C kernels; ``aten``: torch's
+int4/int8 weight-only kernels; ``dequant``: the reference). Each figure is the median of many calls after
+warm-up. "bytes" counts what one call must move at least: the stored weight (codes, scales, zeros) plus
+the activations in and out; GB/s divides that by the time and is set against this machine's copy bandwidth
+(read + write of a 512 MiB buffer, measured here).
+
+    python scripts/bench_kernels.py            # the full table (a few minutes on 2 cores)
+    python scripts/bench_kernels.py --quick    # one small shape, few repetitions
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+from quantkit.formats.intgrid import IntQuantizedTensor
+from quantkit.runtime.quant_linear import QuantLinear
+from quantkit.schemes import QuantScheme
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {  # name -> (in_features, out_features)
+    "llama7b-qkvo 4096->4096": (4096, 4096),
+    "llama7b-up 4096->11008": (4096, 11008),
+    "llama7b-down 11008->4096": (11008, 4096),
+    "smollm2-q 576->576": (576, 576),
+    "smollm2-kv 576->192": (576, 192),
+    "smollm2-up 576->1536": (576, 1536),
+    "smollm2-down 1536->576": (1536, 576),
+}
+# path name -> (scheme, act-order, backend, activation dtype)
+QUANT_PATHS = {
+    "int4 g64 sym / cpu": (QuantScheme(4, 64, True), False, "cpu", torch.float32),
+    "int4 g64 asym act-order / cpu": (QuantScheme(4, 64, False), True, "cpu", torch.float32),
+    "int4 g64 sym / aten bf16": (QuantScheme(4, 64, True), False, "aten", torch.bfloat16),
+    "int8 per-channel sym / cpu": (QuantScheme(8, -1, True), False, "cpu", torch.float32),
+    "int8 g128 asym / cpu": (QuantScheme(8, 128, False), False, "cpu", torch.float32),
+    "int8 per-channel sym / aten bf16": (QuantScheme(8, -1, True), False, "aten", torch.bfloat16),
+    "int4 g64 sym / dequant": (QuantScheme(4, 64, True), False, "dequant", torch.float32),
+}
+
+
+def median_seconds(call, budget_s: float, max_runs: int) -> float:
+    """Median wall time of ``call`` after warm-up, with as many runs as fit the budget (at least 5)."""
+    for _ in range(3):
+        call()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_runs and (len(times) < 5 or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_bandwidth_gbs() -> float:
+    """Read + write bandwidth of copying a 512 MiB float32 buffer into another (already touched) one."""
+    src = torch.ones(128 * 2**20)
+    dst = torch.zeros_like(src)
+    seconds = median_seconds(lambda: dst.copy_(src), budget_s=2.0, max_runs=20)
+    return 2 * src.numel() * 4 / seconds / 1e9
+
+
+def quantized_layer(in_features: int, out_features: int, scheme: QuantScheme, act_order: bool, backend: str) -> QuantLinear:
+    """A QuantLinear holding random codes (speed does not depend on their values)."""
+    size = in_features if scheme.group_size == -1 else scheme.group_size
+    groups = scheme.num_groups(in_features)
+    g_idx = None
+    if act_order:
+        g_idx = torch.empty(in_features, dtype=torch.int32)
+        g_idx[torch.randperm(in_features)] = (torch.arange(in_features) // size).to(torch.int32)
+    qt = IntQuantizedTensor(
+        codes=torch.randint(0, 2**scheme.bits, (out_features, in_features), dtype=torch.uint8),
+        scales=(torch.rand(out_features, groups) * 0.01 + 1e-3).half(),
+        zeros=torch.randint(0, 2**scheme.bits, (out_features, groups), dtype=torch.uint8),
+        scheme=scheme,
+        g_idx=g_idx,
+    )
+    layer = QuantLinear(in_features, out_features, False, qt.meta(), torch.float32, backend=backend)
+    for name, tensor in qt.to_tensors().items():
+        setattr(layer, name, tensor)
+    return layer
+
+
+def stored_bytes(layer: QuantLinear) -> int:
+    return sum(getattr(layer, n).numel() * getattr(layer, n).element_size() for n in layer.tensor_names)
+
+
+def measure(rows_per_call: list[int], shapes: dict[str, tuple[int, int]], budget_s: float, max_runs: int,
+            bandwidth: float, console: Console) -> list[dict]:
+    results = []
+    for shape_name, (in_features, out_features) in shapes.items():
+        dense = torch.randn(out_features, in_features) * 0.02
+        paths = {"fp32 dense": (lambda x, w=dense: F.linear(x, w), dense.numel() * 4, torch.float32),
+                 "bf16 dense": (lambda x, w=dense.bfloat16(): F.linear(x, w), dense.numel() * 2, torch.bfloat16)}
+        for path, (scheme, act_order, backend, dtype) in QUANT_PATHS.items():
+            layer = quantized_layer(in_features, out_features, scheme, act_order, backend)
+            paths[path] = (layer, stored_bytes(layer), dtype)
+        for rows in rows_per_call:
+            fp32_seconds = None
+            for path, (call, weight_bytes, dtype) in paths.items():
+                if path.endswith("dequant") and rows > 1:
+                    continue  # the reference path is only timed for decode
+                x = torch.randn(rows, in_features).to(dtype)
+                with torch.inference_mode():
+                    seconds = median_seconds(lambda call=call, x=x: call(x), budget_s, max_runs)
+                fp32_seconds = fp32_seconds or seconds
+                moved = weight_bytes + (in_features + out_features) * rows * x.element_size()
+                row = {"shape": shape_name, "M": rows, "path": path, "ms": seconds * 1e3, "bytes": moved,
+                       "GB/s": moved / seconds / 1e9, "fraction_of_copy_bw": moved / seconds / 1e9 / bandwidth,
+                       "speedup_vs_fp32": fp32_seconds / seconds}
+                results.append(row)
+                console.log(f"{shape_name} M={rows} {path}: {row['ms']:.3f} ms, x{row['speedup_vs_fp32']:.2f}")
+    return results
+
+
+def render(results: list[dict], bandwidth: float, console: Console) -> None:
+    table = Table(title=f"CPU linear kernels (copy bandwidth {bandwidth:.1f} GB/s, {torch.get_num_threads()} threads)")
+    for column in ("shape", "M", "path", "ms/call", "MB moved", "GB/s", "% copy bw", "vs fp32"):
+        table.add_column(column, justify="left" if column in ("shape", "path") else "right")
+    for r in results:
+        table.add_row(r["shape"], str(r["M"]), r["path"], f"{r['ms']:.3f}", f"{r['bytes'] / 1e6:.1f}",
+                      f"{r['GB/s']:.1f}", f"{100 * r['fraction_of_copy_bw']:.0f}", f"{r['speedup_vs_fp32']:.2f}x")
+    console.print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one small shape, few repetitions")
+    parser.add_argument("--output", type=Path, default=ROOT / "results" / "bench_kernels" / "bench_kernels.json")
+    args = parser.parse_args()
+    console = Console(width=150)
+    torch.manual_seed(0)
+    if args.quick:
+        shapes, rows, budget, max_runs = {k: v for k, v in SHAPES.items() if k.startswith("smollm2-up")}, [1, 128], 0.2, 20
+    else:
+        shapes, rows, budget, max_runs = SHAPES, [1, 128, 512], 1.5, 200
+    bandwidth = copy_bandwidth_gbs()
+    console.log(f"copy bandwidth {bandwidth:.2f} GB/s")
+    results = measure(rows, shapes, budget, max_runs, bandwidth, console)
+    render(results, bandwidth, console)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"copy_bandwidth_gbs": bandwidth, "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "results": results}
+    args.output.write_text(json.dumps(payload, indent=2) + "\n")
+    console.log(f"saved {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""CPU serving kernels against a float64 dequantize-then-matmul reference, and QuantLinear's dispatch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantkit.errors import QuantkitError
+from quantkit.formats.intgrid import IntQuantizedTensor
+from quantkit.formats.packing import pack_rows
+from quantkit.runtime.kernels import build_kernel, contiguous_groups
+from quantkit.runtime.quant_linear import QuantLinear
+from quantkit.schemes import QuantScheme
+
+TOLERANCE = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def random_weight(out_features: int, in_features: int, scheme: QuantScheme, act_order: bool, seed: int) -> IntQuantizedTensor:
+    """Random codes and statistics; act-order groups as GPTQ makes them (a permutation cut into groups)."""
+    gen = torch.Generator().manual_seed(seed)
+    size = in_features if scheme.group_size == -1 else scheme.group_size
+    groups = -(-in_features // size)
+    codes = torch.randint(0, 2**scheme.bits, (out_features, in_features), generator=gen, dtype=torch.uint8)
+    scales = (torch.rand(out_features, groups, generator=gen) * 0.02 + 1e-3).half()
+    if scheme.symmetric:
+        zeros = torch.full((out_features, groups), 2 ** (scheme.bits - 1), dtype=torch.uint8)
+    else:
+        zeros = torch.randint(0, 2**scheme.bits, (out_features, groups), generator=gen, dtype=torch.uint8)
+    g_idx = None
+    if act_order:
+        g_idx = torch.empty(in_features, dtype=torch.int32)
+        g_idx[torch.randperm(in_features, generator=gen)] = (torch.arange(in_features) // size).to(torch.int32)
+    return IntQuantizedTensor(codes, scales, zeros, scheme, g_idx)
+
+
+def reference_weight(qt: IntQuantizedTensor) -> torch.Tensor:
+    """float64 weight straight from the codes: ``scale[g(j)] * (code - zero[g(j)])`` column by column."""
+    size = qt.shape[1] if qt.scheme.group_size == -1 else qt.scheme.group_size
+    groups = qt.g_idx.long() if qt.g_idx is not None else torch.arange(qt.shape[1]) // size
+    return qt.scales.double()[:, groups] * (qt.codes.double() - qt.zeros.double()[:, groups])
+
+
+def quant_linear(qt: IntQuantizedTensor, backend: str) -> QuantLinear:
+    out_features, in_features = qt.shape
+    layer = QuantLinear(in_features, out_features, False, qt.meta(), torch.float32, backend=backend)
+    for name, tensor in qt.to_tensors().items():
+        setattr(layer, name, tensor)
+    return layer
+
+
+def assert_matches_reference(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> None:
+    reference = x.double() @ w.t()
+    assert y.dtype == dtype and y.shape == reference.shape
+    error = (y.double() - reference).norm() / reference.norm()
+    assert error < TOLERANCE[dtype], f"relative error {error:.2e}"
+    # Every element, not just the norm: an unwritten output element would stand out here.
+    scale = reference.abs().max()
+    assert torch.allclose(y.double(), reference, rtol=0, atol=float(scale) * TOLERANCE[dtype] * 8)
+
+
+SCHEMES = [
+    QuantScheme(4, 32, True), QuantScheme(4, 64, False), QuantScheme(4, 128, True), QuantScheme(4, -1, False),
+    QuantScheme(8, 64, True), QuantScheme(8, -1, False), QuantScheme(3, 64, False), QuantScheme(2, 32, True),
+]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"w{s.bits}g{s.group_size}{'s' if s.symmetric else 'a'}")
+@pytest.mark.parametrize("act_order", [False, True], ids=["seq", "actorder"])
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 70])
+def test_cpu_kernel_matches_float64_reference(scheme: QuantScheme, act_order: bool, rows: int) -> None:
+    qt = random_weight(72, 256, scheme, act_order, seed=rows)
+    layer = quant_linear(qt, "cpu")
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows + 1))
+    assert layer.kernel_name(x.device, x.dtype) == "cpu"
+    assert_matches_reference(layer(x), x, reference_weight(qt), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["cpu", "aten", "dequant"])
+def test_half_precision_activations(backend: str, dtype: torch.dtype) -> None:
+    qt = random_weight(48, 192, QuantScheme(4, 64, False), act_order=True, seed=5)
+    layer = quant_linear(qt, backend)
+    x = torch.randn(2, 5, 192).to(dtype)
+    y = layer(x)
+    assert y.shape == (2, 5, 48)
+    assert_matches_reference(y.reshape(10, 48), x.reshape(10, 192), reference_weight(qt), dtype)
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(4, 32, True), QuantScheme(4, 128, False), QuantScheme(3, 64, True),
+                                    QuantScheme(8, -1, True), QuantScheme(8, -1, False)],
+                         ids=lambda s: f"w{s.bits}g{s.group_size}{'s' if s.symmetric else 'a'}")
+@pytest.mark.parametrize("rows", [1, 9])
+def test_aten_kernels_match_float64_reference(scheme: QuantScheme, rows: int) -> None:
+    qt = random_weight(64, 256, scheme, act_order=scheme.bits != 8, seed=rows)
+    layer = quant_linear(qt, "aten")
+    x = torch.randn(rows, 256)
+    assert layer.kernel_name(x.device, x.dtype) == "aten"
+    assert_matches_reference(layer(x), x, reference_weight(qt), torch.float32)
+
+
+def test_every_backend_agrees_with_dequant_on_three_dimensional_input() -> None:
+    qt = random_weight(48, 128, QuantScheme(4, 32, True), act_order=True, seed=3)
+    x = torch.randn(3, 7, 128)
+    outputs = {b: quant_linear(qt, b)(x) for b in ("dequant", "cpu", "aten", "auto")}
+    for backend, y in outputs.items():
+        torch.testing.assert_close(y, outputs["dequant"], rtol=1e-5, atol=1e-5, msg=backend)
+
+
+def test_auto_falls_back_to_dequant_where_no_kernel_fits() -> None:
+    qt = random_weight(16, 48, QuantScheme(4, 16, True), act_order=False, seed=0)  # 48 columns: not a multiple of 32
+    layer = quant_linear(qt, "auto")
+    x = torch.randn(2, 48)
+    assert layer.kernel_name(x.device, x.dtype) == "dequant"
+    assert_matches_reference(layer(x), x, reference_weight(qt), torch.float32)
+
+
+def test_a_named_backend_that_cannot_serve_the_layer_is_an_error() -> None:
+    layer = quant_linear(random_weight(16, 48, QuantScheme(4, 16, True), False, 0), "cpu")
+    with pytest.raises(QuantkitError, match="cannot serve"):
+        layer(torch.randn(1, 48))
+    with pytest.raises(QuantkitError, match="unknown kernel backend"):
+        layer.set_backend("fast")
+
+
+def test_irregular_act_order_groups_are_not_laid_out_contiguously() -> None:
+    qt = random_weight(8, 64, QuantScheme(4, 32, True), act_order=False, seed=0)
+    qt.g_idx = torch.tensor([0, 1] * 32, dtype=torch.int32)
+    assert contiguous_groups(qt) is not None  # two groups of 32, interleaved: sortable
+    qt.g_idx = torch.tensor([0] * 40 + [1] * 24, dtype=torch.int32)
+    assert contiguous_groups(qt) is None  # groups of 40 and 24 do not match group_size 32
+
+
+def test_cpu_kernel_reads_the_native_packing_without_copying() -> None:
+    qt = random_weight(32, 128, QuantScheme(4, 64, True), act_order=False, seed=1)
+    stored = {"qweight": pack_rows(qt.codes, 4), "scales": qt.scales, "qzeros": pack_rows(qt.zeros, 4)}
+    _, kernel = build_kernel(lambda: qt, stored, torch.device("cpu"), torch.float32, "cpu")
+    assert kernel.codes.data_ptr() == stored["qweight"].data_ptr()
