@@ -362,7 +362,7 @@ def test_cli_format_and_export(tmp_path: Path, tiny_model_dir: Path, calib_file:
 # ---------------------------------------------------------------- third-party readers
 
 def test_compressed_tensors_and_transformers_read_our_checkpoint(tmp_path: Path) -> None:
-    """Needs ``pip install --no-deps compressed-tensors==0.20.0 && pip install loguru``."""
+    """compressed-tensors' own decompressor and transformers' integration (the ``test`` extra installs it)."""
     pytest.importorskip("compressed_tensors")
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationScheme
