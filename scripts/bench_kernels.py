@@ -5,9 +5,11 @@ Shapes: Llama-7B's (4096x4096, 4096->11008, 11008->4096) and SmolLM2-135M's (576
 1536->576); batches M=1 (decode) and M=128/512 (prefill). Paths: fp32 dense, bf16 dense, then each
 quantized layout through QuantLinear with a named backend (``cpu``: quantkit's C kernels; ``aten``: torch's
 int4/int8 weight-only kernels; ``dequant``: the reference). Each figure is the median of many calls after
-warm-up. "bytes" counts what one call must move at least: the stored weight (codes, scales, zeros) plus
-the activations in and out; GB/s divides that by the time and is set against this machine's copy bandwidth
-(read + write of a 512 MiB buffer, measured here).
+warm-up. Calls rotate over enough copies of each layer to fill 96 MiB (three times this machine's L3), so
+weights come from memory as they do when decoding a whole model; ``--hot`` reuses one copy (cache-resident
+for small shapes). "bytes" counts what one call must move at least: the stored weight (codes, scales, zeros)
+plus the activations in and out; GB/s divides that by the time and is set against this machine's copy
+bandwidth (read + write of a 512 MiB buffer, measured here).
 
     python scripts/bench_kernels.py            # the full table (a few minutes on 2 cores)
     python scripts/bench_kernels.py --quick    # one small shape, few repetitions
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,6 +33,7 @@ from quantkit.runtime.quant_linear import QuantLinear
 from quantkit.schemes import QuantScheme
 
 ROOT = Path(__file__).resolve().parents[1]
+COLD_FOOTPRINT_BYTES = 96 * 2**20
 SHAPES = {  # name -> (in_features, out_features)
     "llama7b-qkvo 4096->4096": (4096, 4096),
     "llama7b-up 4096->11008": (4096, 11008),
@@ -51,9 +55,9 @@ QUANT_PATHS = {
 }
 
 
-def median_seconds(call, budget_s: float, max_runs: int) -> float:
-    """Median wall time of ``call`` after warm-up, with as many runs as fit the budget (at least 5)."""
-    for _ in range(3):
+def median_seconds(call, budget_s: float, max_runs: int, warmup: int = 3) -> float:
+    """Median wall time of ``call`` after ``warmup`` calls, with as many runs as fit the budget (at least 5)."""
+    for _ in range(warmup):
         call()
     times: list[float] = []
     start = time.perf_counter()
@@ -98,24 +102,45 @@ def stored_bytes(layer: QuantLinear) -> int:
     return sum(getattr(layer, n).numel() * getattr(layer, n).element_size() for n in layer.tensor_names)
 
 
+def rotating(make, weight_bytes: int, cold: bool):
+    """``(call, copies)``: a callable cycling over enough copies made by ``make()`` to exceed the caches."""
+    copies = [make() for _ in range(max(1, COLD_FOOTPRINT_BYTES // weight_bytes) if cold else 1)]
+    position = 0
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        nonlocal position
+        position = (position + 1) % len(copies)
+        return copies[position](x)
+
+    return call, len(copies)
+
+
+def dense_layer(in_features: int, out_features: int, dtype: torch.dtype):
+    weight = (torch.randn(out_features, in_features) * 0.02).to(dtype)
+    return lambda x: F.linear(x, weight)
+
+
 def measure(rows_per_call: list[int], shapes: dict[str, tuple[int, int]], budget_s: float, max_runs: int,
-            bandwidth: float, console: Console) -> list[dict]:
+            bandwidth: float, cold: bool, console: Console) -> list[dict]:
     results = []
     for shape_name, (in_features, out_features) in shapes.items():
-        dense = torch.randn(out_features, in_features) * 0.02
-        paths = {"fp32 dense": (lambda x, w=dense: F.linear(x, w), dense.numel() * 4, torch.float32),
-                 "bf16 dense": (lambda x, w=dense.bfloat16(): F.linear(x, w), dense.numel() * 2, torch.bfloat16)}
+        paths = {}
+        for path, dtype in (("fp32 dense", torch.float32), ("bf16 dense", torch.bfloat16)):
+            size = in_features * out_features * dtype.itemsize
+            paths[path] = (rotating(partial(dense_layer, in_features, out_features, dtype), size, cold), size, dtype)
         for path, (scheme, act_order, backend, dtype) in QUANT_PATHS.items():
-            layer = quantized_layer(in_features, out_features, scheme, act_order, backend)
-            paths[path] = (layer, stored_bytes(layer), dtype)
+            size = stored_bytes(quantized_layer(in_features, out_features, scheme, act_order, backend))
+            make = partial(quantized_layer, in_features, out_features, scheme, act_order, backend)
+            paths[path] = (rotating(make, size, cold), size, dtype)
         for rows in rows_per_call:
             fp32_seconds = None
-            for path, (call, weight_bytes, dtype) in paths.items():
+            for path, ((call, copies), weight_bytes, dtype) in paths.items():
                 if path.endswith("dequant") and rows > 1:
                     continue  # the reference path is only timed for decode
                 x = torch.randn(rows, in_features).to(dtype)
                 with torch.inference_mode():
-                    seconds = median_seconds(lambda call=call, x=x: call(x), budget_s, max_runs)
+                    # every copy is called once first: QuantLinear builds its kernel on the first call
+                    seconds = median_seconds(lambda call=call, x=x: call(x), budget_s, max_runs, warmup=copies + 3)
                 fp32_seconds = fp32_seconds or seconds
                 moved = weight_bytes + (in_features + out_features) * rows * x.element_size()
                 row = {"shape": shape_name, "M": rows, "path": path, "ms": seconds * 1e3, "bytes": moved,
@@ -126,8 +151,9 @@ def measure(rows_per_call: list[int], shapes: dict[str, tuple[int, int]], budget
     return results
 
 
-def render(results: list[dict], bandwidth: float, console: Console) -> None:
-    table = Table(title=f"CPU linear kernels (copy bandwidth {bandwidth:.1f} GB/s, {torch.get_num_threads()} threads)")
+def render(results: list[dict], bandwidth: float, cold: bool, console: Console) -> None:
+    table = Table(title=f"CPU linear kernels, {'cold' if cold else 'hot'} cache (copy bandwidth {bandwidth:.1f} GB/s, "
+                        f"{torch.get_num_threads()} threads)")
     for column in ("shape", "M", "path", "ms/call", "MB moved", "GB/s", "% copy bw", "vs fp32"):
         table.add_column(column, justify="left" if column in ("shape", "path") else "right")
     for r in results:
@@ -139,6 +165,7 @@ def render(results: list[dict], bandwidth: float, console: Console) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one small shape, few repetitions")
+    parser.add_argument("--hot", action="store_true", help="reuse one copy of each layer (cache-resident when small)")
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "bench_kernels" / "bench_kernels.json")
     args = parser.parse_args()
     console = Console(width=150)
@@ -149,11 +176,11 @@ def main() -> None:
         shapes, rows, budget, max_runs = SHAPES, [1, 128, 512], 1.5, 200
     bandwidth = copy_bandwidth_gbs()
     console.log(f"copy bandwidth {bandwidth:.2f} GB/s")
-    results = measure(rows, shapes, budget, max_runs, bandwidth, console)
-    render(results, bandwidth, console)
+    results = measure(rows, shapes, budget, max_runs, bandwidth, not args.hot, console)
+    render(results, bandwidth, not args.hot, console)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     payload = {"copy_bandwidth_gbs": bandwidth, "threads": torch.get_num_threads(), "torch": torch.__version__,
-               "results": results}
+               "cache": "hot" if args.hot else "cold", "results": results}
     args.output.write_text(json.dumps(payload, indent=2) + "\n")
     console.log(f"saved {args.output}")
 

@@ -14,7 +14,7 @@ import torch
 
 BLOCK = 32
 GEMV_MAX_ROWS = 16
-SLAB_BYTES = 2 * 1024 * 1024
+SLAB_BYTES = 16 * 1024 * 1024
 
 
 def block_order(in_features: int) -> torch.Tensor:
