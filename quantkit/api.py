@@ -59,7 +59,7 @@ def quantize(
     scheme = scheme or QuantScheme()
     calibration = calibration or CalibrationSpec()
     quantizer = make_quantizer(method, **quantizer_options)
-    check_format(export_format, scheme, quantizer.column_groups())
+    check_format(export_format, scheme, quantizer.column_groups(scheme))
     if output is not None:
         check_output_dir(Path(output), overwrite)
     seconds: dict[str, float] = {}

@@ -5,7 +5,7 @@ Shapes: Llama-7B's (4096x4096, 4096->11008, 11008->4096) and SmolLM2-135M's (576
 1536->576); batches M=1 (decode) and M=128/512 (prefill). Paths: fp32 dense, bf16 dense, then each
 quantized layout through QuantLinear with a named backend (``cpu``: quantkit's C kernels; ``aten``: torch's
 int4/int8 weight-only kernels; ``dequant``: the reference). Each figure is the median of many calls after
-warm-up. Calls rotate over enough copies of each layer to fill 96 MiB (three times this machine's L3), so
+warm-up, the paths timed round-robin so that drifts in this machine's speed hit them alike. Calls rotate over enough copies of each layer to fill 96 MiB (three times this machine's L3), so
 weights come from memory as they do when decoding a whole model; ``--hot`` reuses one copy (cache-resident
 for small shapes). "bytes" counts what one call must move at least: the stored weight (codes, scales, zeros)
 plus the activations in and out; GB/s divides that by the time and is set against this machine's copy
@@ -48,6 +48,7 @@ QUANT_PATHS = {
     "int4 g64 sym / cpu": (QuantScheme(4, 64, True), False, "cpu", torch.float32),
     "int4 g64 asym act-order / cpu": (QuantScheme(4, 64, False), True, "cpu", torch.float32),
     "int4 g64 sym / aten bf16": (QuantScheme(4, 64, True), False, "aten", torch.bfloat16),
+    "int4 per-channel sym / cpu": (QuantScheme(4, -1, True), False, "cpu", torch.float32),
     "int8 per-channel sym / cpu": (QuantScheme(8, -1, True), False, "cpu", torch.float32),
     "int8 g128 asym / cpu": (QuantScheme(8, 128, False), False, "cpu", torch.float32),
     "int8 per-channel sym / aten bf16": (QuantScheme(8, -1, True), False, "aten", torch.bfloat16),
@@ -55,25 +56,31 @@ QUANT_PATHS = {
 }
 
 
-def median_seconds(call, budget_s: float, max_runs: int, warmup: int = 3) -> float:
-    """Median wall time of ``call`` after ``warmup`` calls, with as many runs as fit the budget (at least 5)."""
-    for _ in range(warmup):
-        call()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_runs and (len(times) < 5 or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+def interleaved_medians(calls: dict[str, tuple], budget_s: float, max_rounds: int) -> dict[str, float]:
+    """Median wall time of each ``(call, warm-up count)``, timed round-robin (one call of each per round).
+
+    Interleaving spreads this machine's slow drifts in speed over every path alike, instead of favouring
+    whichever path ran in a fast spell.
+    """
+    for call, warmup in calls.values():
+        for _ in range(warmup):
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    start, rounds = time.perf_counter(), 0
+    while rounds < max_rounds and (rounds < 5 or time.perf_counter() - start < budget_s):
+        for name, (call, _) in calls.items():
+            t0 = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def copy_bandwidth_gbs() -> float:
     """Read + write bandwidth of copying a 512 MiB float32 buffer into another (already touched) one."""
     src = torch.ones(128 * 2**20)
     dst = torch.zeros_like(src)
-    seconds = median_seconds(lambda: dst.copy_(src), budget_s=2.0, max_runs=20)
+    seconds = interleaved_medians({"copy": (lambda: dst.copy_(src), 3)}, budget_s=2.0, max_rounds=20)["copy"]
     return 2 * src.numel() * 4 / seconds / 1e9
 
 
@@ -133,19 +140,18 @@ def measure(rows_per_call: list[int], shapes: dict[str, tuple[int, int]], budget
             make = partial(quantized_layer, in_features, out_features, scheme, act_order, backend)
             paths[path] = (rotating(make, size, cold), size, dtype)
         for rows in rows_per_call:
-            fp32_seconds = None
-            for path, ((call, copies), weight_bytes, dtype) in paths.items():
-                if path.endswith("dequant") and rows > 1:
-                    continue  # the reference path is only timed for decode
-                x = torch.randn(rows, in_features).to(dtype)
-                with torch.inference_mode():
-                    # every copy is called once first: QuantLinear builds its kernel on the first call
-                    seconds = median_seconds(lambda call=call, x=x: call(x), budget_s, max_runs, warmup=copies + 3)
-                fp32_seconds = fp32_seconds or seconds
-                moved = weight_bytes + (in_features + out_features) * rows * x.element_size()
-                row = {"shape": shape_name, "M": rows, "path": path, "ms": seconds * 1e3, "bytes": moved,
-                       "GB/s": moved / seconds / 1e9, "fraction_of_copy_bw": moved / seconds / 1e9 / bandwidth,
-                       "speedup_vs_fp32": fp32_seconds / seconds}
+            # the reference path is only timed for decode; every copy is called once first (QuantLinear
+            # builds its kernel on the first call)
+            timed = {path: entry for path, entry in paths.items() if rows == 1 or not path.endswith("dequant")}
+            inputs = {path: torch.randn(rows, in_features).to(dtype) for path, (_, _, dtype) in timed.items()}
+            calls = {path: (partial(call, inputs[path]), copies + 3) for path, ((call, copies), _, _) in timed.items()}
+            with torch.inference_mode():
+                seconds = interleaved_medians(calls, budget_s, max_runs)
+            for path, (_, weight_bytes, _) in timed.items():
+                moved = weight_bytes + (in_features + out_features) * rows * inputs[path].element_size()
+                row = {"shape": shape_name, "M": rows, "path": path, "ms": seconds[path] * 1e3, "bytes": moved,
+                       "GB/s": moved / seconds[path] / 1e9, "fraction_of_copy_bw": moved / seconds[path] / 1e9 / bandwidth,
+                       "speedup_vs_fp32": seconds["fp32 dense"] / seconds[path]}
                 results.append(row)
                 console.log(f"{shape_name} M={rows} {path}: {row['ms']:.3f} ms, x{row['speedup_vs_fp32']:.2f}")
     return results
@@ -166,14 +172,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one small shape, few repetitions")
     parser.add_argument("--hot", action="store_true", help="reuse one copy of each layer (cache-resident when small)")
+    parser.add_argument("--shapes", help="comma list of shape names (or their first word) to run, e.g. llama7b-up")
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "bench_kernels" / "bench_kernels.json")
     args = parser.parse_args()
     console = Console(width=150)
     torch.manual_seed(0)
     if args.quick:
-        shapes, rows, budget, max_runs = {k: v for k, v in SHAPES.items() if k.startswith("smollm2-up")}, [1, 128], 0.2, 20
+        shapes, rows, budget, max_runs = {k: v for k, v in SHAPES.items() if k.startswith("smollm2-up")}, [1, 128], 1.0, 20
     else:
-        shapes, rows, budget, max_runs = SHAPES, [1, 128, 512], 1.5, 200
+        shapes, rows, budget, max_runs = SHAPES, [1, 128, 512], 10.0, 200
+    if args.shapes:
+        wanted = [w.strip() for w in args.shapes.split(",") if w.strip()]
+        shapes = {k: v for k, v in SHAPES.items() if any(k == w or k.split()[0] == w for w in wanted)}
+        if not shapes:
+            raise SystemExit(f"no shape matches {args.shapes!r}; known: {', '.join(s.split()[0] for s in SHAPES)}")
     bandwidth = copy_bandwidth_gbs()
     console.log(f"copy bandwidth {bandwidth:.2f} GB/s")
     results = measure(rows, shapes, budget, max_runs, bandwidth, not args.hot, console)

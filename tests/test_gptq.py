@@ -56,7 +56,7 @@ def test_gptq_beats_rtn_on_correlated_inputs(bits: int, group: int, act_order: b
     rtn = make_quantizer("rtn").quantize(w, LayerStats(), scheme).dequantize()
     gptq = make_quantizer("gptq", act_order=act_order, static_groups=static).quantize(w, stats_for(x), scheme)
     assert output_error(x, w, gptq.dequantize()) < 0.8 * output_error(x, w, rtn)
-    assert (gptq.g_idx is not None) == (act_order and not static)
+    assert (gptq.g_idx is not None) == (act_order and not static and group != -1)
 
 
 def test_gptq_equals_rtn_when_inputs_are_uncorrelated() -> None:
@@ -80,6 +80,9 @@ def test_act_order_groups_are_full_and_follow_the_hessian_diagonal() -> None:
     assert counts == [32, 32, 32, 4]
     order = torch.argsort(torch.diag(stats.hessian), descending=True, stable=True)
     assert qt.g_idx[order].tolist() == sorted(qt.g_idx[order].tolist())  # groups follow the act order
+    # One group per row: act-order changes the update order but needs no g_idx.
+    per_channel = make_quantizer("gptq", act_order=True).quantize(w, stats, QuantScheme(4, -1, True))
+    assert per_channel.g_idx is None
 
 
 def test_dead_inputs_get_zero_weights() -> None:

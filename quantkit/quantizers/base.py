@@ -34,8 +34,8 @@ class Quantizer(ABC):
     def quantize(self, weight: torch.Tensor, stats: LayerStats, scheme: QuantScheme) -> QuantizedTensor:
         """Quantize one weight matrix under ``scheme``."""
 
-    def column_groups(self) -> bool:
-        """Whether the tensors it makes assign columns to groups out of order (act-order ``g_idx``)."""
+    def column_groups(self, scheme: QuantScheme) -> bool:
+        """Whether the tensors it makes under ``scheme`` assign columns to groups out of order (act-order ``g_idx``)."""
         return False
 
     @abstractmethod

@@ -74,8 +74,8 @@ class GPTQQuantizer(Quantizer):
     def options(self) -> dict:
         return asdict(self)
 
-    def column_groups(self) -> bool:
-        return self.act_order and not self.static_groups
+    def column_groups(self, scheme: QuantScheme) -> bool:
+        return self.act_order and not self.static_groups and scheme.group_size != -1
 
     def quantize(self, weight: torch.Tensor, stats: LayerStats, scheme: QuantScheme) -> IntQuantizedTensor:
         if stats.hessian is None:
@@ -132,7 +132,9 @@ class GPTQQuantizer(Quantizer):
         if static is not None:
             scales = [s for s, _ in static]
             zeros = [z for _, z in static]
-        g_idx = (inverse // group).to(torch.int32) if self.act_order and static is None else None
+        # One group per row (per-channel) needs no g_idx: every column is in group 0 whatever the order.
+        reordered = self.act_order and static is None and group < n
+        g_idx = (inverse // group).to(torch.int32) if reordered else None
         return IntQuantizedTensor(
             codes=codes,
             scales=torch.stack(scales, dim=1).to(torch.float16),

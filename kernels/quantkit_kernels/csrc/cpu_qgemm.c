@@ -192,10 +192,20 @@ int qk_gemv(const float *x, int64_t m_rows, int64_t k, const uint8_t *codes, con
                                     : (const void *)((const float *)scales + r * groups);
         const uint8_t *z = zeros + r * groups;
 #ifdef __AVX2__
-        if (bits == 4)
-            row_all(c, s, z, x, xsum, half_scales, m_rows, k, groups, group_size, n, y + r, 4);
-        else
-            row_all(c, s, z, x, xsum, half_scales, m_rows, k, groups, group_size, n, y + r, 8);
+/* Common group sizes as literals, so that each gets a fully unrolled group loop. */
+#define ROW_ALL(BITS, GROUP_SIZE) row_all(c, s, z, x, xsum, half_scales, m_rows, k, groups, GROUP_SIZE, n, y + r, BITS)
+#define ROW_ALL_GROUPS(BITS)                                     \
+    switch (group_size) {                                        \
+        case 32: ROW_ALL(BITS, 32); break;                       \
+        case 64: ROW_ALL(BITS, 64); break;                       \
+        case 128: ROW_ALL(BITS, 128); break;                     \
+        default: ROW_ALL(BITS, group_size); break;               \
+    }
+        if (bits == 4) {
+            ROW_ALL_GROUPS(4)
+        } else {
+            ROW_ALL_GROUPS(8)
+        }
 #else
         row_tile_scalar(c, s, z, x, xsum, half_scales, k, groups, group_size, bits, n, y + r, (int)m_rows);
 #endif
