@@ -49,8 +49,6 @@ class AtenInt4Kernel:
         scale_and_zero = torch.stack([s.t(), offset.t()], dim=-1).to(dtype).contiguous()
         return cls(packed, scale_and_zero, group_size, columns)
 
-    def nbytes(self) -> int:
-        return self.packed.numel() * self.packed.element_size() + self.scale_and_zero.numel() * self.scale_and_zero.element_size()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _gather(x, self.columns).to(self.scale_and_zero.dtype).contiguous()
@@ -77,8 +75,6 @@ class AtenInt8Kernel:
         correction = None if bool((z == 128).all()) else ((128.0 - z) * s).to(dtype)
         return cls(weight, s.to(dtype), correction)
 
-    def nbytes(self) -> int:
-        return self.weight.numel() + self.scales.numel() * self.scales.element_size()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _gather(x, None).to(self.scales.dtype).contiguous()

@@ -62,9 +62,6 @@ class CpuIntKernel:
     def in_features(self) -> int:
         return self.codes.shape[1] * 8 // self.bits
 
-    def nbytes(self) -> int:
-        """Bytes the kernel reads for the weight (codes, scales, zeros)."""
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead, dtype = x.shape[:-1], x.dtype

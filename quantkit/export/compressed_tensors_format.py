@@ -132,10 +132,9 @@ def _weights_args(qt: IntQuantizedTensor, observer: str) -> dict:
 
 
 def layer_tensors(quantized: dict[str, QuantizedTensor], scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every quantized layer's pack-quantized tensors, keyed by full name."""
+    """Every quantized layer's pack-quantized tensors, keyed by full name (layers checked by :func:`build_config`)."""
     out = {}
     for layer, qt in quantized.items():
-        check_layer(layer, qt.scheme, qt.shape[1])  # type: ignore[attr-defined]
         out.update({f"{layer}.{name}": t for name, t in encode(qt, scale_dtype).items()})  # type: ignore[arg-type]
     return out
 

@@ -20,7 +20,7 @@ from quantkit.errors import QuantkitError
 from quantkit.export.common import int_layers, lossless_cast, sequential_g_idx
 from quantkit.formats.base import QuantizedTensor, TensorSpec
 from quantkit.formats.intgrid import IntQuantizedTensor
-from quantkit.formats.packing import pack_columns, pack_rows, packed_width, unpack_columns, unpack_rows
+from quantkit.formats.packing import pack_rows, packed_width, unpack_rows
 from quantkit.schemes import QuantScheme
 
 FORMAT = "gptq"
@@ -40,22 +40,20 @@ def check_scheme(scheme: QuantScheme) -> None:
         )
 
 
-def encode(qt: IntQuantizedTensor, v1: bool = True) -> dict[str, torch.Tensor]:
-    """The GPTQ tensors of one layer (``qweight``, ``qzeros``, ``scales``, ``g_idx``)."""
+def encode(qt: IntQuantizedTensor) -> dict[str, torch.Tensor]:
+    """The GPTQ v1 tensors of one layer (``qweight``, ``qzeros``, ``scales``, ``g_idx``)."""
     bits = qt.scheme.bits
-    zeros = qt.zeros.to(torch.int16) - (1 if v1 else 0)
+    zeros = qt.zeros.to(torch.int16) - 1
     if int(zeros.min()) < 0:
         raise QuantkitError("GPTQ v1 cannot store a zero point of 0 (it stores zero - 1)")
     scales = lossless_cast(qt.scales, torch.float16)
     if scales is None:
         raise QuantkitError(f"GPTQ stores float16 scales; these {qt.scales.dtype} scales do not fit float16 exactly")
-    in_features = qt.shape[1]
-    g_idx = qt.g_idx if qt.g_idx is not None else sequential_g_idx(in_features, qt.scheme.group_size)
     return {
-        "qweight": pack_columns(qt.codes.t(), bits),
+        "qweight": pack_rows(qt.codes, bits).t().contiguous(),
         "qzeros": pack_rows(zeros.t().contiguous(), bits),
         "scales": scales.t().contiguous(),
-        "g_idx": g_idx.to(torch.int32).contiguous(),
+        "g_idx": qt.group_index().to(torch.int32).contiguous(),
     }
 
 
@@ -90,7 +88,7 @@ def decode(tensors: dict[str, torch.Tensor], scheme: QuantScheme, shape: tuple[i
     mid = (scheme.maxq + 1) // 2
     symmetric = bool((zeros == mid).all())
     return IntQuantizedTensor(
-        codes=unpack_columns(tensors["qweight"], bits, in_features).t().contiguous(),
+        codes=unpack_rows(tensors["qweight"].t().contiguous(), bits, in_features),
         scales=tensors["scales"].t().contiguous(),
         zeros=zeros.to(torch.uint8).contiguous(),
         scheme=QuantScheme(bits, scheme.group_size, symmetric),

@@ -133,7 +133,7 @@ class GPTQQuantizer(Quantizer):
             scales = [s for s, _ in static]
             zeros = [z for _, z in static]
         # One group per row (per-channel) needs no g_idx: every column is in group 0 whatever the order.
-        reordered = self.act_order and static is None and group < n
+        reordered = self.column_groups(scheme) and group < n
         g_idx = (inverse // group).to(torch.int32) if reordered else None
         return IntQuantizedTensor(
             codes=codes,

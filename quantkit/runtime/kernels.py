@@ -113,7 +113,7 @@ def _triton_kernel(qt: IntQuantizedTensor, stored: dict[str, torch.Tensor], devi
 
     if not triton_int.is_supported(qt.scheme.bits, device):  # CUDA, or any device under TRITON_INTERPRET=1
         return None
-    g_idx = qt.group_index().to(device=stored["qweight"].device, dtype=torch.int32)
+    g_idx = None if qt.g_idx is None else qt.g_idx.to(device=stored["qweight"].device, dtype=torch.int32)
     qweight, scales, qzeros = stored["qweight"], stored["scales"], stored["qzeros"]
     bits, size = qt.scheme.bits, qt.scheme.group_size
 
@@ -133,7 +133,6 @@ def build_kernel(
     dtype: torch.dtype, backend: str,
 ) -> tuple[str, Kernel]:
     """``(backend name, kernel)`` for a layer; an explicitly named backend that cannot serve it is an error."""
-    check_backend(backend)
     if backend == "dequant":
         return "dequant", dequant_kernel(decode)
     qt = decode()

@@ -22,7 +22,7 @@ from quantkit.export.safetensors_io import (
     read_tensors,
     shard_map,
 )
-from quantkit.export.writer import unique_state
+from quantkit.export.writer import plain_tensors
 from quantkit.formats.base import TensorSpec
 from quantkit.models.adapters import adapter_for
 from quantkit.runtime import readers
@@ -94,12 +94,6 @@ def open_checkpoint(folder: Path) -> CheckpointConfig:
     return CheckpointConfig(config, qc, fmt)
 
 
-def read_checkpoint_config(folder: Path) -> tuple[dict, dict]:
-    """``(model config without quantization_config, quantization_config)`` of a loadable checkpoint."""
-    checkpoint = open_checkpoint(folder)
-    return checkpoint.model, checkpoint.quantization
-
-
 def is_quantkit_checkpoint(path: str | Path) -> bool:
     """Whether ``path`` claims to be a checkpoint quantkit loads (native, GPTQ or compressed-tensors); not a validation."""
     try:
@@ -148,11 +142,7 @@ def _plans(model: nn.Module, checkpoint: CheckpointConfig, headers: readers.Head
 
 
 def _expected(model: nn.Module, plans: dict[str, readers.LayerPlan]) -> dict[str, TensorSpec]:
-    expected: dict[str, TensorSpec] = {}
-    for name, tensor in unique_state(model).items():
-        module, _, leaf = name.rpartition(".")
-        if module not in plans or leaf == "bias":
-            expected[name] = (tuple(tensor.shape), tensor.dtype)
+    expected: dict[str, TensorSpec] = {n: (tuple(t.shape), t.dtype) for n, t in plain_tensors(model, plans).items()}
     for layer, plan in plans.items():
         expected.update({f"{layer}.{name}": spec for name, spec in plan.specs.items()})
     return expected
@@ -221,8 +211,9 @@ def load(path: str | Path, kernel: str | None = None) -> nn.Module:
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:
         raise QuantkitError(f"checkpoint left {leftover[0]} without a value")
-    for layer in plans:
-        model.get_submodule(layer).quantized()  # decode once: refuses out-of-range group indices early
+    if checkpoint.format == "native":  # imported layers were decoded (and their g_idx checked) by their reader
+        for layer in plans:
+            model.get_submodule(layer).quantized()  # decode once: refuses out-of-range group indices early
     model.eval()
     return model
 

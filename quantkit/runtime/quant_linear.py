@@ -22,7 +22,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.meta = in_features, out_features, meta
         self.backend = check_backend(backend)
-        self._kernels: dict[tuple[str, torch.dtype], tuple[str, Kernel]] = {}
+        self._kernels: dict[tuple[torch.device, torch.dtype], tuple[str, Kernel]] = {}
         self.tensor_class = tensor_class(meta["kind"])
         self.tensor_names = []
         for name, (shape, tensor_dtype) in self.tensor_class.expected_tensors(meta, self.shape).items():
@@ -48,7 +48,7 @@ class QuantLinear(nn.Module):
         return self._kernel(device, dtype)[0]
 
     def _kernel(self, device: torch.device, dtype: torch.dtype) -> tuple[str, Kernel]:
-        key = (str(device), dtype)
+        key = (device, dtype)
         if key not in self._kernels:
             stored = {n: getattr(self, n) for n in self.tensor_names}
             self._kernels[key] = build_kernel(self.quantized, stored, device, dtype, self.backend)
