@@ -51,15 +51,17 @@ def quantize(
 ) -> QuantizeResult:
     """Quantize ``model`` (hub id, directory, GGUF file or built-in alias); write a checkpoint to ``output``.
 
-    ``export_format`` is ``native``, ``gptq`` (v1) or ``compressed-tensors`` (pack-quantized); a scheme the
-    format cannot express is refused before the model is loaded.
+    ``scheme`` defaults to the method's usual one (:meth:`Quantizer.default_scheme`). ``export_format`` is
+    ``native``, ``gptq`` (v1) or ``compressed-tensors`` (pack-quantized); a scheme the format cannot express is
+    refused before the model is loaded.
     """
     from quantkit.calib import load_calibration
 
-    scheme = scheme or QuantScheme()
     calibration = calibration or CalibrationSpec()
     quantizer = make_quantizer(method, **quantizer_options)
-    check_format(export_format, scheme, quantizer.column_groups(scheme))
+    scheme = scheme or quantizer.default_scheme()
+    quantizer.check_scheme(scheme)
+    check_format(export_format, scheme, quantizer.column_groups(scheme), quantizer.tensor_kind)
     if output is not None:
         check_output_dir(Path(output), overwrite)
     seconds: dict[str, float] = {}

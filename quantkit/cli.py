@@ -34,15 +34,19 @@ def _split_list(values: list[str]) -> list[str]:
 def quantize(
     model: Annotated[str, typer.Argument(help="Hub id, local directory, .gguf file or built-in alias (smollm2-135m).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint directory to write.")],
-    method: Annotated[str, typer.Option(help="Quantizer: gptq or rtn.")] = "gptq",
+    method: Annotated[str, typer.Option(help="Quantizer: gptq, rtn or spqr.")] = "gptq",
     bits: Annotated[int, typer.Option(help="Weight bits: 2, 3, 4 or 8.")] = 4,
-    group_size: Annotated[int, typer.Option(help="Input columns per scale/zero group; -1 for per-channel.")] = 128,
-    sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric grid (zero point fixed mid-range) or asymmetric.")] = True,
-    act_order: Annotated[bool, typer.Option("--act-order/--no-act-order", help="GPTQ: columns in decreasing Hessian-diagonal order.")] = True,
-    static_groups: Annotated[bool, typer.Option("--static-groups/--no-static-groups", help="GPTQ: group grids fixed before any update (no g_idx).")] = False,
+    group_size: Annotated[int | None, typer.Option(help="Input columns per scale/zero group; -1 for per-channel. Default: 128 (gptq, rtn), 16 (spqr).")] = None,
+    sym: Annotated[bool | None, typer.Option("--sym/--asym", help="Symmetric grid (zero point fixed mid-range) or asymmetric. Default: sym (gptq, rtn), asym (spqr).")] = None,
+    act_order: Annotated[bool | None, typer.Option("--act-order/--no-act-order", help="GPTQ/SpQR: columns in decreasing Hessian-diagonal order (default on).")] = None,
+    static_groups: Annotated[bool | None, typer.Option("--static-groups/--no-static-groups", help="GPTQ: group grids fixed before any update (no g_idx).")] = None,
     true_sequential: Annotated[bool, typer.Option("--true-sequential/--no-true-sequential", help="Statistics of each group of linears after the earlier ones are quantized.")] = True,
-    damp: Annotated[float, typer.Option(help="GPTQ damping as a fraction of the mean Hessian diagonal.")] = 0.01,
-    mse: Annotated[bool, typer.Option("--mse/--no-mse", help="Search a clipping ratio per group (GPTQ's MSE grid).")] = False,
+    damp: Annotated[float | None, typer.Option(help="Damping as a fraction of the mean Hessian diagonal. Default: 0.01 (gptq), 1.0 (spqr).")] = None,
+    mse: Annotated[bool | None, typer.Option("--mse/--no-mse", help="GPTQ/RTN: search a clipping ratio per group (GPTQ's MSE grid).")] = None,
+    outlier_threshold: Annotated[float | None, typer.Option(help="SpQR: relative outlier threshold; higher keeps fewer outliers, inf none (default 0.2).")] = None,
+    simplified_outliers: Annotated[bool | None, typer.Option("--simplified-outliers/--loo-outliers", help="SpQR: skip the leave-one-out pre-detection (faster, usually a little worse).")] = None,
+    stat_bits: Annotated[int | None, typer.Option(help="SpQR: bits of the quantized scales and zero points (default 3).")] = None,
+    stat_group_size: Annotated[int | None, typer.Option(help="SpQR: output rows sharing one second-level scale/zero (default 16).")] = None,
     calib: Annotated[str, typer.Option(help="Calibration: c4, wikitext2 (hub), synthetic, or a local file/directory.")] = "c4",
     nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
     seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 2048,
@@ -55,9 +59,13 @@ def quantize(
     from quantkit.api import CalibrationSpec
     from quantkit.api import quantize as run_quantize
     from quantkit.checkpoint_info import inspect_checkpoint
-    from quantkit.schemes import QuantScheme
+    from quantkit.quantizers import make_quantizer
 
-    scheme = QuantScheme(bits=bits, group_size=group_size, symmetric=sym)
+    options = dict(
+        damp=damp, act_order=act_order, static_groups=static_groups, mse=mse, outlier_threshold=outlier_threshold,
+        simplified_outliers=simplified_outliers, stat_bits=stat_bits, stat_group_size=stat_group_size,
+    )
+    scheme = make_quantizer(method, **options).default_scheme(bits, group_size, sym)
     result = run_quantize(
         model,
         method=method,
@@ -67,11 +75,8 @@ def quantize(
         seed=seed,
         true_sequential=true_sequential,
         overwrite=overwrite,
-        damp=damp,
-        act_order=act_order,
-        static_groups=static_groups,
-        mse=mse,
         export_format=export_format,
+        **options,
     )
     info = inspect_checkpoint(output)
     table = Table(title=f"quantized {model} → {output}")
@@ -147,13 +152,23 @@ def inspect(
     if as_json:
         console.print_json(json.dumps(info.to_dict()))
         return
+    from quantkit.checkpoint_info import ROLES
+
+    roles = [r for r in ROLES if info.total.role_bytes[r]]
     table = Table(title=f"{checkpoint} ({info.model_type}, method {info.method})")
-    for column in ("scheme", "layers", "weights", "MiB", "bits/weight"):
+    for column in ("scheme", "layers", "weights", "MiB", "bits/weight", *(f"{r} bits" for r in roles), "outliers"):
         table.add_column(column, justify="left" if column == "scheme" else "right")
+
+    def add(s, name: str) -> None:
+        role_bits = s.role_bits()
+        table.add_row(name, str(s.layers), f"{s.weights:,}", f"{s.bytes / 2**20:.2f}", f"{s.bits_per_weight:.3f}",
+                      *(f"{role_bits[r]:.3f}" for r in roles), f"{s.outliers / s.weights:.3%}")
+
     for s in info.schemes:
-        table.add_row(s.scheme, str(s.layers), f"{s.weights:,}", f"{s.bytes / 2**20:.2f}", f"{s.bits_per_weight:.3f}")
-    table.add_row("not quantized (embeddings, norms, head)", "", f"{info.other_params:,}", f"{info.other_bytes / 2**20:.2f}", "")
-    table.add_row("all quantized layers", "", f"{info.quantized_weights:,}", f"{info.quantized_bytes / 2**20:.2f}", f"{info.bits_per_weight:.3f}")
+        add(s, s.scheme)
+    table.add_row("not quantized (embeddings, norms, head)", "", f"{info.other_params:,}", f"{info.other_bytes / 2**20:.2f}")
+    if info.total.weights:
+        add(info.total, info.total.scheme)
     console.print(table)
     console.print(f"files on disk: {info.file_bytes / 2**20:.2f} MiB")
     console.print_json(json.dumps(info.quantization_config))

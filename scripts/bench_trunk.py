@@ -82,18 +82,23 @@ def measure_perplexity(target: str, windows: int) -> float:
     return perplexity(loaded.model, tokenize_stream(text, loaded.tokenizer), 2048, windows, "wikitext2").perplexity
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_bench_args(description: str, configs: dict, out: str) -> tuple[argparse.Namespace, list[str], tuple[int, int, int]]:
+    """Command line of a perplexity benchmark: the namespace, the configs to run, (nsamples, seqlen, windows)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="8 calibration windows x 128 tokens, 2 eval windows")
-    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma list of configs to run")
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_trunk")
+    parser.add_argument("--configs", default=",".join(configs), help="comma list of configs to run")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / out)
     args = parser.parse_args()
-    nsamples, seqlen, windows = (8, 128, 2) if args.quick else (128, 512, 16)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
-    unknown = [n for n in names if n not in CONFIGS]
+    unknown = [n for n in names if n not in configs]
     if unknown:
-        raise SystemExit(f"unknown config(s): {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
+        raise SystemExit(f"unknown config(s): {', '.join(unknown)}; known: {', '.join(configs)}")
     args.out.mkdir(parents=True, exist_ok=True)
+    return args, names, (8, 128, 2) if args.quick else (128, 512, 16)
+
+
+def main() -> None:
+    args, names, (nsamples, seqlen, windows) = parse_bench_args(__doc__, CONFIGS, "bench_trunk")
     console = Console(width=150)
     rows = {}
     for name in names:

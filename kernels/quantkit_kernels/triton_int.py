@@ -5,12 +5,15 @@ little-endian bit stream of codes), ``scales`` ``[N, G]``, ``qzeros`` int32 ``[N
 same way along the group dimension, and an optional act-order ``g_idx [K]``. Column ``k`` dequantizes to
 ``scales[n, g(k)] * (code[n, k] - zero[n, g(k)])``. The kernels unpack and dequantize weight tiles in registers
 and accumulate ``x @ W.T`` in float32. Only 2, 4 and 8 bits are handled (codes never straddle a word).
+The code unpacking, the dot and the split-K launch are shared with :mod:`quantkit_kernels.triton_spqr`.
 
 Triton is optional: without it ``TRITON_AVAILABLE`` is False and :func:`is_supported` answers no. On CPU
 tensors the kernels run only under the Triton interpreter (``TRITON_INTERPRET=1`` set before this import).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -30,7 +33,7 @@ SMALL_M = 16  # at or below this many rows the split-K kernel is used
 
 
 def is_supported(bits: int, device: torch.device | str | None = None) -> bool:
-    """Whether :func:`int_matmul` can run ``bits``-bit weights (on ``device``, when given)."""
+    """Whether the Triton kernels can run ``bits``-bit weights (on ``device``, when given)."""
     if not TRITON_AVAILABLE or bits not in SUPPORTED_BITS:
         return False
     if device is None:
@@ -41,6 +44,40 @@ def is_supported(bits: int, device: torch.device | str | None = None) -> bool:
 if TRITON_AVAILABLE:
 
     @triton.jit
+    def unpack_codes(ptr, rows, cols, stride_row, stride_word, mask, BITS: tl.constexpr):
+        """Codes ``[rows, cols]`` (broadcast 2-D indices) of a tensor packed row-wise; masked entries are 0."""
+        PER_WORD: tl.constexpr = 32 // BITS
+        words = tl.load(ptr + rows * stride_row + (cols // PER_WORD) * stride_word, mask=mask, other=0)
+        return (words >> ((cols % PER_WORD) * BITS)) & ((1 << BITS) - 1)
+
+    @triton.jit
+    def dot_x(
+        x_ptr, w, offs_m, offs_k, mask_m, mask_k, stride_xm, stride_xk,
+        DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    ):  # fmt: skip
+        """``x[offs_m, offs_k] @ w`` in float32, with the float32 weight tile ``w`` rounded to x's dtype."""
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        w = w.to(x.dtype)
+        if DOT_IN_FP32:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        return tl.dot(x, w, input_precision=DOT_PRECISION)
+
+    @triton.jit
+    def store_tile(y_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_ym, stride_yn, SPLIT_K: tl.constexpr):
+        """Store the float32 tile ``acc`` into ``y``, or add it into a float32 ``y`` when K is split."""
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+        mask = mask_m[:, None] & mask_n[None, :]
+        if SPLIT_K == 1:
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.atomic_add(y_ptrs, acc, mask=mask)
+
+    @triton.jit
     def _dequant_tile(
         qw_ptr, s_ptr, qz_ptr, g_ptr,
         offs_k, offs_n, mask_k, mask_n,
@@ -49,15 +86,8 @@ if TRITON_AVAILABLE:
         BITS: tl.constexpr, HAS_GIDX: tl.constexpr,
     ):  # fmt: skip
         """Dequantized weight tile ``W.T[offs_k, offs_n]`` in float32; masked entries are 0."""
-        PER_WORD: tl.constexpr = 32 // BITS
-        MASK: tl.constexpr = (1 << BITS) - 1
         mask = mask_k[:, None] & mask_n[None, :]
-        words = tl.load(
-            qw_ptr + offs_n[None, :] * stride_qwn + (offs_k[:, None] // PER_WORD) * stride_qwk,
-            mask=mask,
-            other=0,
-        )
-        codes = (words >> ((offs_k[:, None] % PER_WORD) * BITS)) & MASK
+        codes = unpack_codes(qw_ptr, offs_n[None, :], offs_k[:, None], stride_qwn, stride_qwk, mask, BITS)
         if HAS_GIDX:
             groups = tl.load(g_ptr + offs_k, mask=mask_k, other=0)
         else:
@@ -65,12 +95,7 @@ if TRITON_AVAILABLE:
         scales = tl.load(
             s_ptr + offs_n[None, :] * stride_sn + groups[:, None] * stride_sg, mask=mask, other=0.0
         )
-        zwords = tl.load(
-            qz_ptr + offs_n[None, :] * stride_qzn + (groups[:, None] // PER_WORD) * stride_qzg,
-            mask=mask,
-            other=0,
-        )
-        zeros = (zwords >> ((groups[:, None] % PER_WORD) * BITS)) & MASK
+        zeros = unpack_codes(qz_ptr, offs_n[None, :], groups[:, None], stride_qzn, stride_qzg, mask, BITS)
         return (codes - zeros).to(tl.float32) * scales.to(tl.float32)
 
     @triton.jit
@@ -84,20 +109,14 @@ if TRITON_AVAILABLE:
         """``x[offs_m, k0:k0+BLOCK_K] @ W.T[k0:k0+BLOCK_K, offs_n]`` in float32, weights rounded to x's dtype."""
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=mask_m[:, None] & mask_k[None, :],
-            other=0.0,
-        )
         w = _dequant_tile(
             qw_ptr, s_ptr, qz_ptr, g_ptr, offs_k, offs_n, mask_k, mask_n,
             stride_qwn, stride_qwk, stride_sn, stride_sg, stride_qzn, stride_qzg, group_size,
             BITS, HAS_GIDX,
-        ).to(x.dtype)  # fmt: skip
-        if DOT_IN_FP32:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        return tl.dot(x, w, input_precision=DOT_PRECISION)
+        )  # fmt: skip
+        return dot_x(
+            x_ptr, w, offs_m, offs_k, mask_m, mask_k, stride_xm, stride_xk, DOT_PRECISION, DOT_IN_FP32
+        )
 
     @triton.jit
     def _int_gemm_kernel(
@@ -132,16 +151,66 @@ if TRITON_AVAILABLE:
         if HAS_BIAS:
             if pid_k == 0:
                 acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-        mask = mask_m[:, None] & mask_n[None, :]
-        if SPLIT_K == 1:
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.atomic_add(y_ptrs, acc, mask=mask)
+        store_tile(y_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_ym, stride_yn, SPLIT_K)
 
     INTERPRETED = not isinstance(_int_gemm_kernel, triton.runtime.JITFunction)
 else:
     INTERPRETED = False
+
+
+def check_inputs(op: str, x: torch.Tensor, bits: int) -> None:
+    """Raise unless triton is installed, ``bits`` is supported and ``x`` is a float16/bfloat16/float32 tensor."""
+    if not TRITON_AVAILABLE:
+        raise RuntimeError(f"{op} needs triton, which is not installed")
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"{op} handles {SUPPORTED_BITS} bits, not {bits}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"{op} expects float16/bfloat16/float32 activations, got {x.dtype}")
+
+
+def launch_gemm(
+    kernel: triton.runtime.KernelInterface,
+    x: torch.Tensor,
+    n: int,
+    tensors: tuple[torch.Tensor, ...],
+    scalars: tuple[int | float, ...],
+    strides: tuple[int, ...],
+    **flags: Any,
+) -> torch.Tensor:
+    """Run a dequantize-GEMM ``kernel`` for ``x [..., K] @ W.T`` with ``W [n, K]``; ``[..., n]`` in ``x.dtype``.
+
+    The kernel takes ``x, *tensors, y, M, N, K, *scalars, stride_xm, stride_xk, *strides, stride_ym,
+    stride_yn``, the constexprs ``flags`` and DOT_PRECISION, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_K and
+    SPLIT_K. Up to :data:`SMALL_M` rows of ``x`` split K (partial tiles add into a zeroed float32 ``y``),
+    more are tiled over M and N only.
+    """
+    K = x.shape[-1]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    if M == 0:
+        return x.new_empty(*lead, n)
+    dot_in_fp32 = INTERPRETED and x.dtype == torch.bfloat16
+    block_n, block_k = 64, 64
+    n_tiles = triton.cdiv(n, block_n)
+    if M <= SMALL_M:
+        # Enough K slices to give the GPU ~128 programs, but each slice keeps at least two K tiles.
+        block_m, split_k = 16, max(1, min(triton.cdiv(128, n_tiles), triton.cdiv(K, 2 * block_k)))
+    else:
+        block_m, split_k = (32 if M <= 32 else 64), 1
+    if split_k > 1:
+        y = torch.zeros((M, n), device=x.device, dtype=torch.float32)
+    else:
+        y = torch.empty((M, n), device=x.device, dtype=x.dtype)
+    kernel[(triton.cdiv(M, block_m), n_tiles, split_k)](
+        x2, *tensors, y, M, n, K, *scalars, *x2.stride(), *strides, *y.stride(),
+        # The interpreter cannot multiply bfloat16 (triton-lang/triton#11584): it gets float32 operands.
+        DOT_IN_FP32=dot_in_fp32,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 or dot_in_fp32 else None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+        **flags,
+    )  # fmt: skip
+    return y.to(x.dtype).reshape(*lead, n)
 
 
 def int_matmul(
@@ -159,12 +228,7 @@ def int_matmul(
     ``group_size`` -1 means one group per row; with ``g_idx`` (act-order) it is not used. Rows of ``x`` up to
     :data:`SMALL_M` go to the split-K kernel, more to the tiled GEMM kernel.
     """
-    if not TRITON_AVAILABLE:
-        raise RuntimeError("int_matmul needs triton, which is not installed")
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"int_matmul handles {SUPPORTED_BITS} bits, not {bits}")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"int_matmul expects float16/bfloat16/float32 activations, got {x.dtype}")
+    check_inputs("int_matmul", x, bits)
     K = x.shape[-1]
     N, G = scales.shape
     if qweight.shape != (N, packed_width(K, bits)) or qzeros.shape != (N, packed_width(G, bits)):
@@ -177,40 +241,11 @@ def int_matmul(
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
 
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
-    M = x2.shape[0]
-    if M == 0:
-        return x.new_empty(*lead, N)
-    group = K if group_size == -1 else group_size
-    dot_in_fp32 = INTERPRETED and x.dtype == torch.bfloat16
-    block_n, block_k = 64, 64
-    common = dict(
-        BITS=bits,
-        HAS_GIDX=g_idx is not None,
-        HAS_BIAS=bias is not None,
-        # The interpreter cannot multiply bfloat16 (triton-lang/triton#11584): it gets float32 operands.
-        DOT_IN_FP32=dot_in_fp32,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 or dot_in_fp32 else None,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-    )
     dummy = qweight  # stands in for absent g_idx/bias; the constexpr flags keep it unread
-    args = (x2, qweight, scales, qzeros, dummy if g_idx is None else g_idx, dummy if bias is None else bias)
-    strides = (*x2.stride(), *qweight.stride(), *scales.stride(), *qzeros.stride())
-    n_tiles = triton.cdiv(N, block_n)
-
-    if M <= SMALL_M:
-        # Enough K slices to give the GPU ~128 programs, but each slice keeps at least two K tiles.
-        block_m, split_k = 16, max(1, min(triton.cdiv(128, n_tiles), triton.cdiv(K, 2 * block_k)))
-    else:
-        block_m, split_k = (32 if M <= 32 else 64), 1
-    if split_k > 1:
-        y = torch.zeros((M, N), device=x.device, dtype=torch.float32)
-    else:
-        y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    _int_gemm_kernel[(triton.cdiv(M, block_m), n_tiles, split_k)](
-        *args, y, M, N, K, group, *strides, *y.stride(),
-        BLOCK_M=block_m, SPLIT_K=split_k, **common,
+    return launch_gemm(
+        _int_gemm_kernel, x, N,
+        (qweight, scales, qzeros, dummy if g_idx is None else g_idx, dummy if bias is None else bias),
+        (K if group_size == -1 else group_size,),
+        (*qweight.stride(), *scales.stride(), *qzeros.stride()),
+        BITS=bits, HAS_GIDX=g_idx is not None, HAS_BIAS=bias is not None,
     )  # fmt: skip
-    return y.to(x.dtype).reshape(*lead, N)

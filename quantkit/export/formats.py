@@ -18,10 +18,13 @@ from quantkit.schemes import QuantScheme
 EXPORT_FORMATS = ("native", "gptq", "compressed-tensors")
 
 
-def check_format(name: str, scheme: QuantScheme | None = None, column_groups: bool = False) -> None:
-    """Refuse an unknown format, or a scheme (or act-order grouping) the format cannot express, before any long work."""
+def check_format(name: str, scheme: QuantScheme | None = None, column_groups: bool = False, kind: str = "int") -> None:
+    """Refuse an unknown format, or a tensor kind, scheme or act-order grouping it cannot express, before any
+    long work."""
     if name not in EXPORT_FORMATS:
         raise QuantkitError(f"unknown export format {name!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    if name != "native" and kind != "int":
+        raise QuantkitError(f"format {name} cannot hold {kind} layers (only integer-grid ones); use --format native")
     if scheme is not None and name == "gptq":
         gptq.check_scheme(scheme)
     if scheme is not None and name == "compressed-tensors":
@@ -67,5 +70,7 @@ def save_checkpoint(fmt: str, output: Path, model: nn.Module, tokenizer, quantiz
                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
     """Write ``quantized`` (and the model's other tensors) at ``output`` in format ``fmt``, atomically."""
     check_format(fmt)
+    for kind in sorted({qt.kind for qt in quantized.values()}):
+        check_format(fmt, kind=kind)
     writer = {"native": save_native, "gptq": save_gptq, "compressed-tensors": save_compressed_tensors}[fmt]
     writer(output, model, tokenizer, quantized, quantization_config, overwrite=overwrite, max_shard_bytes=max_shard_bytes)

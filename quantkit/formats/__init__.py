@@ -2,5 +2,6 @@
 
 from quantkit.formats.base import QuantizedTensor, tensor_class
 from quantkit.formats.intgrid import IntQuantizedTensor
+from quantkit.formats.spqr import SpQRQuantizedTensor
 
-__all__ = ["IntQuantizedTensor", "QuantizedTensor", "tensor_class"]
+__all__ = ["IntQuantizedTensor", "QuantizedTensor", "SpQRQuantizedTensor", "tensor_class"]

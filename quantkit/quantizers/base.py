@@ -8,6 +8,7 @@ from typing import ClassVar
 
 import torch
 
+from quantkit.errors import QuantkitError
 from quantkit.formats.base import QuantizedTensor
 from quantkit.schemes import QuantScheme
 
@@ -29,10 +30,31 @@ class Quantizer(ABC):
 
     name: ClassVar[str]
     needs_calibration: ClassVar[bool]
+    # The scheme a user gets without asking for a group size or symmetry.
+    default_group_size: ClassVar[int] = 128
+    default_symmetric: ClassVar[bool] = True
+    min_group_size: ClassVar[int] = 1
+    tensor_kind: ClassVar[str] = "int"  # the QuantizedTensor kind it produces
 
     @abstractmethod
     def quantize(self, weight: torch.Tensor, stats: LayerStats, scheme: QuantScheme) -> QuantizedTensor:
         """Quantize one weight matrix under ``scheme``."""
+
+    def default_scheme(self, bits: int = 4, group_size: int | None = None, symmetric: bool | None = None) -> QuantScheme:
+        """``bits`` with this quantizer's usual group size and symmetry where they are not given."""
+        return QuantScheme(
+            bits=bits,
+            group_size=self.default_group_size if group_size is None else group_size,
+            symmetric=self.default_symmetric if symmetric is None else symmetric,
+        )
+
+    def check_scheme(self, scheme: QuantScheme) -> None:
+        """Refuse, before any work, a scheme this quantizer cannot use: groups below ``min_group_size``."""
+        if scheme.group_size != -1 and scheme.group_size < self.min_group_size:
+            raise QuantkitError(
+                f"{self.name} group size {scheme.group_size} makes no sense: its statistics would cost more than "
+                f"the weights; use {self.min_group_size} or more (or -1 for per-channel)"
+            )
 
     def column_groups(self, scheme: QuantScheme) -> bool:
         """Whether the tensors it makes under ``scheme`` assign columns to groups out of order (act-order ``g_idx``)."""

@@ -8,6 +8,7 @@ updates, processed in blocks with lazy batch updates of the remaining columns.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -52,6 +53,67 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     raise QuantkitError(f"Hessian is not positive definite even with damping {schedule[-1]:.3g}; use more calibration data")
 
 
+def without_dead_columns(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 weight and float64 Hessian copies in which inputs never seen (zero diagonal) are pinned."""
+    w = weight.float().clone()
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    return w, h
+
+
+def permuted_problem(
+    w: torch.Tensor, h: torch.Tensor, act_order: bool, damp: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(w[:, perm], inverse Hessian factor in that order, perm)``; act-order sorts by decreasing diag(H)."""
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(h.shape[0])
+    return w[:, perm], inverse_hessian_factor(h[perm][:, perm], damp), perm
+
+
+def group_aligned_block(group: int, block_size: int) -> int:
+    """Columns per lazy-update block: a multiple of the group where possible, so that a group's grid is
+    fitted after every earlier update has reached it."""
+    return group * max(1, block_size // group) if group <= block_size else block_size
+
+
+def sweep_columns(
+    w: torch.Tensor,
+    hinv: torch.Tensor,
+    group: int,
+    block_size: int,
+    start_group: Callable[[int, torch.Tensor], None],
+    round_column: Callable[[int, np.ndarray, float], np.ndarray],
+) -> None:
+    """GPTQ's column sweep over ``w [rows, n]`` (float32, in quantization order; updated in place).
+
+    At the first column of every group, ``start_group(col, pending)`` sees the group's weights as updated so
+    far. Each column is then replaced by ``round_column(col, values, d)`` (``d`` its diagonal entry of the
+    inverse Hessian factor ``hinv``) and the error ``(values - stored) / d`` is propagated to the later
+    columns: at once inside a block, lazily to the columns after it.
+    """
+    n = w.shape[1]
+    block = group_aligned_block(group, block_size)
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        # The column loop runs in numpy: the same float32 arithmetic with far less per-call overhead.
+        w1 = w[:, i1:i2].t().contiguous().numpy()  # [columns, rows]
+        err1 = np.empty_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2].numpy()
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % group == 0:
+                pending = torch.from_numpy(w1[i : i + group]).t()
+                if pending.shape[1] < group:  # the group runs past this block: take its later columns too
+                    pending = torch.cat([pending, w[:, i2 : i2 + group - pending.shape[1]]], dim=1)
+                start_group(col, pending)
+            column = w1[i]
+            err = (column - round_column(col, column, hinv1[i, i])) / hinv1[i, i]
+            w1[i:] -= np.outer(hinv1[i, i:], err)
+            err1[i] = err
+        w[:, i2:] -= torch.from_numpy(err1).t() @ hinv[i1:i2, i2:]
+
+
 @dataclass
 class GPTQQuantizer(Quantizer):
     """GPTQ with groups, act-order, static groups and MSE grid search as options."""
@@ -80,53 +142,30 @@ class GPTQQuantizer(Quantizer):
     def quantize(self, weight: torch.Tensor, stats: LayerStats, scheme: QuantScheme) -> IntQuantizedTensor:
         if stats.hessian is None:
             raise QuantkitError("GPTQ needs the layer's Hessian from calibration data")
-        w = weight.float().clone()
-        h = stats.hessian.double().clone()
-        out_features, n = w.shape
+        out_features, n = weight.shape
         group = n if scheme.group_size == -1 else scheme.group_size
-
-        dead = torch.diag(h) == 0
-        h[dead, dead] = 1
-        w[:, dead] = 0
-
+        w, h = without_dead_columns(weight, stats.hessian)
         static = [fit_grid(w[:, cols], scheme, self.mse) for cols in group_slices(n, group)] if self.static_groups else None
         static_np = [(s.numpy(), z.numpy()) for s, z in static] if static is not None else None
-        perm = torch.argsort(torch.diag(h), descending=True, stable=True) if self.act_order else torch.arange(n)
-        w = w[:, perm]
-        h = h[perm][:, perm]
-        hinv = inverse_hessian_factor(h, self.damp)
-
-        # Keep groups inside one block where possible, so a group's grid sees every earlier update.
-        block = group * max(1, self.block_size // group) if group <= self.block_size else self.block_size
+        w, hinv, perm = permuted_problem(w, h, self.act_order, self.damp)
         codes = np.empty((n, out_features), dtype=np.uint8)  # column-major while solving
         scales, zeros = [], []
-        scale = zero = None
-        for i1 in range(0, n, block):
-            i2 = min(i1 + block, n)
-            # The column loop runs in numpy: the same float32 arithmetic with far less per-call overhead.
-            w1 = w[:, i1:i2].t().contiguous().numpy()  # [columns, rows]
-            err1 = np.empty_like(w1)
-            hinv1 = hinv[i1:i2, i1:i2].numpy()
-            for i in range(i2 - i1):
-                col = i1 + i
-                if static_np is not None:
-                    scale, zero = static_np[int(perm[col]) // group]
-                elif col % group == 0:
-                    pending = torch.from_numpy(w1[i : i + group]).t()
-                    if pending.shape[1] < group:  # the group runs past this block: take its later columns too
-                        pending = torch.cat([pending, w[:, i2 : i2 + group - pending.shape[1]]], dim=1)
-                    scale_t, zero_t = fit_grid(pending, scheme, self.mse)
-                    scales.append(scale_t)
-                    zeros.append(zero_t)
-                    scale, zero = scale_t.numpy(), zero_t.numpy()
-                column = w1[i]
-                code = np.clip(np.rint(column / scale) + zero, 0, scheme.maxq)
-                codes[col] = code
-                err = (column - (code - zero) * scale) / hinv1[i, i]
-                w1[i:] -= np.outer(hinv1[i, i:], err)
-                err1[i] = err
-            w[:, i2:] -= torch.from_numpy(err1).t() @ hinv[i1:i2, i2:]
+        grid: list[np.ndarray] = []
 
+        def start_group(_col: int, pending: torch.Tensor) -> None:
+            if static is None:
+                scale_t, zero_t = fit_grid(pending, scheme, self.mse)
+                scales.append(scale_t)
+                zeros.append(zero_t)
+                grid[:] = [scale_t.numpy(), zero_t.numpy()]
+
+        def round_column(col: int, column: np.ndarray, _d: float) -> np.ndarray:
+            scale, zero = static_np[int(perm[col]) // group] if static_np is not None else grid
+            code = np.clip(np.rint(column / scale) + zero, 0, scheme.maxq)
+            codes[col] = code
+            return (code - zero) * scale
+
+        sweep_columns(w, hinv, group, self.block_size, start_group, round_column)
         inverse = torch.argsort(perm)
         codes = torch.from_numpy(codes).t()[:, inverse].contiguous()
         if static is not None:

@@ -11,6 +11,9 @@ Backends:
 
 ``auto`` takes, on CUDA, triton then dequant; on CPU, cpu, then aten for half-precision activations
 (torch's float32 int4 path is slower than a dense matmul), then dequant.
+
+SpQR layers (:mod:`quantkit.runtime.spqr_kernels`) have a ``cpu`` path (dense rows decoded per call, plus a
+CSR outlier correction) and a ``triton`` one (the fused dense kernel plus the same correction).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import QuantizedTensor
 from quantkit.formats.intgrid import IntQuantizedTensor
+from quantkit.formats.spqr import SpQRQuantizedTensor
 
 BACKENDS = ("auto", "dequant", "cpu", "aten", "triton")
 Kernel = Callable[[torch.Tensor], torch.Tensor]
@@ -123,6 +127,30 @@ def _triton_kernel(qt: IntQuantizedTensor, stored: dict[str, torch.Tensor], devi
     return run
 
 
+def _int_kernel(name: str, qt: IntQuantizedTensor, stored: dict[str, torch.Tensor], device: torch.device,
+                dtype: torch.dtype) -> Kernel | None:
+    on_cuda = device.type == "cuda"
+    if name == "triton":
+        return _triton_kernel(qt, stored, device)
+    if name == "cpu" and not on_cuda:
+        return _cpu_kernel(qt, stored)
+    if name == "aten" and not on_cuda:
+        return _aten_kernel(qt, dtype)
+    return None
+
+
+def _spqr_kernel(name: str, qt: SpQRQuantizedTensor, device: torch.device) -> Kernel | None:
+    from quantkit.runtime.spqr_kernels import SpQRCpuKernel, SpQRTritonKernel
+
+    if name == "cpu" and device.type == "cpu":
+        return SpQRCpuKernel(qt)
+    if name == "triton":
+        from quantkit_kernels import triton_spqr
+
+        return SpQRTritonKernel(qt, device) if triton_spqr.is_supported(SpQRTritonKernel.kernel_bits(qt.scheme.bits), device) else None
+    return None
+
+
 def dequant_kernel(decode: Callable[[], QuantizedTensor]) -> Kernel:
     """The reference path: decode the stored tensors and dequantize on every call."""
     return lambda x: F.linear(x, decode().dequantize(x.dtype))
@@ -136,23 +164,20 @@ def build_kernel(
     if backend == "dequant":
         return "dequant", dequant_kernel(decode)
     qt = decode()
-    if isinstance(qt, IntQuantizedTensor):
-        on_cuda = device.type == "cuda"
-        if backend == "auto":
-            order = ["triton"] if on_cuda else ["cpu"] + (["aten"] if dtype in (torch.float16, torch.bfloat16) else [])
+    on_cuda = device.type == "cuda"
+    if backend == "auto":
+        order = ["triton"] if on_cuda else ["cpu"] + (["aten"] if dtype in (torch.float16, torch.bfloat16) else [])
+    else:
+        order = [backend]
+    for name in order:
+        if isinstance(qt, IntQuantizedTensor):
+            kernel = _int_kernel(name, qt, stored, device, dtype)
+        elif isinstance(qt, SpQRQuantizedTensor):
+            kernel = _spqr_kernel(name, qt, device)
         else:
-            order = [backend]
-        for name in order:
-            if name == "triton":
-                kernel = _triton_kernel(qt, stored, device)
-            elif name == "cpu" and not on_cuda:
-                kernel = _cpu_kernel(qt, stored)
-            elif name == "aten" and not on_cuda:
-                kernel = _aten_kernel(qt, dtype)
-            else:
-                kernel = None
-            if kernel is not None:
-                return name, kernel
+            kernel = None
+        if kernel is not None:
+            return name, kernel
     if backend != "auto":
         raise QuantkitError(f"kernel backend {backend!r} cannot serve a {qt.meta()['kind']} layer "
                             f"{list(qt.shape)} on {device.type} ({qt.meta()})")

@@ -1,0 +1,141 @@
+"""Serving SpQR layers: ``y = x @ dense.T + x @ D.T`` without ever holding a float copy of the model.
+
+``D`` is sparse: at each outlier position it holds ``outlier value - dense value`` (float32, computed once),
+so the two terms add up to the stored weight exactly. The dense part runs either on CPU, dequantized on the
+fly in slabs of rows from 4-bit (or 8-bit) codes and the 3-bit statistics, then multiplied with torch's
+GEMM, or on CUDA through the fused Triton kernel of ``quantkit_kernels.triton_spqr``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from quantkit.formats.spqr import MIN_SCALE, SpQRQuantizedTensor, StatCodes, dense_weight
+
+SLAB_BYTES = 16 * 1024 * 1024  # float32 dense rows dequantized at a time on CPU
+
+
+class OutlierCorrection:
+    """``x @ D.T`` for the sparse correction ``D`` of an SpQR layer, in CSR on the layer's device."""
+
+    def __init__(self, qt: SpQRQuantizedTensor, device: torch.device) -> None:
+        out_features, in_features = qt.shape
+        rows, columns = qt.outliers.rows(), qt.outliers.columns
+        position = torch.argsort(qt.perm) if qt.perm is not None else torch.arange(in_features)
+        permuted = position[columns]
+        size = in_features if qt.scheme.group_size == -1 else qt.scheme.group_size
+        groups = permuted // size
+        dense = qt.scales()[groups, rows] * (qt.codes[rows, permuted].float() - qt.zeros()[groups, rows])
+        delta = qt.outliers.values.float() - dense
+        self.count = qt.outliers.count
+        with warnings.catch_warnings():  # torch calls its CSR support beta on every construction
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            self.matrix = torch.sparse_csr_tensor(
+                qt.outliers.row_offsets.long(), columns, delta, size=(out_features, in_features),
+                check_invariants=True,
+            ).to(device)
+
+    def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``y + x @ D.T`` for ``x [m, in]`` and ``y [m, out]`` (float32 arithmetic)."""
+        if not self.count:
+            return y
+        return y + (self.matrix @ x.float().t()).t().to(y.dtype)
+
+
+def _nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Codes below 16 two per byte (even column in the low nibble); an odd last column is padded."""
+    if codes.shape[1] % 2:
+        codes = torch.cat([codes, codes.new_zeros(codes.shape[0], 1)], dim=1)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def _stat_rows(stats: StatCodes, begin: int, end: int, block: int) -> StatCodes:
+    """The statistics of rows ``[begin, end)``, ``begin`` a multiple of ``block``."""
+    return StatCodes(stats.codes[:, begin:end], stats.scale[:, begin // block : -(-end // block)],
+                     stats.zero[:, begin // block : -(-end // block)])
+
+
+class SpQRCpuKernel:
+    """CPU SpQR: per call, slabs of dense rows are decoded to float32 and multiplied, then outliers added."""
+
+    def __init__(self, qt: SpQRQuantizedTensor) -> None:
+        self.out_features, self.in_features = qt.shape
+        self.packed = qt.scheme.bits <= 4
+        self.codes = _nibbles(qt.codes) if self.packed else qt.codes.contiguous()
+        self.scale_stats, self.zero_stats = qt.scale_stats, qt.zero_stats
+        self.block, self.group_size, self.bits = qt.stat_group_size, qt.scheme.group_size, qt.scheme.bits
+        self.perm = qt.perm
+        self.correction = OutlierCorrection(qt, torch.device("cpu"))
+        rows = max(1, SLAB_BYTES // (4 * self.in_features)) // self.block * self.block
+        self.slab_rows = max(self.block, rows)
+
+    def _dense_rows(self, begin: int, end: int) -> torch.Tensor:
+        stored = self.codes[begin:end]
+        if self.packed:
+            stored = torch.stack((stored & 15, stored >> 4), dim=-1).view(end - begin, -1)[:, : self.in_features]
+        scales = _stat_rows(self.scale_stats, begin, end, self.block).dequantize(self.block).clamp_min(MIN_SCALE)
+        if self.zero_stats is None:
+            zeros = torch.full_like(scales, float(2 ** (self.bits - 1)))
+        else:
+            zeros = _stat_rows(self.zero_stats, begin, end, self.block).dequantize(self.block)
+        return dense_weight(stored, scales, zeros, self.group_size)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead, dtype = x.shape[:-1], x.dtype
+        x2 = x.reshape(-1, self.in_features).float()
+        xp = x2[:, self.perm] if self.perm is not None else x2
+        y = torch.empty(x2.shape[0], self.out_features)
+        for begin in range(0, self.out_features, self.slab_rows):
+            end = min(begin + self.slab_rows, self.out_features)
+            torch.mm(xp, self._dense_rows(begin, end).t(), out=y[:, begin:end])
+        return self.correction.add_to(y, x2).to(dtype).reshape(*lead, self.out_features)
+
+
+class SpQRTritonKernel:
+    """CUDA SpQR (or CPU under ``TRITON_INTERPRET=1``): the fused Triton dense kernel plus the CSR correction.
+
+    3-bit codes run as 4-bit ones; a symmetric 3-bit layer then passes explicit zero statistics that decode to
+    its middle code 4, since the kernel's own symmetric zero follows the bits it unpacks.
+    """
+
+    def __init__(self, qt: SpQRQuantizedTensor, device: torch.device) -> None:
+        from quantkit.formats.packing import pack_rows
+
+        self.out_features, self.in_features = qt.shape
+        bits = self.kernel_bits(qt.scheme.bits)
+        self.bits, self.group_size, self.block = bits, qt.scheme.group_size, qt.stat_group_size
+        self.qweight = pack_rows(qt.codes, bits).to(device)
+        self.scale = tuple(t.to(device) for t in (qt.scale_stats.codes, qt.scale_stats.scale, qt.scale_stats.zero))
+        zero_stats = qt.zero_stats
+        if zero_stats is None and bits != qt.scheme.bits:
+            zero_stats = _constant_zero(qt)
+        self.symmetric = zero_stats is None
+        self.zero = (None,) * 3 if zero_stats is None else tuple(
+            t.to(device) for t in (zero_stats.codes, zero_stats.scale, zero_stats.zero))
+        self.perm = qt.perm.to(device) if qt.perm is not None else None
+        self.correction = OutlierCorrection(qt, device)
+
+    @staticmethod
+    def kernel_bits(bits: int) -> int:
+        """The code width the kernel unpacks for ``bits``-bit codes."""
+        return 4 if bits == 3 else bits
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from quantkit_kernels.triton_spqr import spqr_matmul
+
+        x2 = x.reshape(-1, self.in_features)
+        xp = x2[:, self.perm] if self.perm is not None else x2
+        y = spqr_matmul(xp, self.qweight, *self.scale, *self.zero, self.bits, self.group_size, self.block,
+                        self.symmetric, MIN_SCALE)
+        return self.correction.add_to(y, x2).reshape(*x.shape[:-1], self.out_features)
+
+
+def _constant_zero(qt: SpQRQuantizedTensor) -> StatCodes:
+    """Zero statistics that decode exactly to the symmetric middle code ``2**(bits-1)``: ``1 * (0 - -z)``."""
+    groups, rows = qt.scale_stats.codes.shape
+    blocks = qt.scale_stats.scale.shape[1]
+    middle = float(2 ** (qt.scheme.bits - 1))
+    return StatCodes(torch.zeros(groups, rows, dtype=torch.uint8), torch.ones(groups, blocks, dtype=torch.float16),
+                     torch.full((groups, blocks), -middle, dtype=torch.float16))
