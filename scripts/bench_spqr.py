@@ -8,6 +8,7 @@ checkpoint written (`quantkit inspect`), i.e. counted from the tensors actually 
 
     python scripts/bench_spqr.py                 # the full table (about an hour on 2 cores)
     python scripts/bench_spqr.py --quick         # a small smoke run of the same code path
+    python scripts/bench_spqr.py --resume        # keep the configs already in the JSON report, run the rest
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ CONFIGS: dict[str, list[str] | None] = {
     "gptq-w3g32-sym": ["--method", "gptq", "--bits", "3", "--group-size", "32", "--sym", "--act-order"],
     "gptq-w4g64-sym": ["--method", "gptq", "--bits", "4", "--group-size", "64", "--sym", "--act-order"],
     "spqr-w3g16-no-outliers": [*SPQR, "--bits", "3", "--outlier-threshold", "inf"],
+    "spqr-w3g16-t1": [*SPQR, "--bits", "3", "--outlier-threshold", "1"],
     "spqr-w3g16-t0.45": [*SPQR, "--bits", "3", "--outlier-threshold", "0.45"],
     "spqr-w3g16-t0.2": [*SPQR, "--bits", "3", "--outlier-threshold", "0.2"],
     "spqr-w4g16-t0.2": [*SPQR, "--bits", "4", "--outlier-threshold", "0.2"],
@@ -41,9 +43,10 @@ CONFIGS: dict[str, list[str] | None] = {
 
 
 def main() -> None:
-    args, names, (nsamples, seqlen, windows) = parse_bench_args(__doc__, CONFIGS, "bench_spqr")
+    args, names, (nsamples, seqlen, windows) = parse_bench_args(__doc__, CONFIGS, "bench_spqr", resume=True)
     console = Console(width=160)
-    rows = {}
+    rows = _previous_results(args.out) if args.resume else {}
+    names = [n for n in names if n not in rows]
     for name in names:
         flags = CONFIGS[name]
         start = time.perf_counter()
@@ -76,6 +79,11 @@ def main() -> None:
                       fmt(row["peak_rss_mib"], ".0f"))
     console.print(table)
     console.print(f"saved {args.out / 'bench_spqr.json'}")
+
+
+def _previous_results(folder: Path) -> dict:
+    path = folder / "bench_spqr.json"
+    return json.loads(path.read_text())["results"] if path.is_file() else {}
 
 
 def _save(folder: Path, nsamples: int, seqlen: int, windows: int, rows: dict) -> None:

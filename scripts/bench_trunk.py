@@ -82,9 +82,13 @@ def measure_perplexity(target: str, windows: int) -> float:
     return perplexity(loaded.model, tokenize_stream(text, loaded.tokenizer), 2048, windows, "wikitext2").perplexity
 
 
-def parse_bench_args(description: str, configs: dict, out: str) -> tuple[argparse.Namespace, list[str], tuple[int, int, int]]:
+def parse_bench_args(
+    description: str, configs: dict, out: str, resume: bool = False
+) -> tuple[argparse.Namespace, list[str], tuple[int, int, int]]:
     """Command line of a perplexity benchmark: the namespace, the configs to run, (nsamples, seqlen, windows)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if resume:
+        parser.add_argument("--resume", action="store_true", help="keep the results already saved, run the rest")
     parser.add_argument("--quick", action="store_true", help="8 calibration windows x 128 tokens, 2 eval windows")
     parser.add_argument("--configs", default=",".join(configs), help="comma list of configs to run")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / out)

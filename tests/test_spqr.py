@@ -289,3 +289,6 @@ def test_cli_quantize_inspect_and_refusals(tmp_path: Path, tiny_model_dir: Path,
         failed = run("quantize", *common, *bad, "-o", str(tmp_path / "bad"))
         assert failed.returncode != 0 and message in failed.stderr, failed.stderr
         assert not (tmp_path / "bad").exists()
+    failed = run("export", str(out), "-o", str(tmp_path / "bad"), "--format", "compressed-tensors")
+    assert failed.returncode != 0 and "cannot hold spqr layers" in failed.stderr, failed.stderr
+    assert not (tmp_path / "bad").exists()
