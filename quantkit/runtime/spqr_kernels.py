@@ -96,8 +96,8 @@ class SpQRCpuKernel:
 class SpQRTritonKernel:
     """CUDA SpQR (or CPU under ``TRITON_INTERPRET=1``): the fused Triton dense kernel plus the CSR correction.
 
-    3-bit codes run as 4-bit ones; a symmetric 3-bit layer then passes explicit zero statistics that decode to
-    its middle code 4, since the kernel's own symmetric zero follows the bits it unpacks.
+    3-bit codes run as 4-bit ones; symmetric ones are shifted by 4 so that ``code - 4`` becomes
+    ``(code + 4) - 8``, the kernel's symmetric zero for the 4 bits it unpacks.
     """
 
     def __init__(self, qt: SpQRQuantizedTensor, device: torch.device) -> None:
@@ -106,14 +106,14 @@ class SpQRTritonKernel:
         self.out_features, self.in_features = qt.shape
         bits = self.kernel_bits(qt.scheme.bits)
         self.bits, self.group_size, self.block = bits, qt.scheme.group_size, qt.stat_group_size
-        self.qweight = pack_rows(qt.codes, bits).to(device)
+        self.symmetric = qt.zero_stats is None
+        codes = qt.codes
+        if self.symmetric:
+            codes = codes + (2 ** (bits - 1) - 2 ** (qt.scheme.bits - 1))
+        self.qweight = pack_rows(codes, bits).to(device)
         self.scale = tuple(t.to(device) for t in (qt.scale_stats.codes, qt.scale_stats.scale, qt.scale_stats.zero))
-        zero_stats = qt.zero_stats
-        if zero_stats is None and bits != qt.scheme.bits:
-            zero_stats = _constant_zero(qt)
-        self.symmetric = zero_stats is None
-        self.zero = (None,) * 3 if zero_stats is None else tuple(
-            t.to(device) for t in (zero_stats.codes, zero_stats.scale, zero_stats.zero))
+        self.zero = (None,) * 3 if qt.zero_stats is None else tuple(
+            t.to(device) for t in (qt.zero_stats.codes, qt.zero_stats.scale, qt.zero_stats.zero))
         self.perm = qt.perm.to(device) if qt.perm is not None else None
         self.correction = OutlierCorrection(qt, device)
 
@@ -131,11 +131,3 @@ class SpQRTritonKernel:
                         self.symmetric, MIN_SCALE)
         return self.correction.add_to(y, x2).reshape(*x.shape[:-1], self.out_features)
 
-
-def _constant_zero(qt: SpQRQuantizedTensor) -> StatCodes:
-    """Zero statistics that decode exactly to the symmetric middle code ``2**(bits-1)``: ``1 * (0 - -z)``."""
-    groups, rows = qt.scale_stats.codes.shape
-    blocks = qt.scale_stats.scale.shape[1]
-    middle = float(2 ** (qt.scheme.bits - 1))
-    return StatCodes(torch.zeros(groups, rows, dtype=torch.uint8), torch.ones(groups, blocks, dtype=torch.float16),
-                     torch.full((groups, blocks), -middle, dtype=torch.float16))
