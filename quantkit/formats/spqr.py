@@ -42,10 +42,31 @@ class StatCodes:
 
     def dequantize(self, block: int) -> torch.Tensor:
         """The statistics as float32 ``[groups, rows]``: ``scale * (code - zero)`` of each row's block."""
-        groups, rows = self.codes.shape
-        scale = self.scale.float().repeat_interleave(block, dim=1)[:, :rows]
-        zero = self.zero.float().repeat_interleave(block, dim=1)[:, :rows]
-        return scale * (self.codes.float() - zero)
+        rows = self.codes.shape[1]
+        return _per_row(self.scale, block, rows) * (self.codes.float() - _per_row(self.zero, block, rows))
+
+    def rows(self, begin: int, end: int, block: int) -> StatCodes:
+        """The statistics of rows ``[begin, end)``; ``begin`` is a multiple of ``block``."""
+        blocks = slice(begin // block, -(-end // block))
+        return StatCodes(self.codes[:, begin:end], self.scale[:, blocks], self.zero[:, blocks])
+
+
+def _per_row(stat: torch.Tensor, block: int, rows: int) -> torch.Tensor:
+    """A per-block statistic ``[groups, blocks]`` repeated for each of ``rows`` rows, in float32."""
+    return stat.float().repeat_interleave(block, dim=1)[:, :rows]
+
+
+def first_level_statistics(
+    scale_stats: StatCodes, zero_stats: StatCodes | None, bits: int, block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantized first-level scales (at least ``MIN_SCALE``) and zero points ``[groups, rows]``, float32.
+
+    Without zero statistics (symmetric) every zero point is the middle code ``2**(bits-1)``.
+    """
+    scales = scale_stats.dequantize(block).clamp_min(MIN_SCALE)
+    if zero_stats is None:
+        return scales, torch.full_like(scales, float(2 ** (bits - 1)))
+    return scales, zero_stats.dequantize(block)
 
 
 def quantize_stats(values: torch.Tensor, bits: int, block: int) -> StatCodes:
@@ -65,9 +86,8 @@ def quantize_stats(values: torch.Tensor, bits: int, block: int) -> StatCodes:
     flat = width * _FLAT_RATIO <= low.abs() * maxq
     scale = torch.where(flat, 1.0, width / maxq).clamp_min(MIN_SCALE).to(STAT_DTYPE)
     zero = torch.where(flat, -low, -low / scale.float()).to(STAT_DTYPE)
-    scale_rows = scale.float().repeat_interleave(block, dim=1)[:, :rows]
-    zero_rows = zero.float().repeat_interleave(block, dim=1)[:, :rows]
-    codes = torch.clamp(torch.round(values.float() / scale_rows + zero_rows), 0, maxq).to(torch.uint8)
+    codes = torch.round(values.float() / _per_row(scale, block, rows) + _per_row(zero, block, rows))
+    codes = torch.clamp(codes, 0, maxq).to(torch.uint8)
     return StatCodes(codes, scale, zero)
 
 
@@ -172,19 +192,13 @@ class SpQRQuantizedTensor(QuantizedTensor):
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)  # type: ignore[return-value]
 
-    def scales(self) -> torch.Tensor:
-        """First-level scales ``[groups, out]`` in float32."""
-        return self.scale_stats.dequantize(self.stat_group_size).clamp_min(MIN_SCALE)
-
-    def zeros(self) -> torch.Tensor:
-        """First-level zero points ``[groups, out]`` in float32 (the middle code when symmetric)."""
-        if self.zero_stats is None:
-            return torch.full(self.scale_stats.codes.shape, float(2 ** (self.scheme.bits - 1)))
-        return self.zero_stats.dequantize(self.stat_group_size)
+    def statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """First-level scales and zero points ``[groups, out]`` in float32."""
+        return first_level_statistics(self.scale_stats, self.zero_stats, self.scheme.bits, self.stat_group_size)
 
     def dense_permuted(self) -> torch.Tensor:
         """The dense part (outliers not applied) in quantization column order, float32."""
-        return dense_weight(self.codes, self.scales(), self.zeros(), self.scheme.group_size)
+        return dense_weight(self.codes, *self.statistics(), self.scheme.group_size)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         w = self.dense_permuted()

@@ -21,12 +21,12 @@ import torch
 from quantkit.errors import QuantkitError
 from quantkit.formats.spqr import (
     MAX_COLUMNS,
-    MIN_SCALE,
     CsrOutliers,
     SpQRQuantizedTensor,
     StatCodes,
     check_stat_options,
     first_level_grid,
+    first_level_statistics,
     quantize_stats,
 )
 from quantkit.quantizers.base import LayerStats, Quantizer
@@ -174,12 +174,12 @@ class SpQRQuantizer(Quantizer):
         scale, zero = first_level_grid(w.amin(1), w.amax(1), scheme.bits, scheme.symmetric)
         quantized_scale = quantize_stats(scale[None, :], self.stat_bits, self.stat_group_size)
         scale_stats.append(quantized_scale)
-        scale = quantized_scale.dequantize(self.stat_group_size)[0].clamp_min(MIN_SCALE)
+        quantized_zero = None
         if not scheme.symmetric:
             quantized_zero = quantize_stats(zero[None, :], self.stat_bits, self.stat_group_size)
             zero_stats.append(quantized_zero)
-            zero = quantized_zero.dequantize(self.stat_group_size)[0]
-        return scale, zero
+        scales, zeros = first_level_statistics(quantized_scale, quantized_zero, scheme.bits, self.stat_group_size)
+        return scales[0], zeros[0]
 
 
 def _stack(stats: list[StatCodes]) -> StatCodes:

@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from quantkit.formats.spqr import MIN_SCALE, SpQRQuantizedTensor, StatCodes, dense_weight
+from quantkit.formats.spqr import MIN_SCALE, SpQRQuantizedTensor, dense_weight, first_level_statistics
 
 SLAB_BYTES = 16 * 1024 * 1024  # float32 dense rows dequantized at a time on CPU
 
@@ -27,7 +27,8 @@ class OutlierCorrection:
         permuted = position[columns]
         size = in_features if qt.scheme.group_size == -1 else qt.scheme.group_size
         groups = permuted // size
-        dense = qt.scales()[groups, rows] * (qt.codes[rows, permuted].float() - qt.zeros()[groups, rows])
+        scales, zeros = qt.statistics()
+        dense = scales[groups, rows] * (qt.codes[rows, permuted].float() - zeros[groups, rows])
         delta = qt.outliers.values.float() - dense
         self.count = qt.outliers.count
         with warnings.catch_warnings():  # torch calls its CSR support beta on every construction
@@ -51,12 +52,6 @@ def _nibbles(codes: torch.Tensor) -> torch.Tensor:
     return codes[:, 0::2] | (codes[:, 1::2] << 4)
 
 
-def _stat_rows(stats: StatCodes, begin: int, end: int, block: int) -> StatCodes:
-    """The statistics of rows ``[begin, end)``, ``begin`` a multiple of ``block``."""
-    return StatCodes(stats.codes[:, begin:end], stats.scale[:, begin // block : -(-end // block)],
-                     stats.zero[:, begin // block : -(-end // block)])
-
-
 class SpQRCpuKernel:
     """CPU SpQR: per call, slabs of dense rows are decoded to float32 and multiplied, then outliers added."""
 
@@ -75,11 +70,9 @@ class SpQRCpuKernel:
         stored = self.codes[begin:end]
         if self.packed:
             stored = torch.stack((stored & 15, stored >> 4), dim=-1).view(end - begin, -1)[:, : self.in_features]
-        scales = _stat_rows(self.scale_stats, begin, end, self.block).dequantize(self.block).clamp_min(MIN_SCALE)
-        if self.zero_stats is None:
-            zeros = torch.full_like(scales, float(2 ** (self.bits - 1)))
-        else:
-            zeros = _stat_rows(self.zero_stats, begin, end, self.block).dequantize(self.block)
+        scale_stats = self.scale_stats.rows(begin, end, self.block)
+        zero_stats = self.zero_stats.rows(begin, end, self.block) if self.zero_stats is not None else None
+        scales, zeros = first_level_statistics(scale_stats, zero_stats, self.bits, self.block)
         return dense_weight(stored, scales, zeros, self.group_size)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
