@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from quantkit import __version__
+from quantkit.actquant import attach_input_quantizers
 from quantkit.engine import EngineOptions, quantize_model
 from quantkit.export.atomic import check_output_dir
-from quantkit.export.formats import check_format, check_layers, save_checkpoint
+from quantkit.export.formats import check_layers, check_layout, save_checkpoint
 from quantkit.formats.base import QuantizedTensor
 from quantkit.models.loading import load_model
 from quantkit.quantizers import make_quantizer
@@ -46,14 +47,16 @@ def quantize(
     seed: int = 0,
     true_sequential: bool = True,
     overwrite: bool = False,
-    export_format: str = "native",
+    layout: str = "native",
+    act_scheme: QuantScheme | None = None,
     **quantizer_options,
 ) -> QuantizeResult:
     """Quantize ``model`` (hub id, directory, GGUF file or built-in alias); write a checkpoint to ``output``.
 
-    ``scheme`` defaults to the method's usual one (:meth:`Quantizer.default_scheme`). ``export_format`` is
-    ``native``, ``gptq`` (v1) or ``compressed-tensors`` (pack-quantized); a scheme the format cannot express is
-    refused before the model is loaded.
+    ``scheme`` defaults to the method's usual one (:meth:`Quantizer.default_scheme`). ``act_scheme`` quantizes
+    the inputs of every quantized linear per token (fake quantization, see :mod:`quantkit.actquant`), in the
+    returned model and in the checkpoint. ``layout`` is ``native``, ``gptq`` (v1) or ``compressed-tensors``; a
+    scheme the layout cannot express is refused before the model is loaded.
     """
     from quantkit.calib import load_calibration
 
@@ -61,14 +64,14 @@ def quantize(
     quantizer = make_quantizer(method, **quantizer_options)
     scheme = scheme or quantizer.default_scheme()
     quantizer.check_scheme(scheme)
-    check_format(export_format, scheme, quantizer.column_groups(scheme), quantizer.tensor_kind)
+    check_layout(layout, scheme, quantizer.column_groups(scheme), quantizer.tensor_kind(scheme), act_scheme is not None)
     if output is not None:
         check_output_dir(Path(output), overwrite)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     loaded = load_model(model)
     seconds["load"] = time.perf_counter() - start
-    check_layers(export_format, scheme, _block_linear_shapes(loaded.model, loaded.adapter))
+    check_layers(layout, scheme, _block_linear_shapes(loaded.model, loaded.adapter))
     calib = None
     if quantizer.needs_calibration:
         start = time.perf_counter()
@@ -81,13 +84,16 @@ def quantize(
     start = time.perf_counter()
     quantized = quantize_model(
         loaded.model, loaded.adapter, quantizer, lambda _name: scheme, calib,
-        EngineOptions(true_sequential=true_sequential), label=f"{method} w{scheme.bits}",
+        EngineOptions(true_sequential=true_sequential), label=f"{method} {_scheme_label(scheme)}",
     )
     seconds["quantize"] = time.perf_counter() - start
+    if act_scheme is not None:
+        attach_input_quantizers(loaded.model, quantized, act_scheme)
     config = {
         "method": method,
         "quantizer": quantizer.options(),
         "scheme": scheme.to_dict(),
+        "input_activations": act_scheme.to_dict() if act_scheme is not None else None,
         "calibration": (
             {"source": calibration.source, "nsamples": calibration.nsamples, "seqlen": calibration.seqlen,
              "true_sequential": true_sequential}
@@ -99,9 +105,13 @@ def quantize(
     }
     if output is not None:
         start = time.perf_counter()
-        save_checkpoint(export_format, Path(output), loaded.model, loaded.tokenizer, quantized, config, overwrite=overwrite)
+        save_checkpoint(layout, Path(output), loaded.model, loaded.tokenizer, quantized, config, overwrite=overwrite)
         seconds["export"] = time.perf_counter() - start
     return QuantizeResult(loaded.model, loaded.tokenizer, quantized, config, seconds)
+
+
+def _scheme_label(scheme: QuantScheme) -> str:
+    return f"w{scheme.bits}" if scheme.format == "int" else scheme.format
 
 
 def _block_linear_shapes(model: nn.Module, adapter) -> dict[str, tuple[int, int]]:
@@ -114,12 +124,12 @@ def _block_linear_shapes(model: nn.Module, adapter) -> dict[str, tuple[int, int]
     return shapes
 
 
-def export(source: str | Path, output: str | Path, export_format: str, overwrite: bool = False) -> nn.Module:
-    """Convert a checkpoint quantkit can load into ``export_format`` at ``output``; returns the loaded model."""
+def export(source: str | Path, output: str | Path, layout: str, overwrite: bool = False) -> nn.Module:
+    """Convert a checkpoint quantkit can load into ``layout`` at ``output``; returns the loaded model."""
     from quantkit.runtime.loader import open_checkpoint
     from quantkit.runtime.quant_linear import QuantLinear
 
-    check_format(export_format)
+    check_layout(layout)
     check_output_dir(Path(output), overwrite)
     checkpoint = open_checkpoint(Path(source))
     qc = checkpoint.quantization
@@ -131,7 +141,7 @@ def export(source: str | Path, output: str | Path, export_format: str, overwrite
         config = {k: v for k, v in qc.items() if k not in ("quant_method", "format", "format_version", "layers")}
     else:
         config = {"method": checkpoint.format, "source_quantization_config": qc}
-    save_checkpoint(export_format, Path(output), model, tokenizer, quantized, config, overwrite=overwrite)
+    save_checkpoint(layout, Path(output), model, tokenizer, quantized, config, overwrite=overwrite)
     return model
 
 

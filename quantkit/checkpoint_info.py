@@ -88,8 +88,10 @@ class CheckpointInfo:
 
 
 def scheme_label(meta: dict) -> str:
-    """A short name such as ``int w4 g64 sym act-order``."""
+    """A short name such as ``int w4 g64 sym act-order`` or ``nvfp4 g16``."""
     group = "per-channel" if meta.get("group_size") == -1 else f"g{meta.get('group_size')}"
+    if meta.get("kind") == "e2m1":
+        return f"{meta.get('format')} {group}"
     parts = [meta.get("kind", "?"), f"w{meta.get('bits')}", group, "sym" if meta.get("symmetric") else "asym"]
     if meta.get("kind") == "spqr":
         parts.append(f"stats {meta.get('stat_bits')}b/{meta.get('stat_group_size')} rows")

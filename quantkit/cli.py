@@ -35,14 +35,18 @@ def quantize(
     model: Annotated[str, typer.Argument(help="Hub id, local directory, .gguf file or built-in alias (smollm2-135m).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint directory to write.")],
     method: Annotated[str, typer.Option(help="Quantizer: gptq, rtn or spqr.")] = "gptq",
-    bits: Annotated[int, typer.Option(help="Weight bits: 2, 3, 4 or 8.")] = 4,
-    group_size: Annotated[int | None, typer.Option(help="Input columns per scale/zero group; -1 for per-channel. Default: 128 (gptq, rtn), 16 (spqr).")] = None,
+    bits: Annotated[int, typer.Option(help="Weight bits: 2, 3, 4 or 8 (4 for the float formats).")] = 4,
+    number_format: Annotated[str, typer.Option("--format", help="Weight number format: int, fp4 (E2M1, float16 scales), mxfp4 (E8M0 scales per 32) or nvfp4 (E4M3 scales per 16 and a tensor scale).")] = "int",
+    group_size: Annotated[int | None, typer.Option(help="Input columns per scale/zero group; -1 for per-channel. Default: 128 (gptq, rtn), 16 (spqr), 32 (fp4); fixed for mxfp4 (32) and nvfp4 (16).")] = None,
     sym: Annotated[bool | None, typer.Option("--sym/--asym", help="Symmetric grid (zero point fixed mid-range) or asymmetric. Default: sym (gptq, rtn), asym (spqr).")] = None,
     act_order: Annotated[bool | None, typer.Option("--act-order/--no-act-order", help="GPTQ/SpQR: columns in decreasing Hessian-diagonal order (default on).")] = None,
     static_groups: Annotated[bool | None, typer.Option("--static-groups/--no-static-groups", help="GPTQ: group grids fixed before any update (no g_idx).")] = None,
     true_sequential: Annotated[bool, typer.Option("--true-sequential/--no-true-sequential", help="Statistics of each group of linears after the earlier ones are quantized.")] = True,
     damp: Annotated[float | None, typer.Option(help="Damping as a fraction of the mean Hessian diagonal. Default: 0.01 (gptq), 1.0 (spqr).")] = None,
-    mse: Annotated[bool | None, typer.Option("--mse/--no-mse", help="GPTQ/RTN: search a clipping ratio per group (GPTQ's MSE grid).")] = None,
+    mse: Annotated[bool | None, typer.Option("--mse/--no-mse", help="GPTQ/RTN: search a clipping ratio per group (integer grids) or the block scale among candidates (float formats).")] = None,
+    act_bits: Annotated[int | None, typer.Option(help="Quantize the input of every quantized linear per token to 4 or 8 bits (fake quantization, recorded in the checkpoint). Default: weights only.")] = None,
+    act_format: Annotated[str | None, typer.Option(help="Activation number format: int, fp4, mxfp4 or nvfp4. Default: the weight format when it is a float one, else int.")] = None,
+    act_group_size: Annotated[int | None, typer.Option(help="Activation columns per scale; default one scale per token (int, fp4), 32 (mxfp4), 16 (nvfp4).")] = None,
     outlier_threshold: Annotated[float | None, typer.Option(help="SpQR: relative outlier threshold; higher keeps fewer outliers, inf none (default 0.2).")] = None,
     simplified_outliers: Annotated[bool | None, typer.Option("--simplified-outliers/--loo-outliers", help="SpQR: skip the leave-one-out pre-detection (faster, usually a little worse).")] = None,
     stat_bits: Annotated[int | None, typer.Option(help="SpQR: bits of the quantized scales and zero points (default 3).")] = None,
@@ -53,9 +57,10 @@ def quantize(
     seed: Annotated[int, typer.Option(help="Seed for sampling and anything random.")] = 0,
     data_dir: Annotated[str | None, typer.Option(help="Local data directory for named sources (c4).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
-    export_format: Annotated[str, typer.Option("--format", help="Checkpoint format: native, gptq (v1) or compressed-tensors (pack-quantized).")] = "native",
+    layout: Annotated[str, typer.Option(help="Checkpoint layout: native, gptq (v1) or compressed-tensors (pack-quantized, nvfp4- or mxfp4-pack-quantized).")] = "native",
 ) -> None:
     """Quantize a causal LM and write a packed checkpoint."""
+    from quantkit.actquant import activation_scheme
     from quantkit.api import CalibrationSpec
     from quantkit.api import quantize as run_quantize
     from quantkit.checkpoint_info import inspect_checkpoint
@@ -65,7 +70,12 @@ def quantize(
         damp=damp, act_order=act_order, static_groups=static_groups, mse=mse, outlier_threshold=outlier_threshold,
         simplified_outliers=simplified_outliers, stat_bits=stat_bits, stat_group_size=stat_group_size,
     )
-    scheme = make_quantizer(method, **options).default_scheme(bits, group_size, sym)
+    scheme = make_quantizer(method, **options).default_scheme(bits, group_size, sym, number_format)
+    act_scheme = None
+    if act_bits is not None:
+        act_scheme = activation_scheme(act_bits, act_format or (number_format if scheme.is_float else "int"), act_group_size)
+    elif act_format is not None or act_group_size is not None:
+        raise QuantkitError("--act-format and --act-group-size need --act-bits")
     result = run_quantize(
         model,
         method=method,
@@ -75,7 +85,8 @@ def quantize(
         seed=seed,
         true_sequential=true_sequential,
         overwrite=overwrite,
-        export_format=export_format,
+        layout=layout,
+        act_scheme=act_scheme,
         **options,
     )
     info = inspect_checkpoint(output)
@@ -84,6 +95,9 @@ def quantize(
     table.add_column("value", justify="right")
     table.add_row("method", f"{method} {' '.join(f'{k}={v}' for k, v in result.quantization_config['quantizer'].items())}")
     table.add_row("scheme", ", ".join(s.scheme for s in info.schemes))
+    if act_scheme is not None:
+        table.add_row("activations", f"{act_scheme.format} {act_scheme.bits}-bit per token"
+                      + (f", groups of {act_scheme.group_size}" if act_scheme.group_size != -1 else ""))
     table.add_row("layers quantized", str(len(result.quantized)))
     table.add_row("bits per quantized weight", f"{info.bits_per_weight:.3f}")
     table.add_row("checkpoint size", f"{info.file_bytes / 2**20:.1f} MiB")
@@ -127,16 +141,16 @@ def evaluate(
 def export_checkpoint(
     source: Annotated[str, typer.Argument(help="A checkpoint quantkit loads (native, GPTQ or compressed-tensors).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint directory to write.")],
-    export_format: Annotated[str, typer.Option("--format", help="Target format: native, gptq or compressed-tensors.")],
+    layout: Annotated[str, typer.Option(help="Target layout: native, gptq or compressed-tensors.")],
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
 ) -> None:
-    """Convert a quantized checkpoint to another format (the quantized weights are carried over exactly)."""
+    """Convert a quantized checkpoint to another layout (the quantized weights are carried over exactly)."""
     from quantkit.api import export
     from quantkit.checkpoint_info import inspect_checkpoint
 
-    export(source, output, export_format, overwrite=overwrite)
+    export(source, output, layout, overwrite=overwrite)
     info = inspect_checkpoint(output)
-    console.print(f"wrote {export_format} checkpoint {output}: {sum(s.layers for s in info.schemes)} "
+    console.print(f"wrote {layout} checkpoint {output}: {sum(s.layers for s in info.schemes)} "
                   f"quantized layers ({', '.join(s.scheme for s in info.schemes)}), {info.file_bytes / 2**20:.1f} MiB")
 
 

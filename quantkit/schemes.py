@@ -1,4 +1,4 @@
-"""QuantScheme: how one weight tensor is quantized (bits, grouping, symmetry, number format)."""
+"""QuantScheme: how one tensor is quantized (bits, grouping, symmetry, number format)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,25 @@ from dataclasses import asdict, dataclass
 from quantkit.errors import QuantkitError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
-SUPPORTED_FORMATS = ("int",)
+# Number formats. ``int``: a uniform grid with a float16 scale and an integer zero point per group.
+# The others are E2M1 (4-bit float) elements with a scale per block of columns: ``fp4`` a float16 scale
+# over any group size, ``mxfp4`` an E8M0 power of two over 32 columns, ``nvfp4`` an E4M3 scale over 16
+# columns divided by one float32 scale per tensor.
+FLOAT_FORMATS = ("fp4", "mxfp4", "nvfp4")
+SUPPORTED_FORMATS = ("int", *FLOAT_FORMATS)
+FIXED_BLOCK = {"mxfp4": 32, "nvfp4": 16}  # formats whose block size is part of the format
+FP4_DEFAULT_GROUP = 32
+CHECKPOINT_LAYOUTS = ("native", "gptq", "compressed-tensors")
 
 
 @dataclass(frozen=True)
 class QuantScheme:
-    """Integer weight quantization on a uniform grid.
+    """A number format for weights (or activations) and how its scales are shared.
 
-    ``group_size`` counts input columns that share one scale and zero point; -1 means one group per
-    output row (per-channel). ``symmetric`` follows GPTQ's convention: an unsigned grid whose zero point
-    is fixed at the middle code, 2**(bits-1).
+    ``group_size`` counts input columns that share one scale (and, for ``int``, a zero point); -1 means one
+    group per row (per-channel, or per-token for activations). ``symmetric`` follows GPTQ's convention for
+    ``int``: an unsigned grid whose zero point is fixed at the middle code, 2**(bits-1). Float formats are
+    4-bit and symmetric by construction (a sign bit).
     """
 
     bits: int = 4
@@ -26,11 +35,39 @@ class QuantScheme:
 
     def __post_init__(self) -> None:
         if self.format not in SUPPORTED_FORMATS:
-            raise QuantkitError(f"unknown number format {self.format!r}; supported: {', '.join(SUPPORTED_FORMATS)}")
+            hint = f" ({self.format} is a checkpoint layout: use --layout)" if self.format in CHECKPOINT_LAYOUTS else ""
+            raise QuantkitError(f"unknown number format {self.format!r}{hint}; supported: {', '.join(SUPPORTED_FORMATS)}")
         if self.bits not in SUPPORTED_BITS:
             raise QuantkitError(f"unsupported bit width {self.bits}; supported: {', '.join(map(str, SUPPORTED_BITS))}")
         if self.group_size != -1 and self.group_size < 1:
             raise QuantkitError(f"group size must be a positive number of columns or -1, got {self.group_size}")
+        if self.is_float:
+            if self.bits != 4:
+                raise QuantkitError(f"{self.format} has 4-bit (E2M1) elements, not {self.bits}-bit")
+            if not self.symmetric:
+                raise QuantkitError(f"{self.format} is symmetric (E2M1 has a sign bit); drop --asym")
+            block = FIXED_BLOCK.get(self.format)
+            if block is not None and self.group_size != block:
+                raise QuantkitError(f"{self.format} scales blocks of {block} columns; got group size {self.group_size}")
+
+    @classmethod
+    def for_format(cls, fmt: str, bits: int, group_size: int | None, symmetric: bool | None,
+                   default_group_size: int, default_symmetric: bool) -> QuantScheme:
+        """A scheme in number format ``fmt``; unset group size and symmetry take the format's defaults, or
+        the given ones for ``int``."""
+        if fmt in FLOAT_FORMATS:
+            default_group_size, default_symmetric = FIXED_BLOCK.get(fmt, FP4_DEFAULT_GROUP), True
+        return cls(
+            bits=bits,
+            group_size=default_group_size if group_size is None else group_size,
+            symmetric=default_symmetric if symmetric is None else symmetric,
+            format=fmt,
+        )
+
+    @property
+    def is_float(self) -> bool:
+        """Whether elements are E2M1 floats rather than integer codes."""
+        return self.format in FLOAT_FORMATS
 
     @property
     def maxq(self) -> int:
@@ -44,8 +81,8 @@ class QuantScheme:
         return -(-in_features // self.group_size)
 
     def check_fits(self, name: str, in_features: int) -> None:
-        """Refuse a group size larger than the layer it would be applied to."""
-        if self.group_size > in_features:
+        """Refuse a group size larger than the layer it would be applied to (fixed float blocks are padded)."""
+        if self.group_size > in_features and self.format not in FIXED_BLOCK:
             raise QuantkitError(
                 f"group size {self.group_size} does not fit {name}: it has only {in_features} input columns"
             )

@@ -13,18 +13,14 @@ checkpoint written (`quantkit inspect`), i.e. counted from the tensors actually 
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_trunk import measure_perplexity, parse_bench_args, timed_quantize  # noqa: E402
-
-from quantkit.checkpoint_info import inspect_checkpoint  # noqa: E402
+from bench_trunk import parse_bench_args, run_configs  # noqa: E402
 
 SPQR = ["--method", "spqr", "--group-size", "16", "--asym", "--act-order"]
 # name -> quantize flags (None: the float model itself)
@@ -43,27 +39,10 @@ CONFIGS: dict[str, list[str] | None] = {
 
 
 def main() -> None:
-    args, names, (nsamples, seqlen, windows) = parse_bench_args(__doc__, CONFIGS, "bench_spqr", resume=True)
+    args, names, settings = parse_bench_args(__doc__, CONFIGS, "bench_spqr", resume=True)
+    nsamples, seqlen, windows = settings
     console = Console(width=160)
-    rows = _previous_results(args.out) if args.resume else {}
-    names = [n for n in names if n not in rows]
-    for name in names:
-        flags = CONFIGS[name]
-        start = time.perf_counter()
-        if flags is None:
-            row: dict = {"wall_s": None, "peak_rss_mib": None, "bits_per_weight": 32.0, "outlier_fraction": 0.0,
-                         "role_bits": {}}
-            target = "smollm2-135m"
-        else:
-            target = str(args.out / name)
-            row = timed_quantize(flags, Path(target), nsamples, seqlen)
-            total = inspect_checkpoint(target).to_dict()["total"]
-            row.update(bits_per_weight=total["bits_per_weight"], outlier_fraction=total["outlier_fraction"],
-                       role_bits=total["role_bits"])
-        row["perplexity"] = measure_perplexity(target, windows)
-        rows[name] = row
-        console.print(f"{name}: {row} ({time.perf_counter() - start:.0f} s)")
-        _save(args.out, nsamples, seqlen, windows, rows)
+    rows = run_configs(CONFIGS, names, args.out / "bench_spqr.json", settings, resume=args.resume)
 
     table = Table(title=f"SmolLM2-135M, WikiText-2 perplexity ({windows} x 2048), calib {nsamples} x {seqlen} C4")
     columns = ("config", "perplexity", "bits/weight", "codes", "stats", "outliers", "perm", "outlier %",
@@ -79,17 +58,6 @@ def main() -> None:
                       fmt(row["peak_rss_mib"], ".0f"))
     console.print(table)
     console.print(f"saved {args.out / 'bench_spqr.json'}")
-
-
-def _previous_results(folder: Path) -> dict:
-    path = folder / "bench_spqr.json"
-    return json.loads(path.read_text())["results"] if path.is_file() else {}
-
-
-def _save(folder: Path, nsamples: int, seqlen: int, windows: int, rows: dict) -> None:
-    report = {"protocol": {"nsamples": nsamples, "seqlen": seqlen, "eval_windows": windows, "eval_seqlen": 2048},
-              "configs": {name: CONFIGS[name] for name in rows}, "results": rows}
-    (folder / "bench_spqr.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

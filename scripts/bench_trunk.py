@@ -101,22 +101,46 @@ def parse_bench_args(
     return args, names, (8, 128, 2) if args.quick else (128, 512, 16)
 
 
-def main() -> None:
-    args, names, (nsamples, seqlen, windows) = parse_bench_args(__doc__, CONFIGS, "bench_trunk")
+def run_configs(configs: dict, names: list[str], report: Path, settings: tuple[int, int, int], resume: bool = False,
+                extra: dict | None = None) -> dict[str, dict]:
+    """Quantize (timed) and evaluate each named config, saving the JSON ``report`` after every one.
+
+    A row holds wall seconds, peak RSS, perplexity and, from the checkpoint written, bits per weight, the
+    per-role bits and the outlier fraction. With ``resume`` the rows already in ``report`` are kept.
+    """
+    nsamples, seqlen, windows = settings
     console = Console(width=150)
-    rows = {}
-    for name in names:
-        flags = CONFIGS[name]
+    rows = json.loads(report.read_text())["results"] if resume and report.is_file() else {}
+    for name in [n for n in names if n not in rows]:
+        flags = configs[name]
         start = time.perf_counter()
         if flags is None:
-            row = {"wall_s": None, "peak_rss_mib": None}
+            row: dict = {"wall_s": None, "peak_rss_mib": None, "bits_per_weight": 32.0, "outlier_fraction": 0.0,
+                         "role_bits": {}}
             target = "smollm2-135m"
         else:
-            target = str(args.out / name)
+            from quantkit.checkpoint_info import inspect_checkpoint
+
+            target = str(report.parent / name)
             row = timed_quantize(flags, Path(target), nsamples, seqlen)
+            total = inspect_checkpoint(target).to_dict()["total"]
+            row.update(bits_per_weight=total["bits_per_weight"], outlier_fraction=total["outlier_fraction"],
+                       role_bits=total["role_bits"])
         row["perplexity"] = measure_perplexity(target, windows)
         rows[name] = row
         console.print(f"{name}: {row} ({time.perf_counter() - start:.0f} s)")
+        payload = {"protocol": {"nsamples": nsamples, "seqlen": seqlen, "eval_windows": windows, "eval_seqlen": 2048},
+                   "configs": {n: configs[n] for n in rows}, "results": rows, **(extra or {})}
+        report.write_text(json.dumps(payload, indent=2) + "\n")
+    return rows
+
+
+def main() -> None:
+    args, names, settings = parse_bench_args(__doc__, CONFIGS, "bench_trunk")
+    nsamples, seqlen, windows = settings
+    console = Console(width=150)
+    path = args.out / "bench_trunk.json"
+    rows = run_configs(CONFIGS, names, path, settings, extra={"reference_gptqmodel_7_7": REFERENCE})
     table = Table(title=f"SmolLM2-135M, WikiText-2 perplexity ({windows} x 2048), calib {nsamples} x {seqlen} C4")
     for column in ("config", "perplexity", "GPTQModel 7.7 ppl", "quantize wall s", "GPTQModel wall s", "peak RSS MiB"):
         table.add_column(column, justify="left" if column == "config" else "right")
@@ -126,10 +150,6 @@ def main() -> None:
         table.add_row(name, fmt(row["perplexity"], ".2f"), fmt(ref_ppl, ".2f"), fmt(row["wall_s"], ".1f"),
                       fmt(ref_wall, ".0f"), fmt(row["peak_rss_mib"], ".0f"))
     console.print(table)
-    report = {"protocol": {"nsamples": nsamples, "seqlen": seqlen, "eval_windows": windows, "eval_seqlen": 2048},
-              "results": rows, "reference_gptqmodel_7_7": REFERENCE}
-    path = args.out / "bench_trunk.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
     console.print(f"saved {path}")
 
 

@@ -290,19 +290,19 @@ def test_refusals_leave_no_output(tmp_path: Path, tiny_model_dir: Path) -> None:
     # the scheme is refused before the model is even looked at
     with pytest.raises(QuantkitError, match="asymmetric"):
         quantkit.quantize(str(tmp_path / "no-such-model"), method="rtn", scheme=QuantScheme(4, 16, False),
-                          output=tmp_path / "a", export_format="gptq")
+                          output=tmp_path / "a", layout="gptq")
     with pytest.raises(QuantkitError, match="3-bit"):
         quantkit.quantize(str(tmp_path / "no-such-model"), method="rtn", scheme=QuantScheme(3, 16, True),
-                          output=tmp_path / "b", export_format="compressed-tensors")
+                          output=tmp_path / "b", layout="compressed-tensors")
     with pytest.raises(QuantkitError, match="act-order"):
         quantkit.quantize(str(tmp_path / "no-such-model"), method="gptq", act_order=True, output=tmp_path / "f",
-                          export_format="compressed-tensors")
-    with pytest.raises(QuantkitError, match="unknown export format 'awq'"):
-        quantkit.quantize(str(tiny_model_dir), method="rtn", output=tmp_path / "c", export_format="awq")
+                          layout="compressed-tensors")
+    with pytest.raises(QuantkitError, match="unknown checkpoint layout 'awq'"):
+        quantkit.quantize(str(tiny_model_dir), method="rtn", output=tmp_path / "c", layout="awq")
     # 64 columns do not split into groups of 24: refused after loading, before quantizing
     with pytest.raises(QuantkitError, match="divisible by the group size"):
         quantkit.quantize(str(tiny_model_dir), method="rtn", scheme=QuantScheme(4, 24, True),
-                          output=tmp_path / "d", export_format="compressed-tensors")
+                          output=tmp_path / "d", layout="compressed-tensors")
     # converting an asymmetric native checkpoint to GPTQ
     model, quantized = quantize_tiny("rtn", QuantScheme(4, 16, False))
     save_checkpoint("native", tmp_path / "native", model, tiny_tokenizer(), quantized, _config("rtn", {}))
@@ -336,10 +336,10 @@ def test_convert_between_formats_keeps_the_weights(tmp_path: Path, static_groups
 def test_cli_format_and_export(tmp_path: Path, tiny_model_dir: Path, calib_file: Path) -> None:
     out = tmp_path / "w4-gptq"
     proc = run_cli("quantize", str(tiny_model_dir), *QUANTIZE_FLAGS, "--static-groups", "--calib", str(calib_file), "-o", str(out),
-                   "--format", "gptq")
+                   "--layout", "gptq")
     assert proc.returncode == 0, proc.stderr
     assert (out / "quantize_config.json").is_file()
-    proc = run_cli("export", str(out), "-o", str(tmp_path / "ct"), "--format", "compressed-tensors")
+    proc = run_cli("export", str(out), "-o", str(tmp_path / "ct"), "--layout", "compressed-tensors")
     assert proc.returncode == 0, proc.stderr
     a, b = quantkit.load(out), quantkit.load(tmp_path / "ct")
     with torch.no_grad():
@@ -347,13 +347,13 @@ def test_cli_format_and_export(tmp_path: Path, tiny_model_dir: Path, calib_file:
     inspect = run_cli("inspect", str(tmp_path / "ct"), "--json")
     assert inspect.returncode == 0, inspect.stderr
     assert json.loads(inspect.stdout)["schemes"][0]["scheme"] == "int w4 g16 sym"
-    assert_one_line_error(run_cli("export", str(out), "-o", str(tmp_path / "x"), "--format", "awq"), "unknown export format")
+    assert_one_line_error(run_cli("export", str(out), "-o", str(tmp_path / "x"), "--layout", "awq"), "unknown checkpoint layout")
     assert_one_line_error(
-        run_cli("quantize", str(tiny_model_dir), "--method", "rtn", "--asym", "-o", str(tmp_path / "y"), "--format", "gptq"),
+        run_cli("quantize", str(tiny_model_dir), "--method", "rtn", "--asym", "-o", str(tmp_path / "y"), "--layout", "gptq"),
         "asymmetric",
     )
     assert_one_line_error(
-        run_cli("quantize", str(tiny_model_dir), *QUANTIZE_FLAGS, "-o", str(tmp_path / "z"), "--format", "compressed-tensors"),
+        run_cli("quantize", str(tiny_model_dir), *QUANTIZE_FLAGS, "-o", str(tmp_path / "z"), "--layout", "compressed-tensors"),
         "act-order",
     )
     assert not any((tmp_path / name).exists() for name in ("x", "y", "z"))

@@ -10,6 +10,7 @@ import torch
 
 import quantkit
 from conftest import SHARED_DATA
+from quantkit.actquant import activation_scheme
 from quantkit.api import CalibrationSpec, quantize
 from quantkit.eval.perplexity import perplexity, tokenize_stream
 from quantkit.models.loading import load_model
@@ -66,3 +67,24 @@ def test_gptq_w3_beats_rtn_and_the_checkpoint_reproduces_it(tmp_path: Path, wiki
     generated = [m.generate(**prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False)[0] for m in (loaded, gptq.model)]
     assert torch.equal(generated[0], generated[1])
     assert tokenizer.decode(generated[0]).startswith("The capital of France is")
+
+
+def test_nvfp4_gptq_beats_rtn_and_w4a4_checkpoint_reproduces_it(tmp_path: Path, wikitext_stream: torch.Tensor) -> None:
+    scheme = QuantScheme(4, 16, True, "nvfp4")
+    rtn = quantize("smollm2-135m", method="rtn", scheme=scheme)
+    rtn_ppl = perplexity(rtn.model, wikitext_stream, SEQLEN, WINDOWS).perplexity
+    del rtn
+    gptq = quantize("smollm2-135m", method="gptq", scheme=scheme, calibration=CalibrationSpec(C4, 16, 256),
+                    output=tmp_path / "nv", act_order=True, act_scheme=activation_scheme(4, "nvfp4"))
+    ids = wikitext_stream[:256][None]
+    loaded = quantkit.load(tmp_path / "nv")
+    assert loaded.get_submodule("model.layers.0.mlp.down_proj").kernel_name(ids.device, torch.float32) == "cpu"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, gptq.model(ids).logits, rtol=0, atol=1e-3)
+    del loaded
+    w4a4_ppl = perplexity(gptq.model, wikitext_stream, SEQLEN, WINDOWS).perplexity
+    for module in gptq.model.modules():  # weights only: drop the activation quantizers
+        module._forward_pre_hooks.clear()
+    gptq_ppl = perplexity(gptq.model, wikitext_stream, SEQLEN, WINDOWS).perplexity
+    print(f"nvfp4 rtn {rtn_ppl:.2f}  gptq {gptq_ppl:.2f}  gptq w4a4 {w4a4_ppl:.2f}")
+    assert gptq_ppl < rtn_ppl and gptq_ppl < w4a4_ppl < 2 * gptq_ppl

@@ -202,9 +202,9 @@ def test_dense_plus_sparse_layer_equals_the_dequantized_weight(bits: int, symmet
 
 
 def test_cpu_kernel_dequantizes_in_slabs_of_rows(monkeypatch: pytest.MonkeyPatch) -> None:
-    from quantkit.runtime import spqr_kernels
+    from quantkit.runtime import slabs, spqr_kernels
 
-    monkeypatch.setattr(spqr_kernels, "SLAB_BYTES", 16 * 4 * 90)  # one statistics block of rows per slab
+    monkeypatch.setattr(slabs, "SLAB_BYTES", 16 * 4 * 90)  # one statistics block of rows per slab
     w, _, stats = layer_problem(out=40, n=90)
     qt = make_quantizer("spqr").quantize(w, stats, QuantScheme(3, 16, False))
     kernel = spqr_kernels.SpQRCpuKernel(qt)
@@ -284,11 +284,11 @@ def test_cli_quantize_inspect_and_refusals(tmp_path: Path, tiny_model_dir: Path,
     for bad, message in [
         (["--outlier-threshold", "0"], "outlier threshold must be positive"),
         (["--group-size", "1"], "group size 1 makes no sense"),
-        (["--format", "gptq"], "cannot hold spqr layers"),
+        (["--layout", "gptq"], "cannot hold spqr layers"),
     ]:
         failed = run("quantize", *common, *bad, "-o", str(tmp_path / "bad"))
         assert failed.returncode != 0 and message in failed.stderr, failed.stderr
         assert not (tmp_path / "bad").exists()
-    failed = run("export", str(out), "-o", str(tmp_path / "bad"), "--format", "compressed-tensors")
+    failed = run("export", str(out), "-o", str(tmp_path / "bad"), "--layout", "compressed-tensors")
     assert failed.returncode != 0 and "cannot hold spqr layers" in failed.stderr, failed.stderr
     assert not (tmp_path / "bad").exists()

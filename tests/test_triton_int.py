@@ -13,12 +13,14 @@ os.environ["TRITON_INTERPRET"] = "1"
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
 import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
+import quantkit_kernels  # noqa: E402
 from quantkit.formats.packing import pack_rows  # noqa: E402
 from quantkit_kernels import triton_int  # noqa: E402
 
@@ -147,13 +149,23 @@ def test_support_and_errors() -> None:
         triton_int.int_matmul(torch.randn(2, K + 32), **layer)
 
 
-def test_import_without_triton(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The module still imports (and says no) when triton is missing."""
+def import_without_triton(monkeypatch: pytest.MonkeyPatch, module_file: str, builds_on_int: bool = False):
+    """A fresh copy of a kernel module imported as if triton were not installed (triton_int too, when the
+    module builds on it)."""
     monkeypatch.setitem(sys.modules, "triton", None)
     monkeypatch.setitem(sys.modules, "triton.language", None)
-    spec = importlib.util.spec_from_file_location("triton_int_without_triton", triton_int.__file__)
+    if builds_on_int:
+        monkeypatch.delitem(sys.modules, "quantkit_kernels.triton_int")
+        monkeypatch.delattr(quantkit_kernels, "triton_int")
+    spec = importlib.util.spec_from_file_location(f"{Path(module_file).stem}_without_triton", module_file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_import_without_triton(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The module still imports (and says no) when triton is missing."""
+    module = import_without_triton(monkeypatch, triton_int.__file__)
     assert not module.TRITON_AVAILABLE and not module.INTERPRETED
     assert not module.is_supported(4)
     layer, _ = make_layer(N, K, bits=4, group_size=32)

@@ -13,16 +13,14 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
-import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from test_triton_int import assert_matches, random_x  # noqa: E402
+from test_triton_int import assert_matches, import_without_triton, random_x  # noqa: E402
 
-import quantkit_kernels  # noqa: E402
 from quantkit.formats.packing import pack_rows, unpack_rows  # noqa: E402
 from quantkit_kernels import triton_int, triton_spqr  # noqa: E402
 
@@ -203,13 +201,7 @@ def test_bad_activations_raise() -> None:
 
 def test_import_without_triton(monkeypatch: pytest.MonkeyPatch) -> None:
     """The module (and the triton_int it builds on) still imports, and says no, when triton is missing."""
-    monkeypatch.setitem(sys.modules, "triton", None)
-    monkeypatch.setitem(sys.modules, "triton.language", None)
-    monkeypatch.delitem(sys.modules, "quantkit_kernels.triton_int")
-    monkeypatch.delattr(quantkit_kernels, "triton_int")
-    spec = importlib.util.spec_from_file_location("triton_spqr_without_triton", triton_spqr.__file__)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = import_without_triton(monkeypatch, triton_spqr.__file__, builds_on_int=True)
     assert not module.TRITON_AVAILABLE and not module.INTERPRETED
     assert not module.is_supported(4)
     with pytest.raises(RuntimeError, match="triton"):

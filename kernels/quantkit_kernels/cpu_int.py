@@ -22,17 +22,11 @@ def block_order(in_features: int) -> torch.Tensor:
     return torch.arange(in_features).view(-1, BLOCK // 2, 2).transpose(1, 2).reshape(-1)
 
 
-def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """Codes ``[n, k]`` in ``[0, 16)`` as bytes ``[n, k/2]``: column 2j in the low nibble of byte j."""
-    codes = codes.to(torch.uint8)
-    return codes[:, 0::2] | (codes[:, 1::2] << 4)
-
-
 @dataclass
 class CpuIntKernel:
     """Packed weight rows plus everything the C kernels need for ``y = x @ W.T``.
 
-    ``codes``: uint8 ``[n, k*bits/8]`` (bits 4 or 8, 4-bit as :func:`pack_nibbles`); ``scales``:
+    ``codes``: uint8 ``[n, k*bits/8]`` (bits 4 or 8, 4-bit as :func:`quantkit.formats.packing.pack_nibbles`); ``scales``:
     float16 or float32 ``[n, groups]``; ``zeros``: uint8 ``[n, groups]``; ``columns``: the input column
     each kernel position reads (``None`` for the natural order).
     """

@@ -68,8 +68,22 @@ if TRITON_AVAILABLE:
         return tl.dot(x, w, input_precision=DOT_PRECISION)
 
     @triton.jit
-    def store_tile(y_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_ym, stride_yn, SPLIT_K: tl.constexpr):
-        """Store the float32 tile ``acc`` into ``y``, or add it into a float32 ``y`` when K is split."""
+    def tile_coordinates(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """This program's rows and columns of ``y`` with their masks, and its K slice ``pid_k``."""
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        return offs_m, offs_n, offs_m < M, offs_n < N, tl.program_id(2)
+
+    @triton.jit
+    def store_tile(
+        y_ptr, acc, b_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, stride_yn, pid_k,
+        HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    ):  # fmt: skip
+        """Store the float32 tile ``acc`` (plus the bias, added by K slice 0) into ``y``, or add it into a
+        float32 ``y`` when K is split."""
+        if HAS_BIAS:
+            if pid_k == 0:
+                acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
         mask = mask_m[:, None] & mask_n[None, :]
         if SPLIT_K == 1:
@@ -134,13 +148,7 @@ if TRITON_AVAILABLE:
         (small M) program ``(m, n, s)`` takes K tiles ``s, s + SPLIT_K, ...`` and adds its partial tile into
         a float32 ``y`` that starts at zero.
         """
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_m = offs_m < M
-        mask_n = offs_n < N
+        offs_m, offs_n, mask_m, mask_n, pid_k = tile_coordinates(M, N, BLOCK_M, BLOCK_N)
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
         for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
             acc += _tile_dot(
@@ -148,10 +156,7 @@ if TRITON_AVAILABLE:
                 stride_xm, stride_xk, stride_qwn, stride_qwk, stride_sn, stride_sg, stride_qzn, stride_qzg,
                 BITS, HAS_GIDX, DOT_PRECISION, DOT_IN_FP32, BLOCK_K,
             )  # fmt: skip
-        if HAS_BIAS:
-            if pid_k == 0:
-                acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        store_tile(y_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_ym, stride_yn, SPLIT_K)
+        store_tile(y_ptr, acc, b_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, stride_yn, pid_k, HAS_BIAS, SPLIT_K)
 
     INTERPRETED = not isinstance(_int_gemm_kernel, triton.runtime.JITFunction)
 else:

@@ -24,7 +24,7 @@ if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
-    from quantkit_kernels.triton_int import dot_x, store_tile, unpack_codes
+    from quantkit_kernels.triton_int import dot_x, store_tile, tile_coordinates, unpack_codes
 
 __all__ = ["INTERPRETED", "TRITON_AVAILABLE", "is_supported", "spqr_matmul"]
 
@@ -69,13 +69,7 @@ if TRITON_AVAILABLE:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     ):  # fmt: skip
         """One ``[BLOCK_M, BLOCK_N]`` tile of ``y = x @ W.T`` over K tiles ``pid_k, pid_k + SPLIT_K, ...``."""
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_m = offs_m < M
-        mask_n = offs_n < N
+        offs_m, offs_n, mask_m, mask_n, pid_k = tile_coordinates(M, N, BLOCK_M, BLOCK_N)
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
         for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -88,7 +82,7 @@ if TRITON_AVAILABLE:
             acc += dot_x(
                 x_ptr, w, offs_m, offs_k, mask_m, mask_k, stride_xm, stride_xk, DOT_PRECISION, DOT_IN_FP32
             )
-        store_tile(y_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_ym, stride_yn, SPLIT_K)
+        store_tile(y_ptr, acc, y_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, stride_yn, pid_k, False, SPLIT_K)
 
 
 def spqr_matmul(

@@ -1,4 +1,4 @@
-"""Checks shared by the exporters to third-party formats: one integer scheme per layer, lossless dtypes."""
+"""Checks shared by the exporters to third-party formats: layers on a grid they hold, lossless dtypes."""
 
 from __future__ import annotations
 
@@ -6,17 +6,20 @@ import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import QuantizedTensor
+from quantkit.formats.floatgrid import FloatQuantizedTensor
 from quantkit.formats.intgrid import IntQuantizedTensor
 
 
-def int_layers(quantized: dict[str, QuantizedTensor], format_name: str) -> dict[str, IntQuantizedTensor]:
-    """The quantized layers, refusing any that is not on an integer grid."""
+def grid_layers(quantized: dict[str, QuantizedTensor], format_name: str, floats: bool = True) -> dict[str, QuantizedTensor]:
+    """The quantized layers, refusing any that is not on an integer grid (or an FP4 one, with ``floats``)."""
+    allowed = (IntQuantizedTensor, FloatQuantizedTensor) if floats else (IntQuantizedTensor,)
     for name, qt in quantized.items():
-        if not isinstance(qt, IntQuantizedTensor) or qt.scheme.format != "int":
-            raise QuantkitError(f"{format_name} export supports only integer-grid weights; {name} is {qt.meta()['kind']}")
+        if not isinstance(qt, allowed):
+            what = "integer-grid or FP4" if floats else "integer-grid"
+            raise QuantkitError(f"{format_name} export supports only {what} weights; {name} is {qt.meta()['kind']}")
     if not quantized:
         raise QuantkitError(f"nothing to export as {format_name}: the model has no quantized layers")
-    return quantized  # type: ignore[return-value]
+    return quantized
 
 
 def lossless_cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:

@@ -6,6 +6,10 @@ Per quantized linear (``out`` x ``in``, ``b`` bits, ``G`` groups): ``weight_pack
 ``[ceil(out*b/32), G]`` (packed along dim 0, shifted the same way); with act-order ``weight_g_idx`` int32
 ``[in]``. Our unsigned code ``c`` with zero ``z`` is the signed pair ``(c - 2**(b-1), z - 2**(b-1))``, so
 the shifted values stored are exactly ``c`` and ``z``, and symmetric (``z = 2**(b-1)``) means signed zero 0.
+
+FP4 layers use ``nvfp4-pack-quantized`` (E4M3 scales over 16 columns, ``strategy: tensor_group`` with a
+``weight_global_scale``) or ``mxfp4-pack-quantized`` (E8M0 scales over 32 columns, ``strategy: group``), whose
+tensors are exactly quantkit's native ones (:mod:`quantkit.formats.floatgrid`).
 """
 
 from __future__ import annotations
@@ -17,13 +21,17 @@ import torch
 from torch import nn
 
 from quantkit.errors import QuantkitError
-from quantkit.export.common import int_layers, lossless_cast
+from quantkit.export.common import grid_layers, lossless_cast
 from quantkit.formats.base import QuantizedTensor, TensorSpec
+from quantkit.formats.e2m1 import SCALE_CODECS
+from quantkit.formats.floatgrid import FloatQuantizedTensor
 from quantkit.formats.intgrid import IntQuantizedTensor
 from quantkit.formats.packing import pack_columns, pack_rows, packed_width, unpack_columns, unpack_rows
 from quantkit.schemes import QuantScheme
 
 FORMAT = "pack-quantized"
+FLOAT_LAYOUTS = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
+_FLOAT_STRATEGY = {"nvfp4": "tensor_group", "mxfp4": "group"}
 QUANT_METHOD = "compressed-tensors"
 # The compressed-tensors release whose layout this matches (dense packing; identical for 2/4/8 bits in all).
 CT_VERSION = "0.20.0"
@@ -32,7 +40,7 @@ SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 ACT_ORDER_GROUPS_REFUSED = (
     "compressed-tensors no longer reads act-order groups (actorder='group' with weight_g_idx was removed in "
-    "compressed-tensors 0.20); quantize with --static-groups, or use --format gptq or native"
+    "compressed-tensors 0.20); quantize with --static-groups, or use --layout gptq or native"
 )
 
 
@@ -40,17 +48,20 @@ def check_scheme(scheme: QuantScheme, column_groups: bool = False) -> None:
     """Refuse, before any work, a scheme (and act-order grouping) that this exporter will not write."""
     if column_groups:
         raise QuantkitError(ACT_ORDER_GROUPS_REFUSED)
-    if scheme.format != "int":
-        raise QuantkitError(f"compressed-tensors export supports only integer-grid weights, not {scheme.format!r}")
+    if scheme.is_float and scheme.format not in FLOAT_LAYOUTS:
+        raise QuantkitError(
+            f"compressed-tensors has no layout for {scheme.format} (float16 block scales); use mxfp4 or nvfp4, "
+            "or --layout native"
+        )
     if scheme.bits == 3:
         raise QuantkitError(
-            "compressed-tensors 3-bit packing differs between compressed-tensors versions; use --format native "
-            "or --format gptq for 3 bits"
+            "compressed-tensors 3-bit packing differs between compressed-tensors versions; use --layout native "
+            "or --layout gptq for 3 bits"
         )
 
 
 def check_layer(name: str, scheme: QuantScheme, in_features: int) -> None:
-    """compressed-tensors groups must tile the row exactly."""
+    """compressed-tensors groups (FP4 blocks too) must tile the row exactly."""
     check_scheme(scheme)
     if scheme.group_size != -1 and in_features % scheme.group_size:
         raise QuantkitError(
@@ -59,8 +70,12 @@ def check_layer(name: str, scheme: QuantScheme, in_features: int) -> None:
         )
 
 
-def encode(qt: IntQuantizedTensor, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The pack-quantized tensors of one layer, scales in ``scale_dtype`` when that is lossless."""
+def encode(qt: QuantizedTensor, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors of one layer; integer scales in ``scale_dtype`` when that is lossless."""
+    if isinstance(qt, FloatQuantizedTensor):
+        return qt.to_tensors()
+    if not isinstance(qt, IntQuantizedTensor):
+        raise QuantkitError(f"compressed-tensors export cannot hold {qt.meta()['kind']} layers")
     if qt.g_idx is not None:
         raise QuantkitError(ACT_ORDER_GROUPS_REFUSED)
     bits = qt.scheme.bits
@@ -76,9 +91,11 @@ def encode(qt: IntQuantizedTensor, scale_dtype: torch.dtype) -> dict[str, torch.
 
 
 def expected_tensors(args: WeightArgs, shape: tuple[int, int], scale_dtype: torch.dtype) -> dict[str, TensorSpec]:
-    """Names, shapes and dtypes of one pack-quantized layer's tensors."""
+    """Names, shapes and dtypes of one layer's tensors."""
     out_features, in_features = shape
     scheme = args.scheme()
+    if scheme.is_float:
+        return FloatQuantizedTensor.expected_tensors(scheme.to_dict(), shape)
     groups = scheme.num_groups(in_features)
     specs: dict[str, TensorSpec] = {
         "weight_packed": ((out_features, packed_width(in_features, scheme.bits)), torch.int32),
@@ -92,10 +109,12 @@ def expected_tensors(args: WeightArgs, shape: tuple[int, int], scale_dtype: torc
     return specs
 
 
-def decode(tensors: dict[str, torch.Tensor], args: WeightArgs, shape: tuple[int, int]) -> IntQuantizedTensor:
-    """One layer's pack-quantized tensors (validated shapes) as an IntQuantizedTensor."""
+def decode(tensors: dict[str, torch.Tensor], args: WeightArgs, shape: tuple[int, int]) -> QuantizedTensor:
+    """One layer's tensors (validated shapes) as a quantized tensor."""
     out_features, in_features = shape
     scheme = args.scheme()
+    if scheme.is_float:
+        return FloatQuantizedTensor.from_tensors(tensors, scheme.to_dict(), shape)
     if tensors["weight_shape"].tolist() != [out_features, in_features]:
         raise QuantkitError(f"weight_shape {tensors['weight_shape'].tolist()} does not match the layer's {list(shape)}")
     groups = scheme.num_groups(in_features)
@@ -115,8 +134,19 @@ def decode(tensors: dict[str, torch.Tensor], args: WeightArgs, shape: tuple[int,
     )
 
 
-def _weights_args(qt: IntQuantizedTensor, observer: str) -> dict:
-    s = qt.scheme
+def _weights_args(qt: QuantizedTensor, observer: str) -> dict:
+    s = qt.scheme  # type: ignore[attr-defined]
+    if s.is_float:
+        return {
+            "num_bits": 4,
+            "type": "float",
+            "symmetric": True,
+            "group_size": s.group_size,
+            "strategy": _FLOAT_STRATEGY[s.format],
+            "dynamic": False,
+            "observer": observer,
+            "scale_dtype": str(SCALE_CODECS[s.format].dtype),
+        }
     return {
         "num_bits": s.bits,
         "type": "int",
@@ -141,7 +171,7 @@ def layer_tensors(quantized: dict[str, QuantizedTensor], scale_dtype: torch.dtyp
 
 def build_config(quantized: dict[str, QuantizedTensor], model: nn.Module, quantkit_config: dict) -> dict:
     """The ``quantization_config``: one config group per distinct weights scheme, the other linears ignored."""
-    layers = int_layers(quantized, "compressed-tensors")
+    layers = grid_layers(quantized, "compressed-tensors")
     observer = "mse" if (quantkit_config.get("quantizer") or {}).get("mse") else "minmax"
     groups: list[tuple[dict, list[str]]] = []
     for name, qt in layers.items():
@@ -159,14 +189,15 @@ def build_config(quantized: dict[str, QuantizedTensor], model: nn.Module, quantk
             "weights": args,
             "input_activations": None,
             "output_activations": None,
-            "format": FORMAT,
+            "format": _layout(args),
         }
         for i, (args, names) in enumerate(groups)
     }
+    layouts = {group["format"] for group in config_groups.values()}
     ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers]
     return {
         "quant_method": QUANT_METHOD,
-        "format": FORMAT,
+        "format": layouts.pop() if len(layouts) == 1 else "mixed-precision",
         "version": CT_VERSION,
         "config_groups": config_groups,
         "ignore": ignore,
@@ -177,6 +208,13 @@ def build_config(quantized: dict[str, QuantizedTensor], model: nn.Module, quantk
     }
 
 
+def _layout(weights: dict) -> str:
+    """The compressed-tensors format of a config group's weights entry."""
+    if weights["type"] == "float":
+        return FLOAT_LAYOUTS["nvfp4" if weights["strategy"] == "tensor_group" else "mxfp4"]
+    return FORMAT
+
+
 @dataclass(frozen=True)
 class WeightArgs:
     """The weights entry of one config group, as far as decoding needs it."""
@@ -185,9 +223,10 @@ class WeightArgs:
     group_size: int
     symmetric: bool
     g_idx: bool
+    format: str = "int"
 
     def scheme(self) -> QuantScheme:
-        return QuantScheme(self.bits, self.group_size, self.symmetric)
+        return QuantScheme(self.bits, self.group_size, self.symmetric, self.format)
 
 
 @dataclass(frozen=True)
@@ -199,11 +238,13 @@ class ConfigGroup:
 def _parse_weights(name: str, weights: object) -> WeightArgs:
     if not isinstance(weights, dict):
         raise QuantkitError(f"compressed-tensors config group {name} has no weights entry")
-    if weights.get("type", "int") != "int":
-        raise QuantkitError(f"compressed-tensors weights of type {weights.get('type')!r} are not supported (int only)")
     if weights.get("dynamic"):
         raise QuantkitError("dynamic compressed-tensors weight quantization is not supported")
     strategy = weights.get("strategy") or ("channel" if weights.get("group_size") in (None, -1) else "group")
+    if weights.get("type", "int") == "float":
+        return _parse_float_weights(weights, strategy)
+    if weights.get("type", "int") != "int":
+        raise QuantkitError(f"compressed-tensors weights of type {weights.get('type')!r} are not supported")
     if strategy not in ("group", "channel"):
         raise QuantkitError(f"compressed-tensors strategy {strategy!r} is not supported (group or channel)")
     bits = int(weights.get("num_bits", 8))
@@ -216,6 +257,16 @@ def _parse_weights(name: str, weights: object) -> WeightArgs:
     args = WeightArgs(bits, group_size, bool(weights.get("symmetric", True)), actorder in ("group", "dynamic", True))
     args.scheme()  # validates bits and group size
     return args
+
+
+def _parse_float_weights(weights: dict, strategy: str) -> WeightArgs:
+    """NVFP4 (4 bits, tensor_group of 16) or MXFP4 (4 bits, group of 32) weights; anything else is refused."""
+    shape = (weights.get("num_bits"), strategy, weights.get("group_size"))
+    for fmt, expected in (("nvfp4", (4, "tensor_group", 16)), ("mxfp4", (4, "group", 32))):
+        if shape == expected:
+            return WeightArgs(4, expected[2], True, False, fmt)
+    raise QuantkitError(f"compressed-tensors float weights with bits/strategy/group {shape} are not supported "
+                        "(NVFP4 or MXFP4 only)")
 
 
 def parse_config(qc: dict) -> tuple[list[ConfigGroup], list[str]]:
@@ -232,14 +283,18 @@ def parse_config(qc: dict) -> tuple[list[ConfigGroup], list[str]]:
         if not isinstance(group, dict):
             raise QuantkitError(f"compressed-tensors config group {name} is not an object")
         fmt = group.get("format") or qc.get("format")
-        if fmt != FORMAT:
-            raise QuantkitError(f"compressed-tensors format {fmt!r} is not supported; quantkit reads {FORMAT}")
+        if fmt not in (FORMAT, *FLOAT_LAYOUTS.values()):
+            raise QuantkitError(f"compressed-tensors format {fmt!r} is not supported; quantkit reads "
+                                f"{', '.join((FORMAT, *FLOAT_LAYOUTS.values()))}")
         if group.get("input_activations") or group.get("output_activations"):
             raise QuantkitError("compressed-tensors activation quantization is not supported (weight-only)")
         targets = group.get("targets")
         if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
             raise QuantkitError(f"compressed-tensors config group {name} has no list of targets")
-        parsed.append(ConfigGroup(tuple(targets), _parse_weights(name, group.get("weights"))))
+        weights = _parse_weights(name, group.get("weights"))
+        if fmt != FLOAT_LAYOUTS.get(weights.format, FORMAT):
+            raise QuantkitError(f"compressed-tensors config group {name}: format {fmt} does not match its weights")
+        parsed.append(ConfigGroup(tuple(targets), weights))
     ignore = qc.get("ignore") or []
     if not isinstance(ignore, list):
         raise QuantkitError("compressed-tensors ignore entry is not a list")

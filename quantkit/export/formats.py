@@ -1,4 +1,4 @@
-"""Choosing the on-disk format: native, GPTQ v1 or compressed-tensors pack-quantized."""
+"""Choosing the checkpoint layout: native, GPTQ v1 or compressed-tensors."""
 
 from __future__ import annotations
 
@@ -13,18 +13,24 @@ from quantkit.export import gptq_format as gptq
 from quantkit.export.native import save_native
 from quantkit.export.writer import DEFAULT_MAX_SHARD_BYTES, model_config_dict, plain_tensors, write_checkpoint
 from quantkit.formats.base import QuantizedTensor
-from quantkit.schemes import QuantScheme
+from quantkit.schemes import CHECKPOINT_LAYOUTS, QuantScheme
 
-EXPORT_FORMATS = ("native", "gptq", "compressed-tensors")
+_LAYOUT_KINDS = {"gptq": ("int",), "compressed-tensors": ("int", "e2m1")}
 
 
-def check_format(name: str, scheme: QuantScheme | None = None, column_groups: bool = False, kind: str = "int") -> None:
-    """Refuse an unknown format, or a tensor kind, scheme or act-order grouping it cannot express, before any
-    long work."""
-    if name not in EXPORT_FORMATS:
-        raise QuantkitError(f"unknown export format {name!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-    if name != "native" and kind != "int":
-        raise QuantkitError(f"format {name} cannot hold {kind} layers (only integer-grid ones); use --format native")
+def check_layout(name: str, scheme: QuantScheme | None = None, column_groups: bool = False, kind: str = "int",
+                 activations: bool = False) -> None:
+    """Refuse an unknown layout, or a tensor kind, scheme, act-order grouping or activation quantization it
+    cannot express, before any long work."""
+    if name not in CHECKPOINT_LAYOUTS:
+        raise QuantkitError(f"unknown checkpoint layout {name!r}; choose one of {', '.join(CHECKPOINT_LAYOUTS)}")
+    if name == "native":
+        return
+    if kind not in _LAYOUT_KINDS[name]:
+        raise QuantkitError(f"the {name} layout cannot hold {kind} layers; use --layout native")
+    if activations:
+        raise QuantkitError(f"the {name} layout cannot record quantkit's dynamic activation quantization; "
+                            "use --layout native")
     if scheme is not None and name == "gptq":
         gptq.check_scheme(scheme)
     if scheme is not None and name == "compressed-tensors":
@@ -32,7 +38,7 @@ def check_format(name: str, scheme: QuantScheme | None = None, column_groups: bo
 
 
 def check_layers(name: str, scheme: QuantScheme, shapes: dict[str, tuple[int, int]]) -> None:
-    """Refuse layer shapes the format cannot hold with ``scheme`` (compressed-tensors: whole groups)."""
+    """Refuse layer shapes the layout cannot hold with ``scheme`` (compressed-tensors: whole groups)."""
     if name == "compressed-tensors":
         for layer, (_, in_features) in shapes.items():
             ct.check_layer(layer, scheme, in_features)
@@ -58,19 +64,21 @@ def save_gptq(output: Path, model: nn.Module, tokenizer, quantized: dict[str, Qu
 def save_compressed_tensors(output: Path, model: nn.Module, tokenizer, quantized: dict[str, QuantizedTensor],
                             quantization_config: dict, overwrite: bool = False,
                             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
-    """A compressed-tensors pack-quantized checkpoint; scales in the model dtype when that is lossless."""
+    """A compressed-tensors checkpoint (pack-quantized, nvfp4- or mxfp4-pack-quantized per config group);
+    integer scales in the model dtype when that is lossless."""
     qc = ct.build_config(quantized, model, quantization_config)
     tensors = {**plain_tensors(model, quantized), **ct.layer_tensors(quantized, model_dtype(model))}
     config = {**model_config_dict(model), "quantization_config": qc}
     write_checkpoint(output, model, tokenizer, tensors, config, overwrite, max_shard_bytes)
 
 
-def save_checkpoint(fmt: str, output: Path, model: nn.Module, tokenizer, quantized: dict[str, QuantizedTensor],
+def save_checkpoint(layout: str, output: Path, model: nn.Module, tokenizer, quantized: dict[str, QuantizedTensor],
                     quantization_config: dict, overwrite: bool = False,
                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
-    """Write ``quantized`` (and the model's other tensors) at ``output`` in format ``fmt``, atomically."""
-    check_format(fmt)
+    """Write ``quantized`` (and the model's other tensors) at ``output`` in ``layout``, atomically."""
+    activations = quantization_config.get("input_activations") is not None
+    check_layout(layout, activations=activations)
     for kind in sorted({qt.kind for qt in quantized.values()}):
-        check_format(fmt, kind=kind)
-    writer = {"native": save_native, "gptq": save_gptq, "compressed-tensors": save_compressed_tensors}[fmt]
+        check_layout(layout, kind=kind, activations=activations)
+    writer = {"native": save_native, "gptq": save_gptq, "compressed-tensors": save_compressed_tensors}[layout]
     writer(output, model, tokenizer, quantized, quantization_config, overwrite=overwrite, max_shard_bytes=max_shard_bytes)

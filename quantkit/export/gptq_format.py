@@ -17,7 +17,7 @@ import torch
 
 from quantkit import __version__
 from quantkit.errors import QuantkitError
-from quantkit.export.common import int_layers, lossless_cast, sequential_g_idx
+from quantkit.export.common import grid_layers, lossless_cast, sequential_g_idx
 from quantkit.formats.base import QuantizedTensor, TensorSpec
 from quantkit.formats.intgrid import IntQuantizedTensor
 from quantkit.formats.packing import pack_rows, packed_width, unpack_rows
@@ -32,11 +32,11 @@ SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def check_scheme(scheme: QuantScheme) -> None:
     """Refuse, before any work, a scheme that a GPTQ v1 checkpoint cannot hold."""
     if scheme.format != "int":
-        raise QuantkitError(f"GPTQ export supports only integer-grid weights, not {scheme.format!r}")
+        raise QuantkitError(f"the GPTQ layout holds only integer-grid weights, not {scheme.format}; use --layout native or compressed-tensors")
     if not scheme.symmetric:
         raise QuantkitError(
             "GPTQ v1 cannot store asymmetric schemes (its minus-one zero-point convention cannot hold zero "
-            "point 0); use --format native or --format compressed-tensors, or --sym"
+            "point 0); use --layout native or --layout compressed-tensors, or --sym"
         )
 
 
@@ -106,12 +106,12 @@ def layer_tensors(quantized: dict[str, QuantizedTensor]) -> dict[str, torch.Tens
 
 def build_config(quantized: dict[str, QuantizedTensor], quantkit_config: dict, lm_head: bool) -> dict:
     """The ``quantization_config`` / ``quantize_config.json`` content; refuses what one GPTQ config cannot say."""
-    layers = int_layers(quantized, "GPTQ")
+    layers = grid_layers(quantized, "GPTQ", floats=False)
     schemes = {(qt.scheme.bits, qt.scheme.group_size, qt.scheme.symmetric) for qt in layers.values()}
     if len(schemes) > 1:
         raise QuantkitError(
             f"a GPTQ config holds one scheme, the layers use {len(schemes)} (bits, group size, symmetry) "
-            "combinations; use --format native or --format compressed-tensors"
+            "combinations; use --layout native or --layout compressed-tensors"
         )
     first = next(iter(layers.values())).scheme
     check_scheme(first)

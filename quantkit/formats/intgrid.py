@@ -113,6 +113,8 @@ class IntQuantizedTensor(QuantizedTensor):
 
 
 def _parse_meta(meta: dict) -> tuple[QuantScheme, torch.dtype]:
+    if meta.get("format", "int") != "int":
+        raise QuantkitError(f"an int layer cannot hold number format {meta.get('format')!r}")
     scheme = QuantScheme(
         bits=int(meta["bits"]),
         group_size=int(meta["group_size"]),

@@ -79,3 +79,18 @@ def pack_columns(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_columns(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_columns`: ``[n, cols]`` codes."""
     return unpack_rows(packed.t().contiguous(), bits, n).t().contiguous()
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Codes ``[rows, n]`` below 16 as bytes ``[rows, ceil(n/2)]``: even column in the low nibble, odd in the
+    high one (compressed-tensors' FP4 packing, the CPU kernels' 4-bit one); an odd last column is padded with 0."""
+    if codes.shape[1] % 2:
+        codes = torch.cat([codes, codes.new_zeros(codes.shape[0], 1)], dim=1)
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_nibbles`: ``[rows, n]`` uint8 codes."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != -(-n // 2):
+        raise QuantkitError(f"packed 4-bit codes must be uint8 [rows, {-(-n // 2)}], got {packed.dtype} {list(packed.shape)}")
+    return torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1)[:, :n]

@@ -34,22 +34,27 @@ class Quantizer(ABC):
     default_group_size: ClassVar[int] = 128
     default_symmetric: ClassVar[bool] = True
     min_group_size: ClassVar[int] = 1
-    tensor_kind: ClassVar[str] = "int"  # the QuantizedTensor kind it produces
+    float_formats: ClassVar[bool] = True  # whether it can round onto the FP4 formats as well as integer grids
 
     @abstractmethod
     def quantize(self, weight: torch.Tensor, stats: LayerStats, scheme: QuantScheme) -> QuantizedTensor:
         """Quantize one weight matrix under ``scheme``."""
 
-    def default_scheme(self, bits: int = 4, group_size: int | None = None, symmetric: bool | None = None) -> QuantScheme:
-        """``bits`` with this quantizer's usual group size and symmetry where they are not given."""
-        return QuantScheme(
-            bits=bits,
-            group_size=self.default_group_size if group_size is None else group_size,
-            symmetric=self.default_symmetric if symmetric is None else symmetric,
-        )
+    def default_scheme(self, bits: int = 4, group_size: int | None = None, symmetric: bool | None = None,
+                       fmt: str = "int") -> QuantScheme:
+        """``bits`` in number format ``fmt``, with this quantizer's (or the float format's) usual group size and
+        symmetry where they are not given."""
+        return QuantScheme.for_format(fmt, bits, group_size, symmetric, self.default_group_size, self.default_symmetric)
+
+    def tensor_kind(self, scheme: QuantScheme) -> str:
+        """The QuantizedTensor kind it produces under ``scheme``."""
+        return "e2m1" if scheme.is_float else "int"
 
     def check_scheme(self, scheme: QuantScheme) -> None:
-        """Refuse, before any work, a scheme this quantizer cannot use: groups below ``min_group_size``."""
+        """Refuse, before any work, a scheme this quantizer cannot use: a number format it does not round
+        onto, groups below ``min_group_size``."""
+        if scheme.is_float and not self.float_formats:
+            raise QuantkitError(f"method {self.name} works on integer grids only, not {scheme.format}")
         if scheme.group_size != -1 and scheme.group_size < self.min_group_size:
             raise QuantkitError(
                 f"{self.name} group size {scheme.group_size} makes no sense: its statistics would cost more than "

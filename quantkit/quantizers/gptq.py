@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.intgrid import IntQuantizedTensor
+from quantkit.formats.base import QuantizedTensor
 from quantkit.quantizers.base import LayerStats, Quantizer
-from quantkit.quantizers.grid import fit_grid
+from quantkit.quantizers.grid import Params, make_grid
 from quantkit.quantizers.rtn import group_slices
 from quantkit.schemes import QuantScheme
 
@@ -116,14 +116,18 @@ def sweep_columns(
 
 @dataclass
 class GPTQQuantizer(Quantizer):
-    """GPTQ with groups, act-order, static groups and MSE grid search as options."""
+    """GPTQ with groups, act-order, static groups and a grid search (``mse``) as options, on any number format.
+
+    ``static_groups`` None means: static exactly when act-order is on and the format's blocks must stay
+    contiguous along the input (the float formats, which have no ``g_idx``).
+    """
 
     name = "gptq"
     needs_calibration = True
 
     damp: float = 0.01
     act_order: bool = True
-    static_groups: bool = False
+    static_groups: bool | None = None
     block_size: int = 128
     mse: bool = False
 
@@ -136,48 +140,49 @@ class GPTQQuantizer(Quantizer):
     def options(self) -> dict:
         return asdict(self)
 
-    def column_groups(self, scheme: QuantScheme) -> bool:
-        return self.act_order and not self.static_groups and scheme.group_size != -1
+    def check_scheme(self, scheme: QuantScheme) -> None:
+        super().check_scheme(scheme)
+        if scheme.is_float and self.act_order and self.static_groups is False and scheme.group_size != -1:
+            raise QuantkitError(
+                f"{scheme.format} blocks are contiguous along the input, so act-order needs static groups; "
+                "drop --no-static-groups or use --no-act-order"
+            )
 
-    def quantize(self, weight: torch.Tensor, stats: LayerStats, scheme: QuantScheme) -> IntQuantizedTensor:
+    def static(self, scheme: QuantScheme) -> bool:
+        """Whether group grids are fitted before any update, on the original column order."""
+        return self.static_groups if self.static_groups is not None else (scheme.is_float and self.act_order)
+
+    def column_groups(self, scheme: QuantScheme) -> bool:
+        return self.act_order and not self.static(scheme) and scheme.group_size != -1
+
+    def quantize(self, weight: torch.Tensor, stats: LayerStats, scheme: QuantScheme) -> QuantizedTensor:
         if stats.hessian is None:
             raise QuantkitError("GPTQ needs the layer's Hessian from calibration data")
+        self.check_scheme(scheme)
         out_features, n = weight.shape
         group = n if scheme.group_size == -1 else scheme.group_size
         w, h = without_dead_columns(weight, stats.hessian)
-        static = [fit_grid(w[:, cols], scheme, self.mse) for cols in group_slices(n, group)] if self.static_groups else None
-        static_np = [(s.numpy(), z.numpy()) for s, z in static] if static is not None else None
+        grid = make_grid(scheme, w, self.mse)
+        static = [grid.fit(w[:, cols]) for cols in group_slices(n, group)] if self.static(scheme) else None
         w, hinv, perm = permuted_problem(w, h, self.act_order, self.damp)
-        codes = np.empty((n, out_features), dtype=np.uint8)  # column-major while solving
-        scales, zeros = [], []
-        grid: list[np.ndarray] = []
+        codes = torch.empty((n, out_features), dtype=torch.uint8)  # column-major while solving
+        fitted: list[Params] = []
 
         def start_group(_col: int, pending: torch.Tensor) -> None:
             if static is None:
-                scale_t, zero_t = fit_grid(pending, scheme, self.mse)
-                scales.append(scale_t)
-                zeros.append(zero_t)
-                grid[:] = [scale_t.numpy(), zero_t.numpy()]
+                fitted.append(grid.fit(pending))
 
         def round_column(col: int, column: np.ndarray, _d: float) -> np.ndarray:
-            scale, zero = static_np[int(perm[col]) // group] if static_np is not None else grid
-            code = np.clip(np.rint(column / scale) + zero, 0, scheme.maxq)
-            codes[col] = code
-            return (code - zero) * scale
+            params = static[int(perm[col]) // group] if static is not None else fitted[-1]
+            column_codes, values = grid.round(torch.from_numpy(column)[:, None], params)
+            codes[col] = column_codes[:, 0]
+            return values[:, 0].numpy()
 
         sweep_columns(w, hinv, group, self.block_size, start_group, round_column)
         inverse = torch.argsort(perm)
-        codes = torch.from_numpy(codes).t()[:, inverse].contiguous()
-        if static is not None:
-            scales = [s for s, _ in static]
-            zeros = [z for _, z in static]
+        codes = codes.t()[:, inverse].contiguous()
+        groups = static if static is not None else fitted
+        params = tuple(torch.stack(p, dim=1) for p in zip(*groups))
         # One group per row (per-channel) needs no g_idx: every column is in group 0 whatever the order.
         reordered = self.column_groups(scheme) and group < n
-        g_idx = (inverse // group).to(torch.int32) if reordered else None
-        return IntQuantizedTensor(
-            codes=codes,
-            scales=torch.stack(scales, dim=1).to(torch.float16),
-            zeros=torch.stack(zeros, dim=1).to(torch.uint8),
-            scheme=scheme,
-            g_idx=g_idx,
-        )
+        return grid.tensor(codes, params, (inverse // group).to(torch.int32) if reordered else None)

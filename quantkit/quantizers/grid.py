@@ -1,14 +1,25 @@
-"""Fitting a uniform integer grid (scale, zero point) to rows of weights, GPTQ's conventions.
+"""Rounding weights onto a number format's grid, group by group (shared by RTN, GPTQ and activation quant).
 
-The range always includes 0. Asymmetric: ``scale = (max - min) / maxq``, ``zero = round(-min / scale)``.
-Symmetric: ``scale = 2 * max|w| / maxq`` with the zero point fixed at ``2**(bits-1)``. Scales are rounded to
-the dtype they are stored in before any code is computed, so stored and simulated weights agree exactly.
+Every function works along the last dimension: a group of columns is ``w[..., g]`` and its parameters have
+shape ``w.shape[:-1]``.
+
+Integer grid, GPTQ's conventions: the range always includes 0. Asymmetric: ``scale = (max - min) / maxq``,
+``zero = round(-min / scale)``. Symmetric: ``scale = 2 * max|w| / maxq`` with the zero point fixed at
+``2**(bits-1)``. Float (E2M1) grids: the block scale comes from the block maximum through the format's
+:class:`~quantkit.formats.e2m1.ScaleCodec`. Scales are rounded to their stored encoding before any code is
+computed, so stored and simulated weights agree exactly.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 
+from quantkit.formats.base import QuantizedTensor
+from quantkit.formats.e2m1 import SCALE_CODECS, TENSOR_SCALED, e2m1_decode, e2m1_encode, global_scale
+from quantkit.formats.floatgrid import FloatQuantizedTensor
+from quantkit.formats.intgrid import IntQuantizedTensor
 from quantkit.schemes import QuantScheme
 
 SCALE_DTYPE = torch.float16
@@ -16,6 +27,10 @@ _MIN_SCALE = 2.0**-24  # smallest positive float16; keeps every stored scale non
 
 # GPTQ's MSE clipping search: shrink the range by 1 - i/grid for i < maxshrink*grid, error norm 2.4.
 _MSE_GRID, _MSE_MAXSHRINK, _MSE_NORM = 100, 0.8, 2.4
+# Block-scale search for float formats: the block maximum times each factor, encoded, squared error.
+_FLOAT_SEARCH_FACTORS = torch.linspace(0.5, 1.2, 15).tolist()
+
+Params = tuple[torch.Tensor, ...]
 
 
 def quantize_to_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
@@ -42,13 +57,13 @@ def _grid_from_range(
 
 
 def fit_grid(w: torch.Tensor, scheme: QuantScheme, mse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row ``(scale, zero)`` for ``w`` of shape ``[rows, cols]``, each of shape ``[rows]`` (float32).
+    """Integer ``(scale, zero)`` (float32) of each group ``w[..., :]``, shaped ``w.shape[:-1]``.
 
-    With ``mse`` the range is shrunk to the factor that minimises the row's ``sum |q - w|**2.4``.
+    With ``mse`` the range is shrunk to the factor that minimises the group's ``sum |q - w|**2.4``.
     """
     w = w.float()
-    xmin = w.min(dim=1).values.clamp(max=0)
-    xmax = w.max(dim=1).values.clamp(min=0)
+    xmin = w.amin(dim=-1).clamp(max=0)
+    xmax = w.amax(dim=-1).clamp(min=0)
     scale, zero = _grid_from_range(xmin, xmax, scheme)
     if not mse:
         return scale, zero
@@ -56,10 +71,120 @@ def fit_grid(w: torch.Tensor, scheme: QuantScheme, mse: bool = False) -> tuple[t
     for i in range(int(_MSE_MAXSHRINK * _MSE_GRID)):
         shrink = 1 - i / _MSE_GRID
         s, z = _grid_from_range(shrink * xmin, shrink * xmax, scheme)
-        q = (quantize_to_codes(w, s[:, None], z[:, None], scheme.maxq) - z[:, None]) * s[:, None]
-        err = (q - w).abs().pow(_MSE_NORM).sum(dim=1)
+        q = (quantize_to_codes(w, s[..., None], z[..., None], scheme.maxq) - z[..., None]) * s[..., None]
+        err = (q - w).abs().pow(_MSE_NORM).sum(dim=-1)
         better = err < best
         best = torch.where(better, err, best)
         scale = torch.where(better, s, scale)
         zero = torch.where(better, z, zero)
     return scale, zero
+
+
+class Grid(ABC):
+    """One tensor's grid under a scheme: fit a group's parameters, round columns onto it, build the result."""
+
+    def __init__(self, scheme: QuantScheme, mse: bool) -> None:
+        self.scheme, self.mse = scheme, mse
+
+    @abstractmethod
+    def fit(self, w: torch.Tensor) -> Params:
+        """Parameters of every group ``w[..., :]``, each shaped ``w.shape[:-1]``."""
+
+    @abstractmethod
+    def round(self, x: torch.Tensor, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(codes uint8, float32 values)`` of ``x[..., c]`` on the grid of ``params`` (shaped ``x.shape[:-1]``)."""
+
+    @abstractmethod
+    def tensor(self, codes: torch.Tensor, params: Params, g_idx: torch.Tensor | None = None) -> QuantizedTensor:
+        """The quantized tensor of codes ``[out, in]`` and per-group parameters shaped ``[out, groups]``."""
+
+
+class IntGrid(Grid):
+    """The uniform integer grid (GPTQ's conventions, above)."""
+
+    def fit(self, w: torch.Tensor) -> Params:
+        return fit_grid(w, self.scheme, self.mse)
+
+    def round(self, x: torch.Tensor, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
+        scale, zero = (p[..., None] for p in params)
+        codes = quantize_to_codes(x, scale, zero, self.scheme.maxq)
+        return codes.to(torch.uint8), (codes - zero) * scale
+
+    def tensor(self, codes: torch.Tensor, params: Params, g_idx: torch.Tensor | None = None) -> IntQuantizedTensor:
+        scales, zeros = params
+        return IntQuantizedTensor(codes, scales.to(torch.float16), zeros.to(torch.uint8), self.scheme, g_idx)
+
+
+class FloatGrid(Grid):
+    """E2M1 elements times a block scale in the format's encoding (divided by a global scale for NVFP4).
+
+    ``global_scale`` is a tensor broadcastable to the groups' leading shape (a scalar for a weight, ``[rows, 1]``
+    for per-token activations); parameters are ``(stored scale, float32 scale)``. With ``mse`` every block
+    takes the candidate scale with the smallest squared error.
+    """
+
+    def __init__(self, scheme: QuantScheme, mse: bool, global_scale: torch.Tensor | None) -> None:
+        super().__init__(scheme, mse)
+        self.codec = SCALE_CODECS[scheme.format]
+        self.global_scale = global_scale
+
+    def _scale(self, stored: torch.Tensor) -> torch.Tensor:
+        scale = self.codec.decode(stored)
+        return scale if self.global_scale is None else scale / self.global_scale
+
+    def _candidate(self, amax: torch.Tensor) -> Params:
+        scaled = amax if self.global_scale is None else amax * self.global_scale
+        stored = self.codec.encode(scaled)
+        return stored, self._scale(stored)
+
+    def fit(self, w: torch.Tensor) -> Params:
+        w = w.float()
+        amax = w.abs().amax(dim=-1)
+        stored, scale = self._candidate(amax)
+        if not self.mse:
+            return stored, scale
+        best = ((self.round(w, (stored, scale))[1] - w) ** 2).sum(dim=-1)
+        chosen = torch.ones_like(amax)
+        for factor in _FLOAT_SEARCH_FACTORS:
+            err = ((self.round(w, self._candidate(amax * factor))[1] - w) ** 2).sum(dim=-1)
+            better = err < best
+            best = torch.where(better, err, best)
+            chosen = torch.where(better, factor, chosen)
+        return self._candidate(amax * chosen)
+
+    def round(self, x: torch.Tensor, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = params[1][..., None]
+        codes = e2m1_encode(x / scale)
+        return codes, e2m1_decode(codes) * scale
+
+    def tensor(self, codes: torch.Tensor, params: Params, g_idx: torch.Tensor | None = None) -> FloatQuantizedTensor:
+        if g_idx is not None:
+            raise ValueError("float formats keep their blocks contiguous: no act-order groups")
+        global_scale = None if self.global_scale is None else self.global_scale.reshape(1).float()
+        return FloatQuantizedTensor(codes, params[0], self.scheme, global_scale)
+
+
+def make_grid(scheme: QuantScheme, w: torch.Tensor, mse: bool = False, per_row: bool = False) -> Grid:
+    """The grid for ``w [rows, cols]`` under ``scheme``; NVFP4's global scale from the whole tensor, or from
+    each row with ``per_row`` (dynamic per-token activations)."""
+    if not scheme.is_float:
+        return IntGrid(scheme, mse)
+    tensor_scale = None
+    if scheme.format in TENSOR_SCALED:
+        amax = w.abs().amax(dim=-1, keepdim=True) if per_row else w.abs().amax()
+        tensor_scale = global_scale(amax)
+    return FloatGrid(scheme, mse, tensor_scale)
+
+
+def quantize_groups(grid: Grid, w: torch.Tensor) -> tuple[torch.Tensor, Params, torch.Tensor]:
+    """Round-to-nearest of ``w [rows, cols]`` in consecutive groups: ``(codes, params [rows, groups], values)``.
+
+    A partial last group is padded with zeros, which changes no group's range and rounds exactly.
+    """
+    rows, cols = w.shape
+    size = cols if grid.scheme.group_size == -1 else grid.scheme.group_size
+    groups = -(-cols // size)
+    padded = torch.nn.functional.pad(w.float(), (0, groups * size - cols)).reshape(rows, groups, size)
+    params = grid.fit(padded)
+    codes, values = grid.round(padded, params)
+    return codes.reshape(rows, -1)[:, :cols], params, values.reshape(rows, -1)[:, :cols]

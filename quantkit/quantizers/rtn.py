@@ -1,4 +1,4 @@
-"""Round-to-nearest: each group's grid from its own min/max (optionally MSE-clipped), no calibration."""
+"""Round-to-nearest: each group's grid from its own range (optionally searched), no calibration."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from quantkit.formats.intgrid import IntQuantizedTensor
+from quantkit.formats.base import QuantizedTensor
 from quantkit.quantizers.base import LayerStats, Quantizer
-from quantkit.quantizers.grid import fit_grid, quantize_to_codes
+from quantkit.quantizers.grid import make_grid, quantize_groups
 from quantkit.schemes import QuantScheme
 
 
@@ -20,28 +20,18 @@ def group_slices(in_features: int, group_size: int) -> list[slice]:
 
 @dataclass
 class RTNQuantizer(Quantizer):
-    """Min-max round-to-nearest per group; ``mse`` searches a clipping ratio per row and group."""
+    """Min-max round-to-nearest per group; ``mse`` searches a clipping ratio (integer grids) or a block scale
+    (float formats) per row and group."""
 
     name = "rtn"
     needs_calibration = False
 
     mse: bool = False
 
-    def quantize(self, weight: torch.Tensor, stats: LayerStats, scheme: QuantScheme) -> IntQuantizedTensor:
-        w = weight.float()
-        codes = torch.empty(w.shape, dtype=torch.uint8)
-        scales, zeros = [], []
-        for cols in group_slices(w.shape[1], scheme.group_size):
-            scale, zero = fit_grid(w[:, cols], scheme, mse=self.mse)
-            codes[:, cols] = quantize_to_codes(w[:, cols], scale[:, None], zero[:, None], scheme.maxq).to(torch.uint8)
-            scales.append(scale)
-            zeros.append(zero)
-        return IntQuantizedTensor(
-            codes=codes,
-            scales=torch.stack(scales, dim=1).to(torch.float16),
-            zeros=torch.stack(zeros, dim=1).to(torch.uint8),
-            scheme=scheme,
-        )
+    def quantize(self, weight: torch.Tensor, stats: LayerStats, scheme: QuantScheme) -> QuantizedTensor:
+        grid = make_grid(scheme, weight.float(), self.mse)
+        codes, params, _ = quantize_groups(grid, weight)
+        return grid.tensor(codes, params)
 
     def options(self) -> dict:
         return asdict(self)

@@ -80,7 +80,7 @@ class SpQRQuantizer(Quantizer):
     needs_calibration = True
     default_group_size = 16
     default_symmetric = False
-    tensor_kind = "spqr"
+    float_formats = False
     min_group_size = 2  # leave-one-out needs another weight in the group
 
     damp: float = 1.0
@@ -105,6 +105,9 @@ class SpQRQuantizer(Quantizer):
 
     def options(self) -> dict:
         return asdict(self)
+
+    def tensor_kind(self, scheme: QuantScheme) -> str:
+        return "spqr"
 
     def quantize(self, weight: torch.Tensor, stats: LayerStats, scheme: QuantScheme) -> SpQRQuantizedTensor:
         if stats.hessian is None:

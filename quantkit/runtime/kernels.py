@@ -13,7 +13,9 @@ Backends:
 (torch's float32 int4 path is slower than a dense matmul), then dequant.
 
 SpQR layers (:mod:`quantkit.runtime.spqr_kernels`) have a ``cpu`` path (dense rows decoded per call, plus a
-CSR outlier correction) and a ``triton`` one (the fused dense kernel plus the same correction).
+CSR outlier correction) and a ``triton`` one (the fused dense kernel plus the same correction). FP4 layers
+(:mod:`quantkit.runtime.fp4_kernels`) have a ``cpu`` path (rows decoded per call through a byte table) and a
+``triton`` one (``quantkit_kernels.triton_fp4``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import QuantizedTensor
+from quantkit.formats.floatgrid import FloatQuantizedTensor
 from quantkit.formats.intgrid import IntQuantizedTensor
 from quantkit.formats.spqr import SpQRQuantizedTensor
 
@@ -77,7 +80,8 @@ def _cpu_library():
 
 
 def _cpu_kernel(qt: IntQuantizedTensor, stored: dict[str, torch.Tensor]) -> Kernel | None:
-    from quantkit_kernels.cpu_int import BLOCK, CpuIntKernel, block_order, pack_nibbles
+    from quantkit.formats.packing import pack_nibbles
+    from quantkit_kernels.cpu_int import BLOCK, CpuIntKernel, block_order
 
     in_features = qt.shape[1]
     size = in_features if qt.scheme.group_size == -1 else qt.scheme.group_size
@@ -151,6 +155,18 @@ def _spqr_kernel(name: str, qt: SpQRQuantizedTensor, device: torch.device) -> Ke
     return None
 
 
+def _float_kernel(name: str, qt: FloatQuantizedTensor, stored: dict[str, torch.Tensor], device: torch.device) -> Kernel | None:
+    from quantkit.runtime.fp4_kernels import FloatCpuKernel, FloatTritonKernel
+
+    if name == "cpu" and device.type == "cpu":
+        return FloatCpuKernel(qt, stored)
+    if name == "triton":
+        from quantkit_kernels import triton_fp4
+
+        return FloatTritonKernel(qt, stored, device) if triton_fp4.is_supported(device) else None
+    return None
+
+
 def dequant_kernel(decode: Callable[[], QuantizedTensor]) -> Kernel:
     """The reference path: decode the stored tensors and dequantize on every call."""
     return lambda x: F.linear(x, decode().dequantize(x.dtype))
@@ -174,6 +190,8 @@ def build_kernel(
             kernel = _int_kernel(name, qt, stored, device, dtype)
         elif isinstance(qt, SpQRQuantizedTensor):
             kernel = _spqr_kernel(name, qt, device)
+        elif isinstance(qt, FloatQuantizedTensor):
+            kernel = _float_kernel(name, qt, stored, device)
         else:
             kernel = None
         if kernel is not None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quantkit.actquant import activation_scheme
 from quantkit.errors import QuantkitError
 from quantkit.export import compressed_tensors_format as ct
 from quantkit.export.gptq_format import CONFIG_FILE as GPTQ_CONFIG_FILE
@@ -28,6 +29,7 @@ from quantkit.models.adapters import adapter_for
 from quantkit.runtime import readers
 from quantkit.runtime.kernels import check_backend, default_backend
 from quantkit.runtime.quant_linear import QuantLinear
+from quantkit.schemes import QuantScheme
 
 _PLANNERS = {
     "native": readers.native_plans,
@@ -164,10 +166,21 @@ def _validate(expected: dict[str, TensorSpec], files: dict[str, str], headers: r
             raise QuantkitError(f"tensor {name} has shape {list(got_shape)} {got_dtype}, expected {list(want[0])} {want[1]}")
 
 
-def _quant_linear(name: str, linear: nn.Linear, meta: dict, kernel: str) -> QuantLinear:
+def _input_scheme(checkpoint: CheckpointConfig) -> QuantScheme | None:
+    """The activation quantization a native checkpoint records, validated."""
+    recorded = checkpoint.quantization.get("input_activations") if checkpoint.format == "native" else None
+    if recorded is None:
+        return None
+    try:
+        return activation_scheme(int(recorded["bits"]), str(recorded["format"]), int(recorded["group_size"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise QuantkitError(f"corrupt input_activations in quantization_config: {exc!r}") from None
+
+
+def _quant_linear(name: str, linear: nn.Linear, meta: dict, kernel: str, input_scheme: QuantScheme | None) -> QuantLinear:
     try:
         return QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, meta, linear.weight.dtype,
-                           backend=kernel)
+                           backend=kernel, input_scheme=input_scheme)
     except (KeyError, TypeError, ValueError) as exc:
         raise QuantkitError(f"checkpoint entry for {name} is incomplete or invalid: {exc!r}") from None
 
@@ -196,15 +209,16 @@ def load(path: str | Path, kernel: str | None = None) -> nn.Module:
     files = _shards(folder)
     headers = _headers(folder, files)
     plans = _plans(model, checkpoint, headers)
+    input_scheme = _input_scheme(checkpoint)
     _validate(_expected(model, plans), files, headers)
     tensors = read_tensors(folder, files)
     for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not torch.isfinite(tensor.float()).all():
             raise QuantkitError(f"tensor {name} contains NaN or infinite values")
     for layer, plan in plans.items():
         meta, buffers = plan.decode({name: tensors.pop(f"{layer}.{name}") for name in plan.specs})
         parent, _, child = layer.rpartition(".")
-        setattr(model.get_submodule(parent), child, _quant_linear(layer, model.get_submodule(layer), meta, kernel))
+        setattr(model.get_submodule(parent), child, _quant_linear(layer, model.get_submodule(layer), meta, kernel, input_scheme))
         tensors.update({f"{layer}.{name}": t for name, t in buffers.items()})
     model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from quantkit.actquant import fake_quantize
 from quantkit.formats.base import QuantizedTensor, tensor_class
 from quantkit.runtime.kernels import Kernel, build_kernel, check_backend
+from quantkit.schemes import QuantScheme
 
 
 class QuantLinear(nn.Module):
@@ -14,13 +16,15 @@ class QuantLinear(nn.Module):
 
     ``backend`` names the kernel (see :mod:`quantkit.runtime.kernels`); the kernel is built on the first
     call for each device and activation dtype, from the stored tensors, and reused. ``dequant`` (decode,
-    then ``F.linear``) is the reference every faster kernel is tested against.
+    then ``F.linear``) is the reference every faster kernel is tested against. With ``input_scheme`` the
+    input is fake-quantized per token first (:func:`quantkit.actquant.fake_quantize`).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, meta: dict, dtype: torch.dtype,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", input_scheme: QuantScheme | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features, self.meta = in_features, out_features, meta
+        self.input_scheme = input_scheme
         self.backend = check_backend(backend)
         self._kernels: dict[tuple[torch.device, torch.dtype], tuple[str, Kernel]] = {}
         self.tensor_class = tensor_class(meta["kind"])
@@ -59,11 +63,15 @@ class QuantLinear(nn.Module):
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scheme is not None:
+            x = fake_quantize(x, self.input_scheme)
         y = self._kernel(x.device, x.dtype)[1](x)
         return y + self.bias.to(y.dtype) if self.bias is not None else y
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.meta['kind']}, backend={self.backend}"
+        acts = "" if self.input_scheme is None else f", input={self.input_scheme.format}{self.input_scheme.bits}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, kind={self.meta['kind']}, "
+                f"backend={self.backend}{acts}")
 
 
 def set_backend(model: nn.Module, backend: str) -> int:

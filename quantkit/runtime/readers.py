@@ -100,7 +100,7 @@ def gptq_plans(model: nn.Module, qc: dict, headers: Headers) -> dict[str, LayerP
 
 
 def compressed_tensors_plans(model: nn.Module, qc: dict, headers: Headers) -> dict[str, LayerPlan]:
-    """pack-quantized: the linears matched by a config group's targets and not ignored."""
+    """pack-quantized (integer or FP4): the linears matched by a config group's targets and not ignored."""
     groups, ignore = ct.parse_config(qc)
     plans = {}
     for name, module in model.named_modules():
@@ -114,7 +114,10 @@ def compressed_tensors_plans(model: nn.Module, qc: dict, headers: Headers) -> di
         scale_dtype = _scale_dtype(headers, f"{name}.weight_scale", ct.SCALE_DTYPES)
         specs = ct.expected_tensors(group.weights, shape, scale_dtype)
         w = group.weights
-        meta = _describe(w.bits, w.group_size, w.symmetric, w.g_idx, shape)
+        if w.format == "int":
+            meta = _describe(w.bits, w.group_size, w.symmetric, w.g_idx, shape)
+        else:
+            meta = {"kind": "e2m1", **w.scheme().to_dict(), "shape": list(shape)}
         plans[name] = LayerPlan(specs, meta, _foreign(lambda t, a=w, shape=shape: ct.decode(t, a, shape)))
     if not plans:
         raise QuantkitError("compressed-tensors config targets no linear layer of this model")

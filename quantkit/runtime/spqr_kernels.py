@@ -12,9 +12,9 @@ import warnings
 
 import torch
 
+from quantkit.formats.packing import pack_nibbles, unpack_nibbles
 from quantkit.formats.spqr import MIN_SCALE, SpQRQuantizedTensor, dense_weight, first_level_statistics
-
-SLAB_BYTES = 16 * 1024 * 1024  # float32 dense rows dequantized at a time on CPU
+from quantkit.runtime.slabs import slab_matmul, slab_rows
 
 
 class OutlierCorrection:
@@ -45,31 +45,23 @@ class OutlierCorrection:
         return y + (self.matrix @ x.float().t()).t().to(y.dtype)
 
 
-def _nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """Codes below 16 two per byte (even column in the low nibble); an odd last column is padded."""
-    if codes.shape[1] % 2:
-        codes = torch.cat([codes, codes.new_zeros(codes.shape[0], 1)], dim=1)
-    return codes[:, 0::2] | (codes[:, 1::2] << 4)
-
-
 class SpQRCpuKernel:
     """CPU SpQR: per call, slabs of dense rows are decoded to float32 and multiplied, then outliers added."""
 
     def __init__(self, qt: SpQRQuantizedTensor) -> None:
         self.out_features, self.in_features = qt.shape
         self.packed = qt.scheme.bits <= 4
-        self.codes = _nibbles(qt.codes) if self.packed else qt.codes.contiguous()
+        self.codes = pack_nibbles(qt.codes) if self.packed else qt.codes.contiguous()
         self.scale_stats, self.zero_stats = qt.scale_stats, qt.zero_stats
         self.block, self.group_size, self.bits = qt.stat_group_size, qt.scheme.group_size, qt.scheme.bits
         self.perm = qt.perm
         self.correction = OutlierCorrection(qt, torch.device("cpu"))
-        rows = max(1, SLAB_BYTES // (4 * self.in_features)) // self.block * self.block
-        self.slab_rows = max(self.block, rows)
+        self.slab_rows = slab_rows(self.in_features, self.block)
 
     def _dense_rows(self, begin: int, end: int) -> torch.Tensor:
         stored = self.codes[begin:end]
         if self.packed:
-            stored = torch.stack((stored & 15, stored >> 4), dim=-1).view(end - begin, -1)[:, : self.in_features]
+            stored = unpack_nibbles(stored, self.in_features)
         scale_stats = self.scale_stats.rows(begin, end, self.block)
         zero_stats = self.zero_stats.rows(begin, end, self.block) if self.zero_stats is not None else None
         scales, zeros = first_level_statistics(scale_stats, zero_stats, self.bits, self.block)
@@ -79,10 +71,7 @@ class SpQRCpuKernel:
         lead, dtype = x.shape[:-1], x.dtype
         x2 = x.reshape(-1, self.in_features).float()
         xp = x2[:, self.perm] if self.perm is not None else x2
-        y = torch.empty(x2.shape[0], self.out_features)
-        for begin in range(0, self.out_features, self.slab_rows):
-            end = min(begin + self.slab_rows, self.out_features)
-            torch.mm(xp, self._dense_rows(begin, end).t(), out=y[:, begin:end])
+        y = slab_matmul(xp, self.out_features, self.slab_rows, self._dense_rows)
         return self.correction.add_to(y, x2).to(dtype).reshape(*lead, self.out_features)
 
 

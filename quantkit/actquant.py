@@ -1,0 +1,47 @@
+"""Fake activation quantization: the inputs of quantized linears rounded per token, for W4A4/W4A8 evaluation.
+
+Each token (row of the input) gets its own scales, computed on the fly (dynamic): per-token integer grids
+(``int``, one symmetric scale per token unless a group size is given) or E2M1 with block scales (``fp4``,
+``mxfp4``, ``nvfp4``; NVFP4's float32 second-level scale is taken per token too, where hardware uses one
+calibrated scale per tensor). The values are quantized and immediately dequantized, so any kernel serves
+them; the same function runs in the freshly quantized model (as a forward pre-hook) and in
+:class:`~quantkit.runtime.quant_linear.QuantLinear` after loading.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from quantkit.errors import QuantkitError
+from quantkit.quantizers.grid import make_grid, quantize_groups
+from quantkit.schemes import FIXED_BLOCK, QuantScheme
+
+ACT_BITS = (4, 8)
+
+
+def activation_scheme(bits: int, fmt: str, group_size: int | None = None) -> QuantScheme:
+    """The per-token scheme for ``bits``-bit activations in number format ``fmt`` (symmetric)."""
+    if bits not in ACT_BITS:
+        raise QuantkitError(f"activation bits must be one of {', '.join(map(str, ACT_BITS))}, got {bits}")
+    default = FIXED_BLOCK.get(fmt, -1)
+    return QuantScheme(bits=bits, group_size=default if group_size is None else group_size, symmetric=True, format=fmt)
+
+
+def fake_quantize(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """``x [..., K]`` quantized and dequantized token by token under ``scheme``, in ``x.dtype``."""
+    rows = x.reshape(-1, x.shape[-1]).float()
+    grid = make_grid(scheme, rows, per_row=True)
+    return quantize_groups(grid, rows)[2].reshape(x.shape).to(x.dtype)
+
+
+def attach_input_quantizers(model: nn.Module, layers: Iterable[str], scheme: QuantScheme) -> None:
+    """Quantize the input of every named linear of ``model`` with ``scheme`` from now on."""
+
+    def hook(_module: nn.Module, args: tuple) -> tuple:
+        return (fake_quantize(args[0], scheme), *args[1:])
+
+    for name in layers:
+        model.get_submodule(name).register_forward_pre_hook(hook)
