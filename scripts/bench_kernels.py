@@ -3,7 +3,7 @@
 
 Shapes: Llama-7B's (4096x4096, 4096->11008, 11008->4096) and SmolLM2-135M's (576x576, 576->192, 576->1536,
 1536->576); batches M=1 (decode) and M=128/512 (prefill). Paths: fp32 dense, bf16 dense, then each
-quantized layout through QuantLinear with a named backend (``cpu``: quantkit's C kernels; ``aten``: torch's
+quantized layout through QuantLinear with a named backend (``cpu``: quantkit's C kernels, integer and FP4; ``aten``: torch's
 int4/int8 weight-only kernels; ``dequant``: the reference). Each figure is the median of many calls after
 warm-up, the paths timed round-robin so that drifts in this machine's speed hit them alike. Calls rotate over enough copies of each layer to fill 96 MiB (three times this machine's L3), so
 weights come from memory as they do when decoding a whole model; ``--hot`` reuses one copy (cache-resident
@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from quantkit.formats.intgrid import IntQuantizedTensor
+from quantkit.quantizers import LayerStats, make_quantizer
 from quantkit.runtime.quant_linear import QuantLinear
 from quantkit.schemes import QuantScheme
 
@@ -53,6 +54,8 @@ QUANT_PATHS = {
     "int8 g128 asym / cpu": (QuantScheme(8, 128, False), False, "cpu", torch.float32),
     "int8 per-channel sym / aten bf16": (QuantScheme(8, -1, True), False, "aten", torch.bfloat16),
     "int4 g64 sym / dequant": (QuantScheme(4, 64, True), False, "dequant", torch.float32),
+    "nvfp4 / cpu": (QuantScheme(4, 16, True, "nvfp4"), False, "cpu", torch.float32),
+    "mxfp4 / cpu": (QuantScheme(4, 32, True, "mxfp4"), False, "cpu", torch.float32),
 }
 
 
@@ -85,20 +88,24 @@ def copy_bandwidth_gbs() -> float:
 
 
 def quantized_layer(in_features: int, out_features: int, scheme: QuantScheme, act_order: bool, backend: str) -> QuantLinear:
-    """A QuantLinear holding random codes (speed does not depend on their values)."""
-    size = in_features if scheme.group_size == -1 else scheme.group_size
-    groups = scheme.num_groups(in_features)
-    g_idx = None
-    if act_order:
-        g_idx = torch.empty(in_features, dtype=torch.int32)
-        g_idx[torch.randperm(in_features)] = (torch.arange(in_features) // size).to(torch.int32)
-    qt = IntQuantizedTensor(
-        codes=torch.randint(0, 2**scheme.bits, (out_features, in_features), dtype=torch.uint8),
-        scales=(torch.rand(out_features, groups) * 0.01 + 1e-3).half(),
-        zeros=torch.randint(0, 2**scheme.bits, (out_features, groups), dtype=torch.uint8),
-        scheme=scheme,
-        g_idx=g_idx,
-    )
+    """A QuantLinear holding random codes (speed does not depend on their values); FP4 layers round a random
+    weight, since their scales must be valid encodings."""
+    if scheme.is_float:
+        qt = make_quantizer("rtn").quantize(torch.randn(out_features, in_features) * 0.02, LayerStats(), scheme)
+    else:
+        size = in_features if scheme.group_size == -1 else scheme.group_size
+        groups = scheme.num_groups(in_features)
+        g_idx = None
+        if act_order:
+            g_idx = torch.empty(in_features, dtype=torch.int32)
+            g_idx[torch.randperm(in_features)] = (torch.arange(in_features) // size).to(torch.int32)
+        qt = IntQuantizedTensor(
+            codes=torch.randint(0, 2**scheme.bits, (out_features, in_features), dtype=torch.uint8),
+            scales=(torch.rand(out_features, groups) * 0.01 + 1e-3).half(),
+            zeros=torch.randint(0, 2**scheme.bits, (out_features, groups), dtype=torch.uint8),
+            scheme=scheme,
+            g_idx=g_idx,
+        )
     layer = QuantLinear(in_features, out_features, False, qt.meta(), torch.float32, backend=backend)
     for name, tensor in qt.to_tensors().items():
         setattr(layer, name, tensor)

@@ -135,3 +135,80 @@ def test_cpu_kernel_reads_the_native_packing_without_copying() -> None:
     stored = {"qweight": pack_rows(qt.codes, 4), "scales": qt.scales, "qzeros": pack_rows(qt.zeros, 4)}
     _, kernel = build_kernel(lambda: qt, stored, torch.device("cpu"), torch.float32, "cpu")
     assert kernel.codes.data_ptr() == stored["qweight"].data_ptr()
+
+
+# ---------------------------------------------------------------- FP4 (E2M1) weights
+
+FP4_CASES = [("nvfp4", 16), ("mxfp4", 32), ("fp4", 64), ("fp4", 24)]  # fp4 g24: blocks the C kernels do not take
+
+
+def random_fp4_weight(out_features: int, in_features: int, fmt: str, block: int, seed: int):
+    """Random E2M1 codes (all 16) and stored scales of every byte the format allows."""
+    from quantkit.formats.floatgrid import FloatQuantizedTensor
+
+    gen = torch.Generator().manual_seed(seed)
+    groups = -(-in_features // block)
+    codes = torch.randint(0, 16, (out_features, in_features), generator=gen, dtype=torch.uint8)
+    global_scale = None
+    if fmt == "mxfp4":
+        scales = torch.randint(118, 130, (out_features, groups), generator=gen, dtype=torch.uint8)
+    elif fmt == "nvfp4":
+        scales = (torch.rand(out_features, groups, generator=gen) * 400 + 0.01).to(torch.float8_e4m3fn)
+        global_scale = torch.tensor([2688.0 / 0.3])
+    else:
+        scales = (torch.rand(out_features, groups, generator=gen) * 0.02 + 1e-3).half()
+    return FloatQuantizedTensor(codes, scales, QuantScheme(4, block, True, fmt), global_scale)
+
+
+def fp4_reference(qt) -> torch.Tensor:
+    """float64 weight from the codes, column by column (E2M1 table, decoded scales, global divisor)."""
+    magnitudes = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6], dtype=torch.float64)
+    values = magnitudes[(qt.codes & 7).long()] * (1 - 2 * (qt.codes >> 3).double())
+    if qt.scheme.format == "mxfp4":
+        scales = torch.pow(2.0, qt.scales.double() - 127)
+    else:
+        scales = qt.scales.float().double()
+    if qt.global_scale is not None:
+        scales = (scales.float() / qt.global_scale).double()
+    return values * scales[:, torch.arange(qt.shape[1]) // qt.scheme.group_size]
+
+
+@pytest.mark.parametrize("fmt,block", FP4_CASES)
+@pytest.mark.parametrize("m", [1, 3, 6, 40])  # GEMV tiles of 4 plus remainders, and the slab GEMM
+def test_fp4_cpu_kernel_matches_the_reference(fmt: str, block: int, m: int) -> None:
+    qt = random_fp4_weight(72, 160, fmt, block, seed=m)  # fp4 g64: a partial last block
+    layer = quant_linear(qt, "cpu")
+    x = torch.randn(m, 160, generator=torch.Generator().manual_seed(9))
+    kernel = layer._kernel(x.device, torch.float32)[1]
+    uses_c = type(kernel).__name__ == "CpuFp4Kernel"
+    assert uses_c == (block != 24)
+    assert_matches_reference(layer(x), x, fp4_reference(qt), torch.float32)
+    assert_matches_reference(layer(x.bfloat16()), x.bfloat16().float(), fp4_reference(qt), torch.bfloat16)
+
+
+def test_fp4_cpu_kernel_falls_back_when_the_input_is_not_a_multiple_of_32() -> None:
+    qt = random_fp4_weight(24, 80, "nvfp4", 16, seed=1)
+    layer = quant_linear(qt, "cpu")
+    x = torch.randn(2, 80, generator=torch.Generator().manual_seed(2))
+    assert type(layer._kernel(x.device, torch.float32)[1]).__name__ == "FloatSlabKernel"
+    assert_matches_reference(layer(x), x, fp4_reference(qt), torch.float32)
+
+
+def test_fp4_portable_build_without_avx2_matches_the_reference(tmp_path) -> None:
+    """The scalar C path (machines without AVX2) computes the same products."""
+    from quantkit.runtime.fp4_kernels import c_kernel
+    from quantkit_kernels import cpu_build
+
+    flags = [f for f in cpu_build.compile_flags() if not f.startswith("-m")]
+    original = cpu_build.compile_flags
+    cpu_build.compile_flags = lambda: flags
+    try:
+        library = cpu_build.load_library.__wrapped__(tmp_path)
+    finally:
+        cpu_build.compile_flags = original
+    for fmt, block in FP4_CASES[:3]:
+        qt = random_fp4_weight(40, 96, fmt, block, seed=block)
+        kernel = c_kernel(library, qt, qt.to_tensors())
+        for m in (2, 20):
+            x = torch.randn(m, 96, generator=torch.Generator().manual_seed(m))
+            assert_matches_reference(kernel(x), x, fp4_reference(qt), torch.float32)

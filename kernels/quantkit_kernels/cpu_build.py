@@ -20,12 +20,16 @@ import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_qgemm.c"
 
-_c_ptr, _c_i64, _c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_c_ptr, _c_i64, _c_int, _c_float = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
     # x, m, k, codes, scales, half_scales, zeros, n, group_size, bits, y, threads
     "qk_gemv": [_c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_int, _c_ptr, _c_i64, _c_i64, _c_int, _c_ptr, _c_int],
     # codes, scales, half_scales, zeros, k, group_size, bits, row_begin, row_end, out, threads
     "qk_dequant_rows": [_c_ptr, _c_ptr, _c_int, _c_ptr, _c_i64, _c_i64, _c_int, _c_i64, _c_i64, _c_ptr, _c_int],
+    # x, m, k, packed, scales, lut, global_scale, n, scale_block, y, threads
+    "qk_fp4_gemv": [_c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_ptr, _c_float, _c_i64, _c_i64, _c_ptr, _c_int],
+    # packed, scales, lut, global_scale, k, scale_block, row_begin, row_end, out, threads
+    "qk_fp4_dequant_rows": [_c_ptr, _c_ptr, _c_ptr, _c_float, _c_i64, _c_i64, _c_i64, _c_i64, _c_ptr, _c_int],
 }
 
 

@@ -1,7 +1,10 @@
-"""Serving FP4 (E2M1) layers: decoded per call in slabs of rows on CPU, or the fused Triton kernel.
+"""Serving FP4 (E2M1) layers on CPU (quantkit's C kernels, else rows decoded per call) or through Triton.
 
-The CPU path turns each byte of ``weight_packed`` into its two float32 values with one 256-entry table,
-multiplies by the block scales and hands the slab to torch's GEMM; no float copy of the model is kept.
+The C kernels (:class:`quantkit_kernels.cpu_int.CpuFp4Kernel`) read the packed codes in place: decode runs a
+fused GEMV that turns nibbles into values with one AVX2 permute, prefill dequantizes slabs of rows for
+torch's GEMM. Where they do not fit (inputs not a multiple of 32, blocks that are neither 16 nor a multiple
+of 32, no compiler), each byte of ``weight_packed`` becomes its two float32 values through a 256-entry table,
+times the block scales, a slab of rows at a time. No float copy of the model is kept either way.
 """
 
 from __future__ import annotations
@@ -15,8 +18,26 @@ from quantkit.runtime.slabs import slab_matmul, slab_rows
 _PAIRS = torch.stack((e2m1_decode(torch.arange(256) & 15), e2m1_decode(torch.arange(256) >> 4)), dim=1)
 
 
-class FloatCpuKernel:
-    """CPU FP4: per call, slabs of rows are decoded to float32 and multiplied."""
+def c_kernel(library, qt: FloatQuantizedTensor, stored: dict[str, torch.Tensor]):
+    """The C kernel for this layer, or None where it does not fit."""
+    from quantkit_kernels.cpu_int import BLOCK, CpuFp4Kernel, block_order, fp4_block_fits
+
+    in_features = qt.shape[1]
+    if library is None or in_features % BLOCK or not fp4_block_fits(qt.block):
+        return None
+    codec = SCALE_CODECS[qt.scheme.format]
+    scales = stored["weight_scale"]
+    lut = None
+    if scales.element_size() == 1:
+        lut = codec.decode(torch.arange(256, dtype=torch.uint8).view(codec.dtype)).contiguous()
+        scales = scales.view(torch.uint8)
+    global_scale = None if qt.global_scale is None else float(qt.global_scale)
+    return CpuFp4Kernel(library, stored["weight_packed"], scales, lut, global_scale, qt.block,
+                        block_order(in_features))
+
+
+class FloatSlabKernel:
+    """CPU FP4 without the C kernels: per call, slabs of rows are decoded to float32 and multiplied."""
 
     def __init__(self, qt: FloatQuantizedTensor, stored: dict[str, torch.Tensor]) -> None:
         self.out_features, self.in_features = qt.shape

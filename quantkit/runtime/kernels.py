@@ -14,8 +14,8 @@ Backends:
 
 SpQR layers (:mod:`quantkit.runtime.spqr_kernels`) have a ``cpu`` path (dense rows decoded per call, plus a
 CSR outlier correction) and a ``triton`` one (the fused dense kernel plus the same correction). FP4 layers
-(:mod:`quantkit.runtime.fp4_kernels`) have a ``cpu`` path (rows decoded per call through a byte table) and a
-``triton`` one (``quantkit_kernels.triton_fp4``).
+(:mod:`quantkit.runtime.fp4_kernels`) have a ``cpu`` path (the C kernels when the input size is a multiple of
+32, else rows decoded per call through a byte table) and a ``triton`` one (``quantkit_kernels.triton_fp4``).
 """
 
 from __future__ import annotations
@@ -156,10 +156,10 @@ def _spqr_kernel(name: str, qt: SpQRQuantizedTensor, device: torch.device) -> Ke
 
 
 def _float_kernel(name: str, qt: FloatQuantizedTensor, stored: dict[str, torch.Tensor], device: torch.device) -> Kernel | None:
-    from quantkit.runtime.fp4_kernels import FloatCpuKernel, FloatTritonKernel
+    from quantkit.runtime.fp4_kernels import FloatSlabKernel, FloatTritonKernel, c_kernel
 
     if name == "cpu" and device.type == "cpu":
-        return FloatCpuKernel(qt, stored)
+        return c_kernel(_cpu_library(), qt, stored) or FloatSlabKernel(qt, stored)
     if name == "triton":
         from quantkit_kernels import triton_fp4
 

@@ -10,6 +10,10 @@
  * with x[16..31]. For 8-bit the order is the natural one. Scales are IEEE half floats, zero points bytes.
  *
  * y[m,n] = sum_g s[n,g] * (sum_{k in g} x[m,k] q[n,k]) - sum_g s[n,g] z[n,g] xsum[m,g].
+ *
+ * FP4 (E2M1) weights use the same 4-bit packing and block order: W[n,k] = e2m1(q[n,k]) * s[n, k / scale_block]
+ * where a code's bit 3 is the sign and bits 0-2 index 0, 0.5, 1, 1.5, 2, 3, 4, 6. Scales are IEEE halves or
+ * bytes decoded through a 256-entry table (E8M0, E4M3), divided by a global scale when one is given.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -174,6 +178,133 @@ static void row_tile_scalar(
     }
 }
 #endif
+
+/* Block scale i of an FP4 row: a half, or a byte through lut; divided by global when global > 0. */
+static inline float fp4_scale(const void *scales, const float *lut, float global, int64_t i) {
+    float s = lut ? lut[((const uint8_t *)scales)[i]] : half_to_float(((const uint16_t *)scales)[i]);
+    return global > 0.f ? s / global : s;
+}
+
+static inline float e2m1_value(int code) {
+    static const float magnitudes[8] = {0.f, 0.5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f};
+    return (code & 8) ? -magnitudes[code & 7] : magnitudes[code & 7];
+}
+
+#ifdef __AVX2__
+/* The 32 FP4 values of one block, in block order, each multiplied by its block scale. */
+static inline __attribute__((always_inline)) void load_fp4_block(
+    const uint8_t *p, const void *scales, const float *lut, float global, int64_t b, int64_t scale_block,
+    __m256 w[4]) {
+    const __m256 table = _mm256_setr_ps(0.f, 0.5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f);
+    const __m256i seven = _mm256_set1_epi32(7), eight = _mm256_set1_epi32(8);
+    __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+    __m256i first = _mm256_shuffle_epi8(v, SPREAD_BYTES(0)), second = _mm256_shuffle_epi8(v, SPREAD_BYTES(8));
+    __m256i codes[4] = {_mm256_and_si256(first, _mm256_set1_epi32(15)), _mm256_and_si256(second, _mm256_set1_epi32(15)),
+                        _mm256_srli_epi32(first, 4), _mm256_srli_epi32(second, 4)};
+    /* Positions 0-7 and 16-23 hold columns 0-15 of the block, 8-15 and 24-31 columns 16-31. */
+    float s_low, s_high;
+    if (scale_block == 16) {
+        s_low = fp4_scale(scales, lut, global, 2 * b);
+        s_high = fp4_scale(scales, lut, global, 2 * b + 1);
+    } else {
+        s_low = s_high = fp4_scale(scales, lut, global, b * BLOCK / scale_block);
+    }
+    for (int i = 0; i < 4; i++) {
+        __m256 magnitude = _mm256_permutevar8x32_ps(table, _mm256_and_si256(codes[i], seven));
+        __m256i sign = _mm256_slli_epi32(_mm256_and_si256(codes[i], eight), 28);
+        __m256 value = _mm256_xor_ps(magnitude, _mm256_castsi256_ps(sign));
+        w[i] = _mm256_mul_ps(value, _mm256_set1_ps(i % 2 ? s_high : s_low));
+    }
+}
+
+/* One FP4 weight row against MT activation rows. */
+static inline __attribute__((always_inline)) void fp4_row_tile(
+    const uint8_t *codes, const void *scales, const float *lut, float global, const float *x, int64_t k,
+    int64_t scale_block, int64_t n_out, float *y, const int MT) {
+    const int NA = MT == 1 ? 4 : 2;
+    __m256 acc[4][4];
+    for (int t = 0; t < MT; t++)
+        for (int a = 0; a < NA; a++) acc[t][a] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < k / BLOCK; b++) {
+        __m256 w[4];
+        load_fp4_block(codes + b * 16, scales, lut, global, b, scale_block, w);
+        for (int t = 0; t < MT; t++) {
+            const float *xp = x + t * k + b * BLOCK;
+            for (int i = 0; i < 4; i++)
+                acc[t][i % NA] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xp + 8 * i), acc[t][i % NA]);
+        }
+    }
+    for (int t = 0; t < MT; t++) {
+        __m256 sum = acc[t][0];
+        for (int a = 1; a < NA; a++) sum = _mm256_add_ps(sum, acc[t][a]);
+        y[t * n_out] = hsum(sum);
+    }
+}
+#endif
+
+/* Column c (in block order) of an FP4 row, scaled. */
+static inline float fp4_weight(const uint8_t *codes, const void *scales, const float *lut, float global, int64_t c,
+                               int64_t scale_block) {
+    int64_t b = c / BLOCK, j = c % BLOCK;
+    int64_t column = b * BLOCK + (j < 16 ? 2 * j : 2 * (j - 16) + 1);
+    int q = j < 16 ? codes[b * 16 + j] & 0x0F : codes[b * 16 + j - 16] >> 4;
+    return e2m1_value(q) * fp4_scale(scales, lut, global, column / scale_block);
+}
+
+/* y[m_rows, n] = x[m_rows, k] @ W.T for FP4 rows and block-ordered x; k a multiple of 32, scale_block 16 or a
+ * multiple of 32. lut: 256 floats for byte scales, NULL for half scales; global <= 0: no global scale. */
+int qk_fp4_gemv(const float *x, int64_t m_rows, int64_t k, const uint8_t *codes, const void *scales,
+                const float *lut, float global, int64_t n, int64_t scale_block, float *y, int threads) {
+    if (k % BLOCK || (scale_block != 16 && scale_block % BLOCK)) return 1;
+    int64_t groups = (k + scale_block - 1) / scale_block; /* the last block may be partial */
+    size_t scale_bytes = lut ? 1 : 2;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < n; r++) {
+        const uint8_t *c = codes + r * (k / 2);
+        const void *s = (const uint8_t *)scales + (size_t)(r * groups) * scale_bytes;
+#ifdef __AVX2__
+        int64_t m = 0;
+        for (; m + 4 <= m_rows; m += 4) fp4_row_tile(c, s, lut, global, x + m * k, k, scale_block, n, y + m * n + r, 4);
+        switch (m_rows - m) {
+            case 3: fp4_row_tile(c, s, lut, global, x + m * k, k, scale_block, n, y + m * n + r, 3); break;
+            case 2: fp4_row_tile(c, s, lut, global, x + m * k, k, scale_block, n, y + m * n + r, 2); break;
+            case 1: fp4_row_tile(c, s, lut, global, x + m * k, k, scale_block, n, y + m * n + r, 1); break;
+            default: break;
+        }
+#else
+        for (int64_t m = 0; m < m_rows; m++) {
+            float acc = 0.f;
+            for (int64_t col = 0; col < k; col++) acc += x[m * k + col] * fp4_weight(c, s, lut, global, col, scale_block);
+            y[m * n + r] = acc;
+        }
+#endif
+    }
+    return 0;
+}
+
+/* Rows [row_begin, row_end) of FP4 weights as float32, columns in block order. */
+int qk_fp4_dequant_rows(const uint8_t *codes, const void *scales, const float *lut, float global, int64_t k,
+                        int64_t scale_block, int64_t row_begin, int64_t row_end, float *out, int threads) {
+    if (k % BLOCK || (scale_block != 16 && scale_block % BLOCK)) return 1;
+    int64_t groups = (k + scale_block - 1) / scale_block; /* the last block may be partial */
+    size_t scale_bytes = lut ? 1 : 2;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = row_begin; r < row_end; r++) {
+        const uint8_t *c = codes + r * (k / 2);
+        const void *s = (const uint8_t *)scales + (size_t)(r * groups) * scale_bytes;
+        float *o = out + (r - row_begin) * k;
+#ifdef __AVX2__
+        for (int64_t b = 0; b < k / BLOCK; b++) {
+            __m256 w[4];
+            load_fp4_block(c + b * 16, s, lut, global, b, scale_block, w);
+            for (int i = 0; i < 4; i++) _mm256_storeu_ps(o + b * BLOCK + 8 * i, w[i]);
+        }
+#else
+        for (int64_t col = 0; col < k; col++) o[col] = fp4_weight(c, s, lut, global, col, scale_block);
+#endif
+    }
+    return 0;
+}
 
 /* y[m_rows, n] = x[m_rows, k] @ W.T for block-ordered x; k and group_size multiples of 32. */
 int qk_gemv(const float *x, int64_t m_rows, int64_t k, const uint8_t *codes, const void *scales,
