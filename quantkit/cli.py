@@ -45,7 +45,7 @@ def quantize(
     damp: Annotated[float | None, typer.Option(help="Damping as a fraction of the mean Hessian diagonal. Default: 0.01 (gptq), 1.0 (spqr).")] = None,
     mse: Annotated[bool | None, typer.Option("--mse/--no-mse", help="GPTQ/RTN: search a clipping ratio per group (integer grids) or the block scale among candidates (float formats).")] = None,
     act_bits: Annotated[int | None, typer.Option(help="Quantize the input of every quantized linear per token to 4 or 8 bits (fake quantization, recorded in the checkpoint). Default: weights only.")] = None,
-    act_format: Annotated[str | None, typer.Option(help="Activation number format: int, fp4, mxfp4 or nvfp4. Default: the weight format when it is a float one, else int.")] = None,
+    act_format: Annotated[str | None, typer.Option(help="Activation number format: int, fp4, mxfp4 or nvfp4. Default: the weight format for 4-bit activations of float weights, else int.")] = None,
     act_group_size: Annotated[int | None, typer.Option(help="Activation columns per scale; default one scale per token (int, fp4), 32 (mxfp4), 16 (nvfp4).")] = None,
     outlier_threshold: Annotated[float | None, typer.Option(help="SpQR: relative outlier threshold; higher keeps fewer outliers, inf none (default 0.2).")] = None,
     simplified_outliers: Annotated[bool | None, typer.Option("--simplified-outliers/--loo-outliers", help="SpQR: skip the leave-one-out pre-detection (faster, usually a little worse).")] = None,
@@ -73,7 +73,8 @@ def quantize(
     scheme = make_quantizer(method, **options).default_scheme(bits, group_size, sym, number_format)
     act_scheme = None
     if act_bits is not None:
-        act_scheme = activation_scheme(act_bits, act_format or (number_format if scheme.is_float else "int"), act_group_size)
+        default_format = number_format if scheme.is_float and act_bits == 4 else "int"
+        act_scheme = activation_scheme(act_bits, act_format or default_format, act_group_size)
     elif act_format is not None or act_group_size is not None:
         raise QuantkitError("--act-format and --act-group-size need --act-bits")
     result = run_quantize(

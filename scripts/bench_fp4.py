@@ -42,6 +42,7 @@ CONFIGS: dict[str, list[str] | None] = {
     "int4-g16-gptq": [*GPTQ, "--bits", "4", "--group-size", "16", "--sym"],
     "nvfp4-rtn-search": [*RTN, *NV, "--mse"],
     "nvfp4-gptq-search": [*GPTQ, *NV, "--mse"],
+    "nvfp4-w4a8-gptq": [*GPTQ, *NV, "--act-bits", "8"],
 }
 
 

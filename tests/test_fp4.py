@@ -361,6 +361,10 @@ def test_cli_quantizes_fp4_with_activations_and_refuses_bad_combinations(tmp_pat
     assert "activations" in proc.stdout
     assert_one_line_error(run_cli("export", str(out), "-o", str(tmp_path / "ct-refused"), "--layout", "compressed-tensors"),
                           "activation")
+    w4a8 = tmp_path / "w4a8"
+    assert run_cli("quantize", str(tiny_model_dir), "--method", "rtn", "--format", "nvfp4", "--act-bits", "8", "-o", str(w4a8)).returncode == 0
+    acts = json.loads((w4a8 / "config.json").read_text())["quantization_config"]["input_activations"]
+    assert acts == {"bits": 8, "group_size": -1, "symmetric": True, "format": "int"}  # FP4 has no 8-bit variant
     weight_only = tmp_path / "w4a16"
     assert run_cli("quantize", str(tiny_model_dir), "--method", "rtn", "--format", "mxfp4", "-o", str(weight_only)).returncode == 0
     proc = run_cli("export", str(weight_only), "-o", str(tmp_path / "ct"), "--layout", "compressed-tensors")
