@@ -43,6 +43,7 @@ CONFIGS: dict[str, list[str] | None] = {
     "nvfp4-rtn-search": [*RTN, *NV, "--mse"],
     "nvfp4-gptq-search": [*GPTQ, *NV, "--mse"],
     "nvfp4-w4a8-gptq": [*GPTQ, *NV, "--act-bits", "8"],
+    "nvfp4-gptq-no-act-order": ["--method", "gptq", "--no-act-order", *NV],
 }
 
 
