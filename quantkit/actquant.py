@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from quantkit.errors import QuantkitError
 from quantkit.quantizers.grid import make_grid, quantize_groups
@@ -37,11 +38,10 @@ def fake_quantize(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     return quantize_groups(grid, rows)[2].reshape(x.shape).to(x.dtype)
 
 
-def attach_input_quantizers(model: nn.Module, layers: Iterable[str], scheme: QuantScheme) -> None:
-    """Quantize the input of every named linear of ``model`` with ``scheme`` from now on."""
+def attach_input_quantizers(model: nn.Module, layers: Iterable[str], scheme: QuantScheme) -> list[RemovableHandle]:
+    """Quantize the input of every named linear of ``model`` with ``scheme`` from now on; the hook handles."""
 
     def hook(_module: nn.Module, args: tuple) -> tuple:
         return (fake_quantize(args[0], scheme), *args[1:])
 
-    for name in layers:
-        model.get_submodule(name).register_forward_pre_hook(hook)
+    return [model.get_submodule(name).register_forward_pre_hook(hook) for name in layers]

@@ -36,6 +36,7 @@ class QuantizeResult:
     quantized: dict[str, QuantizedTensor]
     quantization_config: dict
     seconds: dict[str, float] = field(default_factory=dict)
+    input_quantizers: list = field(default_factory=list)  # hook handles: remove() them for weight-only outputs
 
 
 def quantize(
@@ -87,8 +88,7 @@ def quantize(
         EngineOptions(true_sequential=true_sequential), label=f"{method} {_scheme_label(scheme)}",
     )
     seconds["quantize"] = time.perf_counter() - start
-    if act_scheme is not None:
-        attach_input_quantizers(loaded.model, quantized, act_scheme)
+    hooks = attach_input_quantizers(loaded.model, quantized, act_scheme) if act_scheme is not None else []
     config = {
         "method": method,
         "quantizer": quantizer.options(),
@@ -107,7 +107,7 @@ def quantize(
         start = time.perf_counter()
         save_checkpoint(layout, Path(output), loaded.model, loaded.tokenizer, quantized, config, overwrite=overwrite)
         seconds["export"] = time.perf_counter() - start
-    return QuantizeResult(loaded.model, loaded.tokenizer, quantized, config, seconds)
+    return QuantizeResult(loaded.model, loaded.tokenizer, quantized, config, seconds, hooks)
 
 
 def _scheme_label(scheme: QuantScheme) -> str:
@@ -129,10 +129,10 @@ def export(source: str | Path, output: str | Path, layout: str, overwrite: bool 
     from quantkit.runtime.loader import open_checkpoint
     from quantkit.runtime.quant_linear import QuantLinear
 
-    check_layout(layout)
-    check_output_dir(Path(output), overwrite)
     checkpoint = open_checkpoint(Path(source))
     qc = checkpoint.quantization
+    check_layout(layout, activations=qc.get("input_activations") is not None)
+    check_output_dir(Path(output), overwrite)
     model = load(source)
     quantized = {name: m.quantized() for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     has_tokenizer = any((Path(source) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))

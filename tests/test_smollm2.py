@@ -83,8 +83,8 @@ def test_nvfp4_gptq_beats_rtn_and_w4a4_checkpoint_reproduces_it(tmp_path: Path, 
         torch.testing.assert_close(loaded(ids).logits, gptq.model(ids).logits, rtol=0, atol=1e-3)
     del loaded
     w4a4_ppl = perplexity(gptq.model, wikitext_stream, SEQLEN, WINDOWS).perplexity
-    for module in gptq.model.modules():  # weights only: drop the activation quantizers
-        module._forward_pre_hooks.clear()
+    for handle in gptq.input_quantizers:  # weights only: drop the activation quantizers
+        handle.remove()
     gptq_ppl = perplexity(gptq.model, wikitext_stream, SEQLEN, WINDOWS).perplexity
     print(f"nvfp4 rtn {rtn_ppl:.2f}  gptq {gptq_ppl:.2f}  gptq w4a4 {w4a4_ppl:.2f}")
     assert gptq_ppl < rtn_ppl and gptq_ppl < w4a4_ppl < 2 * gptq_ppl

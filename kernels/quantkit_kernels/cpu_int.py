@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from quantkit.runtime.slabs import slab_rows
+
 BLOCK = 32
 GEMV_MAX_ROWS = 16
-SLAB_BYTES = 16 * 1024 * 1024
 
 
 def block_order(in_features: int) -> torch.Tensor:
@@ -60,7 +61,7 @@ class CpuGemm(ABC):
         return y
 
     def _slab_gemm(self, x: torch.Tensor) -> torch.Tensor:
-        rows_per_slab = max(BLOCK, SLAB_BYTES // (4 * self.in_features))
+        rows_per_slab = slab_rows(self.in_features, BLOCK)
         slab = torch.empty(min(rows_per_slab, self.out_features), self.in_features, dtype=torch.float32)
         y_t = torch.empty(self.out_features, x.shape[0], dtype=torch.float32)
         x_t = x.t()

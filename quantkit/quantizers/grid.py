@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from quantkit.errors import QuantkitError
 from quantkit.formats.base import QuantizedTensor
 from quantkit.formats.e2m1 import SCALE_CODECS, TENSOR_SCALED, e2m1_decode, e2m1_encode, global_scale
 from quantkit.formats.floatgrid import FloatQuantizedTensor
@@ -159,7 +160,7 @@ class FloatGrid(Grid):
 
     def tensor(self, codes: torch.Tensor, params: Params, g_idx: torch.Tensor | None = None) -> FloatQuantizedTensor:
         if g_idx is not None:
-            raise ValueError("float formats keep their blocks contiguous: no act-order groups")
+            raise QuantkitError("float formats keep their blocks contiguous: no act-order groups")
         global_scale = None if self.global_scale is None else self.global_scale.reshape(1).float()
         return FloatQuantizedTensor(codes, params[0], self.scheme, global_scale)
 

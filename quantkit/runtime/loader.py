@@ -4,6 +4,7 @@ tensor against the config from the safetensors headers, then build the model wit
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,6 +197,15 @@ def describe_layers(path: str | Path) -> tuple[CheckpointConfig, dict[str, dict]
     return checkpoint, {name: plan.meta for name, plan in plans.items()}
 
 
+@contextmanager
+def _naming(layer: str):
+    """Prefix the layer's name to a decoding error."""
+    try:
+        yield
+    except QuantkitError as exc:
+        raise QuantkitError(f"{layer}: {exc}") from None
+
+
 def load(path: str | Path, kernel: str | None = None) -> nn.Module:
     """Load a checkpoint as a transformers model whose quantized linears are QuantLinear modules.
 
@@ -216,7 +226,8 @@ def load(path: str | Path, kernel: str | None = None) -> nn.Module:
         if tensor.is_floating_point() and not torch.isfinite(tensor.float()).all():
             raise QuantkitError(f"tensor {name} contains NaN or infinite values")
     for layer, plan in plans.items():
-        meta, buffers = plan.decode({name: tensors.pop(f"{layer}.{name}") for name in plan.specs})
+        with _naming(layer):
+            meta, buffers = plan.decode({name: tensors.pop(f"{layer}.{name}") for name in plan.specs})
         parent, _, child = layer.rpartition(".")
         setattr(model.get_submodule(parent), child, _quant_linear(layer, model.get_submodule(layer), meta, kernel, input_scheme))
         tensors.update({f"{layer}.{name}": t for name, t in buffers.items()})
@@ -227,7 +238,8 @@ def load(path: str | Path, kernel: str | None = None) -> nn.Module:
         raise QuantkitError(f"checkpoint left {leftover[0]} without a value")
     if checkpoint.format == "native":  # imported layers were decoded (and their g_idx checked) by their reader
         for layer in plans:
-            model.get_submodule(layer).quantized()  # decode once: refuses out-of-range group indices early
+            with _naming(layer):
+                model.get_submodule(layer).quantized()  # decode once: refuses invalid stored values early
     model.eval()
     return model
 

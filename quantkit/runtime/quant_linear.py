@@ -59,8 +59,16 @@ class QuantLinear(nn.Module):
         return self._kernels[key]
 
     def _apply(self, fn, recurse=True):
+        """Move or cast like any module, except that the stored tensors keep their dtypes (float8 scales or
+        a float32 tensor scale cast to half precision would change the weight)."""
         self._kernels.clear()  # moved or cast: kernels built from the old tensors are stale
-        return super()._apply(fn, recurse)
+        stored = {n: getattr(self, n) for n in self.tensor_names}
+        module = super()._apply(fn, recurse)
+        for name, before in stored.items():
+            after = getattr(self, name)
+            if after.dtype != before.dtype:
+                setattr(self, name, before.to(after.device))
+        return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scheme is not None:
