@@ -44,6 +44,8 @@ CONFIGS: dict[str, list[str] | None] = {
     "nvfp4-gptq-search": [*GPTQ, *NV, "--mse"],
     "nvfp4-w4a8-gptq": [*GPTQ, *NV, "--act-bits", "8"],
     "nvfp4-gptq-no-act-order": ["--method", "gptq", "--no-act-order", *NV],
+    "fp4-g32-rtn": [*RTN, "--format", "fp4", "--group-size", "32"],
+    "fp4-g32-gptq": [*GPTQ, "--format", "fp4", "--group-size", "32"],
 }
 
 
