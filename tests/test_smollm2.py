@@ -77,14 +77,20 @@ def test_nvfp4_gptq_beats_rtn_and_w4a4_checkpoint_reproduces_it(tmp_path: Path, 
     gptq = quantize("smollm2-135m", method="gptq", scheme=scheme, calibration=CalibrationSpec(C4, 16, 256),
                     output=tmp_path / "nv", act_order=True, act_scheme=activation_scheme(4, "nvfp4"))
     ids = wikitext_stream[:256][None]
+    reference = quantkit.load(tmp_path / "nv", kernel="dequant")
+    with torch.no_grad():
+        torch.testing.assert_close(reference(ids).logits, gptq.model(ids).logits, rtol=0, atol=1e-4)
+    del reference
+    # The C kernels sum in another order; quantized activations turn those float32 rounding differences into
+    # occasional flips of an activation code, so W4A4 logits drift apart while the perplexity agrees.
     loaded = quantkit.load(tmp_path / "nv")
     assert loaded.get_submodule("model.layers.0.mlp.down_proj").kernel_name(ids.device, torch.float32) == "cpu"
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, gptq.model(ids).logits, rtol=0, atol=1e-3)
+    served_ppl = perplexity(loaded, wikitext_stream, SEQLEN, WINDOWS).perplexity
     del loaded
     w4a4_ppl = perplexity(gptq.model, wikitext_stream, SEQLEN, WINDOWS).perplexity
+    assert abs(served_ppl / w4a4_ppl - 1) < 0.03  # measured: 0.6% for RTN W4A4 on these 2 windows
     for handle in gptq.input_quantizers:  # weights only: drop the activation quantizers
         handle.remove()
     gptq_ppl = perplexity(gptq.model, wikitext_stream, SEQLEN, WINDOWS).perplexity
-    print(f"nvfp4 rtn {rtn_ppl:.2f}  gptq {gptq_ppl:.2f}  gptq w4a4 {w4a4_ppl:.2f}")
+    print(f"nvfp4 rtn {rtn_ppl:.2f}  gptq {gptq_ppl:.2f}  gptq w4a4 {w4a4_ppl:.2f} (served {served_ppl:.2f})")
     assert gptq_ppl < rtn_ppl and gptq_ppl < w4a4_ppl < 2 * gptq_ppl
