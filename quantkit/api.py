@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from quantkit import __version__
 from quantkit.actquant import attach_input_quantizers
@@ -36,7 +37,7 @@ class QuantizeResult:
     quantized: dict[str, QuantizedTensor]
     quantization_config: dict
     seconds: dict[str, float] = field(default_factory=dict)
-    input_quantizers: list = field(default_factory=list)  # hook handles: remove() them for weight-only outputs
+    input_quantizers: list[RemovableHandle] = field(default_factory=list)  # remove() them for weight-only outputs
 
 
 def quantize(

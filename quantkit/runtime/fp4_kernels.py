@@ -9,17 +9,23 @@ times the block scales, a slab of rows at a time. No float copy of the model is 
 
 from __future__ import annotations
 
+import ctypes
+from typing import TYPE_CHECKING
+
 import torch
 
 from quantkit.formats.e2m1 import SCALE_CODECS, e2m1_decode
 from quantkit.formats.floatgrid import FloatQuantizedTensor
 from quantkit.runtime.slabs import slab_matmul, slab_rows
 
+if TYPE_CHECKING:
+    from quantkit_kernels.cpu_int import CpuFp4Kernel
+
 _PAIRS = torch.stack((e2m1_decode(torch.arange(256) & 15), e2m1_decode(torch.arange(256) >> 4)), dim=1)
 
 
-def c_kernel(library, qt: FloatQuantizedTensor, stored: dict[str, torch.Tensor]):
-    """The C kernel for this layer, or None where it does not fit."""
+def c_kernel(library: ctypes.CDLL | None, qt: FloatQuantizedTensor, stored: dict[str, torch.Tensor]) -> CpuFp4Kernel | None:
+    """The C kernel for this layer, or None where it does not fit (or the library could not be built)."""
     from quantkit_kernels.cpu_int import BLOCK, CpuFp4Kernel, block_order, fp4_block_fits
 
     in_features = qt.shape[1]
