@@ -31,17 +31,24 @@ def activation_scheme(bits: int, fmt: str, group_size: int | None = None) -> Qua
     return QuantScheme(bits=bits, group_size=default if group_size is None else group_size, symmetric=True, format=fmt)
 
 
-def fake_quantize(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
-    """``x [..., K]`` quantized and dequantized token by token under ``scheme``, in ``x.dtype``."""
+def fake_quantize(x: torch.Tensor, scheme: QuantScheme, clip: float = 1.0) -> torch.Tensor:
+    """``x [..., K]`` quantized and dequantized token by token under ``scheme``, in ``x.dtype``; ``clip`` < 1
+    shrinks each token's range (a learned clipping ratio)."""
     rows = x.reshape(-1, x.shape[-1]).float()
-    grid = make_grid(scheme, rows, per_row=True)
+    grid = make_grid(scheme, rows, per_row=True, clip=None if clip == 1.0 else clip)
     return quantize_groups(grid, rows)[2].reshape(x.shape).to(x.dtype)
 
 
-def attach_input_quantizers(model: nn.Module, layers: Iterable[str], scheme: QuantScheme) -> list[RemovableHandle]:
-    """Quantize the input of every named linear of ``model`` with ``scheme`` from now on; the hook handles."""
+def attach_input_quantizers(model: nn.Module, layers: Iterable[str], scheme: QuantScheme,
+                            clips: dict[str, float] | None = None) -> list[RemovableHandle]:
+    """Quantize the input of every named linear of ``model`` with ``scheme`` (and its clipping ratio in
+    ``clips``) from now on; the hook handles."""
 
-    def hook(_module: nn.Module, args: tuple) -> tuple:
-        return (fake_quantize(args[0], scheme), *args[1:])
+    def hook_for(clip: float):
+        def hook(_module: nn.Module, args: tuple) -> tuple:
+            return (fake_quantize(args[0], scheme, clip), *args[1:])
 
-    return [model.get_submodule(name).register_forward_pre_hook(hook) for name in layers]
+        return hook
+
+    clips = clips or {}
+    return [model.get_submodule(name).register_forward_pre_hook(hook_for(clips.get(name, 1.0))) for name in layers]

@@ -9,14 +9,17 @@ from pathlib import Path
 from quantkit.errors import QuantkitError
 from quantkit.export.safetensors_io import DTYPE_BYTES, header_specs, shard_map
 from quantkit.runtime.loader import describe_layers
+from quantkit.transforms.kron import TRANSFORM_BUFFERS
 
-ROLES = ("codes", "statistics", "outliers", "permutation", "other")
+ROLES = ("codes", "statistics", "outliers", "permutation", "transform", "other")
 
 
 def tensor_role(name: str) -> str:
     """What a quantized layer's stored tensor holds, from its name (native, GPTQ and compressed-tensors names)."""
     if "outlier" in name:
         return "outliers"
+    if name in TRANSFORM_BUFFERS:
+        return "transform"
     if "g_idx" in name or name == "perm":
         return "permutation"
     if "scale" in name or "zero" in name:

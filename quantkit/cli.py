@@ -58,6 +58,11 @@ def quantize(
     data_dir: Annotated[str | None, typer.Option(help="Local data directory for named sources (c4).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     layout: Annotated[str, typer.Option(help="Checkpoint layout: native, gptq (v1) or compressed-tensors (pack-quantized, nvfp4- or mxfp4-pack-quantized).")] = "native",
+    transform: Annotated[str | None, typer.Option(help="Rewrite the model first: hadamard (QuaRot), flatquant or ostquant (trained). Default: none.")] = None,
+    transform_budget: Annotated[str, typer.Option(help="Training budget of flatquant/ostquant: cpu (minutes here) or paper.")] = "cpu",
+    transform_nsamples: Annotated[int | None, typer.Option(help="Transform training windows (overrides the budget).")] = None,
+    transform_seqlen: Annotated[int | None, typer.Option(help="Tokens per transform training window (overrides the budget).")] = None,
+    transform_epochs: Annotated[int | None, typer.Option(help="Passes over the transform training windows (overrides the budget).")] = None,
 ) -> None:
     """Quantize a causal LM and write a packed checkpoint."""
     from quantkit.actquant import activation_scheme
@@ -65,6 +70,7 @@ def quantize(
     from quantkit.api import quantize as run_quantize
     from quantkit.checkpoint_info import inspect_checkpoint
     from quantkit.quantizers import make_quantizer
+    from quantkit.transforms import make_transform
 
     options = dict(
         damp=damp, act_order=act_order, static_groups=static_groups, mse=mse, outlier_threshold=outlier_threshold,
@@ -77,6 +83,13 @@ def quantize(
         act_scheme = activation_scheme(act_bits, act_format or default_format, act_group_size)
     elif act_format is not None or act_group_size is not None:
         raise QuantkitError("--act-format and --act-group-size need --act-bits")
+    budget_options = dict(nsamples=transform_nsamples, seqlen=transform_seqlen, epochs=transform_epochs)
+    if transform is not None:
+        transform_object = make_transform(transform, transform_budget, **budget_options)
+    elif transform_budget != "cpu" or any(v is not None for v in budget_options.values()):
+        raise QuantkitError("--transform-budget and the --transform-* training options need --transform")
+    else:
+        transform_object = None
     result = run_quantize(
         model,
         method=method,
@@ -88,6 +101,7 @@ def quantize(
         overwrite=overwrite,
         layout=layout,
         act_scheme=act_scheme,
+        transform=transform_object,
         **options,
     )
     info = inspect_checkpoint(output)
@@ -99,6 +113,9 @@ def quantize(
     if act_scheme is not None:
         table.add_row("activations", f"{act_scheme.format} {act_scheme.bits}-bit per token"
                       + (f", groups of {act_scheme.group_size}" if act_scheme.group_size != -1 else ""))
+    transform_record = result.quantization_config["transform"]
+    if transform_record is not None:
+        table.add_row("transform", f"{transform_record['name']}, {len(transform_record['online'])} online input maps")
     table.add_row("layers quantized", str(len(result.quantized)))
     table.add_row("bits per quantized weight", f"{info.bits_per_weight:.3f}")
     table.add_row("checkpoint size", f"{info.file_bytes / 2**20:.1f} MiB")

@@ -14,7 +14,7 @@ full-precision block (one pass), then the quantized block recomputes the outputs
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -39,6 +39,7 @@ class _StopForward(Exception):
 class EngineOptions:
     true_sequential: bool = True
     batch_tokens: int = 8192  # calibration tokens per forward batch
+    weight_clip: dict[str, torch.Tensor] = field(default_factory=dict)  # learned clipping ratios per output row
 
 
 def _linear(block: nn.Module, name: str, full_name: str) -> nn.Linear:
@@ -88,7 +89,7 @@ def capture_block_inputs(
     return captured
 
 
-def _block_output(out: object) -> torch.Tensor:
+def block_output(out: object) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out  # type: ignore[index]
 
 
@@ -103,18 +104,20 @@ class _BlockRun:
         quantizer: Quantizer,
         scheme_for: SchemeFor,
         results: dict[str, QuantizedTensor],
+        weight_clip: dict[str, torch.Tensor],
     ) -> None:
-        self.block, self.prefix, self.groups = block, prefix, adapter.groups
+        self.block, self.prefix, self.groups, self.weight_clip = block, prefix, adapter.groups, weight_clip
         self.quantizer, self.scheme_for, self.results = quantizer, scheme_for, results
         self.accumulators: dict[int, HessianAccumulator] = {}
         self.seen: dict[tuple[int, int], tuple[int, torch.Size]] = {}  # (job, group) -> the input's identity
 
     def quantize_group(self, g: int) -> None:
         acc = self.accumulators.pop(g)
-        stats = LayerStats(hessian=acc.hessian(), tokens=acc.tokens)
+        hessian = acc.hessian()
         for name in self.groups[g]:
             full = f"{self.prefix}.{name}"
             linear = _linear(self.block, name, full)
+            stats = LayerStats(hessian=hessian, tokens=acc.tokens, clip=self.weight_clip.get(full))
             self.results[full] = _quantize_linear(linear, self.quantizer, stats, self.scheme_for(full))
 
     def install(self, job_index: Callable[[], int], on_group: Callable[[int], None]) -> list:
@@ -165,7 +168,8 @@ def quantize_model(
             for i, block in enumerate(blocks):
                 for name in adapter.linear_names():
                     full = f"{adapter.blocks}.{i}.{name}"
-                    results[full] = _quantize_linear(_linear(block, name, full), quantizer, LayerStats(), scheme_for(full))
+                    stats = LayerStats(clip=options.weight_clip.get(full))
+                    results[full] = _quantize_linear(_linear(block, name, full), quantizer, stats, scheme_for(full))
                 progress.advance(task)
             return results
         if calib is None:
@@ -175,7 +179,7 @@ def quantize_model(
         task = progress.add_task(f"{label} block 1/{len(blocks)}", total=len(blocks))
         for i, block in enumerate(blocks):
             progress.update(task, description=f"{label} block {i + 1}/{len(blocks)}")
-            run = _BlockRun(block, f"{adapter.blocks}.{i}", adapter, quantizer, scheme_for, results)
+            run = _BlockRun(block, f"{adapter.blocks}.{i}", adapter, quantizer, scheme_for, results, options.weight_clip)
             if options.true_sequential:
                 outputs = _lockstep_pass(block, run, inputs)
             else:
@@ -189,7 +193,7 @@ def _lockstep_pass(block: nn.Module, run: _BlockRun, inputs: list[tuple[torch.Te
     lockstep = Lockstep()
     handles = run.install(lockstep.job_index, lambda g: lockstep.rendezvous(lambda: run.quantize_group(g)))
     try:
-        return lockstep.run([lambda h=h, kw=kw: _block_output(block(h, **kw)) for h, kw in inputs])
+        return lockstep.run([lambda h=h, kw=kw: block_output(block(h, **kw)) for h, kw in inputs])
     finally:
         for handle in handles:
             handle.remove()
@@ -217,4 +221,4 @@ def _two_pass(block: nn.Module, run: _BlockRun, inputs: list[tuple[torch.Tensor,
     run.seen.clear()
     for g in range(len(run.groups)):
         run.quantize_group(g)
-    return [_block_output(block(h, **kw)) for h, kw in inputs]
+    return [block_output(block(h, **kw)) for h, kw in inputs]

@@ -94,3 +94,22 @@ def test_nvfp4_gptq_beats_rtn_and_w4a4_checkpoint_reproduces_it(tmp_path: Path, 
     gptq_ppl = perplexity(gptq.model, wikitext_stream, SEQLEN, WINDOWS).perplexity
     print(f"nvfp4 rtn {rtn_ppl:.2f}  gptq {gptq_ppl:.2f}  gptq w4a4 {w4a4_ppl:.2f} (served {served_ppl:.2f})")
     assert gptq_ppl < rtn_ppl and gptq_ppl < w4a4_ppl < 2 * gptq_ppl
+
+
+def test_hadamard_transform_rescues_w4a4_and_its_checkpoint_serves_it(tmp_path: Path, wikitext_stream: torch.Tensor) -> None:
+    from quantkit.transforms import make_transform
+
+    scheme, acts = QuantScheme(4, -1, True), activation_scheme(4, "int")
+    window = wikitext_stream[: 4 * 512].reshape(4, 512)
+    plain = quantize("smollm2-135m", method="rtn", scheme=scheme, act_scheme=acts)
+    plain_ppl = perplexity(plain.model, window.flatten(), 512, 4).perplexity
+    del plain
+    rotated = quantize("smollm2-135m", method="rtn", scheme=scheme, act_scheme=acts, output=tmp_path / "had",
+                       transform=make_transform("hadamard"))
+    rotated_ppl = perplexity(rotated.model, window.flatten(), 512, 4).perplexity
+    print(f"W4A4 RTN per-channel: no transform {plain_ppl:.1f}, hadamard {rotated_ppl:.1f}")
+    assert rotated_ppl < 0.5 * plain_ppl
+    ids = window[:1, :256]
+    loaded = quantkit.load(tmp_path / "had", kernel="dequant")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, rotated.model(ids).logits, rtol=0, atol=1e-4)

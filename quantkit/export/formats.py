@@ -19,9 +19,9 @@ _LAYOUT_KINDS = {"gptq": ("int",), "compressed-tensors": ("int", "e2m1")}
 
 
 def check_layout(name: str, scheme: QuantScheme | None = None, column_groups: bool = False, kind: str = "int",
-                 activations: bool = False) -> None:
-    """Refuse an unknown layout, or a tensor kind, scheme, act-order grouping or activation quantization it
-    cannot express, before any long work."""
+                 activations: bool = False, online: bool = False) -> None:
+    """Refuse an unknown layout, or a tensor kind, scheme, act-order grouping, activation quantization or
+    online input transform it cannot express, before any long work."""
     if name not in CHECKPOINT_LAYOUTS:
         raise QuantkitError(f"unknown checkpoint layout {name!r}; choose one of {', '.join(CHECKPOINT_LAYOUTS)}")
     if name == "native":
@@ -31,6 +31,8 @@ def check_layout(name: str, scheme: QuantScheme | None = None, column_groups: bo
     if activations:
         raise QuantkitError(f"the {name} layout cannot record quantkit's dynamic activation quantization; "
                             "use --layout native")
+    if online:
+        raise QuantkitError(f"the {name} layout cannot hold a transform's online input maps; use --layout native")
     if scheme is not None and name == "gptq":
         gptq.check_scheme(scheme)
     if scheme is not None and name == "compressed-tensors":
@@ -77,8 +79,9 @@ def save_checkpoint(layout: str, output: Path, model: nn.Module, tokenizer, quan
                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
     """Write ``quantized`` (and the model's other tensors) at ``output`` in ``layout``, atomically."""
     activations = quantization_config.get("input_activations") is not None
-    check_layout(layout, activations=activations)
+    online = bool((quantization_config.get("transform") or {}).get("online"))
+    check_layout(layout, activations=activations, online=online)
     for kind in sorted({qt.kind for qt in quantized.values()}):
-        check_layout(layout, kind=kind, activations=activations)
+        check_layout(layout, kind=kind, activations=activations, online=online)
     writer = {"native": save_native, "gptq": save_gptq, "compressed-tensors": save_compressed_tensors}[layout]
     writer(output, model, tokenizer, quantized, quantization_config, overwrite=overwrite, max_shard_bytes=max_shard_bytes)

@@ -10,6 +10,7 @@ from torch import nn
 
 from quantkit.export.atomic import atomic_directory
 from quantkit.export.safetensors_io import write_shards
+from quantkit.transforms.kron import TRANSFORM_BUFFERS
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
@@ -27,12 +28,13 @@ def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def plain_tensors(model: nn.Module, quantized_layers) -> dict[str, torch.Tensor]:
-    """Every stored tensor that is not part of a quantized layer's weight (a quantized layer keeps its bias)."""
+    """Every stored tensor that is not part of a quantized layer's weight (a quantized layer keeps its bias and
+    its online input transform)."""
     layers = set(quantized_layers)
     tensors = {}
     for name, tensor in unique_state(model).items():
         module, _, leaf = name.rpartition(".")
-        if module in layers and leaf != "bias":
+        if module in layers and leaf != "bias" and leaf not in TRANSFORM_BUFFERS:
             continue
         tensors[name] = tensor.detach()
     return tensors

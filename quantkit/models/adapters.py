@@ -30,6 +30,16 @@ class ModelAdapter:
     final_norm: str = "model.norm"
     lm_head: str = "lm_head"
     groups: tuple[tuple[str, ...], ...] = _LLAMA_GROUPS
+    # Where transforms act: the norm before each half of the block, the linears reading it, and the value,
+    # attention-output, up and down projections (relative to the block).
+    attention_norm: str = "input_layernorm"
+    attention_inputs: tuple[str, ...] = _LLAMA_GROUPS[0]
+    value: str = "self_attn.v_proj"
+    attention_output: str = "self_attn.o_proj"
+    mlp_norm: str = "post_attention_layernorm"
+    mlp_inputs: tuple[str, ...] = _LLAMA_GROUPS[2]
+    up: str = "mlp.up_proj"
+    down: str = "mlp.down_proj"
 
     def get_blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks)
@@ -37,6 +47,13 @@ class ModelAdapter:
     def linear_names(self) -> list[str]:
         """Linears of one block, relative to the block, in execution order."""
         return [name for group in self.groups for name in group]
+
+    def heads(self, model: nn.Module) -> tuple[int, int, int]:
+        """``(attention heads, key/value heads, head dim)`` from the model's config."""
+        config = model.config
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return heads, getattr(config, "num_key_value_heads", None) or heads, head_dim
 
     def quantizable_layers(self, model: nn.Module) -> list[str]:
         """Full names of every linear the engine quantizes."""

@@ -18,11 +18,13 @@ class LayerStats:
     """What calibration measured at one linear layer's input.
 
     ``hessian`` is ``2/n * sum(x x^T)`` over the ``n`` calibration tokens, in float64 (None when the
-    quantizer does not ask for calibration).
+    quantizer does not ask for calibration). ``clip`` is a learned clipping ratio per output row (from a
+    transform) that grid-based quantizers apply to every group's range.
     """
 
     hessian: torch.Tensor | None = None
     tokens: int = 0
+    clip: torch.Tensor | None = None
 
 
 class Quantizer(ABC):

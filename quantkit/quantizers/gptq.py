@@ -162,7 +162,7 @@ class GPTQQuantizer(Quantizer):
         out_features, n = weight.shape
         group = n if scheme.group_size == -1 else scheme.group_size
         w, h = without_dead_columns(weight, stats.hessian)
-        grid = make_grid(scheme, w, self.mse)
+        grid = make_grid(scheme, w, self.mse, clip=stats.clip)
         static = [grid.fit(w[:, cols]) for cols in group_slices(n, group)] if self.static(scheme) else None
         w, hinv, perm = permuted_problem(w, h, self.act_order, self.damp)
         codes = torch.empty((n, out_features), dtype=torch.uint8)  # column-major while solving

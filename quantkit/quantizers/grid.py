@@ -82,10 +82,22 @@ def fit_grid(w: torch.Tensor, scheme: QuantScheme, mse: bool = False) -> tuple[t
 
 
 class Grid(ABC):
-    """One tensor's grid under a scheme: fit a group's parameters, round columns onto it, build the result."""
+    """One tensor's grid under a scheme: fit a group's parameters, round columns onto it, build the result.
 
-    def __init__(self, scheme: QuantScheme, mse: bool) -> None:
-        self.scheme, self.mse = scheme, mse
+    ``clip`` (a number, or one factor per row) shrinks every group's range before fitting: a learned
+    clipping ratio (FlatQuant's LWC/LAC).
+    """
+
+    def __init__(self, scheme: QuantScheme, mse: bool, clip: torch.Tensor | float | None = None) -> None:
+        self.scheme, self.mse, self.clip = scheme, mse, clip
+
+    def clipped(self, w: torch.Tensor) -> torch.Tensor:
+        """``w [rows, ..., cols]`` with each row's values scaled by its clipping ratio (for fitting only)."""
+        if self.clip is None:
+            return w
+        if isinstance(self.clip, torch.Tensor):
+            return w * self.clip.reshape(-1, *([1] * (w.dim() - 1)))
+        return w * self.clip
 
     @abstractmethod
     def fit(self, w: torch.Tensor) -> Params:
@@ -104,7 +116,7 @@ class IntGrid(Grid):
     """The uniform integer grid (GPTQ's conventions, above)."""
 
     def fit(self, w: torch.Tensor) -> Params:
-        return fit_grid(w, self.scheme, self.mse)
+        return fit_grid(self.clipped(w), self.scheme, self.mse)
 
     def round(self, x: torch.Tensor, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
         scale, zero = (p[..., None] for p in params)
@@ -124,8 +136,9 @@ class FloatGrid(Grid):
     takes the candidate scale with the smallest squared error.
     """
 
-    def __init__(self, scheme: QuantScheme, mse: bool, global_scale: torch.Tensor | None) -> None:
-        super().__init__(scheme, mse)
+    def __init__(self, scheme: QuantScheme, mse: bool, global_scale: torch.Tensor | None,
+                 clip: torch.Tensor | float | None = None) -> None:
+        super().__init__(scheme, mse, clip)
         self.codec = SCALE_CODECS[scheme.format]
         self.global_scale = global_scale
 
@@ -140,7 +153,7 @@ class FloatGrid(Grid):
 
     def fit(self, w: torch.Tensor) -> Params:
         w = w.float()
-        amax = w.abs().amax(dim=-1)
+        amax = self.clipped(w).abs().amax(dim=-1)
         stored, scale = self._candidate(amax)
         if not self.mse:
             return stored, scale
@@ -165,16 +178,17 @@ class FloatGrid(Grid):
         return FloatQuantizedTensor(codes, params[0], self.scheme, global_scale)
 
 
-def make_grid(scheme: QuantScheme, w: torch.Tensor, mse: bool = False, per_row: bool = False) -> Grid:
+def make_grid(scheme: QuantScheme, w: torch.Tensor, mse: bool = False, per_row: bool = False,
+              clip: torch.Tensor | float | None = None) -> Grid:
     """The grid for ``w [rows, cols]`` under ``scheme``; NVFP4's global scale from the whole tensor, or from
-    each row with ``per_row`` (dynamic per-token activations)."""
+    each row with ``per_row`` (dynamic per-token activations). ``clip``: see :class:`Grid`."""
     if not scheme.is_float:
-        return IntGrid(scheme, mse)
+        return IntGrid(scheme, mse, clip)
     tensor_scale = None
     if scheme.format in TENSOR_SCALED:
         amax = w.abs().amax(dim=-1, keepdim=True) if per_row else w.abs().amax()
         tensor_scale = global_scale(amax)
-    return FloatGrid(scheme, mse, tensor_scale)
+    return FloatGrid(scheme, mse, tensor_scale, clip)
 
 
 def quantize_groups(grid: Grid, w: torch.Tensor) -> tuple[torch.Tensor, Params, torch.Tensor]:

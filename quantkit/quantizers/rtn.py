@@ -29,7 +29,7 @@ class RTNQuantizer(Quantizer):
     mse: bool = False
 
     def quantize(self, weight: torch.Tensor, stats: LayerStats, scheme: QuantScheme) -> QuantizedTensor:
-        grid = make_grid(scheme, weight.float(), self.mse)
+        grid = make_grid(scheme, weight.float(), self.mse, clip=stats.clip)
         codes, params, _ = quantize_groups(grid, weight)
         return grid.tensor(codes, params)
 

@@ -132,7 +132,7 @@ class SpQRQuantizer(Quantizer):
 
         def start_group(col: int, pending: torch.Tensor) -> None:
             d = diag[col : col + pending.shape[1]]
-            scale, zero = self._group_statistics(pending, d, threshold, scheme, scale_stats, zero_stats)
+            scale, zero = self._group_statistics(pending, d, threshold, scheme, scale_stats, zero_stats, stats.clip)
             grid[:] = [scale.numpy(), zero.numpy()]
 
         def round_column(col: int, column: np.ndarray, d: float) -> np.ndarray:
@@ -166,15 +166,17 @@ class SpQRQuantizer(Quantizer):
 
     def _group_statistics(
         self, w: torch.Tensor, d: torch.Tensor, threshold: float, scheme: QuantScheme,
-        scale_stats: list[StatCodes], zero_stats: list[StatCodes],
+        scale_stats: list[StatCodes], zero_stats: list[StatCodes], clip: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fit one group's grid (likely outliers left out), quantize its statistics, return them dequantized."""
+        """Fit one group's grid (likely outliers left out; range shrunk by ``clip`` per row), quantize its
+        statistics, return them dequantized."""
         if math.isfinite(threshold) and not self.simplified_outliers and w.shape[1] > 1:
             likely = leave_one_out_gain(w, d, scheme.bits, scheme.symmetric) > threshold
             keep = (~likely).float()
             mean = (w * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1)
             w = torch.where(likely, mean, w)
-        scale, zero = first_level_grid(w.amin(1), w.amax(1), scheme.bits, scheme.symmetric)
+        ratio = 1.0 if clip is None else clip
+        scale, zero = first_level_grid(w.amin(1) * ratio, w.amax(1) * ratio, scheme.bits, scheme.symmetric)
         quantized_scale = quantize_stats(scale[None, :], self.stat_bits, self.stat_group_size)
         scale_stats.append(quantized_scale)
         quantized_zero = None

@@ -31,6 +31,7 @@ from quantkit.runtime import readers
 from quantkit.runtime.kernels import check_backend, default_backend
 from quantkit.runtime.quant_linear import QuantLinear
 from quantkit.schemes import QuantScheme
+from quantkit.transforms.kron import TRANSFORM_BUFFERS
 
 _PLANNERS = {
     "native": readers.native_plans,
@@ -178,10 +179,47 @@ def _input_scheme(checkpoint: CheckpointConfig) -> QuantScheme | None:
         raise QuantkitError(f"corrupt input_activations in quantization_config: {exc!r}") from None
 
 
-def _quant_linear(name: str, linear: nn.Linear, meta: dict, kernel: str, input_scheme: QuantScheme | None) -> QuantLinear:
+@dataclass
+class OnlineInputs:
+    """A transform's run-time part, per layer: online map factor sizes and activation clipping ratios."""
+
+    transform: dict[str, tuple[int, int]]
+    clip: dict[str, float]
+
+    def expected(self) -> dict[str, TensorSpec]:
+        return {f"{layer}.{name}": ((size, size), torch.float32)
+                for layer, sizes in self.transform.items() for name, size in zip(TRANSFORM_BUFFERS, sizes)}
+
+
+def _online_inputs(checkpoint: CheckpointConfig, plans: dict[str, readers.LayerPlan]) -> OnlineInputs:
+    """The transform record of a native checkpoint, validated against its quantized layers."""
+    record = checkpoint.quantization.get("transform") if checkpoint.format == "native" else None
+    if record is None:
+        return OnlineInputs({}, {})
+    try:
+        sizes = {layer: (int(n1), int(n2)) for layer, (n1, n2) in record.get("online", {}).items()}
+        clips = {layer: float(r) for layer, r in record.get("activation_clip", {}).items()}
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise QuantkitError(f"corrupt transform record in quantization_config: {exc!r}") from None
+    for layer in [*sizes, *clips]:
+        if layer not in plans:
+            raise QuantkitError(f"transform record names {layer}, which is not a quantized layer")
+    for layer, (n1, n2) in sizes.items():
+        if n1 < 1 or n2 < 1 or n1 * n2 != plans[layer].meta["shape"][1]:
+            raise QuantkitError(f"online transform of {layer} has factors {n1}x{n2}, which do not match its "
+                                f"{plans[layer].meta['shape'][1]} inputs")
+    for layer, ratio in clips.items():
+        if not 0 < ratio <= 1:
+            raise QuantkitError(f"activation clipping ratio of {layer} is {ratio}, outside (0, 1]")
+    return OnlineInputs(sizes, clips)
+
+
+def _quant_linear(name: str, linear: nn.Linear, meta: dict, kernel: str, input_scheme: QuantScheme | None,
+                  online: OnlineInputs) -> QuantLinear:
     try:
         return QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, meta, linear.weight.dtype,
-                           backend=kernel, input_scheme=input_scheme)
+                           backend=kernel, input_scheme=input_scheme, input_transform=online.transform.get(name),
+                           input_clip=online.clip.get(name, 1.0))
     except (KeyError, TypeError, ValueError) as exc:
         raise QuantkitError(f"checkpoint entry for {name} is incomplete or invalid: {exc!r}") from None
 
@@ -220,7 +258,8 @@ def load(path: str | Path, kernel: str | None = None) -> nn.Module:
     headers = _headers(folder, files)
     plans = _plans(model, checkpoint, headers)
     input_scheme = _input_scheme(checkpoint)
-    _validate(_expected(model, plans), files, headers)
+    online = _online_inputs(checkpoint, plans)
+    _validate({**_expected(model, plans), **online.expected()}, files, headers)
     tensors = read_tensors(folder, files)
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor.float()).all():
@@ -229,7 +268,8 @@ def load(path: str | Path, kernel: str | None = None) -> nn.Module:
         with _naming(layer):
             meta, buffers = plan.decode({name: tensors.pop(f"{layer}.{name}") for name in plan.specs})
         parent, _, child = layer.rpartition(".")
-        setattr(model.get_submodule(parent), child, _quant_linear(layer, model.get_submodule(layer), meta, kernel, input_scheme))
+        setattr(model.get_submodule(parent), child, _quant_linear(layer, model.get_submodule(layer), meta, kernel, input_scheme,
+                                                                    online))
         tensors.update({f"{layer}.{name}": t for name, t in buffers.items()})
     model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()

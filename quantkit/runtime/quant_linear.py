@@ -9,6 +9,7 @@ from quantkit.actquant import fake_quantize
 from quantkit.formats.base import QuantizedTensor, tensor_class
 from quantkit.runtime.kernels import Kernel, build_kernel, check_backend
 from quantkit.schemes import QuantScheme
+from quantkit.transforms.kron import TRANSFORM_BUFFERS, kron_apply
 
 
 class QuantLinear(nn.Module):
@@ -16,15 +17,20 @@ class QuantLinear(nn.Module):
 
     ``backend`` names the kernel (see :mod:`quantkit.runtime.kernels`); the kernel is built on the first
     call for each device and activation dtype, from the stored tensors, and reused. ``dequant`` (decode,
-    then ``F.linear``) is the reference every faster kernel is tested against. With ``input_scheme`` the
-    input is fake-quantized per token first (:func:`quantkit.actquant.fake_quantize`).
+    then ``F.linear``) is the reference every faster kernel is tested against.
+
+    Before the kernel, the input may go through a transform's online map ``x (L ⊗ R)`` (``input_transform``
+    gives the factor sizes; the factors are float32 buffers, applied in float32) and then per-token fake
+    quantization with ``input_scheme`` and a clipping ratio ``input_clip``
+    (:func:`quantkit.actquant.fake_quantize`).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, meta: dict, dtype: torch.dtype,
-                 backend: str = "auto", input_scheme: QuantScheme | None = None) -> None:
+                 backend: str = "auto", input_scheme: QuantScheme | None = None,
+                 input_transform: tuple[int, int] | None = None, input_clip: float = 1.0) -> None:
         super().__init__()
         self.in_features, self.out_features, self.meta = in_features, out_features, meta
-        self.input_scheme = input_scheme
+        self.input_scheme, self.input_transform, self.input_clip = input_scheme, input_transform, input_clip
         self.backend = check_backend(backend)
         self._kernels: dict[tuple[torch.device, torch.dtype], tuple[str, Kernel]] = {}
         self.tensor_class = tensor_class(meta["kind"])
@@ -32,6 +38,11 @@ class QuantLinear(nn.Module):
         for name, (shape, tensor_dtype) in self.tensor_class.expected_tensors(meta, self.shape).items():
             self.register_buffer(name, torch.empty(shape, dtype=tensor_dtype, device="meta"))
             self.tensor_names.append(name)
+        self.kept_dtypes = list(self.tensor_names)
+        if input_transform is not None:
+            for name, size in zip(TRANSFORM_BUFFERS, input_transform):
+                self.register_buffer(name, torch.empty((size, size), dtype=torch.float32, device="meta"))
+            self.kept_dtypes += TRANSFORM_BUFFERS
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device="meta"), requires_grad=False) if bias else None
 
     @property
@@ -62,7 +73,7 @@ class QuantLinear(nn.Module):
         """Move or cast like any module, except that the stored tensors keep their dtypes (float8 scales or
         a float32 tensor scale cast to half precision would change the weight)."""
         self._kernels.clear()  # moved or cast: kernels built from the old tensors are stale
-        stored = {n: getattr(self, n) for n in self.tensor_names}
+        stored = {n: getattr(self, n) for n in self.kept_dtypes}
         module = super()._apply(fn, recurse)
         for name, before in stored.items():
             after = getattr(self, name)
@@ -71,13 +82,17 @@ class QuantLinear(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_transform is not None:
+            x = kron_apply(x.float(), self.input_transform_left, self.input_transform_right).to(x.dtype)
         if self.input_scheme is not None:
-            x = fake_quantize(x, self.input_scheme)
+            x = fake_quantize(x, self.input_scheme, self.input_clip)
         y = self._kernel(x.device, x.dtype)[1](x)
         return y + self.bias.to(y.dtype) if self.bias is not None else y
 
     def extra_repr(self) -> str:
         acts = "" if self.input_scheme is None else f", input={self.input_scheme.format}{self.input_scheme.bits}"
+        if self.input_transform is not None:
+            acts += f", input_transform={self.input_transform[0]}x{self.input_transform[1]}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, kind={self.meta['kind']}, "
                 f"backend={self.backend}{acts}")
 

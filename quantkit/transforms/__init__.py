@@ -1,0 +1,45 @@
+"""Function-preserving model rewrites run before quantization: Hadamard (QuaRot), FlatQuant, OSTQuant."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from quantkit.errors import QuantkitError
+from quantkit.transforms import flatquant, ostquant
+from quantkit.transforms.base import AppliedTransform, Transform, TransformContext
+from quantkit.transforms.budget import TrainingBudget
+from quantkit.transforms.flatquant import FlatQuantTransform
+from quantkit.transforms.hadamard import HadamardTransform
+from quantkit.transforms.ostquant import OSTQuantTransform
+
+TRANSFORMS: dict[str, type[Transform]] = {
+    "hadamard": HadamardTransform,
+    "flatquant": FlatQuantTransform,
+    "ostquant": OSTQuantTransform,
+}
+# Training budgets of the trained transforms: sized for minutes on a CPU, or the paper's.
+BUDGETS = {
+    "flatquant": {"cpu": flatquant.CPU_BUDGET, "paper": flatquant.PAPER_BUDGET},
+    "ostquant": {"cpu": ostquant.CPU_BUDGET, "paper": ostquant.PAPER_BUDGET},
+}
+
+
+def make_transform(name: str, budget: str = "cpu", **overrides: int | None) -> Transform:
+    """The transform called ``name``; trained ones take a ``budget`` preset whose fields (``nsamples``,
+    ``seqlen``, ``epochs``, ``batch_size``) ``overrides`` may replace."""
+    if name not in TRANSFORMS:
+        raise QuantkitError(f"unknown transform {name!r}; choose one of {', '.join(TRANSFORMS)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if name not in BUDGETS:
+        if overrides or budget != "cpu":
+            raise QuantkitError(f"transform {name} is not trained: it takes no training budget")
+        return TRANSFORMS[name]()
+    if budget not in BUDGETS[name]:
+        raise QuantkitError(f"unknown training budget {budget!r}; choose cpu or paper")
+    unknown = sorted(set(overrides) - set(TrainingBudget.__dataclass_fields__))
+    if unknown:
+        raise QuantkitError(f"unknown training budget field {unknown[0]!r}")
+    return TRANSFORMS[name](budget=replace(BUDGETS[name][budget], **overrides))
+
+
+__all__ = ["TRANSFORMS", "AppliedTransform", "Transform", "TransformContext", "make_transform"]
