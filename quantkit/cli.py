@@ -63,6 +63,7 @@ def quantize(
     transform_nsamples: Annotated[int | None, typer.Option(help="Transform training windows (overrides the budget).")] = None,
     transform_seqlen: Annotated[int | None, typer.Option(help="Tokens per transform training window (overrides the budget).")] = None,
     transform_epochs: Annotated[int | None, typer.Option(help="Passes over the transform training windows (overrides the budget).")] = None,
+    transform_batch_size: Annotated[int | None, typer.Option(help="Transform training windows per step (overrides the budget).")] = None,
 ) -> None:
     """Quantize a causal LM and write a packed checkpoint."""
     from quantkit.actquant import activation_scheme
@@ -83,7 +84,8 @@ def quantize(
         act_scheme = activation_scheme(act_bits, act_format or default_format, act_group_size)
     elif act_format is not None or act_group_size is not None:
         raise QuantkitError("--act-format and --act-group-size need --act-bits")
-    budget_options = dict(nsamples=transform_nsamples, seqlen=transform_seqlen, epochs=transform_epochs)
+    budget_options = dict(nsamples=transform_nsamples, seqlen=transform_seqlen, epochs=transform_epochs,
+                          batch_size=transform_batch_size)
     if transform is not None:
         transform_object = make_transform(transform, transform_budget, **budget_options)
     elif transform_budget != "cpu" or any(v is not None for v in budget_options.values()):

@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="keep the rows already saved, run the rest")
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--transforms", default=",".join(TRANSFORMS))
+    parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_transforms")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -85,7 +86,7 @@ def main() -> None:
     for setting in args.settings.split(","):
         scheme, act = SETTINGS[setting]
         for name in args.transforms.split(","):
-            keys = {method: f"{setting}/{name}/{method}" for method in METHODS}
+            keys = {method: f"{setting}/{name}/{method}" for method in args.methods.split(",")}
             if all(k in rows for k in keys.values()):
                 continue
             loaded, applied, transform_s = _copy(base), None, 0.0
@@ -97,7 +98,8 @@ def main() -> None:
             for method, key in keys.items():
                 if key in rows:
                     continue
-                result = quantize(_copy(loaded) if method != METHODS[-1] else loaded, method=method,
+                last = method == list(keys)[-1]
+                result = quantize(loaded if last else _copy(loaded), method=method,
                                   scheme=scheme, calibration=calibration, act_scheme=act, transform=applied)
                 ppl = perplexity(result.model, tokens, 2048, windows, "wikitext2").perplexity
                 rows[key] = {"perplexity": ppl, "transform_s": transform_s, "quantize_s": result.seconds["quantize"],

@@ -183,12 +183,12 @@ def _input_scheme(checkpoint: CheckpointConfig) -> QuantScheme | None:
 class OnlineInputs:
     """A transform's run-time part, per layer: online map factor sizes and activation clipping ratios."""
 
-    transform: dict[str, tuple[int, int]]
+    sizes: dict[str, tuple[int, int]]
     clip: dict[str, float]
 
     def expected(self) -> dict[str, TensorSpec]:
         return {f"{layer}.{name}": ((size, size), torch.float32)
-                for layer, sizes in self.transform.items() for name, size in zip(TRANSFORM_BUFFERS, sizes)}
+                for layer, sizes in self.sizes.items() for name, size in zip(TRANSFORM_BUFFERS, sizes)}
 
 
 def _online_inputs(checkpoint: CheckpointConfig, plans: dict[str, readers.LayerPlan]) -> OnlineInputs:
@@ -218,7 +218,7 @@ def _quant_linear(name: str, linear: nn.Linear, meta: dict, kernel: str, input_s
                   online: OnlineInputs) -> QuantLinear:
     try:
         return QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, meta, linear.weight.dtype,
-                           backend=kernel, input_scheme=input_scheme, input_transform=online.transform.get(name),
+                           backend=kernel, input_scheme=input_scheme, input_transform=online.sizes.get(name),
                            input_clip=online.clip.get(name, 1.0))
     except (KeyError, TypeError, ValueError) as exc:
         raise QuantkitError(f"checkpoint entry for {name} is incomplete or invalid: {exc!r}") from None

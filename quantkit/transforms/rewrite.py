@@ -153,14 +153,16 @@ def fuse(model: nn.Module, adapter: ModelAdapter, rewrite: Rewrite) -> dict[str,
                 block.get_parameter(name).copy_(tensor)
             converted: dict[int, Kron] = {}  # one object per map, shared by the linears reading the same input
             for name, kron in rw64.online(adapter).items():
-                online[f"{adapter.blocks}.{i}.{name}"] = converted.setdefault(id(kron), kron.to(online_dtype))
+                if id(kron) not in converted:
+                    converted[id(kron)] = kron.to(online_dtype)
+                online[f"{adapter.blocks}.{i}.{name}"] = converted[id(kron)]
     return online
 
 
 def detach_rewrite(rewrite: BlockRewrite, dtype: torch.dtype | None = None) -> BlockRewrite:
     """A copy of ``rewrite`` cut from autograd (cast to ``dtype`` if given)."""
 
-    def cast(value):
+    def cast(value: Kron | torch.Tensor | None) -> Kron | torch.Tensor | None:
         if isinstance(value, Kron):
             return Kron(*(cast(t) for t in (value.left, value.right, value.left_it, value.right_it)))
         return None if value is None else value.detach().to(dtype or value.dtype, copy=True)

@@ -2,7 +2,8 @@
 
 Rounding passes gradients straight through (STE); the range of every group is ``sigmoid(c)`` times its
 maximum, with ``c`` a learnable clipping logit (FlatQuant's LWC for weights, one per output row; LAC for
-activations, one per layer), initialised at 4 (a ratio of 0.982). Integer grids follow the schemes'
+activations, one per layer), initialised at 4 (a ratio of 0.982). One ratio scales both ends of the range
+(FlatQuant learns separate ones for the maximum and the minimum; the schemes here are mostly symmetric). Integer grids follow the schemes'
 conventions (symmetric: ``scale = 2·max/maxq`` around a mid-range zero point); the float formats round onto
 E2M1 with an unrounded block scale ``max/6`` (the stored scale encodings are left to the real quantizer).
 """
