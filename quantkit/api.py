@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -12,10 +12,15 @@ from torch.utils.hooks import RemovableHandle
 
 from quantkit import __version__
 from quantkit.actquant import attach_input_quantizers
+from quantkit.allocation.allocate import plan_allocation
+from quantkit.allocation.costs import LayerCost, bits_per_weight, budget_bytes
+from quantkit.allocation.measure import feasible
+from quantkit.allocation.options import AllocationOptions, nearest_width
+from quantkit.allocation.plan import AllocationPlan, check_plan
 from quantkit.engine import EngineOptions, quantize_model
 from quantkit.errors import QuantkitError
 from quantkit.export.atomic import check_output_dir
-from quantkit.export.formats import check_layers, check_layout, save_checkpoint
+from quantkit.export.formats import check_layers, check_layout, model_dtype, save_checkpoint
 from quantkit.formats.base import QuantizedTensor
 from quantkit.models.loading import LoadedModel, load_model
 from quantkit.quantizers import make_quantizer
@@ -56,6 +61,7 @@ def quantize(
     layout: str = "native",
     act_scheme: QuantScheme | None = None,
     transform: Transform | AppliedTransform | None = None,
+    allocation: AllocationOptions | AllocationPlan | None = None,
     **quantizer_options,
 ) -> QuantizeResult:
     """Quantize ``model`` (hub id, directory, GGUF file or built-in alias, or one already loaded); write a
@@ -67,16 +73,17 @@ def quantize(
     first (or, given as an :class:`AppliedTransform`, was already fused into the loaded ``model``); its online
     input maps run in the returned model and are stored in the checkpoint. ``layout`` is
     ``native``, ``gptq`` (v1) or ``compressed-tensors``; a scheme the layout cannot express is refused before
-    the model is loaded.
+    the model is loaded. ``allocation`` gives every linear its own width of ``scheme``: chosen here under a
+    target of average bits (:class:`AllocationOptions`) or taken from a saved :class:`AllocationPlan`.
     """
-    from quantkit.calib import load_calibration
-
     calibration = calibration or CalibrationSpec()
     quantizer = make_quantizer(method, **quantizer_options)
     scheme = scheme or quantizer.default_scheme()
-    quantizer.check_scheme(scheme)
-    check_layout(layout, scheme, quantizer.column_groups(scheme), quantizer.tensor_kind(scheme), act_scheme is not None,
-                 transform is not None and transform.has_online())
+    schemes = _candidate_schemes(scheme, allocation)
+    for candidate in schemes:
+        quantizer.check_scheme(candidate)
+        check_layout(layout, candidate, quantizer.column_groups(candidate), quantizer.tensor_kind(candidate),
+                     act_scheme is not None, transform is not None and transform.has_online())
     if isinstance(transform, AppliedTransform) and not isinstance(model, LoadedModel):
         raise QuantkitError("an applied transform needs the loaded model it was fused into")
     if output is not None:
@@ -85,36 +92,53 @@ def quantize(
     start = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     seconds["load"] = time.perf_counter() - start
-    check_layers(layout, scheme, _block_linear_shapes(loaded.model, loaded.adapter))
+    for candidate in schemes:
+        check_layers(layout, candidate, _block_linear_shapes(loaded.model, loaded.adapter))
+    cost = LayerCost(layout, model_dtype(loaded.model))
+    if isinstance(allocation, AllocationOptions):  # an impossible target, before calibration and training
+        feasible(loaded.model, loaded.adapter, quantizer, scheme, allocation, cost)
+    elif allocation is not None:
+        check_plan(allocation, loaded.model, loaded.adapter, quantizer, scheme, cost, {})
     calib = None
-    if quantizer.needs_calibration:
+    if quantizer.needs_calibration or (isinstance(allocation, AllocationOptions) and allocation.needs_calibration):
         start = time.perf_counter()
-        calib = load_calibration(
-            calibration.source, loaded.tokenizer, calibration.nsamples, calibration.seqlen, seed,
-            model=loaded.model, data_dir=calibration.data_dir,
-        )
+        calib = _calibration(loaded, calibration, seed)
         seconds["calibration"] = time.perf_counter() - start
     applied, online_hooks, hooks = transform if isinstance(transform, AppliedTransform) else None, [], []
     if isinstance(transform, Transform):
         start = time.perf_counter()
-        applied = apply_transform(loaded, transform, scheme, act_scheme, calibration, seed)
+        applied = apply_transform(loaded, transform, _working_scheme(scheme, allocation), act_scheme, calibration, seed)
         seconds["transform"] = time.perf_counter() - start
     if applied is not None:
         online_hooks = attach_online(loaded.model, applied.online)
+    weight_clip = applied.weight_clip if applied else {}
+    extra_bytes = _online_bytes(applied)
+    plan = allocation if isinstance(allocation, AllocationPlan) else None
+    if isinstance(allocation, AllocationOptions):
+        start = time.perf_counter()
+        torch.manual_seed(seed)
+        plan = plan_allocation(loaded.model, loaded.adapter, quantizer, scheme, allocation, calib, cost, weight_clip,
+                               extra_bytes, true_sequential)
+        seconds["allocation"] = time.perf_counter() - start
+    if plan is not None:
+        check_plan(plan, loaded.model, loaded.adapter, quantizer, scheme, cost, extra_bytes)
+        trained = _working_scheme(scheme, plan).bits  # learned clips belong to the width they were learned for
+        weight_clip = {layer: clip for layer, clip in weight_clip.items() if plan.layer_bits[layer] == trained}
     torch.manual_seed(seed)
     start = time.perf_counter()
     quantized = quantize_model(
-        loaded.model, loaded.adapter, quantizer, lambda _name: scheme, calib,
-        EngineOptions(true_sequential=true_sequential, weight_clip=applied.weight_clip if applied else {}),
-        label=f"{method} {_scheme_label(scheme)}",
+        loaded.model, loaded.adapter, quantizer, plan.scheme_for(scheme) if plan else lambda _name: scheme, calib,
+        EngineOptions(true_sequential=true_sequential, weight_clip=weight_clip),
+        label=f"{method} {_scheme_label(scheme) if plan is None else f'mixed {plan.target_bits} bits'}",
     )
     seconds["quantize"] = time.perf_counter() - start
+    allocation_record = _allocation_record(plan, quantized, cost, extra_bytes) if plan else None
     if act_scheme is not None:
         hooks = attach_input_quantizers(loaded.model, quantized, act_scheme, applied.act_clip if applied else None)
     config = {
         "method": method,
         "quantizer": quantizer.options(),
-        "scheme": scheme.to_dict(),
+        "scheme": scheme.to_dict() if plan is None else {**scheme.to_dict(), "bits": None},
         "input_activations": act_scheme.to_dict() if act_scheme is not None else None,
         "calibration": (
             {"source": calibration.source, "nsamples": calibration.nsamples, "seqlen": calibration.seqlen,
@@ -126,6 +150,7 @@ def quantize(
              "activation_clip": applied.act_clip}
             if applied else None
         ),
+        "allocation": allocation_record,
         "seed": seed,
         "source_model": loaded.source,
         "quantkit_version": __version__,
@@ -135,6 +160,82 @@ def quantize(
         save_checkpoint(layout, Path(output), loaded.model, loaded.tokenizer, quantized, config, overwrite=overwrite)
         seconds["export"] = time.perf_counter() - start
     return QuantizeResult(loaded.model, loaded.tokenizer, quantized, config, seconds, hooks, online_hooks)
+
+
+def allocate(
+    model: str | LoadedModel,
+    options: AllocationOptions,
+    method: str = "gptq",
+    scheme: QuantScheme | None = None,
+    calibration: CalibrationSpec | None = None,
+    seed: int = 0,
+    layout: str = "native",
+    **quantizer_options,
+) -> AllocationPlan:
+    """Plan the widths of ``scheme`` for every linear of ``model`` under ``options``, counting the bytes
+    ``layout`` writes, without writing a checkpoint (save the plan and pass it to :func:`quantize` as
+    ``allocation``)."""
+    quantizer = make_quantizer(method, **quantizer_options)
+    scheme = scheme or quantizer.default_scheme()
+    candidates = _candidate_schemes(scheme, options)
+    for candidate in candidates:
+        quantizer.check_scheme(candidate)
+        check_layout(layout, candidate, quantizer.column_groups(candidate), quantizer.tensor_kind(candidate))
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    for candidate in candidates:
+        check_layers(layout, candidate, _block_linear_shapes(loaded.model, loaded.adapter))
+    needs_calibration = options.needs_calibration or quantizer.data_dependent_bytes
+    calib = _calibration(loaded, calibration or CalibrationSpec(), seed) if needs_calibration else None
+    torch.manual_seed(seed)
+    return plan_allocation(loaded.model, loaded.adapter, quantizer, scheme, options, calib,
+                           LayerCost(layout, model_dtype(loaded.model)))
+
+
+def _candidate_schemes(scheme: QuantScheme, allocation: AllocationOptions | AllocationPlan | None) -> list[QuantScheme]:
+    """Every scheme the linears may get: ``scheme`` alone, or at each width the allocation may choose."""
+    if allocation is None:
+        return [scheme]
+    if scheme.is_float:
+        raise QuantkitError(f"mixed bit widths need an integer grid; {scheme.format} has 4-bit elements only")
+    return [replace(scheme, bits=bits) for bits in allocation.bit_choices]
+
+
+def _working_scheme(scheme: QuantScheme, allocation: AllocationOptions | AllocationPlan | None) -> QuantScheme:
+    """``scheme`` at the width a transform is trained for: the allocation's nearest to its target."""
+    if isinstance(allocation, AllocationOptions):
+        return replace(scheme, bits=allocation.working_bits)
+    if isinstance(allocation, AllocationPlan):
+        return replace(scheme, bits=nearest_width(allocation.bit_choices, allocation.target_bits))
+    return scheme
+
+
+def _allocation_record(plan: AllocationPlan, quantized: dict[str, QuantizedTensor], cost: LayerCost,
+                       extra_bytes: dict[str, int]) -> dict:
+    """The plan's record with the bits per weight the quantized layers write; refuses them over the target
+    (data-dependent formats such as SpQR can exceed what was planned)."""
+    nbytes = sum(cost.of(qt) + extra_bytes.get(name, 0) for name, qt in quantized.items())
+    weights = sum(qt.shape[0] * qt.shape[1] for qt in quantized.values())
+    if nbytes > budget_bytes(plan.target_bits, weights):
+        raise QuantkitError(
+            f"the quantized layers write {bits_per_weight(nbytes, weights):.4f} bits per weight, over the target of "
+            f"{plan.target_bits}: their outliers outgrew the plan; lower the target or raise --outlier-threshold"
+        )
+    return {**plan.summary(), "bits_per_weight": bits_per_weight(nbytes, weights)}
+
+
+def _calibration(loaded: LoadedModel, calibration: CalibrationSpec, seed: int) -> torch.Tensor:
+    from quantkit.calib import load_calibration
+
+    return load_calibration(calibration.source, loaded.tokenizer, calibration.nsamples, calibration.seqlen, seed,
+                            model=loaded.model, data_dir=calibration.data_dir)
+
+
+def _online_bytes(applied: AppliedTransform | None) -> dict[str, int]:
+    """Bytes each layer's online input factors take in the checkpoint."""
+    if applied is None:
+        return {}
+    return {layer: sum(t.numel() * t.element_size() for t in (kron.left, kron.right))
+            for layer, kron in applied.online.items()}
 
 
 def apply_transform(loaded: LoadedModel, transform: Transform, scheme: QuantScheme, act_scheme: QuantScheme | None,
@@ -186,4 +287,5 @@ def export(source: str | Path, output: str | Path, layout: str, overwrite: bool 
     return model
 
 
-__all__ = ["CalibrationSpec", "QuantizeResult", "apply_transform", "export", "load", "load_tokenizer", "quantize"]
+__all__ = ["AllocationOptions", "AllocationPlan", "CalibrationSpec", "QuantizeResult", "allocate", "apply_transform",
+           "export", "load", "load_tokenizer", "quantize"]

@@ -66,6 +66,7 @@ class CheckpointInfo:
     other_bytes: int
     file_bytes: int
     quantization_config: dict
+    layer_bits: dict[str, int] = field(default_factory=dict)  # width of every quantized linear
 
     @property
     def quantized_weights(self) -> int:
@@ -139,4 +140,5 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
         other_bytes=sum(nbytes[n] for n in others),
         file_bytes=sum((folder / f).stat().st_size for f in set(files.values())),
         quantization_config={k: v for k, v in qc.items() if k != "layers"},
+        layer_bits={layer: int(meta.get("bits", 0)) for layer, meta in layers.items()},
     )

@@ -6,7 +6,7 @@ import json
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -14,6 +14,10 @@ from rich.table import Table
 from typer.exceptions import TyperException
 
 from quantkit.errors import QuantkitError
+
+if TYPE_CHECKING:
+    from quantkit.allocation.options import AllocationOptions
+    from quantkit.allocation.plan import AllocationPlan
 
 app = typer.Typer(
     help="Post-training quantization for large language models.",
@@ -30,20 +34,86 @@ def _split_list(values: list[str]) -> list[str]:
     return [item.strip() for value in values for item in value.split(",") if item.strip()]
 
 
+# Options shared by `quantize` and `allocate`.
+ModelArg = Annotated[str, typer.Argument(help="Hub id, local directory, .gguf file or built-in alias (smollm2-135m).")]
+MethodOpt = Annotated[str, typer.Option(help="Quantizer: gptq, rtn or spqr.")]
+GroupSizeOpt = Annotated[int | None, typer.Option(help="Input columns per scale/zero group; -1 for per-channel. Default: 128 (gptq, rtn), 16 (spqr), 32 (fp4); fixed for mxfp4 (32) and nvfp4 (16).")]
+SymOpt = Annotated[bool | None, typer.Option("--sym/--asym", help="Symmetric grid (zero point fixed mid-range) or asymmetric. Default: sym (gptq, rtn), asym (spqr).")]
+ActOrderOpt = Annotated[bool | None, typer.Option("--act-order/--no-act-order", help="GPTQ/SpQR: columns in decreasing Hessian-diagonal order (default on).")]
+StaticGroupsOpt = Annotated[bool | None, typer.Option("--static-groups/--no-static-groups", help="GPTQ: group grids fixed before any update (no g_idx).")]
+DampOpt = Annotated[float | None, typer.Option(help="Damping as a fraction of the mean Hessian diagonal. Default: 0.01 (gptq), 1.0 (spqr).")]
+MseOpt = Annotated[bool | None, typer.Option("--mse/--no-mse", help="GPTQ/RTN: search a clipping ratio per group (integer grids) or the block scale among candidates (float formats).")]
+CalibOpt = Annotated[str, typer.Option(help="Calibration: c4, wikitext2 (hub), synthetic, or a local file/directory.")]
+NsamplesOpt = Annotated[int, typer.Option(help="Calibration windows.")]
+SeqlenOpt = Annotated[int, typer.Option(help="Tokens per calibration window.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed for sampling and anything random.")]
+DataDirOpt = Annotated[str | None, typer.Option(help="Local data directory for named sources (c4).")]
+BitChoicesOpt = Annotated[str | None, typer.Option(help="Widths a mixed allocation may give a linear (comma list; default 2,3,4,8).")]
+ScoreOpt = Annotated[str | None, typer.Option(help="Allocation score: lim, zd, error (output NMSE per width) or kl (end-to-end, per unit and width). Default: kl (auto, solver), lim (ranked).")]
+GranularityOpt = Annotated[str | None, typer.Option(help="Allocation unit: linear, group (linears sharing an input, which serving engines fuse and which must then share a scheme) or block. Default: linear for the native layout, group for gptq and compressed-tensors.")]
+GenerationsOpt = Annotated[int | None, typer.Option(help="Evolutionary search generations (auto allocation; default 12, 0 keeps the solver's answer).")]
+OffspringOpt = Annotated[int | None, typer.Option(help="Evolutionary search offspring per generation (default 12).")]
+
+
+def _allocation_options(bits: float, bit_choices: str | None, strategy: str, score: str | None,
+                        granularity: str | None, layout: str, generations: int | None, offspring: int | None,
+                        seed: int) -> AllocationOptions:
+    """The allocation asked for on the command line."""
+    from dataclasses import replace
+
+    from quantkit.allocation.options import CPU_SEARCH, AllocationOptions
+
+    try:
+        choices = tuple(int(b) for b in _split_list([bit_choices or "2,3,4,8"]))
+    except ValueError:
+        raise QuantkitError(f"--bit-choices must be a comma list of integers, got {bit_choices!r}") from None
+    search = replace(CPU_SEARCH, **{k: v for k, v in (("generations", generations), ("offspring", offspring))
+                                    if v is not None})
+    granularity = granularity or ("linear" if layout == "native" else "group")
+    return AllocationOptions(bits, choices, strategy, score, granularity, search, seed=seed)
+
+
+def _quantize_allocation(allocation: str | None, bits: float | None, bit_choices: str | None, score: str | None,
+                         granularity: str | None, layout: str, generations: int | None, offspring: int | None,
+                         seed: int) -> tuple[AllocationOptions | AllocationPlan | None, int]:
+    """``quantize``'s allocation (none, options, or a plan file) and the width of its base scheme."""
+    from quantkit.allocation.plan import AllocationPlan
+
+    others = {"--bit-choices": bit_choices, "--score": score, "--granularity": granularity,
+              "--search-generations": generations, "--search-offspring": offspring}
+    given = [flag for flag, value in others.items() if value is not None]
+    if allocation is not None and Path(allocation).suffix == ".json":
+        if given or bits is not None:
+            raise QuantkitError(f"{(given or ['--bits'])[0]} cannot change a saved allocation plan; "
+                                "make a new one with `quantkit allocate`")
+        plan = AllocationPlan.load(Path(allocation))
+        return plan, plan.bit_choices[0]
+    if allocation is not None:
+        options = _allocation_options(4 if bits is None else bits, bit_choices, allocation, score, granularity, layout,
+                                      generations, offspring, seed)
+        return options, options.bit_choices[0]
+    if given:
+        raise QuantkitError(f"{given[0]} needs --allocation")
+    bits = 4 if bits is None else bits
+    if bits != int(bits):
+        raise QuantkitError(f"--bits {bits} is not a whole width; an average needs --allocation")
+    return None, int(bits)
+
+
 @app.command()
 def quantize(
-    model: Annotated[str, typer.Argument(help="Hub id, local directory, .gguf file or built-in alias (smollm2-135m).")],
+    model: ModelArg,
     output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint directory to write.")],
-    method: Annotated[str, typer.Option(help="Quantizer: gptq, rtn or spqr.")] = "gptq",
-    bits: Annotated[int, typer.Option(help="Weight bits: 2, 3, 4 or 8 (4 for the float formats).")] = 4,
+    method: MethodOpt = "gptq",
+    bits: Annotated[float | None, typer.Option(help="Weight bits: 2, 3, 4 or 8 (default 4; 4 for the float formats); with --allocation, the average bits per weight as written, codes, scales and zeros included (e.g. 3.5).")] = None,
     number_format: Annotated[str, typer.Option("--format", help="Weight number format: int, fp4 (E2M1, float16 scales), mxfp4 (E8M0 scales per 32) or nvfp4 (E4M3 scales per 16 and a tensor scale).")] = "int",
-    group_size: Annotated[int | None, typer.Option(help="Input columns per scale/zero group; -1 for per-channel. Default: 128 (gptq, rtn), 16 (spqr), 32 (fp4); fixed for mxfp4 (32) and nvfp4 (16).")] = None,
-    sym: Annotated[bool | None, typer.Option("--sym/--asym", help="Symmetric grid (zero point fixed mid-range) or asymmetric. Default: sym (gptq, rtn), asym (spqr).")] = None,
-    act_order: Annotated[bool | None, typer.Option("--act-order/--no-act-order", help="GPTQ/SpQR: columns in decreasing Hessian-diagonal order (default on).")] = None,
-    static_groups: Annotated[bool | None, typer.Option("--static-groups/--no-static-groups", help="GPTQ: group grids fixed before any update (no g_idx).")] = None,
+    group_size: GroupSizeOpt = None,
+    sym: SymOpt = None,
+    act_order: ActOrderOpt = None,
+    static_groups: StaticGroupsOpt = None,
     true_sequential: Annotated[bool, typer.Option("--true-sequential/--no-true-sequential", help="Statistics of each group of linears after the earlier ones are quantized.")] = True,
-    damp: Annotated[float | None, typer.Option(help="Damping as a fraction of the mean Hessian diagonal. Default: 0.01 (gptq), 1.0 (spqr).")] = None,
-    mse: Annotated[bool | None, typer.Option("--mse/--no-mse", help="GPTQ/RTN: search a clipping ratio per group (integer grids) or the block scale among candidates (float formats).")] = None,
+    damp: DampOpt = None,
+    mse: MseOpt = None,
     act_bits: Annotated[int | None, typer.Option(help="Quantize the input of every quantized linear per token to 4 or 8 bits (fake quantization, recorded in the checkpoint). Default: weights only.")] = None,
     act_format: Annotated[str | None, typer.Option(help="Activation number format: int, fp4, mxfp4 or nvfp4. Default: the weight format for 4-bit activations of float weights, else int.")] = None,
     act_group_size: Annotated[int | None, typer.Option(help="Activation columns per scale; default one scale per token (int, fp4), 32 (mxfp4), 16 (nvfp4).")] = None,
@@ -51,11 +121,11 @@ def quantize(
     simplified_outliers: Annotated[bool | None, typer.Option("--simplified-outliers/--loo-outliers", help="SpQR: skip the leave-one-out pre-detection (faster, usually a little worse).")] = None,
     stat_bits: Annotated[int | None, typer.Option(help="SpQR: bits of the quantized scales and zero points (default 3).")] = None,
     stat_group_size: Annotated[int | None, typer.Option(help="SpQR: output rows sharing one second-level scale/zero (default 16).")] = None,
-    calib: Annotated[str, typer.Option(help="Calibration: c4, wikitext2 (hub), synthetic, or a local file/directory.")] = "c4",
-    nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
-    seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 2048,
-    seed: Annotated[int, typer.Option(help="Seed for sampling and anything random.")] = 0,
-    data_dir: Annotated[str | None, typer.Option(help="Local data directory for named sources (c4).")] = None,
+    calib: CalibOpt = "c4",
+    nsamples: NsamplesOpt = 128,
+    seqlen: SeqlenOpt = 2048,
+    seed: SeedOpt = 0,
+    data_dir: DataDirOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     layout: Annotated[str, typer.Option(help="Checkpoint layout: native, gptq (v1) or compressed-tensors (pack-quantized, nvfp4- or mxfp4-pack-quantized).")] = "native",
     transform: Annotated[str | None, typer.Option(help="Rewrite the model first: hadamard (QuaRot), flatquant or ostquant (trained). Default: none.")] = None,
@@ -64,6 +134,12 @@ def quantize(
     transform_seqlen: Annotated[int | None, typer.Option(help="Tokens per transform training window (overrides the budget).")] = None,
     transform_epochs: Annotated[int | None, typer.Option(help="Passes over the transform training windows (overrides the budget).")] = None,
     transform_batch_size: Annotated[int | None, typer.Option(help="Transform training windows per step (overrides the budget).")] = None,
+    allocation: Annotated[str | None, typer.Option(help="Mixed bits: auto (solver, then evolutionary search), solver (exact knapsack), ranked (layer-wise paper), random, or a plan file from `quantkit allocate`. Default: one width everywhere.")] = None,
+    bit_choices: BitChoicesOpt = None,
+    score: ScoreOpt = None,
+    granularity: GranularityOpt = None,
+    search_generations: GenerationsOpt = None,
+    search_offspring: OffspringOpt = None,
 ) -> None:
     """Quantize a causal LM and write a packed checkpoint."""
     from quantkit.actquant import activation_scheme
@@ -77,7 +153,9 @@ def quantize(
         damp=damp, act_order=act_order, static_groups=static_groups, mse=mse, outlier_threshold=outlier_threshold,
         simplified_outliers=simplified_outliers, stat_bits=stat_bits, stat_group_size=stat_group_size,
     )
-    scheme = make_quantizer(method, **options).default_scheme(bits, group_size, sym, number_format)
+    allocation_spec, base_bits = _quantize_allocation(allocation, bits, bit_choices, score, granularity, layout,
+                                                      search_generations, search_offspring, seed)
+    scheme = make_quantizer(method, **options).default_scheme(base_bits, group_size, sym, number_format)
     act_scheme = None
     if act_bits is not None:
         default_format = number_format if scheme.is_float and act_bits == 4 else "int"
@@ -104,6 +182,7 @@ def quantize(
         layout=layout,
         act_scheme=act_scheme,
         transform=transform_object,
+        allocation=allocation_spec,
         **options,
     )
     info = inspect_checkpoint(output)
@@ -118,12 +197,74 @@ def quantize(
     transform_record = result.quantization_config["transform"]
     if transform_record is not None:
         table.add_row("transform", f"{transform_record['name']}, {len(transform_record['online'])} online input maps")
+    allocation_record = result.quantization_config["allocation"]
+    if allocation_record is not None:
+        table.add_row("allocation", f"{allocation_record['strategy']} (score {allocation_record['score']}), "
+                      f"target {allocation_record['target_bits']} bits over {allocation_record['bit_choices']}")
     table.add_row("layers quantized", str(len(result.quantized)))
     table.add_row("bits per quantized weight", f"{info.bits_per_weight:.3f}")
     table.add_row("checkpoint size", f"{info.file_bytes / 2**20:.1f} MiB")
     for stage, seconds in result.seconds.items():
         table.add_row(f"time: {stage}", f"{seconds:.1f} s")
     console.print(table)
+    if allocation_record is not None:
+        from quantkit.allocation.heatmap import bits_heatmap
+
+        console.print(bits_heatmap(allocation_record["layer_bits"]))
+
+
+@app.command()
+def allocate(
+    model: ModelArg,
+    bits: Annotated[float, typer.Option(help="Target average bits per quantized weight as written (codes, scales, zeros).")],
+    report: Annotated[Path, typer.Option(help="JSON file for the plan (pass it to `quantize --allocation`).")] = Path("allocation.json"),
+    allocation: Annotated[str, typer.Option(help="auto (solver, then evolutionary search), solver, ranked or random.")] = "auto",
+    bit_choices: BitChoicesOpt = None,
+    score: ScoreOpt = None,
+    granularity: GranularityOpt = None,
+    search_generations: GenerationsOpt = None,
+    search_offspring: OffspringOpt = None,
+    method: MethodOpt = "gptq",
+    group_size: GroupSizeOpt = None,
+    sym: SymOpt = None,
+    act_order: ActOrderOpt = None,
+    static_groups: StaticGroupsOpt = None,
+    damp: DampOpt = None,
+    mse: MseOpt = None,
+    calib: CalibOpt = "c4",
+    nsamples: NsamplesOpt = 128,
+    seqlen: SeqlenOpt = 2048,
+    seed: SeedOpt = 0,
+    data_dir: DataDirOpt = None,
+    layout: Annotated[str, typer.Option(help="Checkpoint layout whose bytes the target counts: native, gptq or compressed-tensors.")] = "native",
+) -> None:
+    """Plan mixed bit widths for every linear under an average-bits target, without quantizing the model."""
+    from quantkit.allocation.heatmap import bits_heatmap
+    from quantkit.api import CalibrationSpec
+    from quantkit.api import allocate as run_allocate
+    from quantkit.quantizers import make_quantizer
+
+    options = dict(damp=damp, act_order=act_order, static_groups=static_groups, mse=mse)
+    allocation_options = _allocation_options(bits, bit_choices, allocation, score, granularity, layout,
+                                             search_generations, search_offspring, seed)
+    scheme = make_quantizer(method, **options).default_scheme(allocation_options.bit_choices[0], group_size, sym)
+    plan = run_allocate(model, allocation_options, method, scheme, CalibrationSpec(calib, nsamples, seqlen, data_dir),
+                        seed, layout, **options)
+    plan.save(report)
+    table = Table(title=f"allocation for {model}")
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    table.add_row("strategy", f"{plan.strategy} (score {plan.score}, {plan.granularity} units)")
+    table.add_row("target", f"{plan.target_bits} bits per weight ({plan.budget_bytes:,} bytes)")
+    table.add_row("planned", f"{plan.bits_per_weight:.4f} bits per weight ({plan.nbytes:,} bytes)")
+    for width in plan.bit_choices:
+        share = sum(u.weights for u in plan.units if u.bits == width) / plan.weights
+        table.add_row(f"weights at {width} bits", f"{share:.1%}")
+    if plan.search_history:
+        table.add_row("search KL", f"{plan.search_history[0]:.4f} → {plan.search_history[-1]:.4f}")
+    console.print(table)
+    console.print(bits_heatmap(plan.layer_bits))
+    console.print(f"plan: {report}")
 
 
 @app.command("eval")
@@ -205,6 +346,12 @@ def inspect(
         add(info.total, info.total.scheme)
     console.print(table)
     console.print(f"files on disk: {info.file_bytes / 2**20:.2f} MiB")
+    if len(set(info.layer_bits.values())) > 1:
+        from quantkit.allocation.heatmap import bits_heatmap
+        from quantkit.models.adapters import ADAPTERS
+
+        adapter = ADAPTERS.get(info.model_type)
+        console.print(bits_heatmap(info.layer_bits, order=adapter.linear_names() if adapter else ()))
     console.print_json(json.dumps(info.quantization_config))
 
 

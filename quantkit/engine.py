@@ -29,6 +29,8 @@ from quantkit.quantizers.base import LayerStats, Quantizer
 from quantkit.schemes import QuantScheme
 
 SchemeFor = Callable[[str], QuantScheme]
+# Quantizes one linear: (full name, weight, statistics, scheme) -> quantized tensor.
+LayerQuantizer = Callable[[str, torch.Tensor, LayerStats, QuantScheme], QuantizedTensor]
 
 
 class _StopForward(Exception):
@@ -40,6 +42,8 @@ class EngineOptions:
     true_sequential: bool = True
     batch_tokens: int = 8192  # calibration tokens per forward batch
     weight_clip: dict[str, torch.Tensor] = field(default_factory=dict)  # learned clipping ratios per output row
+    statistics: bool = False  # gather Hessians even for a quantizer that needs no calibration
+    quantize_layer: LayerQuantizer | None = None  # replaces ``quantizer.quantize`` (it may record more choices)
 
 
 def _linear(block: nn.Module, name: str, full_name: str) -> nn.Linear:
@@ -60,8 +64,15 @@ def check_layers(model: nn.Module, adapter: ModelAdapter, scheme_for: SchemeFor)
                 raise QuantkitError(f"weight of {full} contains NaN or infinite values")
 
 
-def _quantize_linear(linear: nn.Linear, quantizer: Quantizer, stats: LayerStats, scheme: QuantScheme) -> QuantizedTensor:
-    qt = quantizer.quantize(linear.weight.data, stats, scheme)
+def _layer_quantizer(quantizer: Quantizer, options: EngineOptions) -> LayerQuantizer:
+    if options.quantize_layer is not None:
+        return options.quantize_layer
+    return lambda _name, weight, stats, scheme: quantizer.quantize(weight, stats, scheme)
+
+
+def _quantize_linear(linear: nn.Linear, full: str, quantize: LayerQuantizer, stats: LayerStats,
+                     scheme: QuantScheme) -> QuantizedTensor:
+    qt = quantize(full, linear.weight.data, stats, scheme)
     linear.weight.data.copy_(qt.dequantize(linear.weight.dtype))
     return qt
 
@@ -101,13 +112,13 @@ class _BlockRun:
         block: nn.Module,
         prefix: str,
         adapter: ModelAdapter,
-        quantizer: Quantizer,
+        quantize: LayerQuantizer,
         scheme_for: SchemeFor,
         results: dict[str, QuantizedTensor],
         weight_clip: dict[str, torch.Tensor],
     ) -> None:
         self.block, self.prefix, self.groups, self.weight_clip = block, prefix, adapter.groups, weight_clip
-        self.quantizer, self.scheme_for, self.results = quantizer, scheme_for, results
+        self.quantize, self.scheme_for, self.results = quantize, scheme_for, results
         self.accumulators: dict[int, HessianAccumulator] = {}
         self.seen: dict[tuple[int, int], tuple[int, torch.Size]] = {}  # (job, group) -> the input's identity
 
@@ -118,7 +129,7 @@ class _BlockRun:
             full = f"{self.prefix}.{name}"
             linear = _linear(self.block, name, full)
             stats = LayerStats(hessian=hessian, tokens=acc.tokens, clip=self.weight_clip.get(full))
-            self.results[full] = _quantize_linear(linear, self.quantizer, stats, self.scheme_for(full))
+            self.results[full] = _quantize_linear(linear, full, self.quantize, stats, self.scheme_for(full))
 
     def install(self, job_index: Callable[[], int], on_group: Callable[[int], None]) -> list:
         """Hooks that accumulate each group's Hessian once per job, then call ``on_group(g)``."""
@@ -162,24 +173,26 @@ def quantize_model(
     check_layers(model, adapter, scheme_for)
     blocks = adapter.get_blocks(model)
     results: dict[str, QuantizedTensor] = {}
+    quantize = _layer_quantizer(quantizer, options)
     with torch.no_grad(), progress_bar() as progress:
-        if not quantizer.needs_calibration:
+        if not (quantizer.needs_calibration or options.statistics):
             task = progress.add_task(f"{label} quantizing", total=len(blocks))
             for i, block in enumerate(blocks):
                 for name in adapter.linear_names():
                     full = f"{adapter.blocks}.{i}.{name}"
                     stats = LayerStats(clip=options.weight_clip.get(full))
-                    results[full] = _quantize_linear(_linear(block, name, full), quantizer, stats, scheme_for(full))
+                    results[full] = _quantize_linear(_linear(block, name, full), full, quantize, stats, scheme_for(full))
                 progress.advance(task)
             return results
         if calib is None:
-            raise QuantkitError(f"method {quantizer.name!r} needs calibration data")
+            raise QuantkitError(f"method {quantizer.name!r} needs calibration data" if quantizer.needs_calibration
+                                else "measuring layer statistics needs calibration data")
         batch_size = max(1, options.batch_tokens // calib.shape[1])
         inputs = capture_block_inputs(model, adapter, calib, batch_size)
         task = progress.add_task(f"{label} block 1/{len(blocks)}", total=len(blocks))
         for i, block in enumerate(blocks):
             progress.update(task, description=f"{label} block {i + 1}/{len(blocks)}")
-            run = _BlockRun(block, f"{adapter.blocks}.{i}", adapter, quantizer, scheme_for, results, options.weight_clip)
+            run = _BlockRun(block, f"{adapter.blocks}.{i}", adapter, quantize, scheme_for, results, options.weight_clip)
             if options.true_sequential:
                 outputs = _lockstep_pass(block, run, inputs)
             else:

@@ -261,7 +261,7 @@ def test_damaged_gptq_checkpoint_fails_with_one_line(tmp_path: Path, gptq_checkp
     [
         (lambda qc: qc.update(checkpoint_format="marlin", format="marlin"), "checkpoint_format 'marlin'"),
         (lambda qc: qc.update(bits=5), "bit width 5"),
-        (lambda qc: qc.update(dynamic={"-:.*down_proj": {}}), "dynamic"),
+        (lambda qc: qc.update(dynamic={"+:.*(down_proj": {"bits": 8}}), "not a valid regular expression"),
     ],
 )
 def test_unsupported_gptq_configs_are_refused(tmp_path: Path, gptq_checkpoint: Path, edit, message: str) -> None:

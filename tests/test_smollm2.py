@@ -113,3 +113,37 @@ def test_hadamard_transform_rescues_w4a4_and_its_checkpoint_serves_it(tmp_path: 
     loaded = quantkit.load(tmp_path / "had", kernel="dequant")
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, rotated.model(ids).logits, rtol=0, atol=1e-4)
+
+
+def test_lim_ranked_mixed_bits_beat_the_reverse_ranking_and_the_checkpoint_serves_them(
+    tmp_path: Path, wikitext_stream: torch.Tensor
+) -> None:
+    from dataclasses import replace
+
+    from quantkit.allocation.allocate import AllocationOptions, choose, measure
+    from quantkit.calib import load_calibration
+    from quantkit.checkpoint_info import inspect_checkpoint
+    from quantkit.quantizers import make_quantizer
+
+    base, target = QuantScheme(3, 64, True), 3.75
+    options = AllocationOptions(target, (3, 4), strategy="ranked", score="lim")
+    loaded = load_model("smollm2-135m")
+    calib = load_calibration(C4, loaded.tokenizer, 8, 256, 0, model=loaded.model)
+    sens = measure(loaded.model, loaded.adapter, make_quantizer("rtn"), base, options, calib, ["lim"])
+    ranked = choose(sens, loaded.model, options)
+    sens.scores["lim"] = [-s for s in sens.scores["lim"]]
+    reverse = choose(sens, loaded.model, options)
+    assert ranked.layer_bits != reverse.layer_bits
+    window = wikitext_stream[: 2 * 1024]
+    ppl, models = {}, {}
+    for name, plan in (("ranked", ranked), ("reverse", reverse)):
+        fresh = replace(loaded, model=load_model("smollm2-135m").model)
+        models[name] = quantize(fresh, method="rtn", scheme=base, allocation=plan, output=tmp_path / name).model
+        ppl[name] = perplexity(models[name], window, 1024, 2).perplexity
+        assert target - 0.05 < inspect_checkpoint(tmp_path / name).bits_per_weight <= target
+    print(f"RTN 3/4-bit mixed at {target} bits: LIM-ranked {ppl['ranked']:.2f}, reversed {ppl['reverse']:.2f}")
+    assert ppl["ranked"] < ppl["reverse"]
+    ids = window[None, :256]
+    served = quantkit.load(tmp_path / "ranked")
+    with torch.no_grad():
+        torch.testing.assert_close(served(ids).logits, models["ranked"](ids).logits, rtol=0, atol=1e-3)

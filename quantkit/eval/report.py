@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
 from rich.table import Table
 
 from quantkit.eval.run import EvalReport
+from quantkit.export.atomic import write_json
 
 
 def relative_increase(value: float, baseline: float) -> float:
@@ -42,7 +42,6 @@ def perplexity_table(report: EvalReport) -> Table:
 
 
 def save_json(report: EvalReport, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"request": asdict(report.request), "sources": report.sources, "results": report.results}
     if report.request.baseline:
         base = report.results[report.request.baseline]
@@ -50,6 +49,4 @@ def save_json(report: EvalReport, path: Path) -> None:
             t: {d: relative_increase(r["perplexity"], base[d]["perplexity"]) for d, r in report.results[t].items()}
             for t in report.request.targets
         }
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)
+    write_json(path, payload)

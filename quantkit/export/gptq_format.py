@@ -7,11 +7,17 @@ Per quantized linear with ``in`` inputs, ``out`` outputs, ``b`` bits and ``G`` g
 * ``qzeros`` int32 ``[G, ceil(out*b/32)]``: zero points packed along the output dimension; v1 stores
   ``zero - 1`` (so it cannot hold a zero point of 0), v2 (``checkpoint_format: gptq_v2``) stores ``zero``.
 * ``scales`` float16 ``[G, out]`` and ``g_idx`` int32 ``[in]`` (the group of every input column).
+
+Mixed precision uses GPTQModel's ``dynamic`` config: ``{"+:<regex>": {"bits": ..., "group_size": ...}}``
+overrides the top-level keys of the modules whose name ``re.match``es the regex (the first matching entry
+wins, in order); a ``-:<regex>`` entry marks its modules as not quantized.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import re
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -27,6 +33,11 @@ FORMAT = "gptq"
 V1, V2 = "gptq", "gptq_v2"
 CONFIG_FILE = "quantize_config.json"
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# vLLM fuses these sibling projections into one module and matches ``dynamic`` patterns against its name.
+FUSED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+LAYOUT_KEYS = {"bits": int, "group_size": int, "sym": bool, "desc_act": bool}  # overrides that change the layout
+# override keys accepted and ignored: they describe how a layer was quantized, not how it is stored
+IGNORED_KEYS = ("damp_percent", "static_groups", "true_sequential", "mse", "act_group_aware", "v2_alpha")
 
 
 def check_scheme(scheme: QuantScheme) -> None:
@@ -104,17 +115,45 @@ def layer_tensors(quantized: dict[str, QuantizedTensor]) -> dict[str, torch.Tens
     return out
 
 
+def base_scheme(layers: dict[str, QuantizedTensor]) -> QuantScheme:
+    """The scheme covering the most quantized weights (ties: the one seen first)."""
+    weights: dict[QuantScheme, int] = {}
+    for qt in layers.values():
+        weights[qt.scheme] = weights.get(qt.scheme, 0) + math.prod(qt.shape)
+    return max(weights, key=weights.__getitem__)
+
+
+def dynamic_overrides(schemes: dict[str, QuantScheme], base: QuantScheme) -> dict[str, dict]:
+    """GPTQModel ``dynamic`` entries giving every layer whose scheme is not ``base`` its bits and group size.
+
+    One anchored pattern per distinct scheme; it also names each module vLLM fuses (``FUSED_MODULES``) from
+    siblings that all use that scheme.
+    """
+    groups: dict[QuantScheme, list[str]] = {}
+    for name, scheme in schemes.items():
+        if scheme != base:
+            groups.setdefault(scheme, []).append(name)
+    dynamic = {}
+    for scheme, names in groups.items():
+        members = set(names)
+        parents = dict.fromkeys(name.rpartition(".")[0] for name in names)
+        fused = [f"{parent}.{module}" for parent in parents for module, parts in FUSED_MODULES.items()
+                 if all(f"{parent}.{part}" in members for part in parts)]
+        alternatives = "|".join(re.escape(name) for name in [*names, *fused])
+        dynamic[f"+:^(?:{alternatives})$"] = {
+            key: getattr(scheme, key) for key in ("bits", "group_size") if getattr(scheme, key) != getattr(base, key)
+        }
+    return dynamic
+
+
 def build_config(quantized: dict[str, QuantizedTensor], quantkit_config: dict, lm_head: bool) -> dict:
-    """The ``quantization_config`` / ``quantize_config.json`` content; refuses what one GPTQ config cannot say."""
+    """The ``quantization_config`` / ``quantize_config.json`` content: the most common scheme at the top level,
+    the others as ``dynamic`` overrides; refuses what a GPTQ v1 config cannot say."""
     layers = grid_layers(quantized, "GPTQ", floats=False)
-    schemes = {(qt.scheme.bits, qt.scheme.group_size, qt.scheme.symmetric) for qt in layers.values()}
-    if len(schemes) > 1:
-        raise QuantkitError(
-            f"a GPTQ config holds one scheme, the layers use {len(schemes)} (bits, group size, symmetry) "
-            "combinations; use --layout native or --layout compressed-tensors"
-        )
-    first = next(iter(layers.values())).scheme
-    check_scheme(first)
+    for scheme in dict.fromkeys(qt.scheme for qt in layers.values()):
+        check_scheme(scheme)
+    base = base_scheme(layers)
+    dynamic = dynamic_overrides({name: qt.scheme for name, qt in layers.items()}, base)
     quantizer = quantkit_config.get("quantizer") or {}
     calibration = quantkit_config.get("calibration") or {}
     desc_act = bool(quantizer.get("act_order")) or any(qt.g_idx is not None for qt in layers.values())
@@ -123,8 +162,8 @@ def build_config(quantized: dict[str, QuantizedTensor], quantkit_config: dict, l
     true_sequential = bool(calibration.get("true_sequential", True))
     return {
         "quant_method": "gptq",
-        "bits": first.bits,
-        "group_size": first.group_size,
+        "bits": base.bits,
+        "group_size": base.group_size,
         "desc_act": desc_act,
         "sym": True,
         "lm_head": lm_head,
@@ -134,6 +173,7 @@ def build_config(quantized: dict[str, QuantizedTensor], quantkit_config: dict, l
         "damp_percent": damp,
         "static_groups": static_groups,
         "true_sequential": true_sequential,
+        **({"dynamic": dynamic} if dynamic else {}),
         "meta": {
             "quantizer": [f"quantkit:{__version__}"],
             "method": quantkit_config.get("method"),
@@ -146,29 +186,83 @@ def build_config(quantized: dict[str, QuantizedTensor], quantkit_config: dict, l
 
 
 @dataclass(frozen=True)
+class DynamicRule:
+    """One ``dynamic`` entry: modules whose name ``re.match``es ``pattern`` use ``config`` (None: not quantized)."""
+
+    key: str
+    pattern: re.Pattern[str]
+    config: GPTQConfig | None
+
+
+@dataclass(frozen=True)
 class GPTQConfig:
     """What the loader needs from a GPTQ config."""
 
     bits: int
     group_size: int
     v1: bool
+    sym: bool = True
+    desc_act: bool = False
+    dynamic: tuple[DynamicRule, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.scheme()  # validates bits and group size
 
     def scheme(self) -> QuantScheme:
         return QuantScheme(self.bits, self.group_size, True)
 
+    def layer(self, name: str) -> GPTQConfig:
+        """The config of stored quantized module ``name``: the first ``dynamic`` pattern it matches, else the
+        top level; refuses a ``-:`` match (the config says the module is not quantized)."""
+        for rule in self.dynamic:
+            if rule.pattern.match(name):
+                if rule.config is None:
+                    raise QuantkitError(f"GPTQ dynamic entry {rule.key!r} says {name} is not quantized, "
+                                        f"but the checkpoint stores {name}.qweight")
+                return rule.config
+        return self
+
+
+def _layout_values(key: str, overrides: object) -> dict:
+    """The layout keys of one ``dynamic`` entry's overrides, typed; refuses a key quantkit does not know."""
+    if not isinstance(overrides, dict):
+        raise QuantkitError(f"GPTQ dynamic entry {key!r} must map to a dict, not {type(overrides).__name__}")
+    unknown = [k for k in overrides if k not in LAYOUT_KEYS and k not in IGNORED_KEYS]
+    if unknown:
+        raise QuantkitError(f"GPTQ dynamic entry {key!r} overrides {unknown[0]!r}; quantkit reads "
+                            f"{', '.join(LAYOUT_KEYS)} (and ignores {', '.join(IGNORED_KEYS)})")
+    return {k: LAYOUT_KEYS[k](v) for k, v in overrides.items() if k in LAYOUT_KEYS}
+
+
+def _dynamic_rule(key: str, overrides: object, base: GPTQConfig) -> DynamicRule:
+    """One validated ``dynamic`` entry (``-:``, ``+:`` or no prefix, then a regular expression)."""
+    values = _layout_values(key, overrides)
+    excluded = key.startswith("-:")
+    try:
+        pattern = re.compile(key.removeprefix("-:") if excluded else key.removeprefix("+:"))
+    except re.error as exc:
+        raise QuantkitError(f"GPTQ dynamic pattern {key!r} is not a valid regular expression: {exc}") from None
+    try:
+        return DynamicRule(key, pattern, None if excluded else replace(base, **values))
+    except QuantkitError as exc:
+        raise QuantkitError(f"GPTQ dynamic entry {key!r}: {exc}") from None
+
 
 def parse_config(qc: dict) -> GPTQConfig:
-    """Validate a GPTQ quantization config for loading; one-line errors for anything unsupported."""
+    """Validate a GPTQ quantization config (with its ``dynamic`` overrides) for loading; one-line errors for
+    anything unsupported."""
     checkpoint_format = str(qc.get("checkpoint_format") or qc.get("format") or V1).lower()
     if checkpoint_format not in (V1, V2):
         raise QuantkitError(f"unsupported GPTQ checkpoint_format {checkpoint_format!r}; quantkit reads gptq (v1) and gptq_v2")
     if qc.get("pack_dtype", "int32") not in ("int32", "torch.int32"):
         raise QuantkitError(f"unsupported GPTQ pack_dtype {qc.get('pack_dtype')!r}; quantkit reads int32")
-    if qc.get("dynamic"):
-        raise QuantkitError("GPTQ per-module overrides ('dynamic') are not supported")
+    dynamic = qc.get("dynamic") or {}
+    if not isinstance(dynamic, dict):
+        raise QuantkitError(f"GPTQ dynamic must be a dict of pattern -> overrides, not {type(dynamic).__name__}")
     try:
-        bits, group_size = int(qc["bits"]), int(qc.get("group_size", -1))
-        scheme = QuantScheme(bits, group_size, True)
+        base = GPTQConfig(int(qc["bits"]), int(qc.get("group_size", -1)), checkpoint_format == V1,
+                          bool(qc.get("sym", True)), bool(qc.get("desc_act", False)))
+        rules = tuple(_dynamic_rule(key, overrides, base) for key, overrides in dynamic.items())
     except (KeyError, TypeError, ValueError) as exc:
         raise QuantkitError(f"invalid GPTQ quantization config: {exc!r}") from None
-    return GPTQConfig(scheme.bits, scheme.group_size, checkpoint_format == V1)
+    return replace(base, dynamic=rules)

@@ -10,6 +10,8 @@ import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import QuantizedTensor
+from quantkit.formats.intgrid import dtype_name
+from quantkit.quantizers.grid import SCALE_DTYPE
 from quantkit.schemes import QuantScheme
 
 
@@ -37,6 +39,7 @@ class Quantizer(ABC):
     default_symmetric: ClassVar[bool] = True
     min_group_size: ClassVar[int] = 1
     float_formats: ClassVar[bool] = True  # whether it can round onto the FP4 formats as well as integer grids
+    data_dependent_bytes: ClassVar[bool] = False  # whether what it writes depends on the weights (outliers)
 
     @abstractmethod
     def quantize(self, weight: torch.Tensor, stats: LayerStats, scheme: QuantScheme) -> QuantizedTensor:
@@ -66,6 +69,19 @@ class Quantizer(ABC):
     def column_groups(self, scheme: QuantScheme) -> bool:
         """Whether the tensors it makes under ``scheme`` assign columns to groups out of order (act-order ``g_idx``)."""
         return False
+
+    def stores_g_idx(self, scheme: QuantScheme, in_features: int) -> bool:
+        """Whether a layer of ``in_features`` inputs gets a ``g_idx`` (out-of-order groups; one group needs none)."""
+        return self.column_groups(scheme) and scheme.group_size < in_features
+
+    def layout_meta(self, scheme: QuantScheme, shape: tuple[int, int]) -> dict:
+        """The :meth:`QuantizedTensor.meta` of what it makes from a ``shape`` weight under ``scheme``, as far as
+        it is known before seeing the data: with the shape, it fixes the bytes the layer will take on disk
+        (unless :attr:`data_dependent_bytes`, when it is a lower bound)."""
+        if scheme.is_float:
+            return {"kind": "e2m1", **scheme.to_dict()}
+        return {"kind": "int", **scheme.to_dict(), "act_order": self.stores_g_idx(scheme, shape[1]),
+                "scale_dtype": dtype_name(SCALE_DTYPE)}
 
     @abstractmethod
     def options(self) -> dict:

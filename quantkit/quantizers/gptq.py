@@ -183,6 +183,5 @@ class GPTQQuantizer(Quantizer):
         codes = codes.t()[:, inverse].contiguous()
         groups = static if static is not None else fitted
         params = tuple(torch.stack(p, dim=1) for p in zip(*groups))
-        # One group per row (per-channel) needs no g_idx: every column is in group 0 whatever the order.
-        reordered = self.column_groups(scheme) and group < n
+        reordered = self.stores_g_idx(scheme, n)
         return grid.tensor(codes, params, (inverse // group).to(torch.int32) if reordered else None)

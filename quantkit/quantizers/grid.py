@@ -125,7 +125,7 @@ class IntGrid(Grid):
 
     def tensor(self, codes: torch.Tensor, params: Params, g_idx: torch.Tensor | None = None) -> IntQuantizedTensor:
         scales, zeros = params
-        return IntQuantizedTensor(codes, scales.to(torch.float16), zeros.to(torch.uint8), self.scheme, g_idx)
+        return IntQuantizedTensor(codes, scales.to(SCALE_DTYPE), zeros.to(torch.uint8), self.scheme, g_idx)
 
 
 class FloatGrid(Grid):

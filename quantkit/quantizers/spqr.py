@@ -82,6 +82,7 @@ class SpQRQuantizer(Quantizer):
     default_symmetric = False
     float_formats = False
     min_group_size = 2  # leave-one-out needs another weight in the group
+    data_dependent_bytes = True  # outliers
 
     damp: float = 1.0
     outlier_threshold: float = 0.2
@@ -108,6 +109,11 @@ class SpQRQuantizer(Quantizer):
 
     def tensor_kind(self, scheme: QuantScheme) -> str:
         return "spqr"
+
+    def layout_meta(self, scheme: QuantScheme, shape: tuple[int, int]) -> dict:
+        """SpQR's layout without outliers (their count depends on the data)."""
+        return {"kind": "spqr", **scheme.to_dict(), "stat_bits": self.stat_bits,
+                "stat_group_size": self.stat_group_size, "permuted": self.act_order, "outliers": 0}
 
     def quantize(self, weight: torch.Tensor, stats: LayerStats, scheme: QuantScheme) -> SpQRQuantizedTensor:
         if stats.hessian is None:

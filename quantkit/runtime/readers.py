@@ -80,20 +80,22 @@ def native_plans(model: nn.Module, qc: dict, headers: Headers) -> dict[str, Laye
 
 
 def gptq_plans(model: nn.Module, qc: dict, headers: Headers) -> dict[str, LayerPlan]:
-    """GPTQ v1/v2: every linear with a stored ``qweight`` is quantized with the config's one scheme."""
+    """GPTQ v1/v2: every linear with a stored ``qweight`` is quantized with the config's scheme for it (the
+    top-level one or its first matching ``dynamic`` override)."""
     config = gptq.parse_config(qc)
-    scheme = config.scheme()
     plans = {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or f"{name}.qweight" not in headers:
             continue
+        layer = config.layer(name)
+        scheme = layer.scheme()
         shape = (module.out_features, module.in_features)
         scale_dtype = _scale_dtype(headers, f"{name}.scales", gptq.SCALE_DTYPES)
         specs = gptq.expected_tensors(scheme.bits, scheme.num_groups(module.in_features), shape, scale_dtype,
                                       with_g_idx=f"{name}.g_idx" in headers)
-        meta = _describe(scheme.bits, scheme.group_size, bool(qc.get("sym", True)),
-                         bool(qc.get("desc_act")) and "g_idx" in specs, shape)
-        plans[name] = LayerPlan(specs, meta, _foreign(lambda t, shape=shape: gptq.decode(t, scheme, shape, config.v1)))
+        meta = _describe(scheme.bits, scheme.group_size, layer.sym, layer.desc_act and "g_idx" in specs, shape)
+        plans[name] = LayerPlan(specs, meta, _foreign(
+            lambda t, scheme=scheme, shape=shape: gptq.decode(t, scheme, shape, config.v1)))
     if not plans:
         raise QuantkitError("GPTQ checkpoint has no quantized layer (no tensor named *.qweight for a linear layer)")
     return plans
