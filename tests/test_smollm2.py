@@ -120,7 +120,9 @@ def test_lim_ranked_mixed_bits_beat_the_reverse_ranking_and_the_checkpoint_serve
 ) -> None:
     from dataclasses import replace
 
-    from quantkit.allocation.allocate import AllocationOptions, choose, measure
+    from quantkit.allocation.allocate import choose
+    from quantkit.allocation.measure import measure
+    from quantkit.allocation.options import AllocationOptions
     from quantkit.calib import load_calibration
     from quantkit.checkpoint_info import inspect_checkpoint
     from quantkit.quantizers import make_quantizer
