@@ -264,6 +264,13 @@ def test_mixed_checkpoint_meets_the_target_and_loads_to_the_fake_quant_model(
     assert info.bits_per_weight <= 5.0 and info.bits_per_weight == pytest.approx(record["bits_per_weight"])
     planned = {layer: qt.scheme.bits for layer, qt in result.quantized.items()}
     assert planned == record["layer_bits"] == info.layer_bits and len(set(planned.values())) > 1
+    # Within one layer's granularity of the target: less than the largest one-width step of any layer.
+    quantizer, cost = make_quantizer(method, **extra), LayerCost(layout, torch.float32)
+    steps = []
+    for qt in result.quantized.values():
+        sizes = [cost(quantizer.layout_meta(replace(qt.scheme, bits=b), qt.shape), qt.shape) for b in choices]
+        steps += [high - low for low, high in zip(sizes, sizes[1:])]
+    assert 5.0 - info.bits_per_weight < 8 * max(steps) / info.quantized_weights
     loaded = quantkit.load(tmp_path / "ckpt", kernel="dequant")
     with torch.no_grad():
         torch.testing.assert_close(loaded(CALIB).logits, result.model(CALIB).logits, rtol=0, atol=1e-5)
