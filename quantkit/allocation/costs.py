@@ -13,6 +13,7 @@ from quantkit.errors import QuantkitError
 from quantkit.export import compressed_tensors_format as ct
 from quantkit.export import gptq_format as gptq
 from quantkit.formats.base import QuantizedTensor, TensorSpec, tensor_class
+from quantkit.schemes import QuantScheme
 
 
 def _size(specs: dict[str, TensorSpec]) -> int:
@@ -29,9 +30,9 @@ class LayerCost:
 
     def __call__(self, meta: dict, shape: tuple[int, int]) -> int:
         if self.layout == "gptq":  # always with g_idx, float16 scales
-            bits, group_size = int(meta["bits"]), int(meta["group_size"])
-            groups = 1 if group_size == -1 else -(-shape[1] // group_size)
-            return _size(gptq.expected_tensors(bits, groups, shape, torch.float16, with_g_idx=True))
+            scheme = QuantScheme(int(meta["bits"]), int(meta["group_size"]))
+            return _size(gptq.expected_tensors(scheme.bits, scheme.num_groups(shape[1]), shape, torch.float16,
+                                               with_g_idx=True))
         if self.layout == "compressed-tensors" and meta["kind"] == "int":
             args = ct.WeightArgs(int(meta["bits"]), int(meta["group_size"]), bool(meta["symmetric"]), g_idx=False)
             scale_dtype = torch.float16 if self.model_dtype.itemsize <= 2 else self.model_dtype
