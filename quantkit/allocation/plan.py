@@ -94,7 +94,9 @@ class AllocationPlan:
                        str(data.get("layout", "native")))
             check_target(plan.target_bits)
             check_bit_choices(plan.bit_choices)
-        except (KeyError, TypeError, ValueError, QuantkitError) as exc:
+        except KeyError as exc:
+            raise QuantkitError(f"invalid allocation {source}: missing field {exc}") from None
+        except (TypeError, ValueError, QuantkitError) as exc:
             raise QuantkitError(f"invalid allocation {source}: {exc}") from None
         for unit in plan.units:
             if unit.bits not in plan.bit_choices or not unit.layers:
