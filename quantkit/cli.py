@@ -155,7 +155,7 @@ def quantize(
     )
     allocation_spec, base_bits = _quantize_allocation(allocation, bits, bit_choices, score, granularity, layout,
                                                       search_generations, search_offspring, seed)
-    if number_format != "int":  # one width; the API refuses an allocation over it with the reason
+    if allocation_spec is not None and number_format != "int":  # the API refuses it, saying why
         base_bits = 4
     scheme = make_quantizer(method, **options).default_scheme(base_bits, group_size, sym, number_format)
     act_scheme = None
