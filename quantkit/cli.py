@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -14,10 +15,6 @@ from rich.table import Table
 from typer.exceptions import TyperException
 
 from quantkit.errors import QuantkitError
-
-if TYPE_CHECKING:
-    from quantkit.allocation.options import AllocationOptions
-    from quantkit.allocation.plan import AllocationPlan
 
 app = typer.Typer(
     help="Post-training quantization for large language models.",
@@ -32,6 +29,16 @@ err_console = Console(stderr=True)
 
 def _split_list(values: list[str]) -> list[str]:
     return [item.strip() for value in values for item in value.split(",") if item.strip()]
+
+
+def _bit_choices(text: str | None) -> list[int] | None:
+    """``--bit-choices 2,3,4`` as a list of widths."""
+    if text is None:
+        return None
+    try:
+        return [int(b) for b in _split_list([text])]
+    except ValueError:
+        raise QuantkitError(f"--bit-choices must be a comma list of integers, got {text!r}") from None
 
 
 # Options shared by `quantize` and `allocate`.
@@ -55,63 +62,21 @@ GenerationsOpt = Annotated[int | None, typer.Option(help="Evolutionary search ge
 OffspringOpt = Annotated[int | None, typer.Option(help="Evolutionary search offspring per generation (default 12).")]
 
 
-def _allocation_options(bits: float, bit_choices: str | None, strategy: str, score: str | None,
-                        granularity: str | None, layout: str, generations: int | None, offspring: int | None,
-                        seed: int) -> AllocationOptions:
-    """The allocation asked for on the command line."""
-    from dataclasses import replace
-
-    from quantkit.allocation.options import CPU_SEARCH, AllocationOptions
-
-    try:
-        choices = tuple(int(b) for b in _split_list([bit_choices or "2,3,4,8"]))
-    except ValueError:
-        raise QuantkitError(f"--bit-choices must be a comma list of integers, got {bit_choices!r}") from None
-    search = replace(CPU_SEARCH, **{k: v for k, v in (("generations", generations), ("offspring", offspring))
-                                    if v is not None})
-    granularity = granularity or ("linear" if layout == "native" else "group")
-    return AllocationOptions(bits, choices, strategy, score, granularity, search, seed=seed)
-
-
-def _quantize_allocation(allocation: str | None, bits: float | None, bit_choices: str | None, score: str | None,
-                         granularity: str | None, layout: str, generations: int | None, offspring: int | None,
-                         seed: int) -> tuple[AllocationOptions | AllocationPlan | None, int]:
-    """``quantize``'s allocation (none, options, or a plan file) and the width of its base scheme."""
-    from quantkit.allocation.plan import AllocationPlan
-
-    others = {"--bit-choices": bit_choices, "--score": score, "--granularity": granularity,
-              "--search-generations": generations, "--search-offspring": offspring}
-    given = [flag for flag, value in others.items() if value is not None]
-    if allocation is not None and Path(allocation).suffix == ".json":
-        if given or bits is not None:
-            raise QuantkitError(f"{(given or ['--bits'])[0]} cannot change a saved allocation plan; "
-                                "make a new one with `quantkit allocate`")
-        plan = AllocationPlan.load(Path(allocation))
-        return plan, plan.bit_choices[0]
-    if allocation is not None:
-        options = _allocation_options(4 if bits is None else bits, bit_choices, allocation, score, granularity, layout,
-                                      generations, offspring, seed)
-        return options, options.bit_choices[0]
-    if given:
-        raise QuantkitError(f"{given[0]} needs --allocation")
-    bits = 4 if bits is None else bits
-    if bits != int(bits):
-        raise QuantkitError(f"--bits {bits} is not a whole width; an average needs --allocation")
-    return None, int(bits)
-
-
 @app.command()
 def quantize(
+    ctx: typer.Context,
     model: ModelArg,
     output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint directory to write.")],
-    method: MethodOpt = "gptq",
+    recipe: Annotated[str | None, typer.Option(help="A recipe (YAML file, or the name of a shipped one: see `quantkit recipes`) giving every setting; flags given here override its fields.")] = None,
+    save_recipe: Annotated[Path | None, typer.Option(help="After a successful run, write the settings it used (recipe and flags merged) as a recipe file.")] = None,
+    method: Annotated[str | None, typer.Option(help="Quantizer: gptq (default), rtn or spqr.")] = None,
     bits: Annotated[float | None, typer.Option(help="Weight bits: 2, 3, 4 or 8 (default 4; 4 for the float formats); with --allocation, the average bits per weight as written, codes, scales and zeros included (e.g. 3.5).")] = None,
-    number_format: Annotated[str, typer.Option("--format", help="Weight number format: int, fp4 (E2M1, float16 scales), mxfp4 (E8M0 scales per 32) or nvfp4 (E4M3 scales per 16 and a tensor scale).")] = "int",
+    number_format: Annotated[str | None, typer.Option("--format", help="Weight number format: int (default), fp4 (E2M1, float16 scales), mxfp4 (E8M0 scales per 32) or nvfp4 (E4M3 scales per 16 and a tensor scale).")] = None,
     group_size: GroupSizeOpt = None,
     sym: SymOpt = None,
     act_order: ActOrderOpt = None,
     static_groups: StaticGroupsOpt = None,
-    true_sequential: Annotated[bool, typer.Option("--true-sequential/--no-true-sequential", help="Statistics of each group of linears after the earlier ones are quantized.")] = True,
+    true_sequential: Annotated[bool | None, typer.Option("--true-sequential/--no-true-sequential", help="Statistics of each group of linears after the earlier ones are quantized (default on).")] = None,
     damp: DampOpt = None,
     mse: MseOpt = None,
     act_bits: Annotated[int | None, typer.Option(help="Quantize the input of every quantized linear per token to 4 or 8 bits (fake quantization, recorded in the checkpoint). Default: weights only.")] = None,
@@ -121,15 +86,15 @@ def quantize(
     simplified_outliers: Annotated[bool | None, typer.Option("--simplified-outliers/--loo-outliers", help="SpQR: skip the leave-one-out pre-detection (faster, usually a little worse).")] = None,
     stat_bits: Annotated[int | None, typer.Option(help="SpQR: bits of the quantized scales and zero points (default 3).")] = None,
     stat_group_size: Annotated[int | None, typer.Option(help="SpQR: output rows sharing one second-level scale/zero (default 16).")] = None,
-    calib: CalibOpt = "c4",
-    nsamples: NsamplesOpt = 128,
-    seqlen: SeqlenOpt = 2048,
-    seed: SeedOpt = 0,
+    calib: Annotated[str | None, typer.Option(help="Calibration: c4 (default), wikitext2 (hub), synthetic, or a local file/directory.")] = None,
+    nsamples: Annotated[int | None, typer.Option(help="Calibration windows (default 128).")] = None,
+    seqlen: Annotated[int | None, typer.Option(help="Tokens per calibration window (default 2048).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for sampling and anything random (default 0).")] = None,
     data_dir: DataDirOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
-    layout: Annotated[str, typer.Option(help="Checkpoint layout: native, gptq (v1) or compressed-tensors (pack-quantized, nvfp4- or mxfp4-pack-quantized).")] = "native",
+    layout: Annotated[str | None, typer.Option(help="Checkpoint layout: native (default), gptq (v1) or compressed-tensors (pack-quantized, nvfp4- or mxfp4-pack-quantized).")] = None,
     transform: Annotated[str | None, typer.Option(help="Rewrite the model first: hadamard (QuaRot), flatquant or ostquant (trained). Default: none.")] = None,
-    transform_budget: Annotated[str, typer.Option(help="Training budget of flatquant/ostquant: cpu (minutes here) or paper.")] = "cpu",
+    transform_budget: Annotated[str | None, typer.Option(help="Training budget of flatquant/ostquant: cpu (default; minutes here) or paper.")] = None,
     transform_nsamples: Annotated[int | None, typer.Option(help="Transform training windows (overrides the budget).")] = None,
     transform_seqlen: Annotated[int | None, typer.Option(help="Tokens per transform training window (overrides the budget).")] = None,
     transform_epochs: Annotated[int | None, typer.Option(help="Passes over the transform training windows (overrides the budget).")] = None,
@@ -141,57 +106,28 @@ def quantize(
     search_generations: GenerationsOpt = None,
     search_offspring: OffspringOpt = None,
 ) -> None:
-    """Quantize a causal LM and write a packed checkpoint."""
-    from quantkit.actquant import activation_scheme
-    from quantkit.api import CalibrationSpec
+    """Quantize a causal LM and write a packed checkpoint (settings from flags, a recipe, or both)."""
     from quantkit.api import quantize as run_quantize
     from quantkit.checkpoint_info import inspect_checkpoint
-    from quantkit.quantizers import make_quantizer
-    from quantkit.transforms import make_transform
+    from quantkit.recipes import load_recipe, recipe_from_settings, resolve
+    from quantkit.recipes.build import pinned_settings, quantize_arguments
 
-    options = dict(
-        damp=damp, act_order=act_order, static_groups=static_groups, mse=mse, outlier_threshold=outlier_threshold,
-        simplified_outliers=simplified_outliers, stat_bits=stat_bits, stat_group_size=stat_group_size,
-    )
-    allocation_spec, base_bits = _quantize_allocation(allocation, bits, bit_choices, score, granularity, layout,
-                                                      search_generations, search_offspring, seed)
-    if allocation_spec is not None and number_format != "int":  # the API refuses it, saying why
-        base_bits = 4
-    scheme = make_quantizer(method, **options).default_scheme(base_bits, group_size, sym, number_format)
-    act_scheme = None
-    if act_bits is not None:
-        default_format = number_format if scheme.is_float and act_bits == 4 else "int"
-        act_scheme = activation_scheme(act_bits, act_format or default_format, act_group_size)
-    elif act_format is not None or act_group_size is not None:
-        raise QuantkitError("--act-format and --act-group-size need --act-bits")
-    budget_options = dict(nsamples=transform_nsamples, seqlen=transform_seqlen, epochs=transform_epochs,
-                          batch_size=transform_batch_size)
-    if transform is not None:
-        transform_object = make_transform(transform, transform_budget, **budget_options)
-    elif transform_budget != "cpu" or any(v is not None for v in budget_options.values()):
-        raise QuantkitError("--transform-budget and the --transform-* training options need --transform")
-    else:
-        transform_object = None
-    result = run_quantize(
-        model,
-        method=method,
-        scheme=scheme,
-        calibration=CalibrationSpec(calib, nsamples, seqlen, data_dir),
-        output=output,
-        seed=seed,
-        true_sequential=true_sequential,
-        overwrite=overwrite,
-        layout=layout,
-        act_scheme=act_scheme,
-        transform=transform_object,
-        allocation=allocation_spec,
-        **options,
-    )
+    given = {name: value for name, value in ctx.params.items()
+             if name not in ("model", "output", "overwrite", "recipe", "save_recipe")}
+    given["bit_choices"] = _bit_choices(bit_choices)
+    settings = resolve(load_recipe(recipe) if recipe else None, given, recipe or "")
+    arguments = quantize_arguments(settings)
+    act_scheme = arguments["act_scheme"]
+    result = run_quantize(model, output=output, overwrite=overwrite, **arguments)
+    if save_recipe is not None:
+        command = " ".join(["quantkit", *sys.argv[1:]])
+        pinned = pinned_settings(settings, arguments, result.quantization_config["quantizer"])
+        recipe_from_settings(pinned, save_recipe.stem, f"saved by: {command}").save(save_recipe)
     info = inspect_checkpoint(output)
     table = Table(title=f"quantized {model} → {output}")
     table.add_column("item")
     table.add_column("value", justify="right")
-    table.add_row("method", f"{method} {' '.join(f'{k}={v}' for k, v in result.quantization_config['quantizer'].items())}")
+    table.add_row("method", f"{settings['method']} {' '.join(f'{k}={v}' for k, v in result.quantization_config['quantizer'].items())}")
     table.add_row("scheme", ", ".join(s.scheme for s in info.schemes))
     if act_scheme is not None:
         table.add_row("activations", f"{act_scheme.format} {act_scheme.bits}-bit per token"
@@ -209,6 +145,8 @@ def quantize(
     for stage, seconds in result.seconds.items():
         table.add_row(f"time: {stage}", f"{seconds:.1f} s")
     console.print(table)
+    if save_recipe is not None:
+        console.print(f"recipe: {save_recipe}")
     if allocation_record is not None:
         from quantkit.allocation.heatmap import bits_heatmap
 
@@ -245,10 +183,14 @@ def allocate(
     from quantkit.api import CalibrationSpec
     from quantkit.api import allocate as run_allocate
     from quantkit.quantizers import make_quantizer
+    from quantkit.recipes import resolve
+    from quantkit.recipes.build import allocation_options as make_allocation_options
 
     options = dict(damp=damp, act_order=act_order, static_groups=static_groups, mse=mse)
-    allocation_options = _allocation_options(bits, bit_choices, allocation, score, granularity, layout,
-                                             search_generations, search_offspring, seed)
+    settings = resolve(None, dict(bit_choices=_bit_choices(bit_choices), score=score, granularity=granularity,
+                                  search_generations=search_generations, search_offspring=search_offspring,
+                                  layout=layout, seed=seed))
+    allocation_options = make_allocation_options(bits, settings, allocation)
     scheme = make_quantizer(method, **options).default_scheme(allocation_options.bit_choices[0], group_size, sym)
     plan = run_allocate(model, allocation_options, method, scheme, CalibrationSpec(calib, nsamples, seqlen, data_dir),
                         seed, layout, **options)
@@ -269,35 +211,81 @@ def allocate(
     console.print(f"plan: {report}")
 
 
+@app.command("recipes")
+def list_recipes(
+    show: Annotated[str | None, typer.Argument(help="A recipe name or file to print in full.")] = None,
+) -> None:
+    """List the recipes that ship with quantkit (or print one)."""
+    from quantkit.recipes import find_recipe, load_recipe, shipped_recipes
+
+    if show is not None:
+        load_recipe(show)  # validated before it is shown
+        path = find_recipe(show)
+        print(f"# {path}\n{path.read_text(encoding='utf-8')}", end="")
+        return
+    table = Table(title="recipes (quantkit quantize MODEL --recipe NAME -o OUT)")
+    for column in ("name", "pipeline", "description"):
+        table.add_column(column)
+    for name, path in shipped_recipes().items():
+        recipe = load_recipe(str(path))
+        table.add_row(name, recipe.summary(), recipe.description or "")
+    console.print(table)
+
+
 @app.command("eval")
 def evaluate(
-    targets: Annotated[list[str], typer.Argument(help="Checkpoint directories or models to evaluate.")],
-    ppl: Annotated[list[str], typer.Option(help="Perplexity datasets: wikitext2, c4, ptb or a local file (repeat or comma list).")] = ["wikitext2"],  # noqa: B006
-    seqlen: Annotated[int, typer.Option(help="Tokens per evaluation window.")] = 2048,
-    max_windows: Annotated[int | None, typer.Option(help="Evaluate only the first N windows.")] = None,
-    baseline: Annotated[str | None, typer.Option(help="Model to compare against (e.g. the unquantized one).")] = None,
-    report: Annotated[Path, typer.Option(help="Directory for the JSON report.")] = Path("quantkit-reports"),
-    data_dir: Annotated[str | None, typer.Option(help="Local data directory for named datasets.")] = None,
+    targets: Annotated[list[str], typer.Argument(help="Checkpoint directories or models to evaluate (side by side).")],
+    ppl: Annotated[list[str] | None, typer.Option(help="Perplexity datasets: wikitext2, c4, ptb or a local file (repeat or comma list). Default: wikitext2 when no --tasks are given, else none.")] = None,
+    tasks: Annotated[list[str] | None, typer.Option(help="Zero-shot tasks through lm-evaluation-harness (repeat or comma list), e.g. piqa,hellaswag,arc_easy,arc_challenge,winogrande,lambada_openai; local files with --data-dir.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Score only the first N examples of each task.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Zero-shot requests per forward pass.")] = 8,
+    num_fewshot: Annotated[int, typer.Option(help="Examples shown before each question (0: zero-shot).")] = 0,
+    seqlen: Annotated[int, typer.Option(help="Tokens per perplexity window.")] = 2048,
+    max_windows: Annotated[int | None, typer.Option(help="Evaluate only the first N perplexity windows.")] = None,
+    baseline: Annotated[str | None, typer.Option(help="Model to compare against. Default: the one unquantized model among several.")] = None,
+    report: Annotated[Path | None, typer.Option(help="Directory for report.json, report.md and the plots. Default: quantkit-reports/eval-<time>.")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="Local data directory (or $QUANTKIT_DATA_DIR) for named perplexity sets and zero-shot tasks, laid out as wikitext-2-raw/, c4/, ptb/, piqa/, hellaswag/, arc_easy/, …")] = None,
     kernel: Annotated[str | None, typer.Option(help="Kernel serving quantized layers: auto, cpu, aten, triton or dequant.")] = None,
 ) -> None:
-    """Perplexity of checkpoints (and a baseline), as a table and a JSON report."""
-    from quantkit.eval.report import perplexity_table, save_json
+    """Perplexity and zero-shot accuracy of checkpoints and models, as a table, JSON, Markdown and plots."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's bars: quantkit shows its own (read when tqdm loads)
+    from quantkit.eval.report import report_table, write_report
     from quantkit.eval.run import EvalRequest, run_eval
 
     if seqlen < 2:
         raise QuantkitError(f"--seqlen must be at least 2, got {seqlen}")
-    if max_windows is not None and max_windows < 1:
-        raise QuantkitError(f"--max-windows must be positive, got {max_windows}")
+    for flag, value in {"--max-windows": max_windows, "--limit": limit, "--batch-size": batch_size}.items():
+        if value is not None and value < 1:
+            raise QuantkitError(f"{flag} must be positive, got {value}")
+    if num_fewshot < 0:
+        raise QuantkitError(f"--num-fewshot must be 0 or more, got {num_fewshot}")
     if kernel is not None:
         from quantkit.runtime.kernels import check_backend
 
         check_backend(kernel)
-    request = EvalRequest(targets, _split_list(ppl), seqlen, max_windows, baseline, data_dir, kernel)
+    task_names = _split_list(tasks or [])
+    datasets = _split_list(ppl) if ppl is not None else ([] if task_names else ["wikitext2"])
+    request = EvalRequest(targets, datasets, task_names, seqlen, max_windows, baseline, data_dir, kernel, limit,
+                          batch_size, num_fewshot)
+    folder = report or Path("quantkit-reports") / f"eval-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
     result = run_eval(request)
-    console.print(perplexity_table(result))
-    path = report / f"eval-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}.json"
-    save_json(result, path)
-    console.print(f"report: {path}")
+    console.print(report_table(result))
+    written = write_report(result, folder)
+    console.print(f"report: {', '.join(str(p) for p in written)}")
+
+
+@app.command("report")
+def render_report(
+    source: Annotated[Path, typer.Argument(help="A report.json written by `quantkit eval`.")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Directory for the Markdown and plots. Default: the JSON's own directory.")] = None,
+) -> None:
+    """Render a saved evaluation report again (table, Markdown, plots) without any model."""
+    from quantkit.eval.report import load_report, report_table, write_report
+
+    saved = load_report(source)
+    console.print(report_table(saved))
+    written = write_report(saved, output or source.parent)
+    console.print(f"report: {', '.join(str(p) for p in written)}")
 
 
 @app.command("export")

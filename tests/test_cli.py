@@ -61,9 +61,11 @@ def test_cli_quantize_load_gives_fake_quant_logits(tmp_path: Path, tiny_model_di
     report = tmp_path / "report"
     evaluation = run_cli("eval", str(out), "--ppl", str(calib_file), "--seqlen", "64", "--baseline", str(tiny_model_dir), "--report", str(report))
     assert evaluation.returncode == 0, evaluation.stderr
-    saved = json.loads(next(report.glob("eval-*.json")).read_text())
-    assert set(saved["results"]) == {str(out), str(tiny_model_dir)}
-    assert saved["results"][str(out)][str(calib_file)]["perplexity"] > 1
+    saved = json.loads((report / "report.json").read_text())
+    assert [m["name"] for m in saved["models"]] == [str(tiny_model_dir), str(out)]
+    assert saved["baseline"] == str(tiny_model_dir) and saved["models"][1]["quantized"] is True
+    assert saved["models"][1]["perplexity"][str(calib_file)]["perplexity"] > 1
+    assert (report / "report.md").is_file() and (report / "perplexity_vs_bits.png").is_file()
 
 
 @pytest.mark.parametrize(

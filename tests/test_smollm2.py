@@ -149,3 +149,22 @@ def test_lim_ranked_mixed_bits_beat_the_reverse_ranking_and_the_checkpoint_serve
     served = quantkit.load(tmp_path / "ranked")
     with torch.no_grad():
         torch.testing.assert_close(served(ids).logits, models["ranked"](ids).logits, rtol=0, atol=1e-3)
+
+
+def test_zero_shot_in_memory_equals_lm_eval_run_directly(tmp_path: Path) -> None:
+    """The real model on real local tasks: quantkit's in-memory scores are the plain harness's, to the bit."""
+    from test_zeroshot import assert_same_numbers, lm_eval_direct
+
+    from quantkit.eval.zeroshot import evaluate_tasks, task_specs
+    from quantkit.models.builtin import resolve_builtin
+    from quantkit.models.gguf_cache import converted_gguf_dir
+
+    tasks, limit = ["arc_easy", "winogrande"], 16
+    loaded = load_model("smollm2-135m")
+    ours = evaluate_tasks(loaded.model, loaded.tokenizer, task_specs(tasks, str(SHARED_DATA)), str(SHARED_DATA),
+                          limit=limit, batch_size=4)
+    assert all(ours[t]["samples"] == limit for t in tasks)
+    assert ours["arc_easy"]["acc"] > 0.25  # above chance with four choices, as the model is on the full set
+    direct = lm_eval_direct(converted_gguf_dir(resolve_builtin("smollm2-135m")), tasks, SHARED_DATA,
+                            tmp_path / "out", limit, 4)
+    assert_same_numbers(ours, direct)

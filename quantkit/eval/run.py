@@ -1,49 +1,105 @@
-"""``quantkit eval``: perplexity of one or more models (and a baseline) on named or local text."""
+"""``quantkit eval``: perplexity and zero-shot accuracy of one or more models, gathered into one report."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
-from quantkit.eval.models import load_target
+from torch import nn
+
+from quantkit.eval.models import EvalTarget, load_target
 from quantkit.eval.perplexity import perplexity, tokenize_stream
+from quantkit.eval.report import REPORT_FORMAT, REPORT_VERSION, model_average
 from quantkit.models.loading import check_model_exists
-from quantkit.textsources import load_eval_text
+from quantkit.runtime.loader import is_quantkit_checkpoint
+from quantkit.textsources import DATA_DIR_ENV, load_eval_text
 
 
 @dataclass
 class EvalRequest:
     targets: list[str]
-    datasets: list[str]
+    datasets: list[str] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)
     seqlen: int = 2048
     max_windows: int | None = None
     baseline: str | None = None
     data_dir: str | None = None
     kernel: str | None = None
+    limit: int | None = None
+    batch_size: int = 8
+    num_fewshot: int = 0
+
+    def models(self) -> list[str]:
+        """Every model to evaluate, in the order given; a baseline named only by ``baseline`` comes first."""
+        return list(self.targets) if self.baseline in self.targets or not self.baseline else \
+            [self.baseline, *self.targets]
+
+    def chosen_baseline(self) -> str | None:
+        """The baseline named, else the one unquantized model among several (e.g. the original of checkpoints)."""
+        if self.baseline:
+            return self.baseline
+        models = self.models()
+        unquantized = [m for m in models if not is_quantkit_checkpoint(m)]
+        return unquantized[0] if len(models) > 1 and len(unquantized) == 1 else None
 
 
-@dataclass
-class EvalReport:
-    request: EvalRequest
-    # model name -> dataset -> result dict
-    results: dict[str, dict[str, dict]] = field(default_factory=dict)
-    sources: dict[str, str] = field(default_factory=dict)
+def _float_bits(model: nn.Module) -> float:
+    """Bits per weight of an unquantized model's linear layers (its storage dtype)."""
+    weight = next(m.weight for m in model.modules() if isinstance(m, nn.Linear))
+    return float(weight.element_size() * 8)
 
 
-def run_eval(request: EvalRequest) -> EvalReport:
-    """Evaluate the baseline (if any) and every target on every dataset, one model in memory at a time."""
-    report = EvalReport(request)
-    names = ([request.baseline] if request.baseline else []) + list(request.targets)
+def _describe(target: EvalTarget) -> dict[str, object]:
+    """Bits per weight, size and scheme of a model as stored."""
+    if target.quantized:
+        from quantkit.checkpoint_info import inspect_checkpoint
+
+        info = inspect_checkpoint(target.name)
+        return {"bits_per_weight": info.bits_per_weight, "size_bytes": info.file_bytes,
+                "scheme": ", ".join(s.scheme for s in info.schemes)}
+    size = sum(p.numel() * p.element_size() for p in target.model.parameters())
+    dtype = str(next(target.model.parameters()).dtype).removeprefix("torch.")
+    return {"bits_per_weight": _float_bits(target.model), "size_bytes": size, "scheme": f"{dtype} (unquantized)"}
+
+
+def run_eval(request: EvalRequest) -> dict:
+    """Evaluate every model on every perplexity set and task, one model in memory at a time; the report dict
+    (schema in :mod:`quantkit.eval.report`)."""
+    from quantkit.eval.zeroshot import evaluate_tasks, task_specs
+
+    names = request.models()
     for name in names:
         check_model_exists(name)
-    texts = {}
+    data_dir = request.data_dir or os.environ.get(DATA_DIR_ENV)
+    specs = task_specs(request.tasks, data_dir)
+    texts, sources = {}, {}
     for dataset in request.datasets:
-        texts[dataset], report.sources[dataset] = load_eval_text(dataset, request.data_dir)
+        texts[dataset], sources[dataset] = load_eval_text(dataset, request.data_dir)
+    sources |= {spec.name: spec.source for spec in specs}
+    models = []
     for name in names:
         target = load_target(name, request.kernel)
-        report.results[name] = {}
-        for dataset, text in texts.items():
-            stream = tokenize_stream(text, target.tokenizer)
-            result = perplexity(target.model, stream, request.seqlen, request.max_windows, dataset)
-            report.results[name][dataset] = result.to_dict()
+        entry: dict[str, object] = {"name": name, "quantized": target.quantized, **_describe(target)}
+        entry["perplexity"] = {
+            dataset: perplexity(target.model, tokenize_stream(text, target.tokenizer), request.seqlen,
+                                request.max_windows, dataset).to_dict()
+            for dataset, text in texts.items()
+        }
+        entry["tasks"] = evaluate_tasks(target.model, target.tokenizer, specs, data_dir, request.limit,
+                                        request.batch_size, request.num_fewshot) if specs else {}
+        entry["average"] = model_average(entry["tasks"])
+        models.append(entry)
         del target
-    return report
+    return {
+        "format": REPORT_FORMAT,
+        "version": REPORT_VERSION,
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "settings": {"seqlen": request.seqlen, "max_windows": request.max_windows, "limit": request.limit,
+                     "num_fewshot": request.num_fewshot, "batch_size": request.batch_size,
+                     "kernel": request.kernel, "data_dir": data_dir, "ppl": list(request.datasets),
+                     "tasks": list(request.tasks)},
+        "baseline": request.chosen_baseline(),
+        "sources": sources,
+        "models": models,
+    }

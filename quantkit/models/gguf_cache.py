@@ -24,9 +24,13 @@ def cache_root() -> Path:
 
 
 def _cache_key(path: Path) -> str:
-    stat = path.stat()
-    digest = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return f"{path.stem}-{digest}"
+    """The file's name and a digest of its contents: every copy of the same file (one per virtual environment)
+    shares one conversion."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return f"{path.stem}-{digest.hexdigest()[:16]}"
 
 
 def converted_gguf_dir(path: Path) -> Path:

@@ -1,0 +1,128 @@
+"""The fields of a recipe: where each sits in the YAML file, which ``quantize`` option it mirrors, what it allows."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from quantkit.actquant import ACT_BITS
+from quantkit.allocation.options import SCORES, STRATEGIES
+from quantkit.allocation.units import GRANULARITIES
+from quantkit.quantizers import QUANTIZERS
+from quantkit.schemes import CHECKPOINT_LAYOUTS, SUPPORTED_BITS, SUPPORTED_FORMATS
+from quantkit.transforms import TRANSFORMS
+
+
+@dataclass(frozen=True)
+class RecipeField:
+    """One setting: ``section.key`` in a recipe, the ``--param`` option on the command line."""
+
+    section: str
+    key: str
+    param: str
+    kind: str  # "int", "float", "bool", "str" or "int_list"
+    allowed: tuple = ()  # the only values a "str" (or "int") field takes; empty: any
+    minimum: float | None = None
+    default: object = None  # the value when neither the recipe nor the command line sets it
+    also: tuple = ()  # values allowed besides the range (group size -1)
+    suffix: str = ""  # a "str" field also takes a file name with this suffix (an allocation plan)
+    note: str = ""  # what else is allowed, for the error message
+
+    @property
+    def name(self) -> str:
+        return f"{self.section}.{self.key}"
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.param.replace("_", "-")
+
+    def describe_allowed(self) -> str:
+        """What this field accepts, in words."""
+        if self.allowed:
+            text = ", ".join(map(str, self.allowed))
+            text += f", or a {self.suffix} file" if self.suffix else ""
+        elif self.kind == "bool":
+            text = "true or false"
+        elif self.kind == "int_list":
+            text = "a list of integers"
+        else:
+            noun = {"int": "an integer", "float": "a number", "str": "a string"}[self.kind]
+            text = noun + (f" ≥ {self.minimum:g}" if self.minimum is not None else "")
+        return text + (f" ({self.note})" if self.note else "")
+
+    def check(self, value: object) -> object:
+        """``value`` normalised (whole numbers as ints), or ValueError when this field does not allow it."""
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if self.kind == "int_list":
+            if not isinstance(value, list) or not value or not all(_is_int(v) for v in value):
+                raise ValueError
+            return [int(v) for v in value]
+        if self.kind == "str":
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError
+            if self.allowed and value not in self.allowed and not (self.suffix and value.endswith(self.suffix)):
+                raise ValueError
+            return value
+        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+            raise ValueError
+        if self.kind == "int" and not _is_int(value):
+            raise ValueError
+        if value in self.also:
+            return int(value)
+        if (self.allowed and value not in self.allowed) or (self.minimum is not None and value < self.minimum):
+            raise ValueError
+        return int(value) if _is_int(value) else value
+
+
+def _is_int(value: object) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, float) and math.isfinite(value) and value == int(value))
+
+
+FIELDS: tuple[RecipeField, ...] = (
+    RecipeField("quantizer", "method", "method", "str", allowed=tuple(QUANTIZERS), default="gptq"),
+    RecipeField("quantizer", "act_order", "act_order", "bool"),
+    RecipeField("quantizer", "static_groups", "static_groups", "bool"),
+    RecipeField("quantizer", "true_sequential", "true_sequential", "bool", default=True),
+    RecipeField("quantizer", "damp", "damp", "float", minimum=0.0),
+    RecipeField("quantizer", "mse", "mse", "bool"),
+    RecipeField("quantizer", "outlier_threshold", "outlier_threshold", "float", minimum=0.0, note="inf keeps no outliers"),
+    RecipeField("quantizer", "simplified_outliers", "simplified_outliers", "bool"),
+    RecipeField("quantizer", "stat_bits", "stat_bits", "int", minimum=1),
+    RecipeField("quantizer", "stat_group_size", "stat_group_size", "int", minimum=1),
+    RecipeField("weights", "bits", "bits", "float", minimum=1.0,
+           note=f"{', '.join(map(str, SUPPORTED_BITS))}; with allocation, the average bits per weight, e.g. 3.5"),
+    RecipeField("weights", "format", "number_format", "str", allowed=SUPPORTED_FORMATS, default="int"),
+    RecipeField("weights", "group_size", "group_size", "int", minimum=1, also=(-1,),
+           note="or -1 for one group per output channel"),
+    RecipeField("weights", "sym", "sym", "bool"),
+    RecipeField("activations", "bits", "act_bits", "int", allowed=ACT_BITS),
+    RecipeField("activations", "format", "act_format", "str", allowed=SUPPORTED_FORMATS),
+    RecipeField("activations", "group_size", "act_group_size", "int", minimum=1),
+    RecipeField("calibration", "source", "calib", "str", default="c4",
+           note="c4, wikitext2, synthetic, or a local file or directory"),
+    RecipeField("calibration", "nsamples", "nsamples", "int", minimum=1, default=128),
+    RecipeField("calibration", "seqlen", "seqlen", "int", minimum=1, default=2048),
+    RecipeField("calibration", "seed", "seed", "int", minimum=0, default=0),
+    RecipeField("calibration", "data_dir", "data_dir", "str"),
+    RecipeField("transform", "name", "transform", "str", allowed=tuple(TRANSFORMS)),
+    RecipeField("transform", "budget", "transform_budget", "str", allowed=("cpu", "paper"), default="cpu"),
+    RecipeField("transform", "nsamples", "transform_nsamples", "int", minimum=1),
+    RecipeField("transform", "seqlen", "transform_seqlen", "int", minimum=1),
+    RecipeField("transform", "epochs", "transform_epochs", "int", minimum=1),
+    RecipeField("transform", "batch_size", "transform_batch_size", "int", minimum=1),
+    RecipeField("allocation", "strategy", "allocation", "str", allowed=STRATEGIES, suffix=".json"),
+    RecipeField("allocation", "bit_choices", "bit_choices", "int_list"),
+    RecipeField("allocation", "score", "score", "str", allowed=SCORES),
+    RecipeField("allocation", "granularity", "granularity", "str", allowed=GRANULARITIES),
+    RecipeField("allocation", "search_generations", "search_generations", "int", minimum=0),
+    RecipeField("allocation", "search_offspring", "search_offspring", "int", minimum=1),
+    RecipeField("export", "layout", "layout", "str", allowed=CHECKPOINT_LAYOUTS, default="native"),
+)
+BY_PARAM: dict[str, RecipeField] = {f.param: f for f in FIELDS}
+SECTIONS: dict[str, dict[str, RecipeField]] = {}
+for _f in FIELDS:
+    SECTIONS.setdefault(_f.section, {})[_f.key] = _f
