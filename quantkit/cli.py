@@ -118,11 +118,15 @@ def quantize(
     settings = resolve(load_recipe(recipe) if recipe else None, given, recipe or "")
     arguments = quantize_arguments(settings)
     act_scheme = arguments["act_scheme"]
-    result = run_quantize(model, output=output, overwrite=overwrite, **arguments)
+    saved = None
     if save_recipe is not None:
+        if save_recipe.is_dir():
+            raise QuantkitError(f"--save-recipe {save_recipe} is a directory; name a .yaml file")
         command = " ".join(["quantkit", *sys.argv[1:]])
-        pinned = pinned_settings(settings, arguments, result.quantization_config["quantizer"])
-        recipe_from_settings(pinned, save_recipe.stem, f"saved by: {command}").save(save_recipe)
+        saved = recipe_from_settings(pinned_settings(settings, arguments), save_recipe.stem, f"saved by: {command}")
+    result = run_quantize(model, output=output, overwrite=overwrite, **arguments)
+    if saved is not None:
+        saved.save(save_recipe)
     info = inspect_checkpoint(output)
     table = Table(title=f"quantized {model} → {output}")
     table.add_column("item")
@@ -249,7 +253,7 @@ def evaluate(
 ) -> None:
     """Perplexity and zero-shot accuracy of checkpoints and models, as a table, JSON, Markdown and plots."""
     os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's bars: quantkit shows its own (read when tqdm loads)
-    from quantkit.eval.report import report_table, write_report
+    from quantkit.eval.report import check_report_dir, report_table, write_report
     from quantkit.eval.run import EvalRequest, run_eval
 
     if seqlen < 2:
@@ -268,6 +272,7 @@ def evaluate(
     request = EvalRequest(targets, datasets, task_names, seqlen, max_windows, baseline, data_dir, kernel, limit,
                           batch_size, num_fewshot)
     folder = report or Path("quantkit-reports") / f"eval-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+    check_report_dir(folder)
     result = run_eval(request)
     console.print(report_table(result))
     written = write_report(result, folder)
@@ -280,9 +285,10 @@ def render_report(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Directory for the Markdown and plots. Default: the JSON's own directory.")] = None,
 ) -> None:
     """Render a saved evaluation report again (table, Markdown, plots) without any model."""
-    from quantkit.eval.report import load_report, report_table, write_report
+    from quantkit.eval.report import check_report_dir, load_report, report_table, write_report
 
     saved = load_report(source)
+    check_report_dir(output or source.parent)
     console.print(report_table(saved))
     written = write_report(saved, output or source.parent)
     console.print(f"report: {', '.join(str(p) for p in written)}")

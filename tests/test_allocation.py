@@ -340,7 +340,7 @@ def test_cli_allocate_then_quantize_with_the_plan(tmp_path: Path, tiny_model_dir
         (["--bits", "3.5"], "needs --allocation"),
         (["--score", "zd"], "--score needs --allocation"),
         (["--allocation", "plan.json", "--score", "zd"], "cannot change a saved allocation plan"),
-        (["--bits", "3.5", "--allocation", "greedy"], "unknown allocation strategy"),
+        (["--bits", "3.5", "--allocation", "greedy"], "--allocation 'greedy' is not allowed"),
         (["--bits", "3.5", "--allocation", "solver", "--bit-choices", "4,2"], "bit choices"),
         (["--bits", "1.0", "--allocation", "solver", "--score", "zd"], "below the cheapest allocation"),
         (["--allocation", "missing-plan.json"], "allocation plan not found"),

@@ -145,6 +145,9 @@ def test_settings_without_a_switch_leave_their_section_out() -> None:
         ("calibration:\n  nsamples: 2.5\n", ["calibration.nsamples = 2.5"]),
         ("quantizer:\n  act_order: 1\n", ["quantizer.act_order = 1", "true or false"]),
         ("weights:\n  group_size: 0\n", ["weights.group_size = 0", "or -1"]),
+        ("calibration:\n  seed: 100000000000000000000\n", ["calibration.seed", "≤ 4294967295"]),
+        ("quantizer:\n  damp: .inf\n", ["quantizer.damp = inf", "a finite number ≥ 0"]),
+        ("weights:\n  bits: .nan\n", ["weights.bits = nan"]),
         ("weights:\n  format: fp8\n", ["weights.format = 'fp8'", "int, fp4, mxfp4, nvfp4"]),
         ("activations:\n  bits: 6\n", ["activations.bits = 6", "allowed: 4, 8"]),
         ("allocation:\n  strategy: greedy\n", ["allocation.strategy = 'greedy'", "or a .json file"]),
@@ -180,7 +183,7 @@ def test_cli_refuses_bad_recipes_in_one_line_and_writes_nothing(tmp_path: Path, 
     bad = write(tmp_path, "quantizer:\n  method: gptq\n  damp: -1\n")
     out = tmp_path / "out"
     assert_one_line_error(run_cli("quantize", str(tiny_model_dir), "--recipe", str(bad), "-o", str(out)),
-                          "quantizer.damp = -1 is not allowed", "a number ≥ 0")
+                          "quantizer.damp = -1 is not allowed", "a finite number ≥ 0")
     assert_one_line_error(run_cli("quantize", str(tiny_model_dir), "--recipe", "no-such-recipe", "-o", str(out)),
                           "no recipe named 'no-such-recipe'", "gptq-w4g64")
     assert_one_line_error(run_cli("quantize", str(tiny_model_dir), "--recipe", str(tmp_path / "x.yaml"),
@@ -205,3 +208,62 @@ def test_the_readme_recipe_example_is_a_valid_recipe() -> None:
     recipe = Recipe.from_dict(yaml.safe_load(block), "README.md")
     assert {f.section for f in FIELDS} == set(recipe.to_dict()) - {"name", "description"}
     assert recipe.values["transform"] == "flatquant" and recipe.values["bit_choices"] == [2, 3, 4, 8]
+
+
+def test_recipe_fields_take_their_special_values() -> None:
+    recipe = Recipe.from_dict({"quantizer": {"method": "spqr", "outlier_threshold": float("inf")},
+                               "activations": {"bits": 8, "group_size": -1}}, "r")
+    assert recipe.values["outlier_threshold"] == float("inf") and recipe.values["act_group_size"] == -1
+
+
+def test_flags_that_change_a_switch_drop_the_recipe_fields_that_belong_to_it() -> None:
+    gptq = Recipe.load(find_recipe("gptq-w4g64"))
+    rtn = resolve(gptq, {"method": "rtn"})
+    assert rtn["act_order"] is None and rtn["damp"] is None and rtn["group_size"] == 64
+    nvfp4 = resolve(gptq, {"number_format": "nvfp4"})
+    assert nvfp4["group_size"] is None and nvfp4["sym"] is None and nvfp4["bits"] is None
+    mixed = Recipe.load(find_recipe("mixed-3.5bit-gptq"))
+    planned = resolve(mixed, {"allocation": "plan.json"})
+    assert planned["bits"] is None and planned["bit_choices"] is None and planned["score"] is None
+    assert resolve(mixed, {"allocation": "solver"})["bits"] == 3.5  # another strategy keeps the target
+    uniform = resolve(mixed, {"allocation": "none"})
+    assert uniform["allocation"] is None and uniform["bits"] is None
+    quarot = Recipe.load(find_recipe("quarot-w4a4-gptq"))
+    assert resolve(quarot, {"transform": "none"})["transform"] is None
+    ost = Recipe.load(find_recipe("ostquant-w4a16-gptq"))
+    assert resolve(ost, {"transform": "flatquant"})["transform_budget"] == "cpu"
+
+
+@pytest.mark.parametrize("flags,fragments", [
+    (["--seed", "-1"], ["--seed -1 is not allowed", "an integer ≥ 0"]),
+    (["--bits", "nan"], ["--bits nan is not allowed", "a finite number"]),
+    (["--allocation", "solver", "--bits", "5", "--bit-choices", ","], ["--bit-choices [] is not allowed"]),
+    (["--transform", "rotate"], ["--transform 'rotate' is not allowed", "hadamard, flatquant, ostquant"]),
+])
+def test_cli_flags_are_checked_like_recipe_fields(flags: list[str], fragments: list[str], tmp_path: Path,
+                                                  tiny_model_dir: Path) -> None:
+    assert_one_line_error(run_cli("quantize", str(tiny_model_dir), *flags, "-o", str(tmp_path / "o")), *fragments)
+    assert not (tmp_path / "o").exists()
+
+
+def test_save_recipe_pins_allocation_and_activation_defaults_and_repeats_the_run(
+        tmp_path: Path, tiny_model_dir: Path, calib_file: Path) -> None:
+    saved = tmp_path / "mixed.yaml"
+    flags = ["--allocation", "solver", "--bits", "5", "--score", "error", "--group-size", "16", "--act-bits", "8",
+             "--act-group-size", "-1", "--calib", str(calib_file), "--nsamples", "4", "--seqlen", "32"]
+    first = run_cli("quantize", str(tiny_model_dir), *flags, "-o", str(tmp_path / "a"), "--save-recipe", str(saved))
+    assert first.returncode == 0, first.stderr
+    recipe = Recipe.load(saved)
+    assert recipe.values["bit_choices"] == [2, 3, 4, 8] and recipe.values["granularity"] == "linear"
+    assert recipe.values["bits"] == 5 and recipe.values["act_group_size"] == -1
+    second = run_cli("quantize", str(tiny_model_dir), "--recipe", str(saved), "-o", str(tmp_path / "b"))
+    assert second.returncode == 0, second.stderr
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "a" / "config.json").read_text() == (tmp_path / "b" / "config.json").read_text()
+
+
+def test_save_recipe_to_a_directory_is_refused_before_any_work(tmp_path: Path, tiny_model_dir: Path) -> None:
+    assert_one_line_error(run_cli("quantize", str(tiny_model_dir), "--save-recipe", str(tmp_path),
+                                  "-o", str(tmp_path / "o")), "is a directory")
+    assert not (tmp_path / "o").exists()

@@ -155,14 +155,14 @@ def test_zero_shot_in_memory_equals_lm_eval_run_directly(tmp_path: Path) -> None
     """The real model on real local tasks: quantkit's in-memory scores are the plain harness's, to the bit."""
     from test_zeroshot import assert_same_numbers, lm_eval_direct
 
-    from quantkit.eval.zeroshot import evaluate_tasks, task_specs
+    from quantkit.eval.zeroshot import evaluate_tasks, plan_tasks
     from quantkit.models.builtin import resolve_builtin
     from quantkit.models.gguf_cache import converted_gguf_dir
 
     tasks, limit = ["arc_easy", "winogrande"], 16
     loaded = load_model("smollm2-135m")
-    ours = evaluate_tasks(loaded.model, loaded.tokenizer, task_specs(tasks, str(SHARED_DATA)), str(SHARED_DATA),
-                          limit=limit, batch_size=4)
+    ours = evaluate_tasks(loaded.model, loaded.tokenizer, plan_tasks(tasks, str(SHARED_DATA)), limit=limit,
+                          batch_size=4)
     assert all(ours[t]["samples"] == limit for t in tasks)
     assert ours["arc_easy"]["acc"] > 0.25  # above chance with four choices, as the model is on the full set
     direct = lm_eval_direct(converted_gguf_dir(resolve_builtin("smollm2-135m")), tasks, SHARED_DATA,

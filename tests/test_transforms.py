@@ -329,7 +329,7 @@ def test_cli_quantize_with_a_trained_transform_and_evaluate(tiny_model_dir, cali
 
 @pytest.mark.parametrize(("args", "fragments"), [
     (["--transform-epochs", "2"], ("need --transform",)),
-    (["--transform", "rotate"], ("unknown transform", "rotate")),
+    (["--transform", "rotate"], ("--transform 'rotate' is not allowed", "hadamard")),
     (["--transform", "hadamard", "--layout", "compressed-tensors"], ("online input maps",)),
 ])
 def test_cli_refuses_bad_transform_options(tiny_model_dir, calib_file, tmp_path, args, fragments):

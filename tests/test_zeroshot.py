@@ -16,7 +16,7 @@ from test_cli import assert_one_line_error, run_cli
 
 import quantkit
 from quantkit.api import CalibrationSpec, quantize
-from quantkit.eval.zeroshot import evaluate_tasks, task_specs
+from quantkit.eval.zeroshot import KEPT_METRICS, evaluate_tasks, plan_tasks
 from quantkit.models.loading import load_model
 from quantkit.schemes import QuantScheme
 
@@ -103,14 +103,15 @@ def test_tiny_local_tasks_score_the_model_as_an_independent_scorer_does(
         model, tokenizer = loaded.model, loaded.tokenizer
     else:
         model, tokenizer = quantkit.load(quantized_dir, kernel="cpu"), quantkit.load_tokenizer(quantized_dir)
-    specs = task_specs(["piqa", "lambada_openai"], str(task_data))
-    assert [s.harness_task for s in specs] == ["local_piqa", "local_lambada_openai"] and all(s.local for s in specs)
-    scores = evaluate_tasks(model, tokenizer, specs, str(task_data), limit=None, batch_size=3)
+    plan = plan_tasks(["piqa", "lambada_openai"], str(task_data))
+    assert [s.harness_task for s in plan.specs] == ["local_piqa", "local_lambada_openai"]
+    assert all(s.local for s in plan.specs)
+    scores = evaluate_tasks(model, tokenizer, plan, limit=None, batch_size=3)
     assert scores["piqa"]["samples"] == len(PIQA) and scores["lambada_openai"]["samples"] == len(LAMBADA)
     for task, expected in (("piqa", expected_piqa(model, tokenizer)), ("lambada_openai", expected_lambada(model, tokenizer))):
         for metric, value in expected.items():
             assert scores[task][metric] == pytest.approx(value, rel=1e-5, abs=1e-9), (task, metric)
-    limited = evaluate_tasks(model, tokenizer, specs[:1], str(task_data), limit=2, batch_size=1)
+    limited = evaluate_tasks(model, tokenizer, plan_tasks(["piqa"], str(task_data)), limit=2, batch_size=1)
     assert limited["piqa"]["samples"] == 2
 
 
@@ -138,8 +139,11 @@ def test_eval_cli_writes_a_report_that_renders_again_without_models(
     assert "piqa (acc_norm)" in rendered.stdout
 
 
-def test_eval_cli_refuses_missing_task_files_before_loading(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_eval_cli_refuses_missing_task_files_before_loading(tiny_model_dir: Path, task_data: Path,
+                                                            tmp_path: Path) -> None:
     report = tmp_path / "r"
+    assert_one_line_error(run_cli("eval", str(tiny_model_dir), "--tasks", "piqa", "--data-dir", str(task_data),
+                                  "--num-fewshot", "2", "--report", str(report)), "--num-fewshot 2 with local tasks")
     assert_one_line_error(run_cli("eval", str(tiny_model_dir), "--tasks", "piqa", "--data-dir", str(tmp_path),
                                   "--report", str(report)), "local_piqa", "piqa/valid.jsonl")
     assert_one_line_error(run_cli("eval", str(tiny_model_dir), "--tasks", "piqa,piqa", "--data-dir", str(tmp_path)),
@@ -147,12 +151,23 @@ def test_eval_cli_refuses_missing_task_files_before_loading(tiny_model_dir: Path
     assert_one_line_error(run_cli("eval", str(tiny_model_dir), "--tasks", "piqa", "--limit", "0"),
                           "--limit must be positive")
     assert_one_line_error(run_cli("report", str(tmp_path / "missing.json")), "missing.json")
-    assert not report.exists()
+    assert_one_line_error(run_cli("eval", str(tiny_model_dir), str(tiny_model_dir), "--report", str(report)),
+                          "named twice")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert_one_line_error(run_cli("eval", str(tiny_model_dir), "--report", str(afile)), "is not a directory")
+    assert not report.exists() and afile.read_text() == "x"
 
 
-def test_hub_tasks_offline_fail_in_one_line(tiny_model_dir: Path, tmp_path: Path) -> None:
-    assert_one_line_error(run_cli("eval", str(tiny_model_dir), "--tasks", "no_such_task_xyz",
-                                  "--report", str(tmp_path / "r")), "lm-eval could not run no_such_task_xyz")
+@pytest.mark.parametrize("task,fragments", [
+    ("no_such_task_xyz", ["unknown lm-eval task 'no_such_task_xyz'"]),
+    ("ai2_arc", ["ai2_arc is an lm-eval group or tag"]),
+    ("piqa", ["lm-eval could not run piqa", "piqa can run from local files: pass --data-dir"]),
+])
+def test_hub_tasks_offline_fail_in_one_line(task: str, fragments: list[str], tiny_model_dir: Path,
+                                            tmp_path: Path) -> None:
+    assert_one_line_error(run_cli("eval", str(tiny_model_dir), "--tasks", task, "--report", str(tmp_path / "r")),
+                          *fragments)
     assert not (tmp_path / "r").exists()
 
 
@@ -174,16 +189,39 @@ def lm_eval_direct(pretrained: Path, tasks: list[str], data_dir: Path, out: Path
 
 
 def assert_same_numbers(ours: dict[str, dict], theirs: dict[str, dict]) -> None:
-    for task, metrics in ours.items():
-        for metric, value in metrics.items():
-            if metric != "samples" and value is not None:
-                assert value == theirs[task][f"{metric},none"], (task, metric)
+    """Every acc/acc_norm/perplexity and standard error the harness reports, equal to the bit in ours."""
+    assert ours.keys() == theirs.keys()
+    for task, metrics in theirs.items():
+        kept = {k.removesuffix(",none") for k in metrics if k.split("_stderr")[0].split(",")[0] in KEPT_METRICS}
+        assert kept and kept == set(ours[task]) - {"samples"}, task
+        for metric in kept:
+            harness = metrics[f"{metric},none"]
+            assert ours[task][metric] == (None if harness == "N/A" else harness), (task, metric)
 
 
 def test_local_tasks_give_the_numbers_of_lm_eval_run_directly(tiny_model_dir: Path, task_data: Path,
                                                               tmp_path: Path) -> None:
     tasks = ["piqa", "lambada_openai"]
     loaded = load_model(str(tiny_model_dir))
-    ours = evaluate_tasks(loaded.model, loaded.tokenizer, task_specs(tasks, str(task_data)), str(task_data),
-                          limit=None, batch_size=2)
+    ours = evaluate_tasks(loaded.model, loaded.tokenizer, plan_tasks(tasks, str(task_data)), limit=None,
+                          batch_size=2)
     assert_same_numbers(ours, lm_eval_direct(tiny_model_dir, tasks, task_data, tmp_path / "out", None, 2))
+
+
+def test_a_diverged_model_is_reported_not_lost(tmp_path: Path, calib_file: Path, tiny_model_dir: Path) -> None:
+    from conftest import tiny_model
+    from helpers_tokenizer import tiny_tokenizer
+
+    broken = tmp_path / "broken"
+    model = tiny_model()
+    model.model.layers[0].mlp.down_proj.weight[0, 0] = float("inf")
+    model.save_pretrained(broken)
+    tiny_tokenizer().save_pretrained(broken)
+    report = tmp_path / "r"
+    proc = run_cli("eval", str(tiny_model_dir), str(broken), "--ppl", str(calib_file), "--seqlen", "32",
+                   "--report", str(report))
+    assert proc.returncode == 0, proc.stderr
+    saved = json.loads((report / "report.json").read_text())
+    assert saved["models"][0]["perplexity"][str(calib_file)]["perplexity"] > 1
+    assert saved["models"][1]["perplexity"][str(calib_file)]["perplexity"] is None
+    assert "not finite" in (report / "report.md").read_text()

@@ -51,7 +51,7 @@ def plot_perplexity_vs_bits(report: dict, path: Path) -> bool:
         measured = [
             (m["name"], m["bits_per_weight"], m["perplexity"][dataset]["perplexity"])
             for m in models
-            if dataset in m["perplexity"]
+            if dataset in m["perplexity"] and m["perplexity"][dataset]["perplexity"] is not None
         ]
         points = [(bits, ppl, name) for name, bits, ppl in measured if bits < UNQUANTIZED_BITS]
         axes.plot([x for x, _, _ in points], [y for _, y, _ in points], "o", color=colour, label=dataset)

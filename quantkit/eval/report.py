@@ -85,15 +85,15 @@ _MODEL = {
     "name": ("string", False, True),
     "quantized": ("bool", False, True),
     "bits_per_weight": ("positive", False, True),
-    "size_bytes": ("count", False, True),
+    "size_bytes": ("positive_int", False, True),
     "scheme": ("string", False, True),
     "perplexity": ("object", False, True),
     "tasks": ("object", False, True),
     "average": ("fraction", True, True),
 }
 _PERPLEXITY = {
-    "perplexity": ("positive", False, True),
-    "nll": ("number", False, False),
+    "perplexity": ("positive", True, True),  # null: not finite (a diverged model)
+    "nll": ("number", True, False),
     "windows": ("positive_int", False, False),
     "seqlen": ("positive_int", False, False),
     "tokens": ("positive_int", False, False),
@@ -274,7 +274,10 @@ def _sections(report: dict) -> list[list[tuple[str, list[str]]]]:
     def ppl(dataset: str) -> _Cell:
         def cell(model: dict) -> tuple[str, float] | None:
             result = model["perplexity"].get(dataset)
-            return None if result is None else (f"{result['perplexity']:.2f}", result["perplexity"])
+            if result is None:
+                return None
+            value = result["perplexity"]
+            return ("not finite", None) if value is None else (f"{value:.2f}", value)
 
         return cell
 
@@ -341,7 +344,9 @@ def _title(report: dict) -> str:
     shots = (
         "the tasks' default shots" if settings["num_fewshot"] is None else f"{settings['num_fewshot']}-shot"
     )
-    return f"quantkit eval: perplexity at seqlen {settings['seqlen']}, {windows}; tasks on {samples}, {shots}"
+    parts = [f"perplexity at seqlen {settings['seqlen']}, {windows}" if settings["ppl"] else "",
+             f"tasks on {samples}, {shots}" if settings["tasks"] else ""]
+    return "quantkit eval: " + ("; ".join(p for p in parts if p) or "no measurements")
 
 
 def report_table(report: dict) -> Table:
@@ -396,6 +401,17 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_report_dir(directory: Path) -> None:
+    """Fail before any work if ``directory`` cannot become (or be written as) a report directory."""
+    if directory.exists() and not directory.is_dir():
+        raise QuantkitError(f"report path {directory} exists and is not a directory")
+    parent = directory if directory.is_dir() else directory.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise QuantkitError(f"cannot write the report under {parent}: permission denied")
+
+
 def write_report(report: dict, directory: Path) -> list[Path]:
     """Check ``report``, then write ``report.json``, ``report.md`` and the plots that have something to show
     into ``directory``. Every file is staged first and moved into place whole; a plot skipped this time is
@@ -403,6 +419,7 @@ def write_report(report: dict, directory: Path) -> list[Path]:
     from quantkit.eval.plots import plot_perplexity_vs_bits, plot_task_accuracy
 
     check_report(report, str(directory / "report.json"))
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".report.tmp-", dir=directory))
     try:
@@ -417,5 +434,10 @@ def write_report(report: dict, directory: Path) -> list[Path]:
         for name in set(PLOT_FILES) - set(drawn):
             (directory / name).unlink(missing_ok=True)
         return written
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(directory.iterdir()):
+            directory.rmdir()
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

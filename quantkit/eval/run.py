@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from torch import nn
 
+from quantkit.errors import QuantkitError
 from quantkit.eval.models import EvalTarget, load_target
 from quantkit.eval.perplexity import perplexity, tokenize_stream
 from quantkit.eval.report import REPORT_FORMAT, REPORT_VERSION, model_average
@@ -63,16 +65,25 @@ def _describe(target: EvalTarget) -> dict[str, object]:
     return {"bits_per_weight": _float_bits(target.model), "size_bytes": size, "scheme": f"{dtype} (unquantized)"}
 
 
+def _finite(result: dict) -> dict:
+    """A perplexity result with non-finite numbers (a diverged model) as null, which JSON can hold."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in result.items()}
+
+
 def run_eval(request: EvalRequest) -> dict:
     """Evaluate every model on every perplexity set and task, one model in memory at a time; the report dict
     (schema in :mod:`quantkit.eval.report`)."""
-    from quantkit.eval.zeroshot import evaluate_tasks, task_specs
+    from quantkit.eval.zeroshot import evaluate_tasks, plan_tasks
 
     names = request.models()
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise QuantkitError(f"{repeated[0]} is named twice among the models to evaluate")
     for name in names:
         check_model_exists(name)
     data_dir = request.data_dir or os.environ.get(DATA_DIR_ENV)
-    specs = task_specs(request.tasks, data_dir)
+    plan = plan_tasks(request.tasks, data_dir, request.num_fewshot)
+    specs = plan.specs
     texts, sources = {}, {}
     for dataset in request.datasets:
         texts[dataset], sources[dataset] = load_eval_text(dataset, request.data_dir)
@@ -82,12 +93,12 @@ def run_eval(request: EvalRequest) -> dict:
         target = load_target(name, request.kernel)
         entry: dict[str, object] = {"name": name, "quantized": target.quantized, **_describe(target)}
         entry["perplexity"] = {
-            dataset: perplexity(target.model, tokenize_stream(text, target.tokenizer), request.seqlen,
-                                request.max_windows, dataset).to_dict()
+            dataset: _finite(perplexity(target.model, tokenize_stream(text, target.tokenizer), request.seqlen,
+                                        request.max_windows, dataset).to_dict())
             for dataset, text in texts.items()
         }
-        entry["tasks"] = evaluate_tasks(target.model, target.tokenizer, specs, data_dir, request.limit,
-                                        request.batch_size, request.num_fewshot) if specs else {}
+        entry["tasks"] = evaluate_tasks(target.model, target.tokenizer, plan, request.limit, request.batch_size,
+                                        request.num_fewshot) if specs else {}
         entry["average"] = model_average(entry["tasks"])
         models.append(entry)
         del target

@@ -27,9 +27,33 @@ class TaskSpec:
     local: bool
 
 
-def task_specs(tasks: list[str], data_dir: str | None) -> list[TaskSpec]:
+@dataclass
+class TaskPlan:
+    """The tasks of one evaluation and the harness's task index that resolves them (built once per run)."""
+
+    specs: list[TaskSpec]
+    data_dir: str | None
+    manager: object = None
+
+    def task_manager(self):
+        """lm-eval's index: quantkit's local configs, plus the built-in tasks only when one is asked for
+        (indexing them takes seconds)."""
+        if self.manager is None:
+            from lm_eval.tasks import TaskManager
+
+            from quantkit.eval.tasks.loaders import TASKS_DIR
+
+            local = any(s.local for s in self.specs)
+            self.manager = TaskManager(include_path=str(TASKS_DIR) if local else None,
+                                       include_defaults=not all(s.local for s in self.specs),
+                                       metadata={"data_dir": str(self.data_dir)} if self.data_dir else None)
+        return self.manager
+
+
+def plan_tasks(tasks: list[str], data_dir: str | None, num_fewshot: int = 0) -> TaskPlan:
     """Local task configs (reading ``data_dir``) for the tasks quantkit has them for when a data directory is
-    given; lm-eval's built-in tasks (their data from the hub) otherwise."""
+    given; lm-eval's built-in tasks (their data from the hub) otherwise. Checked before any model loads: local
+    files exist, built-in names are single tasks (not groups or tags, whose results the report cannot hold)."""
     from quantkit.eval.tasks.loaders import LOCAL_TASKS, check_local_files
 
     if len(set(tasks)) != len(tasks):
@@ -43,7 +67,20 @@ def task_specs(tasks: list[str], data_dir: str | None) -> list[TaskSpec]:
             specs.append(TaskSpec(name, local.task_name, source, True))
         else:
             specs.append(TaskSpec(name, name, f"lm-eval built-in task {name} (data from the hub)", False))
-    return specs
+    local_names = [s.name for s in specs if s.local]
+    if local_names and num_fewshot:
+        raise QuantkitError(f"--num-fewshot {num_fewshot} with local tasks ({', '.join(local_names)}): their files "
+                            "hold only the evaluated split, so the examples would come from it; use 0")
+    plan = TaskPlan(specs, data_dir)
+    hub = [s.name for s in specs if not s.local]
+    if hub:
+        manager = plan.task_manager()
+        for name in hub:
+            if name in manager.all_groups or name in manager.all_tags:
+                raise QuantkitError(f"--tasks {name} is an lm-eval group or tag; name its tasks one by one")
+            if name not in manager.all_subtasks:
+                raise QuantkitError(f"unknown lm-eval task {name!r}")
+    return plan
 
 
 def _harness_model(model: nn.Module, tokenizer, batch_size: int):
@@ -51,11 +88,13 @@ def _harness_model(model: nn.Module, tokenizer, batch_size: int):
     from lm_eval.models.huggingface import HFLM
 
     class ProgressLM(HFLM):
-        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
             with progress_bar(transient=True) as progress:
                 self._progress = (progress, progress.add_task("zero-shot requests", total=len(requests)))
                 try:
-                    return super()._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=override_bs)
+                    scores = super().loglikelihood(requests, disable_tqdm=True)
+                    progress.update(self._progress[1], completed=len(requests))  # shared contexts run once
+                    return scores
                 finally:
                     del self._progress
 
@@ -82,27 +121,26 @@ def _metrics(raw: dict, samples: int) -> dict:
     return out
 
 
-def evaluate_tasks(model: nn.Module, tokenizer, specs: list[TaskSpec], data_dir: str | None,
-                   limit: int | None, batch_size: int, num_fewshot: int = 0) -> dict[str, dict]:
+def evaluate_tasks(model: nn.Module, tokenizer, plan: TaskPlan, limit: int | None, batch_size: int,
+                   num_fewshot: int = 0) -> dict[str, dict]:
     """Score ``model`` on every task; returns ``name -> {acc, acc_stderr, acc_norm, …, samples}``."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
-    from quantkit.eval.tasks.loaders import TASKS_DIR
+    from quantkit.eval.tasks.loaders import LOCAL_TASKS
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    include = str(TASKS_DIR) if any(s.local for s in specs) else None
-    manager = TaskManager(include_path=include, include_defaults=not all(s.local for s in specs),
-                          metadata={"data_dir": str(data_dir)} if data_dir else None)
+    specs = plan.specs
     try:
         output = lm_eval.simple_evaluate(
             model=_harness_model(model, tokenizer, batch_size), tasks=[s.harness_task for s in specs],
-            num_fewshot=num_fewshot, limit=limit, task_manager=manager, log_samples=False, verbosity="ERROR",
+            num_fewshot=num_fewshot, limit=limit, task_manager=plan.task_manager(), log_samples=False,
         )
+        results, counts = output["results"], output["n-samples"]
+        return {s.name: _metrics(results[s.harness_task], counts[s.harness_task]["effective"]) for s in specs}
     except QuantkitError:
         raise
-    except Exception as exc:  # the harness's own failures (an unreachable hub, a bad task name) in one line
+    except Exception as exc:  # the harness's own failures (an unreachable hub, a bad config) in one line
         first = " ".join(str(exc).split())[:300] or type(exc).__name__
-        raise QuantkitError(f"lm-eval could not run {', '.join(s.name for s in specs)}: {first}") from None
-    results, counts = output["results"], output["n-samples"]
-    return {s.name: _metrics(results[s.harness_task], counts[s.harness_task]["effective"]) for s in specs}
+        local = [s.name for s in specs if not s.local and s.name in LOCAL_TASKS]
+        hint = f" ({', '.join(local)} can run from local files: pass --data-dir)" if local else ""
+        raise QuantkitError(f"lm-eval could not run {', '.join(s.name for s in specs)}: {first}{hint}") from None

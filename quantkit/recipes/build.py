@@ -7,17 +7,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from quantkit.errors import QuantkitError
+from quantkit.recipes.fields import ALLOCATION_OPTIONS, BY_PARAM, QUANTIZER_OPTIONS, TRANSFORM_OPTIONS
 
 if TYPE_CHECKING:
     from quantkit.allocation.options import AllocationOptions
     from quantkit.allocation.plan import AllocationPlan
 
 DEFAULT_BIT_CHOICES = (2, 3, 4, 8)
-QUANTIZER_OPTIONS = ("damp", "act_order", "static_groups", "mse", "outlier_threshold", "simplified_outliers",
-                     "stat_bits", "stat_group_size")
-ALLOCATION_OPTIONS = {"bit_choices": "--bit-choices", "score": "--score", "granularity": "--granularity",
-                      "search_generations": "--search-generations", "search_offspring": "--search-offspring"}
-TRANSFORM_OPTIONS = ("transform_nsamples", "transform_seqlen", "transform_epochs", "transform_batch_size")
 
 
 def allocation_options(bits: float, settings: dict[str, object], strategy: str) -> AllocationOptions:
@@ -36,7 +32,7 @@ def _allocation(settings: dict[str, object]) -> tuple[AllocationOptions | Alloca
     from quantkit.allocation.plan import AllocationPlan
 
     allocation, bits = settings["allocation"], settings["bits"]
-    given = [flag for param, flag in ALLOCATION_OPTIONS.items() if settings[param] is not None]
+    given = [BY_PARAM[param].flag for param in ALLOCATION_OPTIONS if settings[param] is not None]
     if allocation is not None and Path(str(allocation)).suffix == ".json":
         if given or bits is not None:
             raise QuantkitError(f"{(given or ['--bits'])[0]} cannot change a saved allocation plan; "
@@ -74,7 +70,7 @@ def quantize_arguments(settings: dict[str, object]) -> dict[str, object]:
                                        settings["act_group_size"])
     elif settings["act_format"] is not None or settings["act_group_size"] is not None:
         raise QuantkitError("--act-format and --act-group-size need --act-bits")
-    budget = {name.removeprefix("transform_"): settings[name] for name in TRANSFORM_OPTIONS}
+    budget = {name.removeprefix("transform_"): settings[name] for name in TRANSFORM_OPTIONS[1:]}
     transform = None
     if settings["transform"] is not None:
         transform = make_transform(settings["transform"], settings["transform_budget"], **budget)
@@ -94,14 +90,27 @@ def quantize_arguments(settings: dict[str, object]) -> dict[str, object]:
     )
 
 
-def pinned_settings(settings: dict[str, object], arguments: dict[str, object],
-                    quantizer_record: dict[str, object]) -> dict[str, object]:
-    """``settings`` with the defaults a run chose written in (the quantizer's options, the scheme's width, group
-    size and symmetry), so that a saved recipe repeats the run even if those defaults change."""
-    scheme = arguments["scheme"]
-    bits = settings["bits"] if arguments["allocation"] is not None else scheme.bits
-    pinned = dict(settings, bits=bits, group_size=scheme.group_size, sym=scheme.symmetric)
+def pinned_settings(settings: dict[str, object], arguments: dict[str, object]) -> dict[str, object]:
+    """``settings`` with the defaults this run takes written in (the quantizer's options, the scheme's width,
+    group size and symmetry, the allocation's choices, score, unit and search, a trained transform's budget),
+    so that a saved recipe repeats the run even if those defaults change."""
+    from quantkit.allocation.options import AllocationOptions
+    from quantkit.quantizers import make_quantizer
+
+    scheme, allocation, transform = arguments["scheme"], arguments["allocation"], arguments["transform"]
+    pinned = dict(settings, group_size=scheme.group_size, sym=scheme.symmetric)
+    if allocation is None:
+        pinned["bits"] = scheme.bits
+    quantizer = make_quantizer(settings["method"], **{name: settings[name] for name in QUANTIZER_OPTIONS})
     for name in QUANTIZER_OPTIONS:
-        if pinned[name] is None and quantizer_record.get(name) is not None:
-            pinned[name] = quantizer_record[name]
+        if getattr(quantizer, name, None) is not None:
+            pinned[name] = getattr(quantizer, name)
+    if isinstance(allocation, AllocationOptions):
+        pinned |= {"bits": allocation.target_bits, "bit_choices": list(allocation.bit_choices),
+                   "score": allocation.chosen_score, "granularity": allocation.granularity,
+                   "search_generations": allocation.search.generations,
+                   "search_offspring": allocation.search.offspring}
+    budget = getattr(transform, "budget", None)
+    if budget is not None:
+        pinned |= {f"transform_{key}": getattr(budget, key) for key in ("nsamples", "seqlen", "epochs", "batch_size")}
     return pinned

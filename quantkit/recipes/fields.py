@@ -24,7 +24,9 @@ class RecipeField:
     allowed: tuple = ()  # the only values a "str" (or "int") field takes; empty: any
     minimum: float | None = None
     default: object = None  # the value when neither the recipe nor the command line sets it
-    also: tuple = ()  # values allowed besides the range (group size -1)
+    maximum: float | None = None
+    also: tuple = ()  # values allowed besides the range (group size -1, "none" for a section switch)
+    infinite: bool = False  # a "float" field that also takes inf
     suffix: str = ""  # a "str" field also takes a file name with this suffix (an allocation plan)
     note: str = ""  # what else is allowed, for the error message
 
@@ -46,8 +48,9 @@ class RecipeField:
         elif self.kind == "int_list":
             text = "a list of integers"
         else:
-            noun = {"int": "an integer", "float": "a number", "str": "a string"}[self.kind]
-            text = noun + (f" ≥ {self.minimum:g}" if self.minimum is not None else "")
+            noun = {"int": "an integer", "float": "a finite number", "str": "a string"}[self.kind]
+            text = noun + (f" ≥ {_shown(self.minimum)}" if self.minimum is not None else "")
+            text += f" and ≤ {_shown(self.maximum)}" if self.maximum is not None else ""
         return text + (f" ({self.note})" if self.note else "")
 
     def check(self, value: object) -> object:
@@ -63,18 +66,27 @@ class RecipeField:
         if self.kind == "str":
             if not isinstance(value, str) or not value.strip():
                 raise ValueError
+            if value in self.also:
+                return value
             if self.allowed and value not in self.allowed and not (self.suffix and value.endswith(self.suffix)):
                 raise ValueError
             return value
         if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
             raise ValueError
+        if math.isinf(value) and not self.infinite:
+            raise ValueError
         if self.kind == "int" and not _is_int(value):
             raise ValueError
         if value in self.also:
             return int(value)
-        if (self.allowed and value not in self.allowed) or (self.minimum is not None and value < self.minimum):
+        if (self.allowed and value not in self.allowed) or (self.minimum is not None and value < self.minimum) or (
+                self.maximum is not None and value > self.maximum):
             raise ValueError
         return int(value) if _is_int(value) else value
+
+
+def _shown(value: float) -> str:
+    return str(int(value)) if _is_int(value) else f"{value:g}"
 
 
 def _is_int(value: object) -> bool:
@@ -82,6 +94,7 @@ def _is_int(value: object) -> bool:
         isinstance(value, float) and math.isfinite(value) and value == int(value))
 
 
+OFF = "none"  # the value that switches off a recipe's transform or allocation from the command line
 FIELDS: tuple[RecipeField, ...] = (
     RecipeField("quantizer", "method", "method", "str", allowed=tuple(QUANTIZERS), default="gptq"),
     RecipeField("quantizer", "act_order", "act_order", "bool"),
@@ -89,32 +102,37 @@ FIELDS: tuple[RecipeField, ...] = (
     RecipeField("quantizer", "true_sequential", "true_sequential", "bool", default=True),
     RecipeField("quantizer", "damp", "damp", "float", minimum=0.0),
     RecipeField("quantizer", "mse", "mse", "bool"),
-    RecipeField("quantizer", "outlier_threshold", "outlier_threshold", "float", minimum=0.0, note="inf keeps no outliers"),
+    RecipeField("quantizer", "outlier_threshold", "outlier_threshold", "float", minimum=0.0, infinite=True,
+                note="inf keeps no outliers"),
     RecipeField("quantizer", "simplified_outliers", "simplified_outliers", "bool"),
     RecipeField("quantizer", "stat_bits", "stat_bits", "int", minimum=1),
     RecipeField("quantizer", "stat_group_size", "stat_group_size", "int", minimum=1),
     RecipeField("weights", "bits", "bits", "float", minimum=1.0,
            note=f"{', '.join(map(str, SUPPORTED_BITS))}; with allocation, the average bits per weight, e.g. 3.5"),
-    RecipeField("weights", "format", "number_format", "str", allowed=SUPPORTED_FORMATS, default="int"),
+    RecipeField("weights", "format", "number_format", "str", allowed=SUPPORTED_FORMATS, default="int",
+                note="gptq and compressed-tensors are checkpoint layouts: --layout, export.layout"),
     RecipeField("weights", "group_size", "group_size", "int", minimum=1, also=(-1,),
            note="or -1 for one group per output channel"),
     RecipeField("weights", "sym", "sym", "bool"),
     RecipeField("activations", "bits", "act_bits", "int", allowed=ACT_BITS),
     RecipeField("activations", "format", "act_format", "str", allowed=SUPPORTED_FORMATS),
-    RecipeField("activations", "group_size", "act_group_size", "int", minimum=1),
+    RecipeField("activations", "group_size", "act_group_size", "int", minimum=1, also=(-1,),
+                note="or -1 for one scale per token"),
     RecipeField("calibration", "source", "calib", "str", default="c4",
            note="c4, wikitext2, synthetic, or a local file or directory"),
     RecipeField("calibration", "nsamples", "nsamples", "int", minimum=1, default=128),
     RecipeField("calibration", "seqlen", "seqlen", "int", minimum=1, default=2048),
-    RecipeField("calibration", "seed", "seed", "int", minimum=0, default=0),
+    RecipeField("calibration", "seed", "seed", "int", minimum=0, maximum=2**32 - 1, default=0),
     RecipeField("calibration", "data_dir", "data_dir", "str"),
-    RecipeField("transform", "name", "transform", "str", allowed=tuple(TRANSFORMS)),
+    RecipeField("transform", "name", "transform", "str", allowed=tuple(TRANSFORMS), also=(OFF,),
+                note="none: no transform, over a recipe's"),
     RecipeField("transform", "budget", "transform_budget", "str", allowed=("cpu", "paper"), default="cpu"),
     RecipeField("transform", "nsamples", "transform_nsamples", "int", minimum=1),
     RecipeField("transform", "seqlen", "transform_seqlen", "int", minimum=1),
     RecipeField("transform", "epochs", "transform_epochs", "int", minimum=1),
     RecipeField("transform", "batch_size", "transform_batch_size", "int", minimum=1),
-    RecipeField("allocation", "strategy", "allocation", "str", allowed=STRATEGIES, suffix=".json"),
+    RecipeField("allocation", "strategy", "allocation", "str", allowed=STRATEGIES, suffix=".json", also=(OFF,),
+                note="none: one width everywhere, over a recipe's"),
     RecipeField("allocation", "bit_choices", "bit_choices", "int_list"),
     RecipeField("allocation", "score", "score", "str", allowed=SCORES),
     RecipeField("allocation", "granularity", "granularity", "str", allowed=GRANULARITIES),
@@ -126,3 +144,16 @@ BY_PARAM: dict[str, RecipeField] = {f.param: f for f in FIELDS}
 SECTIONS: dict[str, dict[str, RecipeField]] = {}
 for _f in FIELDS:
     SECTIONS.setdefault(_f.section, {})[_f.key] = _f
+
+QUANTIZER_OPTIONS = ("damp", "act_order", "static_groups", "mse", "outlier_threshold", "simplified_outliers",
+                     "stat_bits", "stat_group_size")
+TRANSFORM_OPTIONS = ("transform_budget", "transform_nsamples", "transform_seqlen", "transform_epochs",
+                     "transform_batch_size")
+ALLOCATION_OPTIONS = ("bit_choices", "score", "granularity", "search_generations", "search_offspring")
+# A flag that changes one of these replaces the recipe's fields that only make sense with the recipe's value.
+DEPENDENTS: dict[str, tuple[str, ...]] = {
+    "method": QUANTIZER_OPTIONS,
+    "number_format": ("bits", "group_size", "sym"),
+    "transform": TRANSFORM_OPTIONS,
+    "allocation": ("bits", *ALLOCATION_OPTIONS),
+}

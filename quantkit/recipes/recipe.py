@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from quantkit.errors import QuantkitError
-from quantkit.recipes.fields import BY_PARAM, FIELDS, SECTIONS, RecipeField
+from quantkit.recipes.fields import BY_PARAM, DEPENDENTS, FIELDS, OFF, SECTIONS, RecipeField
 from quantkit.schemes import SUPPORTED_BITS
 
 HEADER_KEYS = ("name", "description")
@@ -121,20 +121,43 @@ def _checked(spec: RecipeField, value: object, where: str) -> object:
                             f"{spec.describe_allowed()}") from None
 
 
+def _flag_value(spec: RecipeField, value: object) -> object:
+    try:
+        return spec.check(value)
+    except ValueError:
+        raise QuantkitError(f"{spec.flag} {value!r} is not allowed; allowed: {spec.describe_allowed()}") from None
+
+
+def _replaces_dependents(param: str, flag: object, recipe_value: object) -> bool:
+    """Whether a flag's value makes the recipe's fields that depend on this one meaningless."""
+    if flag is None or flag == recipe_value:
+        return False
+    if param == "allocation":  # another strategy keeps the target and choices; a plan or none does not
+        return flag == OFF or str(flag).endswith(".json")
+    return True
+
+
 def resolve(recipe: Recipe | None, given: dict[str, object], where: str = "") -> dict[str, object]:
     """Every setting: a flag given on the command line (not None) wins over the recipe, which wins over the
-    default. Checks the one rule that spans fields: a fractional or unsupported ``bits`` needs an allocation."""
+    default. A flag that changes the method, the number format, the transform or the allocation to a plan
+    also drops the recipe's fields that belong to the old value (its quantizer options, group size, …), and
+    ``none`` switches a recipe's transform or allocation off. Checks the one rule that spans fields: a
+    fractional or unsupported ``bits`` needs an allocation."""
     unknown = sorted(set(given) - set(BY_PARAM))
     if unknown:
         raise QuantkitError(f"no recipe field for option {', '.join(unknown)}")
-    from_recipe = recipe.values if recipe is not None else {}
-    settings = {}
-    for spec in FIELDS:
-        value = given.get(spec.param)
-        settings[spec.param] = value if value is not None else from_recipe.get(spec.param, spec.default)
+    flags = {param: _flag_value(BY_PARAM[param], value) for param, value in given.items() if value is not None}
+    from_recipe = dict(recipe.values) if recipe is not None else {}
+    for param, dependents in DEPENDENTS.items():
+        if _replaces_dependents(param, flags.get(param), from_recipe.get(param)):
+            for dependent in dependents:
+                from_recipe.pop(dependent, None)
+    settings = {spec.param: flags.get(spec.param, from_recipe.get(spec.param, spec.default)) for spec in FIELDS}
+    for switch in ("transform", "allocation"):
+        if settings[switch] == OFF:
+            settings[switch] = None
     bits = settings["bits"]
-    if (recipe is not None and given.get("bits") is None and bits is not None and settings["allocation"] is None
-            and bits not in SUPPORTED_BITS):
+    if "bits" not in flags and "bits" in from_recipe and settings["allocation"] is None and bits not in SUPPORTED_BITS:
         spec = BY_PARAM["bits"]
         raise QuantkitError(f"recipe {where}: {spec.name} = {bits!r} is not allowed without allocation.strategy; "
                             f"allowed: {', '.join(map(str, SUPPORTED_BITS))}")
