@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import site
 import sys
 from pathlib import Path
 
@@ -14,10 +15,12 @@ SUFFIXES = (".yaml", ".yml")
 
 
 def recipe_dirs() -> list[Path]:
-    """Where shipped recipes live: ``$QUANTKIT_RECIPES``, the source checkout's ``recipes/``, and the copy a
-    wheel installs under ``<prefix>/share/quantkit/recipes``."""
-    candidates = [os.environ.get(RECIPES_ENV), Path(__file__).resolve().parents[2] / "recipes",
-                  Path(sys.prefix) / "share" / "quantkit" / "recipes"]
+    """Where shipped recipes live: ``$QUANTKIT_RECIPES``, the source checkout's ``recipes/`` (next to its
+    ``pyproject.toml``), and the copy a wheel installs under ``<prefix>/share/quantkit/recipes`` (the user base
+    for ``pip install --user``)."""
+    checkout = Path(__file__).resolve().parents[2]
+    candidates = [os.environ.get(RECIPES_ENV), checkout / "recipes" if (checkout / "pyproject.toml").is_file() else None,
+                  *(Path(base) / "share" / "quantkit" / "recipes" for base in (sys.prefix, site.USER_BASE))]
     dirs: list[Path] = []
     for candidate in candidates:
         if candidate and Path(candidate).is_dir() and Path(candidate).resolve() not in dirs:
