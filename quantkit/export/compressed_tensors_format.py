@@ -235,6 +235,16 @@ class ConfigGroup:
     weights: WeightArgs
 
 
+def _config_int(weights: dict, key: str, default: int) -> int:
+    """An integer field of a weights entry (absent or null: ``default``); anything else is refused."""
+    value = weights.get(key)
+    if value is None:
+        return default
+    if type(value) is not int:
+        raise QuantkitError(f"compressed-tensors weights {key} is {value!r}, expected an integer")
+    return value
+
+
 def _parse_weights(name: str, weights: object) -> WeightArgs:
     if not isinstance(weights, dict):
         raise QuantkitError(f"compressed-tensors config group {name} has no weights entry")
@@ -247,10 +257,10 @@ def _parse_weights(name: str, weights: object) -> WeightArgs:
         raise QuantkitError(f"compressed-tensors weights of type {weights.get('type')!r} are not supported")
     if strategy not in ("group", "channel"):
         raise QuantkitError(f"compressed-tensors strategy {strategy!r} is not supported (group or channel)")
-    bits = int(weights.get("num_bits", 8))
+    bits = _config_int(weights, "num_bits", 8)
     if bits == 3:
         raise QuantkitError("3-bit compressed-tensors checkpoints are not supported (packing differs between versions)")
-    group_size = -1 if strategy == "channel" else int(weights.get("group_size") or 0)
+    group_size = -1 if strategy == "channel" else _config_int(weights, "group_size", 0)
     actorder = weights.get("actorder")
     if actorder not in (None, False, "group", "weight", "static", "dynamic", True):
         raise QuantkitError(f"unknown compressed-tensors actorder {actorder!r}")

@@ -4,6 +4,9 @@ tensor against the config from the safetensors headers, then build the model wit
 from __future__ import annotations
 
 import json
+import math
+import re
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +94,8 @@ def open_checkpoint(folder: Path) -> CheckpointConfig:
             "quantization_config)"
         )
     if fmt == "native":
-        if qc.get("format") != FORMAT_NAME or int(qc.get("format_version", 0)) > FORMAT_VERSION:
+        version = qc.get("format_version", 0)
+        if qc.get("format") != FORMAT_NAME or type(version) is not int or version > FORMAT_VERSION:
             raise QuantkitError(f"unsupported checkpoint format {qc.get('format')} v{qc.get('format_version')}")
         if not isinstance(qc.get("layers"), dict):
             raise QuantkitError(f"corrupt quantization_config in {folder}: no per-layer table")
@@ -107,12 +111,44 @@ def is_quantkit_checkpoint(path: str | Path) -> bool:
     return True
 
 
-def _skeleton(config_dict: dict) -> nn.Module:
+_BLOCK_INDEX = re.compile(r"\.layers\.(\d+)\.")
+_JSON_KINDS = ((bool, "true or false"), (int, "an integer"), (float, "a number"), (str, "a string"),
+               (list, "a list"), (dict, "an object"))
+
+
+def _check_config_types(config_dict: dict, defaults: dict) -> None:
+    """Refuse a config field whose JSON type differs from the architecture's default for it (transformers
+    accepts any value and fails later, deep in a forward pass)."""
+    for key, value in config_dict.items():
+        default = defaults.get(key)
+        if default is None:
+            continue
+        kind, words = next((k, w) for k, w in _JSON_KINDS if isinstance(default, k))
+        fits = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float:
+            fits = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if not fits:
+            raise QuantkitError(f"invalid model config in checkpoint: {key} is {value!r}, expected {words}")
+
+
+def _check_depth(config_dict: dict, tensor_names: Iterable[str]) -> None:
+    """The config's block count must be the checkpoint's, checked before any module is built (a lying count
+    would otherwise build millions of empty blocks)."""
+    stored = {int(match.group(1)) for name in tensor_names if (match := _BLOCK_INDEX.search(name))}
+    declared = config_dict.get("num_hidden_layers")
+    if declared != len(stored) or stored != set(range(len(stored))):
+        raise QuantkitError(f"invalid model config in checkpoint: num_hidden_layers is {declared!r} but the "
+                            f"weights hold {len(stored)} blocks")
+
+
+def _skeleton(config_dict: dict, tensor_names: Iterable[str]) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type = config_dict.get("model_type")
     adapter_for(str(model_type))
+    _check_config_types(config_dict, AutoConfig.for_model(str(model_type)).to_dict())
+    _check_depth(config_dict, tensor_names)
     try:
         config = AutoConfig.for_model(**config_dict)
         dtype = getattr(config, "dtype", None) or torch.float32
@@ -230,8 +266,9 @@ def describe_layers(path: str | Path) -> tuple[CheckpointConfig, dict[str, dict]
     checkpoint = open_checkpoint(folder)
     if checkpoint.format == "native":
         return checkpoint, checkpoint.quantization["layers"]
-    model = _skeleton(checkpoint.model)
-    plans = _plans(model, checkpoint, _headers(folder, _shards(folder)))
+    headers = _headers(folder, _shards(folder))
+    model = _skeleton(checkpoint.model, headers)
+    plans = _plans(model, checkpoint, headers)
     return checkpoint, {name: plan.meta for name, plan in plans.items()}
 
 
@@ -253,9 +290,9 @@ def load(path: str | Path, kernel: str | None = None) -> nn.Module:
     kernel = check_backend(kernel) if kernel is not None else default_backend()
     folder = Path(path)
     checkpoint = open_checkpoint(folder)
-    model = _skeleton(checkpoint.model)
     files = _shards(folder)
     headers = _headers(folder, files)
+    model = _skeleton(checkpoint.model, headers)
     plans = _plans(model, checkpoint, headers)
     input_scheme = _input_scheme(checkpoint)
     online = _online_inputs(checkpoint, plans)
