@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from quantkit.allocation.costs import LayerCost, bits_per_weight, budget_bytes
 from quantkit.allocation.measure import feasible
 from quantkit.allocation.options import AllocationOptions, nearest_width
 from quantkit.allocation.plan import AllocationPlan, check_plan
+from quantkit.devices import resolve_devices
 from quantkit.engine import EngineOptions, quantize_model
 from quantkit.errors import QuantkitError
 from quantkit.export.atomic import check_output_dir
@@ -62,6 +64,9 @@ def quantize(
     act_scheme: QuantScheme | None = None,
     transform: Transform | AppliedTransform | None = None,
     allocation: AllocationOptions | AllocationPlan | None = None,
+    offload: str | None = None,
+    devices: Sequence[str] | None = None,
+    trust_remote_code: bool = False,
     **quantizer_options,
 ) -> QuantizeResult:
     """Quantize ``model`` (hub id, directory, GGUF file or built-in alias, or one already loaded); write a
@@ -75,6 +80,14 @@ def quantize(
     ``native``, ``gptq`` (v1) or ``compressed-tensors``; a scheme the layout cannot express is refused before
     the model is loaded. ``allocation`` gives every linear its own width of ``scheme``: chosen here under a
     target of average bits (:class:`AllocationOptions`) or taken from a saved :class:`AllocationPlan`.
+
+    ``offload="disk"`` streams the model (a local directory of safetensors shards) one decoder block at a
+    time, writes each finished block at once and spills activations to disk, so peak memory stays near one
+    block whatever the depth; a killed run keeps its state beside ``output`` and the same call resumes it
+    (see :mod:`quantkit.streaming`). ``devices`` (e.g. ``["cuda:0", "cuda:1"]``) spreads the blocks over
+    devices in contiguous runs; each block runs on its own. ``trust_remote_code`` lets transformers run a
+    model's own Python code when it loads the whole model (off unless asked for; streaming builds the
+    architecture from quantkit's adapters and never runs model code).
     """
     calibration = calibration or CalibrationSpec()
     quantizer = make_quantizer(method, **quantizer_options)
@@ -88,9 +101,13 @@ def quantize(
         raise QuantkitError("an applied transform needs the loaded model it was fused into")
     if output is not None:
         check_output_dir(Path(output), overwrite)
+    engine_devices = resolve_devices(devices) if devices else ()
+    if offload is not None:
+        return _quantize_offloaded(model, offload, method, quantizer, scheme, act_scheme, calibration, output, seed,
+                                   true_sequential, layout, transform, allocation, engine_devices)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, trust_remote_code=trust_remote_code)
     seconds["load"] = time.perf_counter() - start
     for candidate in schemes:
         check_layers(layout, candidate, _block_linear_shapes(loaded.model, loaded.adapter))
@@ -128,33 +145,21 @@ def quantize(
     start = time.perf_counter()
     quantized = quantize_model(
         loaded.model, loaded.adapter, quantizer, plan.scheme_for(scheme) if plan else lambda _name: scheme, calib,
-        EngineOptions(true_sequential=true_sequential, weight_clip=weight_clip),
+        EngineOptions(true_sequential=true_sequential, weight_clip=weight_clip, devices=engine_devices),
         label=f"{method} {_scheme_label(scheme) if plan is None else f'mixed {plan.target_bits} bits'}",
     )
     seconds["quantize"] = time.perf_counter() - start
     allocation_record = _allocation_record(plan, quantized, cost, extra_bytes) if plan else None
     if act_scheme is not None:
         hooks = attach_input_quantizers(loaded.model, quantized, act_scheme, applied.act_clip if applied else None)
-    config = {
-        "method": method,
-        "quantizer": quantizer.options(),
-        "scheme": scheme.to_dict() if plan is None else {**scheme.to_dict(), "bits": None},
-        "input_activations": act_scheme.to_dict() if act_scheme is not None else None,
-        "calibration": (
-            {"source": calibration.source, "nsamples": calibration.nsamples, "seqlen": calibration.seqlen,
-             "true_sequential": true_sequential}
-            if quantizer.needs_calibration else None
-        ),
-        "transform": (
-            {**applied.record, "online": {layer: list(k.sizes) for layer, k in applied.online.items()},
-             "activation_clip": applied.act_clip}
-            if applied else None
-        ),
-        "allocation": allocation_record,
-        "seed": seed,
-        "source_model": loaded.source,
-        "quantkit_version": __version__,
-    }
+    config = _quantization_record(method, quantizer, scheme if plan is None else {**scheme.to_dict(), "bits": None},
+                                  act_scheme, calibration, true_sequential, seed, loaded.source)
+    config["transform"] = (
+        {**applied.record, "online": {layer: list(k.sizes) for layer, k in applied.online.items()},
+         "activation_clip": applied.act_clip}
+        if applied else None
+    )
+    config["allocation"] = allocation_record
     if output is not None:
         start = time.perf_counter()
         save_checkpoint(layout, Path(output), loaded.model, loaded.tokenizer, quantized, config, overwrite=overwrite)
@@ -189,6 +194,63 @@ def allocate(
     torch.manual_seed(seed)
     return plan_allocation(loaded.model, loaded.adapter, quantizer, scheme, options, calib,
                            LayerCost(layout, model_dtype(loaded.model)))
+
+
+def _quantization_record(method: str, quantizer, scheme: QuantScheme | dict, act_scheme: QuantScheme | None,
+                         calibration: CalibrationSpec, true_sequential: bool, seed: int, source: str) -> dict:
+    """What config.json records of a run: method, options, scheme, activations, calibration, seed, source."""
+    return {
+        "method": method,
+        "quantizer": quantizer.options(),
+        "scheme": scheme.to_dict() if isinstance(scheme, QuantScheme) else scheme,
+        "input_activations": act_scheme.to_dict() if act_scheme is not None else None,
+        "calibration": (
+            {"source": calibration.source, "nsamples": calibration.nsamples, "seqlen": calibration.seqlen,
+             "true_sequential": true_sequential}
+            if quantizer.needs_calibration else None
+        ),
+        "transform": None,
+        "allocation": None,
+        "seed": seed,
+        "source_model": source,
+        "quantkit_version": __version__,
+    }
+
+
+def _quantize_offloaded(model: str | LoadedModel, offload: str, method: str, quantizer, scheme: QuantScheme,
+                        act_scheme: QuantScheme | None, calibration: CalibrationSpec, output: str | Path | None,
+                        seed: int, true_sequential: bool, layout: str, transform, allocation,
+                        devices: tuple[torch.device, ...]) -> QuantizeResult:
+    """:func:`quantize` streaming block by block from disk (see :mod:`quantkit.streaming`)."""
+    from quantkit.models.loading import load_local_tokenizer, local_model_dir
+    from quantkit.streaming import StreamedModel, StreamedRun, quantize_streamed
+
+    if offload != "disk":
+        raise QuantkitError(f"unknown --offload {offload!r}; the one choice is disk")
+    refused = [(isinstance(model, LoadedModel), "an already loaded model"), (output is None, "no output directory"),
+               (layout != "native", f"the {layout} layout (write native, then `quantkit export`)"),
+               (transform is not None, "a transform (it rewrites the whole model at once)"),
+               (allocation is not None, "a bit allocation (it measures the whole model at once)")]
+    for condition, what in refused:
+        if condition:
+            raise QuantkitError(f"--offload disk cannot work with {what}")
+    start = time.perf_counter()
+    source = StreamedModel(local_model_dir(str(model)))
+    tokenizer = load_local_tokenizer(source.folder)
+    seconds = {"load": time.perf_counter() - start}
+    record = _quantization_record(method, quantizer, scheme, act_scheme, calibration, true_sequential, seed, str(model))
+    arguments = {key: record[key] for key in ("method", "quantizer", "scheme", "input_activations", "seed",
+                                              "source_model", "quantkit_version")}
+    arguments |= {"calibration": [calibration.source, calibration.nsamples, calibration.seqlen, calibration.data_dir,
+                                  true_sequential], "weights": source.identity(),
+                  "devices": [str(device) for device in devices]}  # arithmetic differs between device kinds
+    run = StreamedRun(quantizer, scheme, calibration, seed, EngineOptions(true_sequential=true_sequential,
+                                                                          devices=devices),
+                      f"{method} {_scheme_label(scheme)}")
+    start = time.perf_counter()
+    quantize_streamed(source, tokenizer, run, arguments, Path(output), record)
+    seconds["quantize and export"] = time.perf_counter() - start
+    return QuantizeResult(source.model, tokenizer, {}, record, seconds)
 
 
 def _candidate_schemes(scheme: QuantScheme, allocation: AllocationOptions | AllocationPlan | None) -> list[QuantScheme]:

@@ -24,6 +24,8 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 console = Console()
+# quantize options that say how to run, not what to compute: never recipe fields
+RUN_OPTIONS = ("model", "output", "overwrite", "recipe", "save_recipe", "offload", "devices", "trust_remote_code")
 err_console = Console(stderr=True)
 
 
@@ -105,6 +107,9 @@ def quantize(
     granularity: GranularityOpt = None,
     search_generations: GenerationsOpt = None,
     search_offspring: OffspringOpt = None,
+    offload: Annotated[str | None, typer.Option(help="disk: stream the model (a local safetensors directory) one block at a time, write each finished block at once and spill activations to disk; peak memory stays near one block, and rerunning a killed run's command resumes it from OUTPUT.partial. Native layout; no --transform or --allocation.")] = None,
+    devices: Annotated[str | None, typer.Option(help="Spread the decoder blocks over these devices in contiguous runs, e.g. cuda:0,cuda:1 (default: where the model is).")] = None,
+    trust_remote_code: Annotated[bool, typer.Option(help="Let transformers run Python code shipped with the model (off by default: only do this for models you trust).")] = False,
 ) -> None:
     """Quantize a causal LM and write a packed checkpoint (settings from flags, a recipe, or both)."""
     from quantkit.api import quantize as run_quantize
@@ -112,8 +117,7 @@ def quantize(
     from quantkit.recipes import load_recipe, recipe_from_settings, resolve
     from quantkit.recipes.build import pinned_settings, quantize_arguments
 
-    given = {name: value for name, value in ctx.params.items()
-             if name not in ("model", "output", "overwrite", "recipe", "save_recipe")}
+    given = {name: value for name, value in ctx.params.items() if name not in RUN_OPTIONS}
     given["bit_choices"] = _bit_choices(bit_choices)
     settings = resolve(load_recipe(recipe) if recipe else None, given, recipe or "")
     arguments = quantize_arguments(settings)
@@ -124,7 +128,9 @@ def quantize(
             raise QuantkitError(f"--save-recipe {save_recipe} is a directory; name a .yaml file")
         command = " ".join(["quantkit", *sys.argv[1:]])
         saved = recipe_from_settings(pinned_settings(settings, arguments), save_recipe.stem, f"saved by: {command}")
-    result = run_quantize(model, output=output, overwrite=overwrite, **arguments)
+    result = run_quantize(model, output=output, overwrite=overwrite, offload=offload,
+                          devices=devices.split(",") if devices is not None else None,
+                          trust_remote_code=trust_remote_code, **arguments)
     if saved is not None:
         saved.save(save_recipe)
     info = inspect_checkpoint(output)
@@ -143,7 +149,7 @@ def quantize(
     if allocation_record is not None:
         table.add_row("allocation", f"{allocation_record['strategy']} (score {allocation_record['score']}), "
                       f"target {allocation_record['target_bits']} bits over {allocation_record['bit_choices']}")
-    table.add_row("layers quantized", str(len(result.quantized)))
+    table.add_row("layers quantized", str(info.total.layers))
     table.add_row("bits per quantized weight", f"{info.bits_per_weight:.3f}")
     table.add_row("checkpoint size", f"{info.file_bytes / 2**20:.1f} MiB")
     for stage, seconds in result.seconds.items():

@@ -13,8 +13,9 @@ full-precision block (one pass), then the quantized block recomputes the outputs
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -44,6 +45,7 @@ class EngineOptions:
     weight_clip: dict[str, torch.Tensor] = field(default_factory=dict)  # learned clipping ratios per output row
     statistics: bool = False  # gather Hessians even for a quantizer that needs no calibration
     quantize_layer: LayerQuantizer | None = None  # replaces ``quantizer.quantize`` (it may record more choices)
+    devices: tuple[torch.device, ...] = ()  # spread the blocks over these (each runs on its own); default: in place
 
 
 def _linear(block: nn.Module, name: str, full_name: str) -> nn.Linear:
@@ -53,15 +55,23 @@ def _linear(block: nn.Module, name: str, full_name: str) -> nn.Linear:
     return module
 
 
-def check_layers(model: nn.Module, adapter: ModelAdapter, scheme_for: SchemeFor) -> None:
-    """Refuse up front what would fail half way: missing linears, schemes that do not fit, bad weights."""
+def check_layers(model: nn.Module, adapter: ModelAdapter, scheme_for: SchemeFor, values: bool = True) -> None:
+    """Refuse up front what would fail half way: missing linears, schemes that do not fit, and (``values``)
+    non-finite weights."""
     for i, block in enumerate(adapter.get_blocks(model)):
         for name in adapter.linear_names():
             full = f"{adapter.blocks}.{i}.{name}"
-            linear = _linear(block, name, full)
-            scheme_for(full).check_fits(full, linear.in_features)
-            if not torch.isfinite(linear.weight).all():
-                raise QuantkitError(f"weight of {full} contains NaN or infinite values")
+            scheme_for(full).check_fits(full, _linear(block, name, full).in_features)
+        if values:
+            check_finite(block, f"{adapter.blocks}.{i}", adapter)
+
+
+def check_finite(block: nn.Module, prefix: str, adapter: ModelAdapter) -> None:
+    """Refuse a block whose linears hold NaN or infinite weights."""
+    for name in adapter.linear_names():
+        full = f"{prefix}.{name}"
+        if not torch.isfinite(_linear(block, name, full).weight).all():
+            raise QuantkitError(f"weight of {full} contains NaN or infinite values")
 
 
 def _layer_quantizer(quantizer: Quantizer, options: EngineOptions) -> LayerQuantizer:
@@ -72,7 +82,13 @@ def _layer_quantizer(quantizer: Quantizer, options: EngineOptions) -> LayerQuant
 
 def _quantize_linear(linear: nn.Linear, full: str, quantize: LayerQuantizer, stats: LayerStats,
                      scheme: QuantScheme) -> QuantizedTensor:
-    qt = quantize(full, linear.weight.data, stats, scheme)
+    """Quantize one linear on the CPU (the quantizers' column sweeps are written for it), whatever device the
+    block runs on, and put the dequantized weight back in place."""
+    weight = linear.weight.data
+    if weight.device.type != "cpu":
+        weight = weight.cpu()
+        stats = replace(stats, hessian=None if stats.hessian is None else stats.hessian.cpu())
+    qt = quantize(full, weight, stats, scheme)
     linear.weight.data.copy_(qt.dequantize(linear.weight.dtype))
     return qt
 
@@ -150,13 +166,68 @@ class _BlockRun:
                 self.seen[key] = identity
                 acc = self.accumulators.get(g)
                 if acc is None:
-                    acc = self.accumulators[g] = HessianAccumulator(x.shape[-1])
+                    acc = self.accumulators[g] = HessianAccumulator(x.shape[-1], x.device)
                 acc.add(x)
                 on_group(g)
             elif first != identity:
                 raise QuantkitError(f"{full} does not read the same input as the rest of its group; the adapter is wrong")
 
         return hook
+
+
+class BlockSource(Protocol):
+    """Where the engine gets each decoder block, and what becomes of it once quantized."""
+
+    def __len__(self) -> int: ...
+
+    def load(self, index: int) -> nn.Module:
+        """Block ``index``, with its weights in place on the device it runs on."""
+
+    def finish(self, index: int, quantized: dict[str, QuantizedTensor],
+               outputs: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+        """Take block ``index``'s quantized linears and its outputs (None without calibration); return the
+        outputs the next block reads (the same, or copies spilled to disk; None after the last block)."""
+
+
+def block_devices(count: int, devices: Sequence[torch.device]) -> list[torch.device]:
+    """Contiguous runs of blocks over ``devices``, as even as the count allows (a balanced device map)."""
+    return [devices[i * len(devices) // count] for i in range(count)]
+
+
+def move_to(value: object, device: torch.device) -> object:
+    """``value`` (a tensor, or tuples, lists and dicts of them) on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple | list):
+        moved = [move_to(v, device) for v in value]
+        return type(value)(*moved) if hasattr(value, "_fields") else type(value)(moved)
+    if isinstance(value, dict):
+        return {k: move_to(v, device) for k, v in value.items()}
+    return value
+
+
+class ResidentBlocks:
+    """The blocks of a model in memory; with ``devices``, each visits its device for its turn and returns."""
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, devices: Sequence[torch.device] = ()) -> None:
+        self.blocks = adapter.get_blocks(model)
+        self.home = next(model.parameters()).device
+        self.placement = block_devices(len(self.blocks), devices) if devices else None
+        self.results: dict[str, QuantizedTensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def load(self, index: int) -> nn.Module:
+        block = self.blocks[index]
+        return block.to(self.placement[index]) if self.placement else block
+
+    def finish(self, index: int, quantized: dict[str, QuantizedTensor],
+               outputs: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+        if self.placement and self.placement[index] != self.home:
+            self.blocks[index].to(self.home)
+        self.results.update(quantized)
+        return outputs
 
 
 def quantize_model(
@@ -171,35 +242,62 @@ def quantize_model(
     """Quantize every linear of every decoder block in place (fake quant) and return the quantized tensors."""
     options = options or EngineOptions()
     check_layers(model, adapter, scheme_for)
-    blocks = adapter.get_blocks(model)
-    results: dict[str, QuantizedTensor] = {}
+    check_calibration(quantizer, options, calib)
+    blocks = ResidentBlocks(model, adapter, options.devices)
+    inputs = None
+    if calib is not None and (quantizer.needs_calibration or options.statistics):
+        with torch.no_grad():
+            inputs = capture_block_inputs(model, adapter, calib, calibration_batch(calib, options))
+    quantize_blocks(blocks, adapter, quantizer, scheme_for, inputs, options, label)
+    return blocks.results
+
+
+def check_calibration(quantizer: Quantizer, options: EngineOptions, calib: torch.Tensor | None) -> None:
+    """Refuse a run that needs calibration data and has none."""
+    if calib is None and (quantizer.needs_calibration or options.statistics):
+        raise QuantkitError(f"method {quantizer.name!r} needs calibration data" if quantizer.needs_calibration
+                            else "measuring layer statistics needs calibration data")
+
+
+def calibration_batch(calib: torch.Tensor, options: EngineOptions) -> int:
+    """Calibration windows per forward batch."""
+    return max(1, options.batch_tokens // calib.shape[1])
+
+
+def quantize_blocks(
+    blocks: BlockSource,
+    adapter: ModelAdapter,
+    quantizer: Quantizer,
+    scheme_for: SchemeFor,
+    inputs: list[tuple[torch.Tensor, dict]] | None,
+    options: EngineOptions,
+    label: str = "",
+    start: int = 0,
+) -> None:
+    """Quantize blocks ``start`` onwards in order; ``inputs`` (per batch: hidden states and keyword arguments)
+    enter block ``start``, or None when no statistics are needed."""
     quantize = _layer_quantizer(quantizer, options)
     with torch.no_grad(), progress_bar() as progress:
-        if not (quantizer.needs_calibration or options.statistics):
-            task = progress.add_task(f"{label} quantizing", total=len(blocks))
-            for i, block in enumerate(blocks):
-                for name in adapter.linear_names():
-                    full = f"{adapter.blocks}.{i}.{name}"
-                    stats = LayerStats(clip=options.weight_clip.get(full))
-                    results[full] = _quantize_linear(_linear(block, name, full), full, quantize, stats, scheme_for(full))
-                progress.advance(task)
-            return results
-        if calib is None:
-            raise QuantkitError(f"method {quantizer.name!r} needs calibration data" if quantizer.needs_calibration
-                                else "measuring layer statistics needs calibration data")
-        batch_size = max(1, options.batch_tokens // calib.shape[1])
-        inputs = capture_block_inputs(model, adapter, calib, batch_size)
-        task = progress.add_task(f"{label} block 1/{len(blocks)}", total=len(blocks))
-        for i, block in enumerate(blocks):
+        task = progress.add_task(f"{label} quantizing", total=len(blocks), completed=start)
+        for i in range(start, len(blocks)):
             progress.update(task, description=f"{label} block {i + 1}/{len(blocks)}")
-            run = _BlockRun(block, f"{adapter.blocks}.{i}", adapter, quantize, scheme_for, results, options.weight_clip)
-            if options.true_sequential:
-                outputs = _lockstep_pass(block, run, inputs)
+            block, prefix, quantized = blocks.load(i), f"{adapter.blocks}.{i}", {}
+            if inputs is None:
+                for name in adapter.linear_names():
+                    full = f"{prefix}.{name}"
+                    stats = LayerStats(clip=options.weight_clip.get(full))
+                    quantized[full] = _quantize_linear(_linear(block, name, full), full, quantize, stats,
+                                                       scheme_for(full))
+                outputs = None
             else:
-                outputs = _two_pass(block, run, inputs)
-            inputs = [(out, kwargs) for out, (_, kwargs) in zip(outputs, inputs)]
+                device = next(block.parameters()).device
+                inputs = [(hidden.to(device), move_to(kwargs, device)) for hidden, kwargs in inputs]
+                run = _BlockRun(block, prefix, adapter, quantize, scheme_for, quantized, options.weight_clip)
+                outputs = (_lockstep_pass if options.true_sequential else _two_pass)(block, run, inputs)
+            outputs = blocks.finish(i, quantized, outputs)
+            if inputs is not None and outputs is not None:
+                inputs = [(out, kwargs) for out, (_, kwargs) in zip(outputs, inputs)]
             progress.advance(task)
-    return results
 
 
 def _lockstep_pass(block: nn.Module, run: _BlockRun, inputs: list[tuple[torch.Tensor, dict]]) -> list[torch.Tensor]:

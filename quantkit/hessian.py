@@ -16,7 +16,7 @@ def gram_upper(x: torch.Tensor) -> torch.Tensor:
     xt = x.t().contiguous()
     n = xt.shape[0]
     bounds = [n * i // _TRIANGLE_BLOCKS for i in range(_TRIANGLE_BLOCKS + 1)]
-    out = torch.zeros(n, n, dtype=x.dtype)
+    out = torch.zeros(n, n, dtype=x.dtype, device=x.device)
     for a, b in zip(bounds[:-1], bounds[1:]):
         if b > a:
             out[a:b, a:] = xt[a:b] @ xt[a:].t()
@@ -26,8 +26,8 @@ def gram_upper(x: torch.Tensor) -> torch.Tensor:
 class HessianAccumulator:
     """Sums per-batch Gram matrices (float32 products) into a float64 total."""
 
-    def __init__(self, features: int) -> None:
-        self.total = torch.zeros(features, features, dtype=torch.float64)
+    def __init__(self, features: int, device: torch.device | str = "cpu") -> None:
+        self.total = torch.zeros(features, features, dtype=torch.float64, device=device)
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:

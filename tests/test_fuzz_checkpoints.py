@@ -1,11 +1,13 @@
-"""Hostile checkpoints: hypothesis mutates real checkpoints (native, GPTQ, compressed-tensors) byte by byte,
-header by header and config field by config field; every mutation must either load (and run a forward pass)
-or be refused with a one-line QuantkitError. Anything else (a traceback from torch, safetensors, transformers
+"""Hostile checkpoints: hypothesis mutates real checkpoints (native, GPTQ, compressed-tensors, and a float model
+that ``--offload disk`` streams) byte by byte, header by header and config field by config field; every
+mutation must either load (and run a forward pass; the float model: GPTQ in streaming, then load) or be
+refused with a one-line QuantkitError that leaves no output behind. Anything else (a traceback from torch, safetensors, transformers
 or json) fails the test. The budget is fixed and the search derandomized, so CI runs the same cases."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from collections import Counter
@@ -23,7 +25,8 @@ from quantkit.schemes import QuantScheme
 
 LAYOUTS = {"native": QuantScheme(4, 32, False), "gptq": QuantScheme(4, 32, True),
            "compressed-tensors": QuantScheme(4, 32, True)}
-EXAMPLES_PER_LAYOUT = 200
+STREAMED = "float model, streamed"
+EXAMPLES_PER_LAYOUT = int(os.environ.get("QUANTKIT_FUZZ_EXAMPLES", "200"))  # CI's fixed budget
 # Mutation classes; the config's many fields (every layer's scheme) get a larger share of the budget.
 KINDS = ["truncate", "flip_header", "flip_data", "header_length", "header_field", "config_text", "drop_file",
          "pickle", *["config_field"] * 4]
@@ -38,6 +41,7 @@ def checkpoints(tiny_model_dir: Path, calib_file: Path, tmp_path_factory: pytest
         out[layout] = root / layout
         quantize(str(tiny_model_dir), method="rtn", scheme=scheme, calibration=CalibrationSpec(str(calib_file), 2, 16),
                  output=out[layout], layout=layout)
+    out[STREAMED] = tiny_model_dir
     yield out
     summary = ", ".join(f"{layout}/{kind}/{outcome}: {n}" for (layout, kind, outcome), n in sorted(OUTCOMES.items()))
     print(f"\nfuzzed checkpoints ({sum(OUTCOMES.values())} mutations): {summary}")
@@ -131,20 +135,28 @@ def mutate(folder: Path, kind: str, p: dict) -> None:
         weights.unlink()
 
 
-def outcome(folder: Path) -> str:
-    """``loaded`` (and a forward pass ran) or ``refused`` (one-line QuantkitError); anything else raises."""
+def outcome(folder: Path, layout: str, calib_file: Path) -> str:
+    """``loaded`` (and a forward pass ran) or ``refused`` (one-line QuantkitError, nothing written); anything
+    else raises."""
+    checkpoint = folder
     try:
-        model = quantkit.load(folder, kernel="dequant")
+        if layout == STREAMED:
+            checkpoint = folder.parent / "streamed"
+            shutil.rmtree(checkpoint, ignore_errors=True)
+            quantize(str(folder), method="gptq", scheme=QuantScheme(4, 32, False), output=checkpoint, offload="disk",
+                     calibration=CalibrationSpec(str(calib_file), 2, 16))
+        model = quantkit.load(checkpoint, kernel="dequant")
     except QuantkitError as exc:
         assert "\n" not in str(exc) and str(exc)
+        assert not [p for p in folder.parent.iterdir() if p.name.startswith("streamed")]
         return "refused"
     with torch.no_grad():
         model(torch.tensor([[1, 2, 3]]))
     return "loaded"
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_every_mutation_loads_or_is_refused_in_one_line(layout: str, checkpoints: dict[str, Path],
+@pytest.mark.parametrize("layout", [*LAYOUTS, STREAMED])
+def test_every_mutation_loads_or_is_refused_in_one_line(layout: str, checkpoints: dict[str, Path], calib_file: Path,
                                                         tmp_path_factory: pytest.TempPathFactory) -> None:
     work = tmp_path_factory.mktemp(f"fuzz-{layout}")
 
@@ -157,7 +169,7 @@ def test_every_mutation_loads_or_is_refused_in_one_line(layout: str, checkpoints
         shutil.rmtree(folder, ignore_errors=True)
         shutil.copytree(checkpoints[layout], folder)
         mutate(folder, kind, params)
-        OUTCOMES[(layout, kind, outcome(folder))] += 1
+        OUTCOMES[(layout, kind, outcome(folder, layout, calib_file))] += 1
 
     check()
     assert sum(n for (lay, _, _), n in OUTCOMES.items() if lay == layout) >= EXAMPLES_PER_LAYOUT

@@ -14,12 +14,12 @@ from test_cli import assert_one_line_error, run_cli
 
 import quantkit
 from quantkit.api import quantize
-from quantkit.cli import app
+from quantkit.cli import RUN_OPTIONS, app
 from quantkit.errors import QuantkitError
 from quantkit.recipes import FIELDS, Recipe, find_recipe, recipe_from_settings, resolve, shipped_recipes
 from quantkit.recipes.build import quantize_arguments
 
-NOT_RECIPE_OPTIONS = {"ctx", "model", "output", "overwrite", "recipe", "save_recipe"}
+NOT_RECIPE_OPTIONS = {"ctx", *RUN_OPTIONS}
 SHIPPED = sorted(shipped_recipes())
 
 

@@ -36,17 +36,22 @@ def atomic_directory(path: Path, overwrite: bool = False) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
     try:
         yield staging
-        staging.chmod(0o755)
-        if path.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=parent))
-            os.replace(path, retired / "old")
-            os.replace(staging, path)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, path)
+        publish_directory(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def publish_directory(staging: Path, path: Path) -> None:
+    """Rename the finished directory ``staging`` to ``path``, replacing what is there (a sibling of ``path``)."""
+    staging.chmod(0o755)
+    if path.exists():
+        retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.absolute().parent))
+        os.replace(path, retired / "old")
+        os.replace(staging, path)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, path)
 
 
 def write_json(path: Path, data: object) -> None:

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,6 +28,12 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """One safetensors file, readable by everyone as a checkpoint is (the library creates it owner-only)."""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    os.chmod(path, 0o644)
+
+
 def write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> list[str]:
     """Write ``tensors`` into shards of at most ``max_shard_bytes`` (one file when they fit); file names."""
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -34,14 +45,13 @@ def write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes
             size = 0
         shards[-1][name] = tensor.contiguous()
         size += nbytes
-    metadata = {"format": "pt"}
     if len(shards) == 1:
-        save_file(shards[0], str(folder / SINGLE_FILE), metadata=metadata)
+        save_tensors(shards[0], folder / SINGLE_FILE)
         return [SINGLE_FILE]
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = [shard_name(i, len(shards)) for i in range(len(shards))]
     weight_map = {}
     for name, shard in zip(names, shards):
-        save_file(shard, str(folder / name), metadata=metadata)
+        save_tensors(shard, folder / name)
         weight_map.update({key: name for key in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -76,17 +86,62 @@ def header_specs(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
         raise QuantkitError(f"corrupt or truncated checkpoint file {path.name}: {str(exc).splitlines()[0]}") from None
 
 
+@contextmanager
+def shard_reader(path: Path) -> Iterator:
+    """A safetensors file opened for reading (memory-mapped); corrupt or truncated files fail in one line."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise QuantkitError(f"corrupt or truncated checkpoint file {path.name}: {str(exc).splitlines()[0]}") from None
+
+
 def read_tensors(folder: Path, names: dict[str, str]) -> dict[str, torch.Tensor]:
     """Load the named tensors (name -> shard file) into memory."""
-    out: dict[str, torch.Tensor] = {}
     by_file: dict[str, list[str]] = {}
     for name, shard in names.items():
         by_file.setdefault(shard, []).append(name)
+    out: dict[str, torch.Tensor] = {}
     for shard, keys in by_file.items():
-        try:
-            with safe_open(str(folder / shard), framework="pt") as f:
-                for key in keys:
-                    out[key] = f.get_tensor(key)
-        except (SafetensorError, OSError, RuntimeError) as exc:
-            raise QuantkitError(f"corrupt or truncated checkpoint file {shard}: {str(exc).splitlines()[0]}") from None
+        with shard_reader(folder / shard) as f:
+            out.update({key: f.get_tensor(key) for key in keys})
     return out
+
+
+def shard_name(index: int, count: int) -> str:
+    """The Hugging Face name of shard ``index`` (0-based) of ``count``."""
+    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def write_part(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write one shard through a temporary sibling, so ``path`` is either whole or absent."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_tensors({name: t.contiguous() for name, t in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def finish_parts(folder: Path, parts: list[str], dest: Path | None = None) -> list[str]:
+    """Give shards written one by one (``parts`` in ``folder``, in order) their Hugging Face names and write the
+    index: renamed in place, or hard-linked (copied across file systems) into ``dest``, leaving the parts."""
+    dest = dest or folder
+    names = [SINGLE_FILE] if len(parts) == 1 else [shard_name(i, len(parts)) for i in range(len(parts))]
+    weight_map, total = {}, 0
+    for part, name in zip(parts, names):
+        for key, (shape, dtype) in header_specs(folder / part).items():
+            weight_map[key] = name
+            total += math.prod(shape) * DTYPE_BYTES[dtype]
+        if dest == folder:
+            os.replace(folder / part, folder / name)
+        else:
+            try:
+                os.link(folder / part, dest / name)
+            except OSError:
+                shutil.copyfile(folder / part, dest / name)
+    if len(parts) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (dest / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    return names

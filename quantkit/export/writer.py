@@ -60,10 +60,16 @@ def write_checkpoint(
     """Write shards, config.json, generation config, tokenizer and extra JSON files; all or nothing."""
     with atomic_directory(output, overwrite) as staging:
         write_shards(tensors, staging, max_shard_bytes)
-        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        for filename, payload in (extra_json or {}).items():
-            (staging / filename).write_text(json.dumps(payload, indent=2) + "\n")
+        write_side_files(staging, model, tokenizer, config, extra_json)
+
+
+def write_side_files(folder: Path, model: nn.Module, tokenizer, config: dict,
+                     extra_json: dict[str, dict] | None = None) -> None:
+    """Everything of a checkpoint but its tensors: config.json, generation config, tokenizer, extra JSON files."""
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    for filename, payload in (extra_json or {}).items():
+        (folder / filename).write_text(json.dumps(payload, indent=2) + "\n")

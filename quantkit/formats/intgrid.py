@@ -49,7 +49,7 @@ class IntQuantizedTensor(QuantizedTensor):
             return self.g_idx.long()
         in_features = self.codes.shape[1]
         size = in_features if self.scheme.group_size == -1 else self.scheme.group_size
-        return torch.arange(in_features) // size
+        return torch.arange(in_features, device=self.codes.device) // size
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         out_features, in_features = self.shape

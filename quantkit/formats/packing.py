@@ -28,9 +28,9 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if n and (int(c.min()) < 0 or int(c.max()) >= 2**bits):
         raise QuantkitError(f"codes out of range for {bits} bits")
     width = packed_width(n, bits)
-    positions = torch.arange(n, dtype=torch.int64) * bits
+    positions = torch.arange(n, dtype=torch.int64, device=codes.device) * bits
     word, shift = positions // 32, positions % 32
-    words = torch.zeros(rows, width + 1, dtype=torch.int64)
+    words = torch.zeros(rows, width + 1, dtype=torch.int64, device=codes.device)
     # Low part goes into the code's own word; any bits that spill over go into the next word.
     words.index_add_(1, word, (c << shift) & 0xFFFFFFFF)
     words.index_add_(1, word + 1, c >> (32 - shift))
@@ -50,8 +50,8 @@ def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if 32 % bits == 0:
         return _unpack_aligned(packed, bits, n)
     words = packed.to(torch.int64) & 0xFFFFFFFF
-    words = torch.cat([words, torch.zeros(words.shape[0], 1, dtype=torch.int64)], dim=1)
-    positions = torch.arange(n, dtype=torch.int64) * bits
+    words = torch.cat([words, torch.zeros(words.shape[0], 1, dtype=torch.int64, device=words.device)], dim=1)
+    positions = torch.arange(n, dtype=torch.int64, device=words.device) * bits
     word, shift = positions // 32, positions % 32
     low = words[:, word] >> shift
     high = words[:, word + 1] << (32 - shift)
@@ -62,7 +62,7 @@ def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 def _unpack_aligned(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Fast path when codes never straddle words (2, 4, 8 bits): one shift-and-mask per code slot."""
     per_word = 32 // bits
-    shifts = torch.arange(per_word, dtype=torch.int32) * bits
+    shifts = torch.arange(per_word, dtype=torch.int32, device=packed.device) * bits
     codes = (packed[:, :, None] >> shifts) & (2**bits - 1)  # arithmetic shift; the mask drops sign bits
     return codes.reshape(packed.shape[0], -1)[:, :n].to(torch.uint8 if bits <= 8 else torch.int16)
 

@@ -119,7 +119,7 @@ def dense_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     if cols % size == 0:
         q = codes.float().view(rows, -1, size)
         return (scales.t()[:, :, None] * (q - zeros.t()[:, :, None])).reshape(rows, cols)
-    group = torch.arange(cols) // size
+    group = torch.arange(cols, device=codes.device) // size
     return scales.t()[:, group] * (codes.float() - zeros.t()[:, group])
 
 
@@ -136,7 +136,7 @@ class CsrOutliers:
         """The entries of ``weight`` where ``mask`` is set (row-major order), values as float16."""
         rows, cols = mask.nonzero(as_tuple=True)
         counts = torch.bincount(rows, minlength=mask.shape[0])
-        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64, device=mask.device), counts.cumsum(0)]).to(torch.int32)
         return cls(offsets, cols, weight[rows, cols].to(torch.float16))
 
     @property
@@ -146,7 +146,7 @@ class CsrOutliers:
     def rows(self) -> torch.Tensor:
         """The row of every stored entry."""
         counts = (self.row_offsets[1:] - self.row_offsets[:-1]).long()
-        return torch.repeat_interleave(torch.arange(counts.numel()), counts)
+        return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
 
     def validate(self, shape: tuple[int, int]) -> None:
         """Refuse offsets, columns or values that do not describe a proper sparse ``shape`` matrix."""

@@ -85,3 +85,23 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def local_model_dir(spec: str) -> Path:
+    """The local Hugging Face directory ``spec`` names (for a GGUF file or a built-in alias, its converted copy);
+    a hub id is refused, since streaming reads shards from disk."""
+    path = Path(_from_pretrained_kwargs(spec)["pretrained_model_name_or_path"])
+    if not path.is_dir():
+        raise QuantkitError(f"--offload disk reads a model from a local directory; {spec!r} is not one "
+                            "(download it first, e.g. with `hf download`)")
+    return path
+
+
+def load_local_tokenizer(folder: Path):
+    """The tokenizer saved in ``folder`` (never running code shipped with it); a clear error if it is broken."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:  # noqa: BLE001 - tokenizers and transformers fail with many exception types
+        raise QuantkitError(f"cannot load the tokenizer in {folder}: {_first_line(exc)}") from None

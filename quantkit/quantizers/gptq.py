@@ -40,7 +40,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     """
     h = hessian.double()
     mean_diag = torch.diag(h).mean().item()
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     schedule = damping_schedule(damp)
     for current in schedule:
         chol, info = torch.linalg.cholesky_ex(h + current * mean_diag * eye)
@@ -67,7 +67,7 @@ def permuted_problem(
     w: torch.Tensor, h: torch.Tensor, act_order: bool, damp: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(w[:, perm], inverse Hessian factor in that order, perm)``; act-order sorts by decreasing diag(H)."""
-    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(h.shape[0])
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(h.shape[0], device=h.device)
     return w[:, perm], inverse_hessian_factor(h[perm][:, perm], damp), perm
 
 
@@ -165,7 +165,7 @@ class GPTQQuantizer(Quantizer):
         grid = make_grid(scheme, w, self.mse, clip=stats.clip)
         static = [grid.fit(w[:, cols]) for cols in group_slices(n, group)] if self.static(scheme) else None
         w, hinv, perm = permuted_problem(w, h, self.act_order, self.damp)
-        codes = torch.empty((n, out_features), dtype=torch.uint8)  # column-major while solving
+        codes = torch.empty((n, out_features), dtype=torch.uint8, device=w.device)  # column-major while solving
         fitted: list[Params] = []
 
         def start_group(_col: int, pending: torch.Tensor) -> None:

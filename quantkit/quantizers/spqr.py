@@ -58,8 +58,8 @@ def leave_one_out_gain(w: torch.Tensor, d: torch.Tensor, bits: int, symmetric: b
     low = torch.where(w == lows[:, :1], lows[:, 1:], lows[:, :1])  # [rows, g]: the minimum without weight i
     high = torch.where(w == highs[:, :1], highs[:, 1:], highs[:, :1])
     scales, zeros = first_level_grid(low, high, bits, symmetric)
-    left_out = torch.eye(g, dtype=torch.bool)
-    gains = torch.empty(rows, g)
+    left_out = torch.eye(g, dtype=torch.bool, device=w.device)
+    gains = torch.empty(rows, g, device=w.device)
     chunk = max(1, _LOO_CHUNK_ELEMENTS // (g * g))
     for start in range(0, rows, chunk):
         part = w[start : start + chunk, None, :]  # [chunk, 1, g]: every weight, quantized by each grid i

@@ -65,7 +65,7 @@ def _format_of(qc: object) -> str | None:
     return None
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str) -> dict:
     try:
         data = json.loads(path.read_text())
     except ValueError as exc:
@@ -82,10 +82,10 @@ def open_checkpoint(folder: Path) -> CheckpointConfig:
     path = folder / "config.json"
     if not path.is_file():
         raise QuantkitError(f"{folder} is not a checkpoint: no config.json")
-    config = _read_json(path, "config.json")
+    config = read_json(path, "config.json")
     qc = config.pop("quantization_config", None)
     if qc is None and (folder / GPTQ_CONFIG_FILE).is_file():
-        qc = _read_json(folder / GPTQ_CONFIG_FILE, GPTQ_CONFIG_FILE)
+        qc = read_json(folder / GPTQ_CONFIG_FILE, GPTQ_CONFIG_FILE)
         qc.setdefault("quant_method", "gptq")
     fmt = _format_of(qc)
     if fmt is None:
@@ -121,7 +121,7 @@ def _check_config_types(config_dict: dict, defaults: dict) -> None:
     accepts any value and fails later, deep in a forward pass)."""
     for key, value in config_dict.items():
         default = defaults.get(key)
-        if default is None:
+        if default is None or (value is None and key.endswith("_token_id")):  # models may lack a special token
             continue
         kind, words = next((k, w) for k, w in _JSON_KINDS if isinstance(default, k))
         fits = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
@@ -141,7 +141,9 @@ def _check_depth(config_dict: dict, tensor_names: Iterable[str]) -> None:
                             f"weights hold {len(stored)} blocks")
 
 
-def _skeleton(config_dict: dict, tensor_names: Iterable[str]) -> nn.Module:
+def build_skeleton(config_dict: dict, tensor_names: Iterable[str], dtype: torch.dtype | None = None) -> nn.Module:
+    """The model ``config_dict`` describes, with its parameters on the meta device (``dtype``: default the
+    config's), after checking the config's field types and its block count against ``tensor_names``."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -151,7 +153,7 @@ def _skeleton(config_dict: dict, tensor_names: Iterable[str]) -> nn.Module:
     _check_depth(config_dict, tensor_names)
     try:
         config = AutoConfig.for_model(**config_dict)
-        dtype = getattr(config, "dtype", None) or torch.float32
+        dtype = dtype or getattr(config, "dtype", None) or torch.float32
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         with init_empty_weights():
@@ -162,7 +164,8 @@ def _skeleton(config_dict: dict, tensor_names: Iterable[str]) -> nn.Module:
     return model
 
 
-def _shards(folder: Path) -> dict[str, str]:
+def checked_shard_map(folder: Path) -> dict[str, str]:
+    """Tensor name -> shard file of a safetensors directory; a directory of pickle weights is refused."""
     if not (folder / SINGLE_FILE).is_file() and not (folder / INDEX_FILE).is_file():
         pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
         if pickled:
@@ -266,8 +269,8 @@ def describe_layers(path: str | Path) -> tuple[CheckpointConfig, dict[str, dict]
     checkpoint = open_checkpoint(folder)
     if checkpoint.format == "native":
         return checkpoint, checkpoint.quantization["layers"]
-    headers = _headers(folder, _shards(folder))
-    model = _skeleton(checkpoint.model, headers)
+    headers = _headers(folder, checked_shard_map(folder))
+    model = build_skeleton(checkpoint.model, headers)
     plans = _plans(model, checkpoint, headers)
     return checkpoint, {name: plan.meta for name, plan in plans.items()}
 
@@ -290,9 +293,9 @@ def load(path: str | Path, kernel: str | None = None) -> nn.Module:
     kernel = check_backend(kernel) if kernel is not None else default_backend()
     folder = Path(path)
     checkpoint = open_checkpoint(folder)
-    files = _shards(folder)
+    files = checked_shard_map(folder)
     headers = _headers(folder, files)
-    model = _skeleton(checkpoint.model, headers)
+    model = build_skeleton(checkpoint.model, headers)
     plans = _plans(model, checkpoint, headers)
     input_scheme = _input_scheme(checkpoint)
     online = _online_inputs(checkpoint, plans)

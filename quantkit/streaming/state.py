@@ -1,0 +1,181 @@
+"""The work directory of a streamed run, kept so that a killed run resumes where it stopped.
+
+``OUT.partial/`` beside the output holds ``checkpoint/`` (one finished shard per block, then the rest),
+``inputs-NNNNN.safetensors`` (the hidden states entering block NNNNN, one tensor per calibration batch) and
+``state.json`` (the run's arguments, the calibration digest, each finished layer's metadata and
+``next_block``). Every file is written under a temporary name and renamed, and ``state.json`` is renamed last,
+so a kill at any instant leaves a state that names only complete files.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from quantkit.errors import QuantkitError
+from quantkit.export.atomic import write_json
+from quantkit.export.safetensors_io import write_part
+
+STATE_FILE = "state.json"
+STATE_VERSION = 1
+_NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+
+
+def work_dir(output: Path) -> Path:
+    """Where a streamed run writing ``output`` keeps its state."""
+    output = output.absolute()
+    return output.parent / f"{output.name}.partial"
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """A SHA-256 of a CPU tensor's bytes (which calibration windows a run used)."""
+    return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def mapped_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file written by this module, mapped copy-on-write rather than read: their
+    pages come from the file and can be evicted, so activations spilled there cost no anonymous memory."""
+    with path.open("rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    out = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = entry["data_offsets"]
+        shape = tuple(entry["shape"])
+        array = np.memmap(path, dtype=_NUMPY_DTYPES[entry["dtype"]], mode="c", offset=8 + length + begin,
+                          shape=shape) if end > begin else np.zeros(shape, _NUMPY_DTYPES[entry["dtype"]])
+        out[name] = torch.from_numpy(array)
+    return out
+
+
+class RunState:
+    """A streamed run's work directory (see the module docstring)."""
+
+    def __init__(self, folder: Path, arguments: dict, record: dict, lock: int) -> None:
+        self.folder, self.arguments, self._lock = folder, arguments, lock
+        self.next_block: int = record.get("next_block", 0)
+        self.calibration: str | None = record.get("calibration")
+        self.layers: dict[str, dict] = record.get("layers", {})
+
+    @classmethod
+    def open(cls, output: Path, arguments: dict) -> RunState:
+        """The state for writing ``output`` with ``arguments``: resumed if a run with the same arguments left
+        one, new otherwise; a state left by different arguments is refused, naming what differs."""
+        folder = work_dir(output)
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = _lock(folder)
+        try:
+            record = _read_state(folder, arguments)
+        except BaseException:
+            os.close(lock)
+            raise
+        if record is not None:
+            return cls(folder, arguments, record, lock)
+        for leftover in folder.iterdir():  # no state: killed before its first commit, or while discarding
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        (folder / "checkpoint").mkdir()
+        state = cls(folder, arguments, {}, lock)
+        state._commit()
+        return state
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.folder / "checkpoint"
+
+    def check_calibration(self, digest: str) -> None:
+        """Record the calibration windows' digest (before any block is done), or refuse windows that differ from
+        those of the finished blocks."""
+        if self.next_block == 0:
+            self.calibration = digest
+            self._commit()
+        elif self.calibration != digest:
+            raise QuantkitError(f"the calibration windows differ from those {self.folder} was started with (did the "
+                                "calibration file change?); delete it to start over")
+
+    def inputs(self) -> list[torch.Tensor]:
+        """The hidden states entering block :attr:`next_block`, one per calibration batch, mapped from disk."""
+        path = self.folder / _inputs_name(self.next_block)
+        if not path.is_file():
+            raise QuantkitError(f"{path} is missing (was the state edited?); the state is discarded, run again")
+        tensors = mapped_tensors(path)
+        return [tensors[f"batch.{i}"] for i in range(len(tensors))]
+
+    def commit_block(self, index: int, tensors: dict[str, torch.Tensor], layers: dict[str, dict],
+                     outputs: list[torch.Tensor] | None) -> None:
+        """Keep block ``index``'s shard, its layers' metadata and the hidden states entering the next block."""
+        write_part(tensors, self.checkpoint / block_part(index))
+        if outputs is not None:
+            write_part({f"batch.{i}": out.cpu() for i, out in enumerate(outputs)},
+                       self.folder / _inputs_name(index + 1))
+        self.next_block = index + 1
+        self.layers.update(layers)
+        self._commit()
+        (self.folder / _inputs_name(index)).unlink(missing_ok=True)
+
+    def _commit(self) -> None:
+        write_json(self.folder / STATE_FILE, {
+            "version": STATE_VERSION, "arguments": self.arguments, "calibration": self.calibration,
+            "next_block": self.next_block, "layers": self.layers,
+        })
+
+    def forget(self) -> None:
+        """Drop ``state.json`` (before the output is published): from then on a rerun starts over."""
+        (self.folder / STATE_FILE).unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        """Delete the work directory (``state.json`` first, so that a kill half way leaves no stale state)."""
+        self.forget()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def release(self) -> None:
+        """Give up the lock on the work directory (the process ending does it too)."""
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
+
+
+def _read_state(folder: Path, arguments: dict) -> dict | None:
+    """The state a run with ``arguments`` left in ``folder`` (None if there is none); a state left by other
+    arguments is refused, naming what differs."""
+    state_file = folder / STATE_FILE
+    if not state_file.is_file():
+        return None
+    try:
+        record = json.loads(state_file.read_text())
+        stored, version = record["arguments"], record["version"]
+    except (ValueError, KeyError, TypeError):
+        raise QuantkitError(f"{state_file} is corrupt; delete {folder} to start over") from None
+    if version != STATE_VERSION or stored != arguments:
+        differing = sorted(k for k in {*stored, *arguments} if stored.get(k) != arguments.get(k))
+        raise QuantkitError(f"{folder} holds a run started with different arguments ({', '.join(differing)}); "
+                            "rerun with the same ones to resume, or delete it to start over")
+    return record
+
+
+def _lock(folder: Path) -> int:
+    """An exclusive lock on the work directory, held while this process runs (two runs must not share it)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise QuantkitError(f"another quantkit run is writing {folder}; wait for it or stop it first") from None
+    return fd
+
+
+def block_part(index: int) -> str:
+    """The work-directory name of block ``index``'s shard."""
+    return f"part-{index:05d}.safetensors"
+
+
+def _inputs_name(index: int) -> str:
+    return f"inputs-{index:05d}.safetensors"
