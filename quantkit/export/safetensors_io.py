@@ -34,8 +34,8 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     os.chmod(path, 0o644)
 
 
-def write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> list[str]:
-    """Write ``tensors`` into shards of at most ``max_shard_bytes`` (one file when they fit); file names."""
+def write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> None:
+    """Write ``tensors`` into shards of at most ``max_shard_bytes`` (one file when they fit)."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, tensor in tensors.items():
@@ -47,16 +47,19 @@ def write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes
         size += nbytes
     if len(shards) == 1:
         save_tensors(shards[0], folder / SINGLE_FILE)
-        return [SINGLE_FILE]
+        return
     names = [shard_name(i, len(shards)) for i in range(len(shards))]
     weight_map = {}
     for name, shard in zip(names, shards):
         save_tensors(shard, folder / name)
         weight_map.update({key: name for key in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    _write_index(folder, weight_map, sum(t.numel() * t.element_size() for t in tensors.values()))
+
+
+def _write_index(folder: Path, weight_map: dict[str, str], total_bytes: int) -> None:
+    """The Hugging Face shard index: which shard holds each tensor, and the tensors' total size."""
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
     (folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
-    return names
 
 
 def shard_map(folder: Path) -> dict[str, str]:
@@ -79,11 +82,8 @@ def shard_map(folder: Path) -> dict[str, str]:
 
 def header_specs(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """Shapes and dtype names of every tensor in a safetensors file, read from its header only."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
-    except (SafetensorError, OSError) as exc:
-        raise QuantkitError(f"corrupt or truncated checkpoint file {path.name}: {str(exc).splitlines()[0]}") from None
+    with shard_reader(path) as f:
+        return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
 
 
 @contextmanager
@@ -124,7 +124,7 @@ def write_part(tensors: dict[str, torch.Tensor], path: Path) -> None:
         raise
 
 
-def finish_parts(folder: Path, parts: list[str], dest: Path | None = None) -> list[str]:
+def finish_parts(folder: Path, parts: list[str], dest: Path | None = None) -> None:
     """Give shards written one by one (``parts`` in ``folder``, in order) their Hugging Face names and write the
     index: renamed in place, or hard-linked (copied across file systems) into ``dest``, leaving the parts."""
     dest = dest or folder
@@ -142,6 +142,4 @@ def finish_parts(folder: Path, parts: list[str], dest: Path | None = None) -> li
             except OSError:
                 shutil.copyfile(folder / part, dest / name)
     if len(parts) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (dest / INDEX_FILE).write_text(json.dumps(index, indent=2))
-    return names
+        _write_index(dest, dict(sorted(weight_map.items())), total)
