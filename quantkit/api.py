@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,26 +17,50 @@ from quantkit.allocation.costs import LayerCost, bits_per_weight, budget_bytes
 from quantkit.allocation.measure import feasible
 from quantkit.allocation.options import AllocationOptions, nearest_width
 from quantkit.allocation.plan import AllocationPlan, check_plan
+from quantkit.calib import check_source, default_windows
 from quantkit.devices import resolve_devices
-from quantkit.engine import EngineOptions, quantize_model
-from quantkit.errors import QuantkitError
+from quantkit.diskspace import check_space, size_text
+from quantkit.engine import EngineOptions, linear_shapes, quantize_model
+from quantkit.errors import OptionError, QuantkitError
 from quantkit.export.atomic import check_output_dir
 from quantkit.export.formats import check_layers, check_layout, model_dtype, save_checkpoint
+from quantkit.export.native import FORMAT_VERSION as NATIVE_FORMAT_VERSION
+from quantkit.export.writer import estimated_bytes
 from quantkit.formats.base import QuantizedTensor
-from quantkit.models.loading import LoadedModel, load_model
+from quantkit.models.loading import (
+    LoadedModel,
+    check_context,
+    check_float_model,
+    load_model,
+    stored_bytes,
+    stored_dtype,
+)
+from quantkit.progress import phase
 from quantkit.quantizers import make_quantizer
 from quantkit.runtime.loader import load, load_tokenizer
-from quantkit.schemes import QuantScheme
+from quantkit.schemes import UNQUANTIZED_DTYPES, QuantScheme
 from quantkit.transforms.base import AppliedTransform, Transform, TransformContext
 from quantkit.transforms.rewrite import attach_online
 
 
 @dataclass
 class CalibrationSpec:
+    """Where calibration windows come from and how many; unset sizes take the source's defaults
+    (:func:`quantkit.calib.default_windows`)."""
+
     source: str = "c4"
-    nsamples: int = 128
-    seqlen: int = 2048
+    nsamples: int | None = None
+    seqlen: int | None = None
     data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        nsamples, seqlen = default_windows(self.source)
+        self.nsamples = nsamples if self.nsamples is None else self.nsamples
+        self.seqlen = seqlen if self.seqlen is None else self.seqlen
+
+    def check(self) -> None:
+        """Refuse, before any model loads, a source that cannot be read (see :func:`quantkit.calib.check_source`)."""
+        check_source(self.source, self.data_dir)
 
 
 @dataclass
@@ -49,6 +72,13 @@ class QuantizeResult:
     seconds: dict[str, float] = field(default_factory=dict)
     input_quantizers: list[RemovableHandle] = field(default_factory=list)  # remove() them for weight-only outputs
     online_transforms: list[RemovableHandle] = field(default_factory=list)  # the transform's run-time maps
+    source_bytes: int = 0  # the source model's parameters in the dtype it stores them in
+    source_dtype: torch.dtype = torch.float32
+
+    @property
+    def source_size(self) -> str:
+        """The source model's size, e.g. ``source: 513.1 MiB in float32``."""
+        return f"source: {size_text(self.source_bytes)} in {str(self.source_dtype).removeprefix('torch.')}"
 
 
 def quantize(
@@ -61,6 +91,7 @@ def quantize(
     true_sequential: bool = True,
     overwrite: bool = False,
     layout: str = "native",
+    dtype: str = "auto",
     act_scheme: QuantScheme | None = None,
     transform: Transform | AppliedTransform | None = None,
     allocation: AllocationOptions | AllocationPlan | None = None,
@@ -78,7 +109,8 @@ def quantize(
     first (or, given as an :class:`AppliedTransform`, was already fused into the loaded ``model``); its online
     input maps run in the returned model and are stored in the checkpoint. ``layout`` is
     ``native``, ``gptq`` (v1) or ``compressed-tensors``; a scheme the layout cannot express is refused before
-    the model is loaded. ``allocation`` gives every linear its own width of ``scheme``: chosen here under a
+    the model is loaded. ``dtype`` (``auto``, ``float32``, ``float16``, ``bfloat16``) is the dtype the checkpoint
+    keeps its unquantized tensors in; ``auto`` is the source model's. ``allocation`` gives every linear its own width of ``scheme``: chosen here under a
     target of average bits (:class:`AllocationOptions`) or taken from a saved :class:`AllocationPlan`.
 
     ``offload="disk"`` streams the model (a local directory of safetensors shards) one decoder block at a
@@ -97,63 +129,71 @@ def quantize(
         quantizer.check_scheme(candidate)
         check_layout(layout, candidate, quantizer.column_groups(candidate), quantizer.tensor_kind(candidate),
                      act_scheme is not None, transform is not None and transform.has_online())
+    unquantized_dtype(dtype, torch.float32)  # refused before any work
+    if output is not None:  # before the model, whose check may convert a GGUF file
+        check_output_dir(Path(output), overwrite)
+    checked = None if isinstance(model, LoadedModel) else check_float_model(  # the model, before any data is read
+        model, in_memory=offload is None, trust_remote_code=trust_remote_code)
+    if _reads_calibration(quantizer, transform, allocation):
+        calibration.check()
     if isinstance(transform, AppliedTransform) and not isinstance(model, LoadedModel):
         raise QuantkitError("an applied transform needs the loaded model it was fused into")
-    if output is not None:
-        check_output_dir(Path(output), overwrite)
     engine_devices = resolve_devices(devices) if devices else ()
     if offload is not None:
         return _quantize_offloaded(model, offload, method, quantizer, scheme, act_scheme, calibration, output, seed,
-                                   true_sequential, layout, transform, allocation, engine_devices)
+                                   true_sequential, layout, transform, allocation, engine_devices, overwrite, dtype)
     seconds: dict[str, float] = {}
-    start = time.perf_counter()
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, trust_remote_code=trust_remote_code)
-    seconds["load"] = time.perf_counter() - start
+    with phase(f"loading {_model_name(model)}", seconds, "load"):
+        loaded = model if isinstance(model, LoadedModel) else load_model(model, trust_remote_code=trust_remote_code,
+                                                                          checked=checked)
     for candidate in schemes:
-        check_layers(layout, candidate, _block_linear_shapes(loaded.model, loaded.adapter))
+        check_layers(layout, candidate, linear_shapes(loaded.model, loaded.adapter))
+    _check_windows(loaded.model, quantizer, calibration, transform, allocation)
     cost = LayerCost(layout, model_dtype(loaded.model))
+    kept_dtype = unquantized_dtype(dtype, loaded.stored_dtype)
+    if output is not None:  # a checkpoint that cannot fit, before any work
+        check_space(Path(output).absolute().parent, _checkpoint_bytes(loaded, quantizer, schemes, cost, kept_dtype),
+                    "the checkpoint")
     if isinstance(allocation, AllocationOptions):  # an impossible target, before calibration and training
         feasible(loaded.model, loaded.adapter, quantizer, scheme, allocation, cost)
     elif allocation is not None:
         check_plan(allocation, loaded.model, loaded.adapter, quantizer, scheme, cost, {})
     calib = None
-    if quantizer.needs_calibration or (isinstance(allocation, AllocationOptions) and allocation.needs_calibration):
-        start = time.perf_counter()
-        calib = _calibration(loaded, calibration, seed)
-        seconds["calibration"] = time.perf_counter() - start
+    if _calibrates(quantizer, allocation):
+        with phase(f"calibration ({calibration.source}, {calibration.nsamples} × {calibration.seqlen} tokens)",
+                   seconds, "calibration"):
+            calib = _calibration(loaded, calibration, seed)
     applied, online_hooks, hooks = transform if isinstance(transform, AppliedTransform) else None, [], []
     if isinstance(transform, Transform):
-        start = time.perf_counter()
-        applied = apply_transform(loaded, transform, _working_scheme(scheme, allocation), act_scheme, calibration, seed)
-        seconds["transform"] = time.perf_counter() - start
+        with phase(f"transform {transform.name}", seconds, "transform"):
+            applied = apply_transform(loaded, transform, _working_scheme(scheme, allocation), act_scheme,
+                                      calibration, seed)
     if applied is not None:
         online_hooks = attach_online(loaded.model, applied.online)
     weight_clip = applied.weight_clip if applied else {}
     extra_bytes = _online_bytes(applied)
     plan = allocation if isinstance(allocation, AllocationPlan) else None
     if isinstance(allocation, AllocationOptions):
-        start = time.perf_counter()
-        torch.manual_seed(seed)
-        plan = plan_allocation(loaded.model, loaded.adapter, quantizer, scheme, allocation, calib, cost, weight_clip,
-                               extra_bytes, true_sequential)
-        seconds["allocation"] = time.perf_counter() - start
+        with phase(f"allocation ({allocation.strategy})", seconds, "allocation"):
+            torch.manual_seed(seed)
+            plan = plan_allocation(loaded.model, loaded.adapter, quantizer, scheme, allocation, calib, cost,
+                                   weight_clip, extra_bytes, true_sequential)
     if plan is not None:
         check_plan(plan, loaded.model, loaded.adapter, quantizer, scheme, cost, extra_bytes)
         trained = _working_scheme(scheme, plan).bits  # learned clips belong to the width they were learned for
         weight_clip = {layer: clip for layer, clip in weight_clip.items() if plan.layer_bits[layer] == trained}
     torch.manual_seed(seed)
-    start = time.perf_counter()
-    quantized = quantize_model(
-        loaded.model, loaded.adapter, quantizer, plan.scheme_for(scheme) if plan else lambda _name: scheme, calib,
-        EngineOptions(true_sequential=true_sequential, weight_clip=weight_clip, devices=engine_devices),
-        label=f"{method} {_scheme_label(scheme) if plan is None else f'mixed {plan.target_bits} bits'}",
-    )
-    seconds["quantize"] = time.perf_counter() - start
+    with phase("quantizing", seconds, "quantize"):
+        quantized = quantize_model(
+            loaded.model, loaded.adapter, quantizer, plan.scheme_for(scheme) if plan else lambda _name: scheme,
+            calib, EngineOptions(true_sequential=true_sequential, weight_clip=weight_clip, devices=engine_devices),
+            label=f"{method} {_scheme_label(scheme) if plan is None else f'mixed {plan.target_bits} bits'}",
+        )
     allocation_record = _allocation_record(plan, quantized, cost, extra_bytes) if plan else None
     if act_scheme is not None:
         hooks = attach_input_quantizers(loaded.model, quantized, act_scheme, applied.act_clip if applied else None)
-    config = _quantization_record(method, quantizer, scheme if plan is None else {**scheme.to_dict(), "bits": None},
-                                  act_scheme, calibration, true_sequential, seed, loaded.source)
+    config = _quantization_record(method, quantizer, scheme, act_scheme, calibration, true_sequential, seed,
+                                  loaded.source, mixed=plan is not None)
     config["transform"] = (
         {**applied.record, "online": {layer: list(k.sizes) for layer, k in applied.online.items()},
          "activation_clip": applied.act_clip}
@@ -161,10 +201,11 @@ def quantize(
     )
     config["allocation"] = allocation_record
     if output is not None:
-        start = time.perf_counter()
-        save_checkpoint(layout, Path(output), loaded.model, loaded.tokenizer, quantized, config, overwrite=overwrite)
-        seconds["export"] = time.perf_counter() - start
-    return QuantizeResult(loaded.model, loaded.tokenizer, quantized, config, seconds, hooks, online_hooks)
+        with phase(f"writing {output}", seconds, "export"):
+            save_checkpoint(layout, Path(output), loaded.model, loaded.tokenizer, quantized, config,
+                            overwrite=overwrite, dtype=kept_dtype)
+    return QuantizeResult(loaded.model, loaded.tokenizer, quantized, config, seconds, hooks, online_hooks,
+                          loaded.stored_bytes, loaded.stored_dtype)
 
 
 def allocate(
@@ -182,27 +223,35 @@ def allocate(
     ``allocation``)."""
     quantizer = make_quantizer(method, **quantizer_options)
     scheme = scheme or quantizer.default_scheme()
+    calibration = calibration or CalibrationSpec()
     candidates = _candidate_schemes(scheme, options)
     for candidate in candidates:
         quantizer.check_scheme(candidate)
         check_layout(layout, candidate, quantizer.column_groups(candidate), quantizer.tensor_kind(candidate))
-    loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    for candidate in candidates:
-        check_layers(layout, candidate, _block_linear_shapes(loaded.model, loaded.adapter))
     needs_calibration = options.needs_calibration or quantizer.data_dependent_bytes
-    calib = _calibration(loaded, calibration or CalibrationSpec(), seed) if needs_calibration else None
+    checked = None if isinstance(model, LoadedModel) else check_float_model(model)
+    if needs_calibration:
+        calibration.check()
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, checked=checked)
+    for candidate in candidates:
+        check_layers(layout, candidate, linear_shapes(loaded.model, loaded.adapter))
+    if needs_calibration:
+        check_context(loaded.model, calibration.seqlen, "--seqlen")
+    calib = _calibration(loaded, calibration, seed) if needs_calibration else None
     torch.manual_seed(seed)
     return plan_allocation(loaded.model, loaded.adapter, quantizer, scheme, options, calib,
                            LayerCost(layout, model_dtype(loaded.model)))
 
 
-def _quantization_record(method: str, quantizer, scheme: QuantScheme | dict, act_scheme: QuantScheme | None,
-                         calibration: CalibrationSpec, true_sequential: bool, seed: int, source: str) -> dict:
-    """What config.json records of a run: method, options, scheme, activations, calibration, seed, source."""
+def _quantization_record(method: str, quantizer, scheme: QuantScheme, act_scheme: QuantScheme | None,
+                         calibration: CalibrationSpec, true_sequential: bool, seed: int, source: str,
+                         mixed: bool = False) -> dict:
+    """What config.json records of a run: method, options, scheme (no width when ``mixed``: each layer has its
+    own), activations, calibration, seed, source."""
     return {
         "method": method,
-        "quantizer": quantizer.options(),
-        "scheme": scheme.to_dict() if isinstance(scheme, QuantScheme) else scheme,
+        "quantizer": quantizer.options(scheme),
+        "scheme": {**scheme.to_dict(), "bits": None} if mixed else scheme.to_dict(),
         "input_activations": act_scheme.to_dict() if act_scheme is not None else None,
         "calibration": (
             {"source": calibration.source, "nsamples": calibration.nsamples, "seqlen": calibration.seqlen,
@@ -220,9 +269,10 @@ def _quantization_record(method: str, quantizer, scheme: QuantScheme | dict, act
 def _quantize_offloaded(model: str | LoadedModel, offload: str, method: str, quantizer, scheme: QuantScheme,
                         act_scheme: QuantScheme | None, calibration: CalibrationSpec, output: str | Path | None,
                         seed: int, true_sequential: bool, layout: str, transform, allocation,
-                        devices: tuple[torch.device, ...]) -> QuantizeResult:
+                        devices: tuple[torch.device, ...], overwrite: bool, dtype: str) -> QuantizeResult:
     """:func:`quantize` streaming block by block from disk (see :mod:`quantkit.streaming`)."""
     from quantkit.models.loading import load_local_tokenizer, local_model_dir
+    from quantkit.runtime.loader import read_json
     from quantkit.streaming import StreamedModel, StreamedRun, quantize_streamed
 
     if offload != "disk":
@@ -234,23 +284,62 @@ def _quantize_offloaded(model: str | LoadedModel, offload: str, method: str, qua
     for condition, what in refused:
         if condition:
             raise QuantkitError(f"--offload disk cannot work with {what}")
-    start = time.perf_counter()
-    source = StreamedModel(local_model_dir(str(model)))
-    tokenizer = load_local_tokenizer(source.folder)
-    seconds = {"load": time.perf_counter() - start}
+    seconds: dict[str, float] = {}
+    with phase(f"reading the headers of {model}", seconds, "load"):
+        source = StreamedModel(local_model_dir(str(model)))
+        tokenizer = load_local_tokenizer(source.folder)
+    if quantizer.needs_calibration:
+        check_context(source.model, calibration.seqlen, "--seqlen")
+    source_dtype = stored_dtype(read_json(source.folder / "config.json", "config.json"))
+    kept_dtype = unquantized_dtype(dtype, source_dtype)
     record = _quantization_record(method, quantizer, scheme, act_scheme, calibration, true_sequential, seed, str(model))
     arguments = {key: record[key] for key in ("method", "quantizer", "scheme", "input_activations", "seed",
                                               "source_model", "quantkit_version")}
     arguments |= {"calibration": [calibration.source, calibration.nsamples, calibration.seqlen, calibration.data_dir,
                                   true_sequential], "weights": source.identity(),
-                  "devices": [str(device) for device in devices]}  # arithmetic differs between device kinds
+                  "devices": [str(device) for device in devices],  # arithmetic differs between device kinds
+                  "format_version": NATIVE_FORMAT_VERSION,  # finished blocks are stored in this version's layout
+                  "dtype": str(kept_dtype)}
     run = StreamedRun(quantizer, scheme, calibration, seed, EngineOptions(true_sequential=true_sequential,
                                                                           devices=devices),
-                      f"{method} {_scheme_label(scheme)}")
-    start = time.perf_counter()
-    quantize_streamed(source, tokenizer, run, arguments, Path(output), record)
-    seconds["quantize and export"] = time.perf_counter() - start
-    return QuantizeResult(source.model, tokenizer, {}, record, seconds)
+                      f"{method} {_scheme_label(scheme)}", kept_dtype)
+    with phase("quantizing and writing, block by block", seconds, "quantize and export"):
+        quantize_streamed(source, tokenizer, run, arguments, Path(output), record, overwrite)
+    return QuantizeResult(source.model, tokenizer, {}, record, seconds,
+                          source_bytes=stored_bytes(source.model, source_dtype), source_dtype=source_dtype)
+
+
+def unquantized_dtype(name: str, source: torch.dtype) -> torch.dtype:
+    """The dtype a checkpoint keeps its unquantized tensors in: ``name`` (one of ``UNQUANTIZED_DTYPES``), or
+    the source's for ``auto``."""
+    if name not in UNQUANTIZED_DTYPES:
+        raise OptionError(f"--dtype {name!r} is not allowed; allowed: {', '.join(UNQUANTIZED_DTYPES)}")
+    return source if name == "auto" else getattr(torch, name)
+
+
+def _reads_calibration(quantizer, transform: Transform | AppliedTransform | None, allocation) -> bool:
+    """Whether the run reads calibration windows: the quantizer, a trained transform or the allocation."""
+    return _calibrates(quantizer, allocation) or _training_budget(transform) is not None
+
+
+def _calibrates(quantizer, allocation) -> bool:
+    """Whether quantizing or allocating bits reads calibration windows (of ``--nsamples × --seqlen``)."""
+    return quantizer.needs_calibration or (isinstance(allocation, AllocationOptions) and allocation.needs_calibration)
+
+
+def _training_budget(transform: Transform | AppliedTransform | None):
+    """The training budget of a transform still to be trained, else None."""
+    return getattr(transform, "budget", None) if isinstance(transform, Transform) else None
+
+
+def _check_windows(model: nn.Module, quantizer, calibration: CalibrationSpec,
+                   transform: Transform | AppliedTransform | None, allocation) -> None:
+    """Calibration and training windows must fit in the model's context."""
+    if _calibrates(quantizer, allocation):
+        check_context(model, calibration.seqlen, "--seqlen")
+    budget = _training_budget(transform)
+    if budget is not None:
+        check_context(model, budget.seqlen, "--transform-seqlen")
 
 
 def _candidate_schemes(scheme: QuantScheme, allocation: AllocationOptions | AllocationPlan | None) -> list[QuantScheme]:
@@ -285,6 +374,14 @@ def _allocation_record(plan: AllocationPlan, quantized: dict[str, QuantizedTenso
     return {**plan.summary(), "bits_per_weight": bits_per_weight(nbytes, weights)}
 
 
+def _checkpoint_bytes(loaded: LoadedModel, quantizer, schemes: list[QuantScheme], cost: LayerCost,
+                      dtype: torch.dtype) -> int:
+    """The least a checkpoint of ``loaded`` quantized at one of ``schemes`` takes (see :func:`estimated_bytes`)."""
+    layer_bytes = {name: min(cost(quantizer.layout_meta(scheme, shape), shape) for scheme in schemes)
+                   for name, shape in linear_shapes(loaded.model, loaded.adapter).items()}
+    return estimated_bytes(loaded.model, layer_bytes, dtype)
+
+
 def _calibration(loaded: LoadedModel, calibration: CalibrationSpec, seed: int) -> torch.Tensor:
     from quantkit.calib import load_calibration
 
@@ -313,18 +410,12 @@ def apply_transform(loaded: LoadedModel, transform: Transform, scheme: QuantSche
     return transform.apply(TransformContext(loaded.model, loaded.adapter, scheme, act_scheme, windows, seed))
 
 
+def _model_name(model: str | LoadedModel) -> str:
+    return model.source if isinstance(model, LoadedModel) else model
+
+
 def _scheme_label(scheme: QuantScheme) -> str:
     return f"w{scheme.bits}" if scheme.format == "int" else scheme.format
-
-
-def _block_linear_shapes(model: nn.Module, adapter) -> dict[str, tuple[int, int]]:
-    """``(out, in)`` of every linear the engine will quantize."""
-    shapes = {}
-    for i, block in enumerate(adapter.get_blocks(model)):
-        for name in adapter.linear_names():
-            linear = block.get_submodule(name)
-            shapes[f"{adapter.blocks}.{i}.{name}"] = (linear.out_features, linear.in_features)
-    return shapes
 
 
 def export(source: str | Path, output: str | Path, layout: str, overwrite: bool = False) -> nn.Module:

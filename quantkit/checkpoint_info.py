@@ -1,4 +1,5 @@
-"""What is in a checkpoint: schemes, sizes and bits per weight, read from headers without loading tensors."""
+"""What is in a checkpoint: schemes (weights, activations, online transforms), sizes and bits per weight, described
+after the runtime's full verification (:func:`quantkit.runtime.loader.verify`)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from quantkit.errors import QuantkitError
-from quantkit.export.safetensors_io import DTYPE_BYTES, header_specs, shard_map
-from quantkit.runtime.loader import describe_layers
+from quantkit.export.safetensors_io import DTYPE_BYTES
+from quantkit.runtime.loader import verify
+from quantkit.schemes import QuantScheme
 from quantkit.transforms.kron import TRANSFORM_BUFFERS
 
 ROLES = ("codes", "statistics", "outliers", "permutation", "transform", "other")
@@ -67,6 +68,8 @@ class CheckpointInfo:
     file_bytes: int
     quantization_config: dict
     layer_bits: dict[str, int] = field(default_factory=dict)  # width of every quantized linear
+    activations: dict | None = None  # the per-token activation scheme applied after loading, if any
+    online_transform: str | None = None  # the transform whose online input maps run after loading, if any
 
     @property
     def quantized_weights(self) -> int:
@@ -91,8 +94,8 @@ class CheckpointInfo:
         return data
 
 
-def scheme_label(meta: dict) -> str:
-    """A short name such as ``int w4 g64 sym act-order`` or ``nvfp4 g16``."""
+def weight_label(meta: dict) -> str:
+    """A short name of a weight scheme, such as ``int w4 g64 sym act-order`` or ``nvfp4 g16``."""
     group = "per-channel" if meta.get("group_size") == -1 else f"g{meta.get('group_size')}"
     if meta.get("kind") == "e2m1":
         return f"{meta.get('format')} {group}"
@@ -104,41 +107,54 @@ def scheme_label(meta: dict) -> str:
     return " ".join(parts)
 
 
+def activation_label(scheme: QuantScheme) -> str:
+    """A short name of a per-token activation scheme, such as ``a4 nvfp4 g16`` or ``a8 int per-token``."""
+    return f"a{scheme.bits} {scheme.format} {'per-token' if scheme.group_size == -1 else f'g{scheme.group_size}'}"
+
+
+def scheme_label(meta: dict, activations: QuantScheme | None = None, online_transform: str | None = None) -> str:
+    """What serves a layer: its weight scheme, then its activation scheme and online input transform, if any,
+    e.g. ``int w4 per-channel sym + a4 int per-token + online hadamard``."""
+    parts = [weight_label(meta)]
+    if activations is not None:
+        parts.append(activation_label(activations))
+    if online_transform is not None:
+        parts.append(f"online {online_transform}")
+    return " + ".join(parts)
+
+
 def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
-    folder = Path(path)
-    checkpoint, layers = describe_layers(folder)
-    config, qc = checkpoint.model, checkpoint.quantization
-    files = shard_map(folder)
-    specs = {}
-    for shard in sorted(set(files.values())):
-        specs.update(header_specs(folder / shard))
-    unknown = sorted(name for name, (_, dtype) in specs.items() if dtype not in DTYPE_BYTES)
-    if unknown:
-        raise QuantkitError(f"tensor {unknown[0]} has unsupported dtype {specs[unknown[0]][1]}")
+    """Describe a checkpoint after every check :func:`quantkit.load` makes (data included); refuses exactly what
+    it refuses, with the same message."""
+    checked = verify(path)
+    config, qc = checked.config.model, checked.config.quantization
+    specs = {name: checked.headers[name] for name in checked.files}
     nbytes = {name: math.prod(shape) * DTYPE_BYTES[dtype] for name, (shape, dtype) in specs.items()}
-    numel = {name: math.prod(shape) for name, (shape, _) in specs.items()}
+    transform = checked.online.name or "transform"
     by_scheme: dict[str, SchemeSummary] = {}
     total = SchemeSummary("all quantized layers")
-    owned: set[str] = set()
-    for layer, meta in layers.items():
-        tensors = [n for n in specs if n.startswith(f"{layer}.") and n != f"{layer}.bias"]
-        owned.update(tensors)
-        summary = SchemeSummary(scheme_label(meta), 1, math.prod(meta.get("shape", [0, 0])),
-                                sum(nbytes[n] for n in tensors), int(meta.get("outliers", 0)))
-        for name in tensors:
-            summary.role_bytes[tensor_role(name.removeprefix(f"{layer}."))] += nbytes[name]
-        by_scheme.setdefault(summary.scheme, SchemeSummary(summary.scheme)).add(summary)
+    for layer, plan in checked.plans.items():
+        stored = [*plan.specs, *checked.online.expected(layer)]
+        meta = plan.meta
+        label = scheme_label(meta, checked.input_scheme, transform if layer in checked.online.sizes else None)
+        summary = SchemeSummary(label, 1, math.prod(meta["shape"]), sum(nbytes[f"{layer}.{n}"] for n in stored),
+                                int(meta.get("outliers", 0)))
+        for name in stored:
+            summary.role_bytes[tensor_role(name)] += nbytes[f"{layer}.{name}"]
+        by_scheme.setdefault(label, SchemeSummary(label)).add(summary)
         total.add(summary)
-    others = [n for n in specs if n not in owned]
     return CheckpointInfo(
-        path=str(folder),
+        path=str(checked.folder),
         method=str(qc.get("method") or qc.get("quant_method")),
         model_type=str(config.get("model_type")),
         schemes=list(by_scheme.values()),
         total=total,
-        other_params=sum(numel[n] for n in others),
-        other_bytes=sum(nbytes[n] for n in others),
-        file_bytes=sum((folder / f).stat().st_size for f in set(files.values())),
+        other_params=sum(math.prod(specs[n][0]) for n in checked.plain),
+        other_bytes=sum(nbytes[n] for n in checked.plain),
+        file_bytes=sum((checked.folder / f).stat().st_size for f in set(checked.files.values())),
         quantization_config={k: v for k, v in qc.items() if k != "layers"},
-        layer_bits={layer: int(meta.get("bits", 0)) for layer, meta in layers.items()},
+        layer_bits={layer: int(plan.meta.get("bits", 0)) for layer, plan in checked.plans.items()},
+        activations=None if checked.input_scheme is None else {**checked.input_scheme.to_dict(),
+                                                               "label": activation_label(checked.input_scheme)},
+        online_transform=transform if checked.online.sizes else None,
     )

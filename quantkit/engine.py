@@ -25,6 +25,7 @@ from quantkit.formats.base import QuantizedTensor
 from quantkit.hessian import HessianAccumulator
 from quantkit.lockstep import Lockstep
 from quantkit.models.adapters import ModelAdapter
+from quantkit.models.loading import check_finite
 from quantkit.progress import progress_bar
 from quantkit.quantizers.base import LayerStats, Quantizer
 from quantkit.schemes import QuantScheme
@@ -55,6 +56,13 @@ def _linear(block: nn.Module, name: str, full_name: str) -> nn.Linear:
     return module
 
 
+def linear_shapes(model: nn.Module, adapter: ModelAdapter) -> dict[str, tuple[int, int]]:
+    """``(out, in)`` of every linear the engine quantizes, by full name."""
+    return {f"{adapter.blocks}.{i}.{name}": (linear.out_features, linear.in_features)
+            for i, block in enumerate(adapter.get_blocks(model)) for name in adapter.linear_names()
+            for linear in [block.get_submodule(name)]}
+
+
 def check_layers(model: nn.Module, adapter: ModelAdapter, scheme_for: SchemeFor, values: bool = True) -> None:
     """Refuse up front what would fail half way: missing linears, schemes that do not fit, and (``values``)
     non-finite weights."""
@@ -63,15 +71,7 @@ def check_layers(model: nn.Module, adapter: ModelAdapter, scheme_for: SchemeFor,
             full = f"{adapter.blocks}.{i}.{name}"
             scheme_for(full).check_fits(full, _linear(block, name, full).in_features)
         if values:
-            check_finite(block, f"{adapter.blocks}.{i}", adapter)
-
-
-def check_finite(block: nn.Module, prefix: str, adapter: ModelAdapter) -> None:
-    """Refuse a block whose linears hold NaN or infinite weights."""
-    for name in adapter.linear_names():
-        full = f"{prefix}.{name}"
-        if not torch.isfinite(_linear(block, name, full).weight).all():
-            raise QuantkitError(f"weight of {full} contains NaN or infinite values")
+            check_finite(block, f"{adapter.blocks}.{i}")
 
 
 def _layer_quantizer(quantizer: Quantizer, options: EngineOptions) -> LayerQuantizer:

@@ -1,5 +1,9 @@
-"""The one exception type that the CLI turns into a one-line error and a non-zero exit."""
+"""The exceptions that the CLI turns into a one-line error and a non-zero exit."""
 
 
 class QuantkitError(Exception):
     """A user-facing failure: bad input, missing file, unsupported model. The message is one line."""
+
+
+class OptionError(QuantkitError):
+    """A command-line option (or API argument) with a value it does not allow: exit code 2, as for usage errors."""

@@ -16,6 +16,8 @@ SUPPORTED_FORMATS = ("int", *FLOAT_FORMATS)
 FIXED_BLOCK = {"mxfp4": 32, "nvfp4": 16}  # formats whose block size is part of the format
 FP4_DEFAULT_GROUP = 32
 CHECKPOINT_LAYOUTS = ("native", "gptq", "compressed-tensors")
+# The dtype a checkpoint keeps its unquantized tensors in (embeddings, norms, head, biases); auto: the source's.
+UNQUANTIZED_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import OptionError, QuantkitError
+from quantkit.hub import data_unreachable
 
 SUPPORTED_SUFFIXES = (".txt", ".raw", ".jsonl", ".json", ".parquet")  # .raw: plain text, as wiki.test.raw
 DATA_DIR_ENV = "QUANTKIT_DATA_DIR"
-_OFFLINE_ENVS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
 @dataclass(frozen=True)
@@ -169,50 +167,55 @@ def local_documents(source: str, names: Iterable[str], purpose: str) -> list[str
     return read_documents(source)
 
 
-def data_dir_file(relative: str | None, data_dir: str | None) -> Path | None:
-    """`relative` inside `data_dir` (or $QUANTKIT_DATA_DIR) if that file exists there."""
-    root = data_dir or os.environ.get(DATA_DIR_ENV)
-    if not root or not relative:
+def resolve_data_dir(given: str | None) -> Path | None:
+    """The local data directory: ``given`` (``--data-dir``), else $QUANTKIT_DATA_DIR, else None; one that does
+    not exist is refused at once rather than ignored."""
+    if given is not None:
+        root, origin = given, "--data-dir"
+    elif os.environ.get(DATA_DIR_ENV):
+        root, origin = os.environ[DATA_DIR_ENV], f"${DATA_DIR_ENV}"
+    else:
         return None
-    candidate = Path(root) / relative
-    return candidate if candidate.is_file() else None
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        error = OptionError if given is not None else QuantkitError
+        raise error(f"{origin} {root}: {'not a directory' if path.exists() else 'no such directory'}")
+    return path
 
 
-def _hub_unreachable(timeout: float = 3.0) -> str | None:
-    """Why the hub cannot be reached, found in seconds (``datasets`` itself retries for ~25 s); None if it can.
-
-    Skipped behind a proxy, where a direct connection says nothing about what ``datasets`` can reach.
-    """
-    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+def data_dir_file(relative: str | None, root: str | None) -> Path | None:
+    """`relative` inside the data directory (``root`` or $QUANTKIT_DATA_DIR), or None when there is no data
+    directory; a data directory without the file is an error naming both."""
+    folder = resolve_data_dir(root)
+    if folder is None or not relative:
         return None
-    from huggingface_hub import constants
+    candidate = folder / relative
+    if not candidate.is_file():
+        raise QuantkitError(f"the data directory {folder} has no {relative}")
+    return candidate
 
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-    except OSError as exc:
-        return f"{url.hostname} unreachable: {exc.strerror or exc}"
-    return None
+
+def _hub_failure(spec: NamedSet, reason: str, alternative: str) -> QuantkitError:
+    return QuantkitError(f"cannot reach the hub for '{spec.name}' ({reason}); pass {alternative}")
+
+
+def check_hub(spec: NamedSet, alternative: str) -> None:
+    """Refuse at once a hub set that cannot be had now (offline by choice, or no connection), suggesting
+    ``alternative``: its client would retry for half a minute first."""
+    reason = data_unreachable()
+    if reason:
+        raise _hub_failure(spec, reason, alternative)
 
 
 def hub_documents(spec: NamedSet, alternative: str) -> Sequence[str]:
     """The `spec.field` values of a hub dataset; a one-line QuantkitError suggesting `alternative` if unreachable."""
-
-    def unreachable(reason: str) -> QuantkitError:
-        return QuantkitError(f"cannot reach the hub for '{spec.name}' ({reason}); pass {alternative}")
-
-    for env in _OFFLINE_ENVS:
-        if os.environ.get(env, "").strip().lower() in ("1", "true", "yes", "on"):
-            raise unreachable(f"{env}={os.environ[env]}")
-    reason = _hub_unreachable()
-    if reason:
-        raise unreachable(reason)
+    check_hub(spec, alternative)
     try:
         from datasets import load_dataset
 
         dataset = load_dataset(spec.hub_path, spec.hub_config, data_files=spec.data_files, split=spec.split)
     except Exception as exc:  # any failure here means the set cannot be had; say how to work without it
-        raise unreachable(_one_line(f"{type(exc).__name__}: {exc}", 120)) from exc
+        raise _hub_failure(spec, _one_line(f"{type(exc).__name__}: {exc}", 120), alternative) from exc
     return dataset[spec.field]
 
 

@@ -347,7 +347,8 @@ def test_cli_format_and_export(tmp_path: Path, tiny_model_dir: Path, calib_file:
     inspect = run_cli("inspect", str(tmp_path / "ct"), "--json")
     assert inspect.returncode == 0, inspect.stderr
     assert json.loads(inspect.stdout)["schemes"][0]["scheme"] == "int w4 g16 sym"
-    assert_one_line_error(run_cli("export", str(out), "-o", str(tmp_path / "x"), "--layout", "awq"), "unknown checkpoint layout")
+    assert_one_line_error(run_cli("export", str(out), "-o", str(tmp_path / "x"), "--layout", "awq"),
+                          "'--layout': 'awq' is not one of 'native', 'gptq', 'compressed-tensors'")
     assert_one_line_error(
         run_cli("quantize", str(tiny_model_dir), "--method", "rtn", "--asym", "-o", str(tmp_path / "y"), "--layout", "gptq"),
         "asymmetric",

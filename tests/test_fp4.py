@@ -363,7 +363,7 @@ def test_cli_quantizes_fp4_with_activations_and_refuses_bad_combinations(tmp_pat
     assert proc.returncode == 0, proc.stderr
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["scheme"]["format"] == "nvfp4" and qc["input_activations"]["format"] == "nvfp4"
-    assert "activations" in proc.stdout
+    assert "nvfp4 g16 + a4 nvfp4 g16" in proc.stdout  # the scheme names the activations
     assert_one_line_error(run_cli("export", str(out), "-o", str(tmp_path / "ct-refused"), "--layout", "compressed-tensors"),
                           "activation")
     w4a8 = tmp_path / "w4a8"

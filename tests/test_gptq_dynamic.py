@@ -25,7 +25,7 @@ from quantkit.export import gptq_format as gptq
 from quantkit.export.formats import save_checkpoint
 from quantkit.models.adapters import adapter_for
 from quantkit.quantizers import make_quantizer
-from quantkit.runtime.loader import describe_layers
+from quantkit.runtime.loader import open_checked
 from quantkit.schemes import QuantScheme
 
 BASE = QuantScheme(4, 16, True)
@@ -89,8 +89,8 @@ def test_mixed_checkpoint_round_trips(tmp_path: Path, method: str, options: dict
         assert overridden(qc, name) == (name in MIXED), name
     assert_same_logits(folder, model)
 
-    layers = describe_layers(folder)[1]
-    assert {name: (m["bits"], m["group_size"]) for name, m in layers.items()} == {
+    plans = open_checked(folder).plans
+    assert {name: (plan.meta["bits"], plan.meta["group_size"]) for name, plan in plans.items()} == {
         name: (qt.scheme.bits, qt.scheme.group_size) for name, qt in quantized.items()
     }
     labels = Counter({tuple(s.scheme.split()[1:3]): s.layers for s in inspect_checkpoint(folder).schemes})

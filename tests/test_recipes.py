@@ -14,6 +14,7 @@ from test_cli import assert_one_line_error, run_cli
 
 import quantkit
 from quantkit.api import quantize
+from quantkit.calib.sources import SYNTHETIC_WINDOWS, TEXT_WINDOWS
 from quantkit.cli import RUN_OPTIONS, app
 from quantkit.errors import QuantkitError
 from quantkit.recipes import FIELDS, Recipe, find_recipe, recipe_from_settings, resolve, shipped_recipes
@@ -34,7 +35,7 @@ def test_every_quantize_option_is_a_recipe_field_and_back() -> None:
     options = {p.name for p in command.params} - NOT_RECIPE_OPTIONS
     assert options == {f.param for f in FIELDS}
     flags = {opt for p in command.params for opt in p.opts}
-    assert {f.flag for f in FIELDS if f.param != "number_format"} <= flags
+    assert {f.flag for f in FIELDS} <= flags
     assert len({f.name for f in FIELDS}) == len(FIELDS)
 
 
@@ -120,7 +121,10 @@ def test_flags_override_recipe_fields(tmp_path: Path, tiny_model_dir: Path, cali
     settings = resolve(recipe, {"bits": 3, "calib": "x.txt", "act_order": None})
     assert settings["bits"] == 3 and settings["calib"] == "x.txt"
     assert settings["act_order"] is True and settings["group_size"] == 64 and settings["nsamples"] == 128
-    assert resolve(None, {})["method"] == "gptq" and resolve(None, {})["nsamples"] == 128
+    assert resolve(None, {})["method"] == "gptq" and resolve(None, {})["nsamples"] is None  # the source's default
+    text = quantize_arguments(resolve(None, {}))["calibration"]
+    synthetic = quantize_arguments(resolve(None, {"calib": "synthetic"}))["calibration"]
+    assert (text.nsamples, text.seqlen, synthetic.nsamples, synthetic.seqlen) == (*TEXT_WINDOWS, *SYNTHETIC_WINDOWS)
     proc = run_cli("quantize", str(tiny_model_dir), "--recipe", "rtn-w4g64", "--group-size", "32", "--bits", "8",
                    "--calib", str(calib_file), "--nsamples", "2", "--seqlen", "16", "-o", str(tmp_path / "o"))
     assert proc.returncode == 0, proc.stderr
@@ -132,7 +136,7 @@ def test_settings_without_a_switch_leave_their_section_out() -> None:
     settings = resolve(None, {"transform_budget": "cpu"})
     data = recipe_from_settings(settings, "plain").to_dict()
     assert "transform" not in data and "allocation" not in data and "activations" not in data
-    assert data["quantizer"]["method"] == "gptq" and data["export"] == {"layout": "native"}
+    assert data["quantizer"]["method"] == "gptq" and data["export"] == {"layout": "native", "dtype": "auto"}
 
 
 @pytest.mark.parametrize(
@@ -238,12 +242,13 @@ def test_flags_that_change_a_switch_drop_the_recipe_fields_that_belong_to_it() -
     (["--seed", "-1"], ["--seed -1 is not allowed", "an integer ≥ 0"]),
     (["--bits", "nan"], ["--bits nan is not allowed", "a finite number"]),
     (["--allocation", "solver", "--bits", "5", "--bit-choices", ","], ["--bit-choices [] is not allowed"]),
-    (["--transform", "rotate"], ["--transform 'rotate' is not allowed", "hadamard, flatquant, ostquant"]),
+    (["--transform", "rotate"], ["--transform 'rotate' is not allowed; allowed: hadamard, flatquant, ostquant"]),
 ])
 def test_cli_flags_are_checked_like_recipe_fields(flags: list[str], fragments: list[str], tmp_path: Path,
                                                   tiny_model_dir: Path) -> None:
-    assert_one_line_error(run_cli("quantize", str(tiny_model_dir), *flags, "-o", str(tmp_path / "o")), *fragments)
-    assert not (tmp_path / "o").exists()
+    proc = run_cli("quantize", str(tiny_model_dir), *flags, "-o", str(tmp_path / "o"))
+    assert_one_line_error(proc, *fragments)
+    assert proc.returncode == 2 and not (tmp_path / "o").exists()
 
 
 def test_save_recipe_pins_allocation_and_activation_defaults_and_repeats_the_run(

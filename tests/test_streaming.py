@@ -117,6 +117,26 @@ def test_a_failed_run_resumes_and_writes_the_same_bytes(synthetic_dir: Path, cal
     assert not work_dir(tmp_path / "resumed").exists()
 
 
+def test_a_run_stopped_in_its_publish_step_only_publishes_when_rerun(synthetic_dir: Path, calib_file: Path,
+                                                                      tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    def crash(*_args) -> None:
+        raise RuntimeError("simulated crash")
+
+    _run(synthetic_dir, tmp_path / "whole", calib_file, offload="disk")
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(RuntimeError, match="simulated crash"):
+        patch.setattr("quantkit.streaming.run.publish_directory", crash)
+        _run(synthetic_dir, tmp_path / "out", calib_file, offload="disk")
+    folder = work_dir(tmp_path / "out")
+    assert json.loads((folder / STATE_FILE).read_text())["next_block"] == SHAPE.num_blocks
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint", STATE_FILE]  # no half-made publish folder
+    capsys.readouterr()
+    _run(synthetic_dir, tmp_path / "out", calib_file, offload="disk")
+    stderr = capsys.readouterr().err
+    assert f"all {SHAPE.num_blocks} blocks are done in {folder}; publishing" in stderr and "resuming" not in stderr
+    assert _tensors(tmp_path / "out") == _tensors(tmp_path / "whole") and not folder.exists()
+
+
 def test_sigkill_mid_run_then_the_same_command_resumes_byte_identically(tmp_path: Path, calib_file: Path) -> None:
     model = tmp_path / "deep"
     write_synthetic_llama(model, SyntheticShape(8, 256, 512, 4, 2, 384))
@@ -174,7 +194,7 @@ def test_non_finite_weights_are_refused_and_leave_nothing(synthetic_dir: Path, c
         tensors = {key: f.get_tensor(key) for key in f.keys()}
     tensors[name][0, 0] = float("nan")
     save_file(tensors, str(shard))
-    with pytest.raises(QuantkitError, match="model.layers.3.mlp.up_proj contains NaN"):
+    with pytest.raises(QuantkitError, match="tensor model.layers.3.mlp.up_proj.weight contains NaN"):
         _run(broken, tmp_path / "out", calib_file, offload="disk")
     assert not (tmp_path / "out").exists() and not work_dir(tmp_path / "out").exists()
 
@@ -197,7 +217,7 @@ def test_bad_streaming_options_are_refused(synthetic_dir: Path, calib_file: Path
 
 
 def test_missing_tensors_and_pickle_weights_are_refused_before_any_work(synthetic_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(QuantkitError, match="not one"):
+    with pytest.raises(QuantkitError, match="model not found"):
         quantize("org/never-downloaded", offload="disk", output=tmp_path / "out")
     pickled = tmp_path / "pickled"
     pickled.mkdir()

@@ -152,9 +152,7 @@ def test_named_set_offline_fails_fast(monkeypatch: pytest.MonkeyPatch, tmp_path:
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setenv(env, "1")
     started = time.perf_counter()
-    message = _one_line_error(
-        "cannot reach the hub for 'wikitext2'", load_eval_text, "wikitext2", data_dir=str(tmp_path)
-    )
+    message = _one_line_error("cannot reach the hub for 'wikitext2'", load_eval_text, "wikitext2")
     assert time.perf_counter() - started < 1.0
     assert f"{env}=1" in message
     assert (
@@ -163,21 +161,37 @@ def test_named_set_offline_fails_fast(monkeypatch: pytest.MonkeyPatch, tmp_path:
     )
 
 
+@pytest.mark.parametrize("env", ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"])
+def test_calibration_and_zero_shot_sets_follow_the_same_offline_rule(monkeypatch: pytest.MonkeyPatch,
+                                                                      env: str) -> None:
+    from quantkit.calib import check_source
+    from quantkit.eval.zeroshot import _check_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setenv(env, "1")
+    assert f"({env}=1)" in _one_line_error("cannot reach the hub for 'c4'", check_source, "c4", None)
+    assert f"({env}=1)" in _one_line_error("read their data from the hub", _check_hub, ["piqa"])
+
+
 def test_hub_probe_tells_a_closed_endpoint_from_an_open_one(monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
 
     from huggingface_hub import constants
 
-    from quantkit.textsources import _hub_unreachable
+    from quantkit.hub import _connection_failure, unreachable
 
-    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_HUB_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(1)
         port = server.getsockname()[1]
         monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
-        assert _hub_unreachable() is None
+        _connection_failure.cache_clear()
+        assert unreachable("HF_HUB_OFFLINE") is None
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")  # the port is closed now
-    reason = _hub_unreachable()
+    _connection_failure.cache_clear()
+    reason = unreachable("HF_HUB_OFFLINE")
+    _connection_failure.cache_clear()
     assert reason is not None and "127.0.0.1 unreachable" in reason

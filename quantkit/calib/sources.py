@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from quantkit.calib.sampling import sample_windows
 from quantkit.calib.synthetic import synthetic_windows
-from quantkit.errors import QuantkitError
+from quantkit.errors import OptionError, QuantkitError
 from quantkit.textsources import (
     SUPPORTED_SUFFIXES,
     NamedSet,
+    check_hub,
     data_dir_file,
     hub_documents,
     local_documents,
     read_documents,
+    resolve_data_dir,
 )
 
 # Calibration never reads evaluation text: wikitext2 has no local file here, since only its test split is
@@ -35,16 +38,47 @@ CALIBRATION_SETS = {
     )
 }
 _LOCAL_ALTERNATIVE = f"a local {'/'.join(SUPPORTED_SUFFIXES)} file or directory, or 'synthetic'"
+# (windows, tokens per window) when not given: GPTQ's 128 × 2048 for text; text sampled token by token from
+# the model costs a decode step per token, so synthetic calibration takes 128 short windows of 64 tokens
+# (scripts/bench_first_use.py: on SmolLM2-135M about half the time of 32 × 256, and a lower perplexity).
+TEXT_WINDOWS = (128, 2048)
+SYNTHETIC_WINDOWS = (128, 64)
+
+
+def default_windows(source: str) -> tuple[int, int]:
+    """``(nsamples, seqlen)`` that calibration from ``source`` takes when they are not given."""
+    return SYNTHETIC_WINDOWS if source == "synthetic" else TEXT_WINDOWS
+
+
+def check_source(source: str, data_dir: str | None) -> None:
+    """Refuse, before any model loads, a calibration source that cannot be read: a missing, empty or
+    unreadable file, an unknown name, a data directory that does not exist or lacks the named set's file."""
+    if source == "synthetic":
+        return
+    spec = CALIBRATION_SETS.get(source)
+    if spec is None:
+        if not Path(source).exists():
+            names = ", ".join(f"'{name}'" for name in ["synthetic", *CALIBRATION_SETS])
+            raise OptionError(f"--calib {source}: no such file or directory, and not one of {names}")
+        read_documents(source)  # empty, binary or malformed text is named now, not after the model loaded
+    elif data_dir_file(spec.local_file, data_dir) is None:
+        check_hub(spec, _alternative(spec))
+    if data_dir is not None:  # a bad --data-dir is refused even where this source does not read it
+        resolve_data_dir(data_dir)
 
 
 def _named_documents(spec: NamedSet, data_dir: str | None) -> Sequence[str]:
     local = data_dir_file(spec.local_file, data_dir)
     if local is not None:
         return read_documents(local, spec.field)
-    alternative = _LOCAL_ALTERNATIVE
+    return hub_documents(spec, _alternative(spec))
+
+
+def _alternative(spec: NamedSet) -> str:
+    """What to pass instead of a hub set that cannot be had."""
     if spec.local_file:
-        alternative = f"--data-dir DIR holding {spec.local_file}, or {alternative}"
-    return hub_documents(spec, alternative)
+        return f"--data-dir DIR holding {spec.local_file}, or {_LOCAL_ALTERNATIVE}"
+    return _LOCAL_ALTERNATIVE
 
 
 def load_calibration(

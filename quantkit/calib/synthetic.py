@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from functools import partial
 
@@ -49,7 +50,9 @@ def synthetic_windows(
     vocab = min(len(tokenizer), model.get_output_embeddings().out_features)
     generator = torch.Generator().manual_seed(seed)
     batches = []
-    with torch.inference_mode(), progress_bar(transient=True) as progress:
+    with torch.inference_mode(), progress_bar(transient=True) as progress, warnings.catch_warnings():
+        # transformers 5 renames the cache argument; the old name works in every version quantkit supports
+        warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
         task = progress.add_task("synthetic calibration", total=nsamples)
         for first in range(0, nsamples, batch_size):
             batch = min(batch_size, nsamples - first)

@@ -42,8 +42,10 @@ def perplexity(
     seqlen: int = 2048,
     max_windows: int | None = None,
     dataset: str = "",
+    label: str = "",
 ) -> PerplexityResult:
-    """``exp`` of the mean NLL over the first ``max_windows`` (default all) full windows of ``seqlen`` tokens."""
+    """``exp`` of the mean NLL over the first ``max_windows`` (default all) full windows of ``seqlen`` tokens;
+    ``label`` (the model's name) heads the progress display."""
     windows = stream.numel() // seqlen
     if windows == 0:
         raise QuantkitError(f"{dataset or 'the text'} has {stream.numel()} tokens, fewer than one window of {seqlen}")
@@ -51,7 +53,7 @@ def perplexity(
         windows = min(windows, max_windows)
     nlls = []
     with torch.no_grad(), progress_bar(transient=True) as progress:
-        task = progress.add_task(f"perplexity {dataset}", total=windows)
+        task = progress.add_task(f"{label + ': ' if label else ''}perplexity {dataset}", total=windows)
         for w in range(windows):
             nlls.append(window_nll(model, stream[w * seqlen : (w + 1) * seqlen]))
             progress.advance(task)

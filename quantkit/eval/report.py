@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from rich.table import Table
 from rich.text import Text
 
+from quantkit.diskspace import check_space, write_errors
 from quantkit.errors import QuantkitError
-from quantkit.export.atomic import write_json
+from quantkit.export.atomic import check_writable, staging_beside
 
 REPORT_FORMAT = "quantkit-eval"
 REPORT_VERSION = 1
@@ -24,6 +23,7 @@ AVERAGE_RULE = (
 )
 MISSING = "—"
 PLOT_FILES = ("perplexity_vs_bits.png", "task_accuracy.png")
+REPORT_JSON = "report.json"
 
 
 def headline(metrics: dict) -> tuple[str, float, float | None]:
@@ -405,39 +405,35 @@ def check_report_dir(directory: Path) -> None:
     """Fail before any work if ``directory`` cannot become (or be written as) a report directory."""
     if directory.exists() and not directory.is_dir():
         raise QuantkitError(f"report path {directory} exists and is not a directory")
-    parent = directory if directory.is_dir() else directory.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise QuantkitError(f"cannot write the report under {parent}: permission denied")
+    check_writable(directory)
 
 
 def write_report(report: dict, directory: Path) -> list[Path]:
     """Check ``report``, then write ``report.json``, ``report.md`` and the plots that have something to show
-    into ``directory``. Every file is staged first and moved into place whole; a plot skipped this time is
-    removed so that no stale one remains. Returns the paths written."""
+    into ``directory``. Every file is staged first (see :func:`staging_beside`) and moved into place whole; a
+    plot skipped this time is removed so that no stale one remains; a full disk or a denied write is one line.
+    Returns the paths written."""
     from quantkit.eval.plots import plot_perplexity_vs_bits, plot_task_accuracy
 
-    check_report(report, str(directory / "report.json"))
+    check_report(report, str(directory / REPORT_JSON))
+    texts = {REPORT_JSON: json.dumps(report, indent=2) + "\n", "report.md": report_markdown(report)}
+    needed = sum(len(text.encode("utf-8")) for text in texts.values())
     created = not directory.exists()
-    directory.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".report.tmp-", dir=directory))
     try:
-        (staging / "report.md").write_text(report_markdown(report), encoding="utf-8")
-        plots = dict(zip(PLOT_FILES, (plot_perplexity_vs_bits, plot_task_accuracy)))
-        drawn = [name for name, plot in plots.items() if plot(report, staging / name)]
-        write_json(directory / "report.json", report)
-        written = [directory / "report.json"]
-        for name in ["report.md", *drawn]:
-            os.replace(staging / name, directory / name)
-            written.append(directory / name)
-        for name in set(PLOT_FILES) - set(drawn):
-            (directory / name).unlink(missing_ok=True)
-        return written
+        with write_errors(directory, "the report", needed):
+            directory.mkdir(parents=True, exist_ok=True)
+            check_space(directory, needed, "the report")
+            with staging_beside(directory / REPORT_JSON) as staging:
+                for name, text in texts.items():
+                    (staging / name).write_text(text, encoding="utf-8")
+                plots = dict(zip(PLOT_FILES, (plot_perplexity_vs_bits, plot_task_accuracy)))
+                drawn = [name for name, plot in plots.items() if plot(report, staging / name)]
+                for name in [*texts, *drawn]:
+                    os.replace(staging / name, directory / name)
+                for name in set(PLOT_FILES) - set(drawn):
+                    (directory / name).unlink(missing_ok=True)
+                return [directory / name for name in [*texts, *drawn]]
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created and not any(directory.iterdir()):
+        if created and directory.is_dir() and not any(directory.iterdir()):
             directory.rmdir()
         raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-
-from torch import nn
 
 from quantkit.errors import QuantkitError
 from quantkit.eval.models import EvalTarget, load_target
 from quantkit.eval.perplexity import perplexity, tokenize_stream
 from quantkit.eval.report import REPORT_FORMAT, REPORT_VERSION, model_average
-from quantkit.models.loading import check_model_exists
+from quantkit.models.loading import check_context, check_model_exists, stored_bytes
 from quantkit.runtime.loader import is_quantkit_checkpoint
-from quantkit.textsources import DATA_DIR_ENV, load_eval_text
+from quantkit.textsources import load_eval_text, resolve_data_dir
 
 
 @dataclass
@@ -46,12 +43,6 @@ class EvalRequest:
         return unquantized[0] if len(models) > 1 and len(unquantized) == 1 else None
 
 
-def _float_bits(model: nn.Module) -> float:
-    """Bits per weight of an unquantized model's linear layers (its storage dtype)."""
-    weight = next(m.weight for m in model.modules() if isinstance(m, nn.Linear))
-    return float(weight.element_size() * 8)
-
-
 def _describe(target: EvalTarget) -> dict[str, object]:
     """Bits per weight, size and scheme of a model as stored."""
     if target.quantized:
@@ -60,9 +51,9 @@ def _describe(target: EvalTarget) -> dict[str, object]:
         info = inspect_checkpoint(target.name)
         return {"bits_per_weight": info.bits_per_weight, "size_bytes": info.file_bytes,
                 "scheme": ", ".join(s.scheme for s in info.schemes)}
-    size = sum(p.numel() * p.element_size() for p in target.model.parameters())
-    dtype = str(next(target.model.parameters()).dtype).removeprefix("torch.")
-    return {"bits_per_weight": _float_bits(target.model), "size_bytes": size, "scheme": f"{dtype} (unquantized)"}
+    dtype = target.stored_dtype or next(target.model.parameters()).dtype  # as stored, not as evaluated
+    return {"bits_per_weight": float(dtype.itemsize * 8), "size_bytes": stored_bytes(target.model, dtype),
+            "scheme": f"{str(dtype).removeprefix('torch.')} (unquantized)"}
 
 
 def _finite(result: dict) -> dict:
@@ -81,24 +72,27 @@ def run_eval(request: EvalRequest) -> dict:
         raise QuantkitError(f"{repeated[0]} is named twice among the models to evaluate")
     for name in names:
         check_model_exists(name)
-    data_dir = request.data_dir or os.environ.get(DATA_DIR_ENV)
+    folder = resolve_data_dir(request.data_dir)
+    data_dir = str(folder) if folder is not None else None
     plan = plan_tasks(request.tasks, data_dir, request.num_fewshot)
     specs = plan.specs
     texts, sources = {}, {}
     for dataset in request.datasets:
-        texts[dataset], sources[dataset] = load_eval_text(dataset, request.data_dir)
+        texts[dataset], sources[dataset] = load_eval_text(dataset, data_dir)
     sources |= {spec.name: spec.source for spec in specs}
     models = []
     for name in names:
         target = load_target(name, request.kernel)
+        if texts:
+            check_context(target.model, request.seqlen, "--seqlen")
         entry: dict[str, object] = {"name": name, "quantized": target.quantized, **_describe(target)}
         entry["perplexity"] = {
             dataset: _finite(perplexity(target.model, tokenize_stream(text, target.tokenizer), request.seqlen,
-                                        request.max_windows, dataset).to_dict())
+                                        request.max_windows, dataset, label=name).to_dict())
             for dataset, text in texts.items()
         }
         entry["tasks"] = evaluate_tasks(target.model, target.tokenizer, plan, request.limit, request.batch_size,
-                                        request.num_fewshot) if specs else {}
+                                        request.num_fewshot, label=name) if specs else {}
         entry["average"] = model_average(entry["tasks"])
         models.append(entry)
         del target

@@ -11,6 +11,7 @@ from pathlib import Path
 from torch import nn
 
 from quantkit.errors import QuantkitError
+from quantkit.hub import data_unreachable
 from quantkit.progress import progress_bar
 
 STANDARD_TASKS = ("piqa", "hellaswag", "arc_easy", "arc_challenge", "winogrande", "lambada_openai")
@@ -80,17 +81,32 @@ def plan_tasks(tasks: list[str], data_dir: str | None, num_fewshot: int = 0) -> 
                 raise QuantkitError(f"--tasks {name} is an lm-eval group or tag; name its tasks one by one")
             if name not in manager.all_subtasks:
                 raise QuantkitError(f"unknown lm-eval task {name!r}")
+        _check_hub(hub)
     return plan
 
 
-def _harness_model(model: nn.Module, tokenizer, batch_size: int):
-    """lm-eval's Hugging Face wrapper around ``model``, with a rich progress bar over its requests."""
+def _check_hub(tasks: list[str]) -> None:
+    """Tasks whose data comes from the hub fail at once when it cannot be reached (see
+    :func:`quantkit.hub.data_unreachable`)."""
+    from quantkit.eval.tasks.loaders import LOCAL_TASKS
+
+    reason = data_unreachable()
+    if reason:
+        local = [name for name in tasks if name in LOCAL_TASKS]
+        hint = f"; {', '.join(local)} can run from local files with --data-dir" if local else ""
+        raise QuantkitError(f"--tasks {', '.join(tasks)} read their data from the hub, which cannot be reached "
+                            f"({reason}){hint}")
+
+
+def _harness_model(model: nn.Module, tokenizer, batch_size: int, label: str):
+    """lm-eval's Hugging Face wrapper around ``model``, with a progress display (headed ``label``) over its
+    requests."""
     from lm_eval.models.huggingface import HFLM
 
     class ProgressLM(HFLM):
         def loglikelihood(self, requests, disable_tqdm: bool = False):
             with progress_bar(transient=True) as progress:
-                self._progress = (progress, progress.add_task("zero-shot requests", total=len(requests)))
+                self._progress = (progress, progress.add_task(f"{label}: zero-shot requests", total=len(requests)))
                 try:
                     scores = super().loglikelihood(requests, disable_tqdm=True)
                     progress.update(self._progress[1], completed=len(requests))  # shared contexts run once
@@ -122,8 +138,9 @@ def _metrics(raw: dict, samples: int) -> dict:
 
 
 def evaluate_tasks(model: nn.Module, tokenizer, plan: TaskPlan, limit: int | None, batch_size: int,
-                   num_fewshot: int = 0) -> dict[str, dict]:
-    """Score ``model`` on every task; returns ``name -> {acc, acc_stderr, acc_norm, …, samples}``."""
+                   num_fewshot: int = 0, label: str = "model") -> dict[str, dict]:
+    """Score ``model`` (called ``label`` in the progress display) on every task; returns
+    ``name -> {acc, acc_stderr, acc_norm, …, samples}``."""
     import lm_eval
 
     from quantkit.eval.tasks.loaders import LOCAL_TASKS
@@ -132,7 +149,7 @@ def evaluate_tasks(model: nn.Module, tokenizer, plan: TaskPlan, limit: int | Non
     specs = plan.specs
     try:
         output = lm_eval.simple_evaluate(
-            model=_harness_model(model, tokenizer, batch_size), tasks=[s.harness_task for s in specs],
+            model=_harness_model(model, tokenizer, batch_size, label), tasks=[s.harness_task for s in specs],
             num_fewshot=num_fewshot, limit=limit, task_manager=plan.task_manager(), log_samples=False,
         )
         results, counts = output["results"], output["n-samples"]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from quantkit.config_fields import optional_field
 from quantkit.errors import QuantkitError
 from quantkit.export.common import grid_layers, lossless_cast
 from quantkit.formats.base import QuantizedTensor, TensorSpec
@@ -235,43 +236,58 @@ class ConfigGroup:
     weights: WeightArgs
 
 
-def _config_int(weights: dict, key: str, default: int) -> int:
-    """An integer field of a weights entry (absent or null: ``default``); anything else is refused."""
-    value = weights.get(key)
-    if value is None:
-        return default
-    if type(value) is not int:
-        raise QuantkitError(f"compressed-tensors weights {key} is {value!r}, expected an integer")
-    return value
+_ACTORDERS = ("group", "weight", "static", "dynamic")
+
+
+@dataclass(frozen=True)
+class _WeightFields:
+    """The typed fields of a weights entry (null or absent: the compressed-tensors default)."""
+
+    type: str
+    bits: int
+    group_size: int | None
+    strategy: str
+    symmetric: bool
+    actorder: bool | str | None
+
+
+def _weight_fields(weights: dict) -> _WeightFields:
+    kind = optional_field(weights, "type", str, "int")
+    bits = optional_field(weights, "num_bits", int, 8)
+    group_size = optional_field(weights, "group_size", int, None)
+    strategy = optional_field(weights, "strategy", str, "channel" if group_size in (None, -1) else "group")
+    actorder = weights.get("actorder")
+    if not (actorder is None or type(actorder) is bool or (isinstance(actorder, str) and actorder in _ACTORDERS)):
+        raise QuantkitError(f"unknown actorder {actorder!r}")
+    return _WeightFields(kind, bits, group_size, strategy, optional_field(weights, "symmetric", bool, True), actorder)
 
 
 def _parse_weights(name: str, weights: object) -> WeightArgs:
     if not isinstance(weights, dict):
         raise QuantkitError(f"compressed-tensors config group {name} has no weights entry")
-    if weights.get("dynamic"):
+    if weights.get("dynamic") not in (None, False):
         raise QuantkitError("dynamic compressed-tensors weight quantization is not supported")
-    strategy = weights.get("strategy") or ("channel" if weights.get("group_size") in (None, -1) else "group")
-    if weights.get("type", "int") == "float":
-        return _parse_float_weights(weights, strategy)
-    if weights.get("type", "int") != "int":
-        raise QuantkitError(f"compressed-tensors weights of type {weights.get('type')!r} are not supported")
-    if strategy not in ("group", "channel"):
-        raise QuantkitError(f"compressed-tensors strategy {strategy!r} is not supported (group or channel)")
-    bits = _config_int(weights, "num_bits", 8)
-    if bits == 3:
+    try:
+        fields = _weight_fields(weights)
+    except QuantkitError as exc:
+        raise QuantkitError(f"compressed-tensors config group {name}: weights {exc}") from None
+    if fields.type == "float":
+        return _parse_float_weights(fields)
+    if fields.type != "int":
+        raise QuantkitError(f"compressed-tensors weights of type {fields.type!r} are not supported")
+    if fields.strategy not in ("group", "channel"):
+        raise QuantkitError(f"compressed-tensors strategy {fields.strategy!r} is not supported (group or channel)")
+    if fields.bits == 3:
         raise QuantkitError("3-bit compressed-tensors checkpoints are not supported (packing differs between versions)")
-    group_size = -1 if strategy == "channel" else _config_int(weights, "group_size", 0)
-    actorder = weights.get("actorder")
-    if actorder not in (None, False, "group", "weight", "static", "dynamic", True):
-        raise QuantkitError(f"unknown compressed-tensors actorder {actorder!r}")
-    args = WeightArgs(bits, group_size, bool(weights.get("symmetric", True)), actorder in ("group", "dynamic", True))
+    group_size = -1 if fields.strategy == "channel" else fields.group_size or 0
+    args = WeightArgs(fields.bits, group_size, fields.symmetric, fields.actorder in ("group", "dynamic", True))
     args.scheme()  # validates bits and group size
     return args
 
 
-def _parse_float_weights(weights: dict, strategy: str) -> WeightArgs:
+def _parse_float_weights(fields: _WeightFields) -> WeightArgs:
     """NVFP4 (4 bits, tensor_group of 16) or MXFP4 (4 bits, group of 32) weights; anything else is refused."""
-    shape = (weights.get("num_bits"), strategy, weights.get("group_size"))
+    shape = (fields.bits, fields.strategy, fields.group_size)
     for fmt, expected in (("nvfp4", (4, "tensor_group", 16)), ("mxfp4", (4, "group", 32))):
         if shape == expected:
             return WeightArgs(4, expected[2], True, False, fmt)
@@ -306,9 +322,9 @@ def parse_config(qc: dict) -> tuple[list[ConfigGroup], list[str]]:
             raise QuantkitError(f"compressed-tensors config group {name}: format {fmt} does not match its weights")
         parsed.append(ConfigGroup(tuple(targets), weights))
     ignore = qc.get("ignore") or []
-    if not isinstance(ignore, list):
-        raise QuantkitError("compressed-tensors ignore entry is not a list")
-    return parsed, [str(i) for i in ignore]
+    if not isinstance(ignore, list) or not all(isinstance(i, str) for i in ignore):
+        raise QuantkitError("compressed-tensors ignore entry is not a list of module names")
+    return parsed, ignore
 
 
 def matches(name: str, module: nn.Module, patterns) -> bool:

@@ -14,6 +14,7 @@ from quantkit.export.native import save_native
 from quantkit.export.writer import DEFAULT_MAX_SHARD_BYTES, model_config_dict, plain_tensors, write_checkpoint
 from quantkit.formats.base import QuantizedTensor
 from quantkit.schemes import CHECKPOINT_LAYOUTS, QuantScheme
+from quantkit.streaming.state import remove_dead_state
 
 _LAYOUT_KINDS = {"gptq": ("int",), "compressed-tensors": ("int", "e2m1")}
 
@@ -55,33 +56,36 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 
 def save_gptq(output: Path, model: nn.Module, tokenizer, quantized: dict[str, QuantizedTensor],
               quantization_config: dict, overwrite: bool = False,
-              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: torch.dtype | None = None) -> None:
     """A GPTQ v1 checkpoint: config.json's quantization_config plus quantize_config.json."""
     qc = gptq.build_config(quantized, quantization_config, lm_head="lm_head" in quantized)
-    tensors = {**plain_tensors(model, quantized), **gptq.layer_tensors(quantized)}
-    config = {**model_config_dict(model), "quantization_config": qc}
+    tensors = {**plain_tensors(model, quantized, dtype), **gptq.layer_tensors(quantized)}
+    config = {**model_config_dict(model, dtype), "quantization_config": qc}
     write_checkpoint(output, model, tokenizer, tensors, config, overwrite, max_shard_bytes, {gptq.CONFIG_FILE: qc})
 
 
 def save_compressed_tensors(output: Path, model: nn.Module, tokenizer, quantized: dict[str, QuantizedTensor],
                             quantization_config: dict, overwrite: bool = False,
-                            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+                            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: torch.dtype | None = None) -> None:
     """A compressed-tensors checkpoint (pack-quantized, nvfp4- or mxfp4-pack-quantized per config group);
-    integer scales in the model dtype when that is lossless."""
+    integer scales in the model dtype (``dtype`` when given) when that is lossless."""
     qc = ct.build_config(quantized, model, quantization_config)
-    tensors = {**plain_tensors(model, quantized), **ct.layer_tensors(quantized, model_dtype(model))}
-    config = {**model_config_dict(model), "quantization_config": qc}
+    tensors = {**plain_tensors(model, quantized, dtype), **ct.layer_tensors(quantized, dtype or model_dtype(model))}
+    config = {**model_config_dict(model, dtype), "quantization_config": qc}
     write_checkpoint(output, model, tokenizer, tensors, config, overwrite, max_shard_bytes)
 
 
 def save_checkpoint(layout: str, output: Path, model: nn.Module, tokenizer, quantized: dict[str, QuantizedTensor],
                     quantization_config: dict, overwrite: bool = False,
-                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
-    """Write ``quantized`` (and the model's other tensors) at ``output`` in ``layout``, atomically."""
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: torch.dtype | None = None) -> None:
+    """Write ``quantized`` (and the model's other tensors, float ones in ``dtype`` when given) at ``output`` in
+    ``layout``, atomically; then remove the state a dead ``--offload disk`` run writing ``output`` left behind."""
     activations = quantization_config.get("input_activations") is not None
     online = bool((quantization_config.get("transform") or {}).get("online"))
     check_layout(layout, activations=activations, online=online)
     for kind in sorted({qt.kind for qt in quantized.values()}):
         check_layout(layout, kind=kind, activations=activations, online=online)
     writer = {"native": save_native, "gptq": save_gptq, "compressed-tensors": save_compressed_tensors}[layout]
-    writer(output, model, tokenizer, quantized, quantization_config, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
+    writer(output, model, tokenizer, quantized, quantization_config, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+           dtype=dtype)
+    remove_dead_state(output)

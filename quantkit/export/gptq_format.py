@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from quantkit import __version__
+from quantkit.config_fields import check_type, field
 from quantkit.errors import QuantkitError
 from quantkit.export.common import grid_layers, lossless_cast, sequential_g_idx
 from quantkit.formats.base import QuantizedTensor, TensorSpec
@@ -231,7 +232,8 @@ def _layout_values(key: str, overrides: object) -> dict:
     if unknown:
         raise QuantkitError(f"GPTQ dynamic entry {key!r} overrides {unknown[0]!r}; quantkit reads "
                             f"{', '.join(LAYOUT_KEYS)} (and ignores {', '.join(IGNORED_KEYS)})")
-    return {k: LAYOUT_KEYS[k](v) for k, v in overrides.items() if k in LAYOUT_KEYS}
+    return {k: check_type(v, LAYOUT_KEYS[k], f"GPTQ dynamic entry {key!r}: {k}") for k, v in overrides.items()
+            if k in LAYOUT_KEYS}
 
 
 def _dynamic_rule(key: str, overrides: object, base: GPTQConfig) -> DynamicRule:
@@ -260,9 +262,9 @@ def parse_config(qc: dict) -> GPTQConfig:
     if not isinstance(dynamic, dict):
         raise QuantkitError(f"GPTQ dynamic must be a dict of pattern -> overrides, not {type(dynamic).__name__}")
     try:
-        base = GPTQConfig(int(qc["bits"]), int(qc.get("group_size", -1)), checkpoint_format == V1,
-                          bool(qc.get("sym", True)), bool(qc.get("desc_act", False)))
-        rules = tuple(_dynamic_rule(key, overrides, base) for key, overrides in dynamic.items())
-    except (KeyError, TypeError, ValueError) as exc:
-        raise QuantkitError(f"invalid GPTQ quantization config: {exc!r}") from None
+        base = GPTQConfig(field(qc, "bits", int), field(qc, "group_size", int, -1), checkpoint_format == V1,
+                          field(qc, "sym", bool, True), field(qc, "desc_act", bool, False))
+    except QuantkitError as exc:
+        raise QuantkitError(f"invalid GPTQ quantization config: {exc}") from None
+    rules = tuple(_dynamic_rule(key, overrides, base) for key, overrides in dynamic.items())
     return replace(base, dynamic=rules)

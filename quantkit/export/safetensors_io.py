@@ -7,7 +7,7 @@ import math
 import os
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -67,10 +67,18 @@ def shard_map(folder: Path) -> dict[str, str]:
     index = folder / INDEX_FILE
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as exc:
+            data = json.loads(index.read_text())
+        except (ValueError, OSError) as exc:
             raise QuantkitError(f"corrupt checkpoint index {index}: {exc}") from None
-        for shard in set(weight_map.values()):
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict):
+            raise QuantkitError(f"corrupt checkpoint index {index}: its weight_map must map tensor names to "
+                                f"shard file names, got {_shown(weight_map)}")
+        for name, shard in weight_map.items():
+            if not isinstance(shard, str):
+                raise QuantkitError(f"corrupt checkpoint index {index}: its weight_map gives {name} the shard "
+                                    f"{_shown(shard)}, not a file name")
+        for shard in sorted(set(weight_map.values())):
             if "/" in shard or "\\" in shard or not (folder / shard).is_file():
                 raise QuantkitError(f"checkpoint shard {shard!r} named in {index.name} is missing")
         return weight_map
@@ -80,10 +88,23 @@ def shard_map(folder: Path) -> dict[str, str]:
     return {name: SINGLE_FILE for name in header_specs(single)}
 
 
+def _shown(value: object) -> str:
+    """A JSON value in a few words for an error message."""
+    text = json.dumps(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
 def header_specs(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """Shapes and dtype names of every tensor in a safetensors file, read from its header only."""
     with shard_reader(path) as f:
         return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+
+
+def _corrupt(path: Path, exc: Exception) -> QuantkitError:
+    return QuantkitError(f"corrupt or truncated checkpoint file {path.name}: {str(exc).splitlines()[0]}")
+
+
+_READ_ERRORS = (SafetensorError, OSError, RuntimeError)
 
 
 @contextmanager
@@ -92,20 +113,34 @@ def shard_reader(path: Path) -> Iterator:
     try:
         with safe_open(str(path), framework="pt") as f:
             yield f
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise QuantkitError(f"corrupt or truncated checkpoint file {path.name}: {str(exc).splitlines()[0]}") from None
+    except _READ_ERRORS as exc:
+        raise _corrupt(path, exc) from None
 
 
-def read_tensors(folder: Path, names: dict[str, str]) -> dict[str, torch.Tensor]:
-    """Load the named tensors (name -> shard file) into memory."""
-    by_file: dict[str, list[str]] = {}
-    for name, shard in names.items():
-        by_file.setdefault(shard, []).append(name)
-    out: dict[str, torch.Tensor] = {}
-    for shard, keys in by_file.items():
-        with shard_reader(folder / shard) as f:
-            out.update({key: f.get_tensor(key) for key in keys})
-    return out
+class TensorReader:
+    """Reads a checkpoint's tensors one at a time by name (name -> shard file in ``files``), each shard opened
+    once, memory-mapped, until the ``with`` block ends; corrupt data fails in one line."""
+
+    def __init__(self, folder: Path, files: dict[str, str]) -> None:
+        self.folder, self.files = folder, files
+        self._stack = ExitStack()
+        self._open: dict[str, object] = {}
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stack.close()
+
+    def __call__(self, name: str) -> torch.Tensor:
+        shard = self.files[name]
+        path = self.folder / shard
+        try:
+            if shard not in self._open:
+                self._open[shard] = self._stack.enter_context(safe_open(str(path), framework="pt"))
+            return self._open[shard].get_tensor(name)  # type: ignore[attr-defined]
+        except _READ_ERRORS as exc:
+            raise _corrupt(path, exc) from None
 
 
 def shard_name(index: int, count: int) -> str:

@@ -27,23 +27,29 @@ def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def plain_tensors(model: nn.Module, quantized_layers) -> dict[str, torch.Tensor]:
+def plain_tensors(model: nn.Module, quantized_layers, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Every stored tensor that is not part of a quantized layer's weight (a quantized layer keeps its bias and
-    its online input transform)."""
+    its online input transform); float ones in ``dtype`` when given, except the transform's factors, which
+    stay float32."""
     layers = set(quantized_layers)
     tensors = {}
     for name, tensor in unique_state(model).items():
         module, _, leaf = name.rpartition(".")
         if module in layers and leaf != "bias" and leaf not in TRANSFORM_BUFFERS:
             continue
-        tensors[name] = tensor.detach()
+        cast = dtype is not None and tensor.is_floating_point() and leaf not in TRANSFORM_BUFFERS
+        tensors[name] = tensor.detach().to(dtype) if cast else tensor.detach()
     return tensors
 
 
-def model_config_dict(model: nn.Module) -> dict:
-    """The model's config as a dict, without any quantization_config it was loaded with."""
+def model_config_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict:
+    """The model's config as a dict, without any quantization_config it was loaded with; recording ``dtype``
+    as the dtype of its weights when given."""
     config = model.config.to_dict()
     config.pop("quantization_config", None)
+    if dtype is not None:
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        config.pop("torch_dtype", None)
     return config
 
 
@@ -57,10 +63,37 @@ def write_checkpoint(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     extra_json: dict[str, dict] | None = None,
 ) -> None:
-    """Write shards, config.json, generation config, tokenizer and extra JSON files; all or nothing."""
-    with atomic_directory(output, overwrite) as staging:
+    """Write shards, config.json, generation config, tokenizer and extra JSON files; all or nothing, refused
+    before anything is written when the tensors and JSON files do not fit."""
+    needed = tensor_bytes(tensors) + sum(len(json.dumps(payload, indent=2)) + 1
+                                         for payload in [config, *(extra_json or {}).values()])
+    with atomic_directory(output, overwrite, needed, "the checkpoint") as staging:
         write_shards(tensors, staging, max_shard_bytes)
         write_side_files(staging, model, tokenizer, config, extra_json)
+
+
+def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """What ``tensors`` take in safetensors files: their data and, roughly, their header entries."""
+    return sum(t.numel() * t.element_size() + header_bytes(name) for name, t in tensors.items())
+
+
+def estimated_bytes(model: nn.Module, layer_bytes: dict[str, int], dtype: torch.dtype) -> int:
+    """What a checkpoint of ``model`` will take, known before it is quantized: each quantized layer's weight
+    at the bytes ``layer_bytes`` gives it, every other tensor as stored (float ones in ``dtype``)."""
+    total = 0
+    for name, tensor in unique_state(model).items():
+        module, _, leaf = name.rpartition(".")
+        if module in layer_bytes and leaf == "weight":
+            total += layer_bytes[module]
+        else:
+            total += tensor.numel() * (dtype.itemsize if tensor.is_floating_point() else tensor.element_size())
+        total += header_bytes(name)
+    return total
+
+
+def header_bytes(name: str) -> int:
+    """Roughly what a tensor named ``name`` takes in a safetensors header."""
+    return len(name) + 64
 
 
 def write_side_files(folder: Path, model: nn.Module, tokenizer, config: dict,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from quantkit.config_fields import field
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import QuantizedTensor, TensorSpec
 from quantkit.formats.e2m1 import SCALE_CODECS, TENSOR_SCALED, e2m1_decode
@@ -86,8 +87,8 @@ class FloatQuantizedTensor(QuantizedTensor):
 
 
 def _scheme(meta: dict) -> QuantScheme:
-    fmt = meta.get("format")
+    fmt = field(meta, "format", str)
     if fmt not in FLOAT_FORMATS:
         raise QuantkitError(f"an e2m1 layer needs a float number format ({', '.join(FLOAT_FORMATS)}), got {fmt!r}")
-    return QuantScheme(bits=int(meta.get("bits", 4)), group_size=int(meta["group_size"]),
-                       symmetric=bool(meta.get("symmetric", True)), format=fmt)
+    return QuantScheme(bits=field(meta, "bits", int, 4), group_size=field(meta, "group_size", int),
+                       symmetric=field(meta, "symmetric", bool, True), format=fmt)

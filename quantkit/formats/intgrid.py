@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from quantkit.config_fields import field
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import QuantizedTensor, TensorSpec
 from quantkit.formats.packing import pack_rows, packed_width, unpack_rows
@@ -91,7 +92,7 @@ class IntQuantizedTensor(QuantizedTensor):
             "scales": ((out_features, groups), scale_dtype),
             "qzeros": ((out_features, packed_width(groups, scheme.bits)), torch.int32),
         }
-        if meta.get("act_order"):
+        if field(meta, "act_order", bool, False):
             specs["g_idx"] = ((in_features,), torch.int32)
         return specs
 
@@ -113,15 +114,12 @@ class IntQuantizedTensor(QuantizedTensor):
 
 
 def _parse_meta(meta: dict) -> tuple[QuantScheme, torch.dtype]:
-    if meta.get("format", "int") != "int":
-        raise QuantkitError(f"an int layer cannot hold number format {meta.get('format')!r}")
-    scheme = QuantScheme(
-        bits=int(meta["bits"]),
-        group_size=int(meta["group_size"]),
-        symmetric=bool(meta["symmetric"]),
-        format=meta.get("format", "int"),
-    )
-    name = meta.get("scale_dtype", "float16")
+    fmt = field(meta, "format", str, "int")
+    if fmt != "int":
+        raise QuantkitError(f"an int layer cannot hold number format {fmt!r}")
+    scheme = QuantScheme(bits=field(meta, "bits", int), group_size=field(meta, "group_size", int),
+                         symmetric=field(meta, "symmetric", bool), format=fmt)
+    name = field(meta, "scale_dtype", str, "float16")
     if name not in _DTYPES:
         raise QuantkitError(f"unsupported scale dtype {name!r}; expected one of {', '.join(_DTYPES)}")
     return scheme, _DTYPES[name]

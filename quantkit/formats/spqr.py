@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from quantkit.config_fields import field
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import QuantizedTensor, TensorSpec
 from quantkit.formats.packing import pack_rows, packed_width, unpack_rows
@@ -246,7 +247,7 @@ class SpQRQuantizedTensor(QuantizedTensor):
         specs: dict[str, TensorSpec] = {"qweight": ((out_features, packed_width(in_features, scheme.bits)), torch.int32)}
         for stat in ("scale",) if scheme.symmetric else ("scale", "zero"):
             specs.update({f"{stat}_{part}": spec for part, spec in stat_specs.items()})
-        if meta.get("permuted"):
+        if field(meta, "permuted", bool, False):
             specs["perm"] = ((in_features,), torch.int16)
         specs["outlier_row_offsets"] = ((out_features + 1,), torch.int32)
         specs["outlier_columns"] = ((nnz,), torch.int16)
@@ -260,7 +261,7 @@ class SpQRQuantizedTensor(QuantizedTensor):
         perm = None
         if "perm" in tensors:
             perm = _from_u16(tensors["perm"])
-            if not torch.equal(torch.sort(perm).values, torch.arange(in_features)):
+            if not torch.equal(torch.sort(perm).values, torch.arange(in_features, device=perm.device)):
                 raise QuantkitError("SpQR permutation is not a permutation of the input columns")
         outliers = CsrOutliers(tensors["outlier_row_offsets"], _from_u16(tensors["outlier_columns"]),
                                tensors["outlier_values"])
@@ -303,11 +304,10 @@ def check_stat_options(stat_bits: int, stat_group_size: int) -> None:
 
 
 def _parse_meta(meta: dict, shape: tuple[int, int]) -> tuple[QuantScheme, int, int, int]:
-    scheme = QuantScheme(
-        bits=int(meta["bits"]), group_size=int(meta["group_size"]), symmetric=bool(meta["symmetric"]),
-        format=meta.get("format", "int"),
-    )
-    stat_bits, stat_block, nnz = int(meta["stat_bits"]), int(meta["stat_group_size"]), int(meta["outliers"])
+    scheme = QuantScheme(bits=field(meta, "bits", int), group_size=field(meta, "group_size", int),
+                         symmetric=field(meta, "symmetric", bool), format=field(meta, "format", str, "int"))
+    stat_bits, stat_block = field(meta, "stat_bits", int), field(meta, "stat_group_size", int)
+    nnz = field(meta, "outliers", int)
     check_stat_options(stat_bits, stat_block)
     if shape[1] > MAX_COLUMNS:
         raise QuantkitError(f"SpQR layers hold at most {MAX_COLUMNS} input columns, got {shape[1]}")

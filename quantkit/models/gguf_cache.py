@@ -9,13 +9,17 @@ than 16 MiB however large the file.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from quantkit.errors import QuantkitError
+from quantkit.progress import phase
 
 
 def cache_root() -> Path:
@@ -45,15 +49,26 @@ def converted_gguf_dir(path: Path) -> Path:
     if (target / "config.json").is_file():
         return target
     import torch
-    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(path.resolve().parent), path.name
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as exc:
-        raise QuantkitError(f"cannot read GGUF file {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    with phase(f"converting {name} once into {target}"), _gguf_reader_bar_off():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        except (OSError, ValueError, KeyError) as exc:
+            raise QuantkitError(f"cannot read GGUF file {path}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        _save_converted(loaded, tokenizer, target)
+    return target
+
+
+def _save_converted(loaded, tokenizer, target: Path) -> None:
+    """Write a GGUF-loaded model and its tokenizer as a float Hugging Face directory at ``target``, atomically."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
     config = loaded.config
     if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config  # the weights below are already dequantized
@@ -69,8 +84,21 @@ def converted_gguf_dir(path: Path) -> Path:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         os.replace(staging, target)
-    except OSError:
+    except BaseException as exc:  # a failure or an interrupt leaves no half-written conversion behind
         shutil.rmtree(staging, ignore_errors=True)
-        if not (target / "config.json").is_file():
+        if not isinstance(exc, OSError) or not (target / "config.json").is_file():
             raise
-    return target
+
+
+@contextmanager
+def _gguf_reader_bar_off() -> Iterator[None]:
+    """Switch off the tqdm bar transformers' GGUF reader draws (its progress switch does not reach it): in a
+    log it is a screenful of carriage returns, and the conversion's phase line says the same."""
+    from transformers import modeling_gguf_pytorch_utils as reader
+
+    bar = reader.tqdm
+    reader.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        reader.tqdm = bar

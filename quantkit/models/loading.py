@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import OptionError, QuantkitError
+from quantkit.hub import MODELS_OFFLINE, cached_config, is_repo_id, unreachable
 from quantkit.models.adapters import ModelAdapter, adapter_for
 from quantkit.models.builtin import BUILTIN_MODELS, resolve_builtin
 from quantkit.models.gguf_cache import converted_gguf_dir
@@ -21,6 +22,12 @@ class LoadedModel:
     tokenizer: object
     adapter: ModelAdapter
     source: str
+    stored_dtype: torch.dtype = torch.float32  # the dtype the source keeps its weights in
+
+    @property
+    def stored_bytes(self) -> int:
+        """The size of the model's parameters in the dtype the source stores them in."""
+        return stored_bytes(self.model, self.stored_dtype)
 
 
 def _quiet_transformers() -> None:
@@ -32,11 +39,18 @@ def _quiet_transformers() -> None:
 
 
 def check_model_exists(spec: str) -> None:
-    """Refuse at once a spec that names a local file or directory which is not there."""
+    """Refuse at once a spec that is no built-in alias, no local file or directory, and no hub id that can be
+    had (downloaded already, or the hub reachable): the hub clients would retry for half a minute first."""
     if spec in BUILTIN_MODELS or Path(spec).expanduser().exists():
         return
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith((".gguf", ".bin", ".safetensors")):
-        raise QuantkitError(f"model not found: {spec}")
+    if not is_repo_id(spec) or spec.endswith((".gguf", ".bin", ".safetensors")):
+        raise QuantkitError(f"model not found: {spec} (no such file or directory)")
+    if cached_config(spec):
+        return
+    reason = unreachable(MODELS_OFFLINE)
+    if reason:
+        raise QuantkitError(f"model not found: {spec} is no local file or directory, and as a hub id it is not "
+                            f"downloaded ({reason})")
 
 
 def _from_pretrained_kwargs(spec: str) -> dict:
@@ -48,10 +62,59 @@ def _from_pretrained_kwargs(spec: str) -> dict:
     if path.suffix == ".gguf":
         return {"pretrained_model_name_or_path": str(converted_gguf_dir(path))}
     if path.exists():
-        if not (path / "config.json").is_file():
+        if not path.is_dir() or not (path / "config.json").is_file():
             raise QuantkitError(f"{spec} is not a Hugging Face model directory (no config.json)")
         return {"pretrained_model_name_or_path": str(path)}
-    return {"pretrained_model_name_or_path": spec}
+    # a hub id: downloaded already, or the hub answered just now; offline, never let the clients retry
+    return {"pretrained_model_name_or_path": spec, "local_files_only": unreachable(MODELS_OFFLINE) is not None}
+
+
+def check_float_model(spec: str, in_memory: bool = True, trust_remote_code: bool = False) -> tuple[dict, object]:
+    """Refuse at once, before any data or weights are read, a model that quantization cannot start from: one
+    that is not there, an unsupported architecture, a quantized checkpoint, pickle weights, a config its
+    weights contradict, and (when it is to be loaded whole, ``in_memory``) one larger than the memory.
+    Returns how transformers reads it and its config."""
+    _quiet_transformers()
+    kwargs = _from_pretrained_kwargs(spec)
+    config = _read_config(spec, kwargs, trust_remote_code)
+    _refuse_quantized(spec, getattr(config, "quantization_config", None))
+    adapter_for(config.model_type)
+    folder = Path(kwargs["pretrained_model_name_or_path"])
+    if folder.is_dir():
+        _check_local_weights(folder, in_memory)
+    return kwargs, config
+
+
+def _check_local_weights(folder: Path, in_memory: bool) -> None:
+    """Refuse a directory whose weights are pickles, whose safetensors headers disagree with its config (a
+    lying size would allocate terabytes), or (when it is to be loaded whole, ``in_memory``) whose weights are
+    more than the memory can hold."""
+    from quantkit.streaming.source import StreamedModel
+
+    skeleton = StreamedModel(folder).model  # the config and headers, checked; the model on the meta device
+    needed = sum(p.numel() for p in skeleton.parameters()) * torch.float32.itemsize
+    available = _available_memory()
+    if in_memory and available is not None and needed > available:
+        raise QuantkitError(f"{folder} needs {needed / 2**30:.1f} GiB of memory in float32 and only "
+                            f"{available / 2**30:.1f} GiB is available; quantize it with --offload disk")
+
+
+def _refuse_quantized(spec: str, quantization_config: object) -> None:
+    if quantization_config is not None:
+        method = (quantization_config.get("quant_method") if isinstance(quantization_config, dict)
+                  else getattr(quantization_config, "quant_method", None))
+        raise QuantkitError(f"{spec} is already quantized (quant_method {method}); this needs the float model "
+                            "(`quantkit eval` and quantkit.load read a quantized checkpoint from its local directory)")
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory the system can give without swapping (Linux), else None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def _read_config(spec: str, kwargs: dict, trust_remote_code: bool):
@@ -60,17 +123,19 @@ def _read_config(spec: str, kwargs: dict, trust_remote_code: bool):
 
     try:
         return AutoConfig.from_pretrained(**kwargs, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise QuantkitError(f"cannot read the config of {spec!r}: {_first_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - transformers validates configs with several exception types
+        raise QuantkitError(f"cannot read the config of {spec!r}: {' '.join(str(exc).split()) or type(exc).__name__}"
+                            ) from None
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> LoadedModel:
-    """Load ``spec`` for quantization or evaluation; unsupported architectures fail before any weight loads."""
+def load_model(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+               checked: tuple[dict, object] | None = None) -> LoadedModel:
+    """Load ``spec`` for quantization or evaluation; unsupported architectures fail before any weight loads
+    (``checked``: what :func:`check_float_model` returned for it already)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _quiet_transformers()
-    kwargs = _from_pretrained_kwargs(spec)
-    adapter = adapter_for(_read_config(spec, kwargs, trust_remote_code).model_type)
+    kwargs, config = checked or check_float_model(spec, trust_remote_code=trust_remote_code)
+    adapter = adapter_for(config.model_type)
     try:
         tokenizer = AutoTokenizer.from_pretrained(**kwargs, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(**kwargs, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -79,7 +144,33 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, source=spec)
+    check_finite(model)
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, source=spec,
+                       stored_dtype=stored_dtype(config))
+
+
+def check_finite(module: nn.Module, prefix: str = "") -> None:
+    """Refuse NaN or infinite values in any float parameter or buffer of ``module`` (named under ``prefix``;
+    those still on the meta device are skipped): in embeddings and norms as in linears, one would poison
+    every activation, and the error would surface far from its cause."""
+    for name, tensor in [*module.named_parameters(prefix=prefix), *module.named_buffers(prefix=prefix)]:
+        if tensor.is_floating_point() and not tensor.is_meta and not torch.isfinite(tensor).all():
+            raise QuantkitError(f"the model's tensor {name} contains NaN or infinite values")
+
+
+def stored_bytes(model: nn.Module, dtype: torch.dtype) -> int:
+    """The size of ``model``'s parameters (tied ones once) stored in ``dtype``."""
+    return sum(p.numel() for p in model.parameters()) * dtype.itemsize
+
+
+def stored_dtype(config: object) -> torch.dtype:
+    """The float dtype a config (object or config.json dict) says the weights are stored in (float32 when it
+    does not say)."""
+    fields = config if isinstance(config, dict) else vars(config)
+    dtype = fields.get("dtype") or fields.get("torch_dtype")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
 def _first_line(exc: BaseException) -> str:
@@ -105,3 +196,12 @@ def load_local_tokenizer(folder: Path):
         return AutoTokenizer.from_pretrained(str(folder))
     except Exception as exc:  # noqa: BLE001 - tokenizers and transformers fail with many exception types
         raise QuantkitError(f"cannot load the tokenizer in {folder}: {_first_line(exc)}") from None
+
+
+def check_context(model: nn.Module, seqlen: int, flag: str) -> None:
+    """Refuse windows longer than the model's context (``max_position_embeddings``): positions it never saw
+    would skew the statistics measured on them."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(context, int) and seqlen > context:
+        raise OptionError(f"{flag} {seqlen} is longer than the model's context of {context} tokens "
+                          "(max_position_embeddings)")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import OptionError
 from quantkit.quantizers.base import LayerStats, Quantizer
 from quantkit.quantizers.gptq import GPTQQuantizer
 from quantkit.quantizers.rtn import RTNQuantizer
@@ -19,14 +19,17 @@ def make_quantizer(method: str, **options) -> Quantizer:
     try:
         cls = QUANTIZERS[method]
     except KeyError:
-        raise QuantkitError(f"unknown method {method!r}; available: {', '.join(QUANTIZERS)}") from None
+        raise OptionError(f"unknown method {method!r}; available: {', '.join(QUANTIZERS)}") from None
     given = {k: v for k, v in options.items() if v is not None}
     unknown = sorted(set(given) - set(cls.__dataclass_fields__))
     if unknown:
-        names = ", ".join("--" + k.replace("_", "-") for k in unknown)
-        raise QuantkitError(f"method {method!r} has no option {names}; its options: "
-                            f"{', '.join(cls.__dataclass_fields__) or 'none'}")
+        raise OptionError(f"method {method!r} has no option {_flags(unknown)}; its options: "
+                          f"{_flags(cls.__dataclass_fields__) or 'none'}")
     return cls(**given)
+
+
+def _flags(names) -> str:
+    return ", ".join("--" + name.replace("_", "-") for name in names)
 
 
 __all__ = ["LayerStats", "Quantizer", "QUANTIZERS", "make_quantizer"]

@@ -84,5 +84,6 @@ class Quantizer(ABC):
                 "scale_dtype": dtype_name(SCALE_DTYPE)}
 
     @abstractmethod
-    def options(self) -> dict:
-        """The settings that, with the scheme, reproduce this quantizer (recorded in checkpoints)."""
+    def options(self, scheme: QuantScheme) -> dict:
+        """The settings that, with ``scheme``, reproduce this quantizer, automatic ones resolved for ``scheme``
+        (recorded in checkpoints)."""

@@ -71,17 +71,19 @@ def permuted_problem(
     return w[:, perm], inverse_hessian_factor(h[perm][:, perm], damp), perm
 
 
-def group_aligned_block(group: int, block_size: int) -> int:
+SWEEP_BLOCK = 128  # columns per lazy-update block of the sweep: speed only, the arithmetic is the same
+
+
+def group_aligned_block(group: int) -> int:
     """Columns per lazy-update block: a multiple of the group where possible, so that a group's grid is
     fitted after every earlier update has reached it."""
-    return group * max(1, block_size // group) if group <= block_size else block_size
+    return group * max(1, SWEEP_BLOCK // group) if group <= SWEEP_BLOCK else SWEEP_BLOCK
 
 
 def sweep_columns(
     w: torch.Tensor,
     hinv: torch.Tensor,
     group: int,
-    block_size: int,
     start_group: Callable[[int, torch.Tensor], None],
     round_column: Callable[[int, np.ndarray, float], np.ndarray],
 ) -> None:
@@ -93,7 +95,7 @@ def sweep_columns(
     columns: at once inside a block, lazily to the columns after it.
     """
     n = w.shape[1]
-    block = group_aligned_block(group, block_size)
+    block = group_aligned_block(group)
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
         # The column loop runs in numpy: the same float32 arithmetic with far less per-call overhead.
@@ -128,17 +130,14 @@ class GPTQQuantizer(Quantizer):
     damp: float = 0.01
     act_order: bool = True
     static_groups: bool | None = None
-    block_size: int = 128
     mse: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.damp:
             raise QuantkitError(f"damping must be a non-negative fraction of the mean Hessian diagonal, got {self.damp}")
-        if self.block_size < 1:
-            raise QuantkitError(f"block size must be positive, got {self.block_size}")
 
-    def options(self) -> dict:
-        return asdict(self)
+    def options(self, scheme: QuantScheme) -> dict:
+        return {**asdict(self), "static_groups": self.static(scheme)}
 
     def check_scheme(self, scheme: QuantScheme) -> None:
         super().check_scheme(scheme)
@@ -178,7 +177,7 @@ class GPTQQuantizer(Quantizer):
             codes[col] = column_codes[:, 0]
             return values[:, 0].numpy()
 
-        sweep_columns(w, hinv, group, self.block_size, start_group, round_column)
+        sweep_columns(w, hinv, group, start_group, round_column)
         inverse = torch.argsort(perm)
         codes = codes.t()[:, inverse].contiguous()
         groups = static if static is not None else fitted

@@ -33,5 +33,5 @@ class RTNQuantizer(Quantizer):
         codes, params, _ = quantize_groups(grid, weight)
         return grid.tensor(codes, params)
 
-    def options(self) -> dict:
+    def options(self, scheme: QuantScheme) -> dict:
         return asdict(self)

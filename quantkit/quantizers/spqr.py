@@ -90,7 +90,6 @@ class SpQRQuantizer(Quantizer):
     simplified_outliers: bool = False
     stat_bits: int = 3
     stat_group_size: int = 16
-    block_size: int = 128
 
     def __post_init__(self) -> None:
         if not self.damp >= 0:
@@ -101,10 +100,8 @@ class SpQRQuantizer(Quantizer):
                 f"got {self.outlier_threshold}"
             )
         check_stat_options(self.stat_bits, self.stat_group_size)
-        if self.block_size < 1:
-            raise QuantkitError(f"block size must be positive, got {self.block_size}")
 
-    def options(self) -> dict:
+    def options(self, scheme: QuantScheme) -> dict:
         return asdict(self)
 
     def tensor_kind(self, scheme: QuantScheme) -> str:
@@ -154,7 +151,7 @@ class SpQRQuantizer(Quantizer):
                 stored = np.where(is_outlier, exact, stored)
             return stored
 
-        sweep_columns(w, hinv, group, self.block_size, start_group, round_column)
+        sweep_columns(w, hinv, group, start_group, round_column)
 
         inverse = torch.argsort(perm)
         mask = torch.from_numpy(outlier).t()[:, inverse]

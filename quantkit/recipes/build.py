@@ -6,8 +6,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import OptionError
 from quantkit.recipes.fields import ALLOCATION_OPTIONS, BY_PARAM, QUANTIZER_OPTIONS, TRANSFORM_OPTIONS
+from quantkit.schemes import SUPPORTED_BITS
 
 if TYPE_CHECKING:
     from quantkit.allocation.options import AllocationOptions
@@ -35,7 +36,7 @@ def _allocation(settings: dict[str, object]) -> tuple[AllocationOptions | Alloca
     given = [BY_PARAM[param].flag for param in ALLOCATION_OPTIONS if settings[param] is not None]
     if allocation is not None and Path(str(allocation)).suffix == ".json":
         if given or bits is not None:
-            raise QuantkitError(f"{(given or ['--bits'])[0]} cannot change a saved allocation plan; "
+            raise OptionError(f"{(given or ['--bits'])[0]} cannot change a saved allocation plan; "
                                 "make a new one with `quantkit allocate`")
         plan = AllocationPlan.load(Path(str(allocation)))
         return plan, plan.bit_choices[0]
@@ -43,10 +44,11 @@ def _allocation(settings: dict[str, object]) -> tuple[AllocationOptions | Alloca
         options = allocation_options(4 if bits is None else bits, settings, str(allocation))
         return options, options.bit_choices[0]
     if given:
-        raise QuantkitError(f"{given[0]} needs --allocation")
+        raise OptionError(f"{given[0]} needs --allocation")
     bits = 4 if bits is None else bits
-    if bits != int(bits):
-        raise QuantkitError(f"--bits {bits} is not a whole width; an average needs --allocation")
+    if bits not in SUPPORTED_BITS:
+        raise OptionError(f"--bits {bits:g} is not allowed; allowed: {', '.join(map(str, SUPPORTED_BITS))} "
+                          "(an average such as 3.5 needs --allocation)")
     return None, int(bits)
 
 
@@ -69,13 +71,13 @@ def quantize_arguments(settings: dict[str, object]) -> dict[str, object]:
         act_scheme = activation_scheme(settings["act_bits"], settings["act_format"] or default_format,
                                        settings["act_group_size"])
     elif settings["act_format"] is not None or settings["act_group_size"] is not None:
-        raise QuantkitError("--act-format and --act-group-size need --act-bits")
+        raise OptionError("--act-format and --act-group-size need --act-bits")
     budget = {name.removeprefix("transform_"): settings[name] for name in TRANSFORM_OPTIONS[1:]}
     transform = None
     if settings["transform"] is not None:
         transform = make_transform(settings["transform"], settings["transform_budget"], **budget)
     elif settings["transform_budget"] != "cpu" or any(v is not None for v in budget.values()):
-        raise QuantkitError("--transform-budget and the --transform-* training options need --transform")
+        raise OptionError("--transform-budget and the --transform-* training options need --transform")
     return dict(
         method=settings["method"],
         scheme=scheme,
@@ -83,6 +85,7 @@ def quantize_arguments(settings: dict[str, object]) -> dict[str, object]:
         seed=settings["seed"],
         true_sequential=settings["true_sequential"],
         layout=settings["layout"],
+        dtype=settings["dtype"],
         act_scheme=act_scheme,
         transform=transform,
         allocation=allocation,
@@ -92,13 +95,15 @@ def quantize_arguments(settings: dict[str, object]) -> dict[str, object]:
 
 def pinned_settings(settings: dict[str, object], arguments: dict[str, object]) -> dict[str, object]:
     """``settings`` with the defaults this run takes written in (the quantizer's options, the scheme's width,
-    group size and symmetry, the allocation's choices, score, unit and search, a trained transform's budget),
+    group size and symmetry, the calibration windows, the allocation's choices, score, unit and search, a trained transform's budget),
     so that a saved recipe repeats the run even if those defaults change."""
     from quantkit.allocation.options import AllocationOptions
     from quantkit.quantizers import make_quantizer
 
     scheme, allocation, transform = arguments["scheme"], arguments["allocation"], arguments["transform"]
-    pinned = dict(settings, group_size=scheme.group_size, sym=scheme.symmetric)
+    calibration = arguments["calibration"]
+    pinned = dict(settings, group_size=scheme.group_size, sym=scheme.symmetric, nsamples=calibration.nsamples,
+                  seqlen=calibration.seqlen)
     if allocation is None:
         pinned["bits"] = scheme.bits
     quantizer = make_quantizer(settings["method"], **{name: settings[name] for name in QUANTIZER_OPTIONS})

@@ -9,7 +9,7 @@ from quantkit.actquant import ACT_BITS
 from quantkit.allocation.options import SCORES, STRATEGIES
 from quantkit.allocation.units import GRANULARITIES
 from quantkit.quantizers import QUANTIZERS
-from quantkit.schemes import CHECKPOINT_LAYOUTS, SUPPORTED_BITS, SUPPORTED_FORMATS
+from quantkit.schemes import CHECKPOINT_LAYOUTS, SUPPORTED_BITS, SUPPORTED_FORMATS, UNQUANTIZED_DTYPES
 from quantkit.transforms import TRANSFORMS
 
 
@@ -29,6 +29,7 @@ class RecipeField:
     infinite: bool = False  # a "float" field that also takes inf
     suffix: str = ""  # a "str" field also takes a file name with this suffix (an allocation plan)
     note: str = ""  # what else is allowed, for the error message
+    option: str = ""  # the command-line flag, when it is not ``--param``
 
     @property
     def name(self) -> str:
@@ -36,7 +37,7 @@ class RecipeField:
 
     @property
     def flag(self) -> str:
-        return "--" + self.param.replace("_", "-")
+        return self.option or "--" + self.param.replace("_", "-")
 
     def describe_allowed(self) -> str:
         """What this field accepts, in words."""
@@ -110,7 +111,7 @@ FIELDS: tuple[RecipeField, ...] = (
     RecipeField("weights", "bits", "bits", "float", minimum=1.0,
            note=f"{', '.join(map(str, SUPPORTED_BITS))}; with allocation, the average bits per weight, e.g. 3.5"),
     RecipeField("weights", "format", "number_format", "str", allowed=SUPPORTED_FORMATS, default="int",
-                note="gptq and compressed-tensors are checkpoint layouts: --layout, export.layout"),
+                note="gptq and compressed-tensors are checkpoint layouts: --layout, export.layout", option="--format"),
     RecipeField("weights", "group_size", "group_size", "int", minimum=1, also=(-1,),
            note="or -1 for one group per output channel"),
     RecipeField("weights", "sym", "sym", "bool"),
@@ -120,8 +121,8 @@ FIELDS: tuple[RecipeField, ...] = (
                 note="or -1 for one scale per token"),
     RecipeField("calibration", "source", "calib", "str", default="c4",
            note="c4, wikitext2, synthetic, or a local file or directory"),
-    RecipeField("calibration", "nsamples", "nsamples", "int", minimum=1, default=128),
-    RecipeField("calibration", "seqlen", "seqlen", "int", minimum=1, default=2048),
+    RecipeField("calibration", "nsamples", "nsamples", "int", minimum=1),  # default: the source's
+    RecipeField("calibration", "seqlen", "seqlen", "int", minimum=2),
     RecipeField("calibration", "seed", "seed", "int", minimum=0, maximum=2**32 - 1, default=0),
     RecipeField("calibration", "data_dir", "data_dir", "str"),
     RecipeField("transform", "name", "transform", "str", allowed=tuple(TRANSFORMS), also=(OFF,),
@@ -139,6 +140,7 @@ FIELDS: tuple[RecipeField, ...] = (
     RecipeField("allocation", "search_generations", "search_generations", "int", minimum=0),
     RecipeField("allocation", "search_offspring", "search_offspring", "int", minimum=1),
     RecipeField("export", "layout", "layout", "str", allowed=CHECKPOINT_LAYOUTS, default="native"),
+    RecipeField("export", "dtype", "dtype", "str", allowed=UNQUANTIZED_DTYPES, default="auto"),
 )
 BY_PARAM: dict[str, RecipeField] = {f.param: f for f in FIELDS}
 SECTIONS: dict[str, dict[str, RecipeField]] = {}

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import OptionError, QuantkitError
+from quantkit.export.atomic import write_text
 from quantkit.recipes.fields import BY_PARAM, DEPENDENTS, FIELDS, OFF, SECTIONS, RecipeField
 from quantkit.schemes import SUPPORTED_BITS
 
@@ -86,7 +85,7 @@ class Recipe:
         parts = [v["transform"], v["method"], weights,
                  f"a{v['act_bits']}" if v["act_bits"] else None,
                  f"allocation {v['allocation']}" if v["allocation"] else None,
-                 f"calib {v['calib']} {v['nsamples']}×{v['seqlen']}", f"{v['layout']} layout"]
+                 f"calib {v['calib']} {_windows(v['calib'], v['nsamples'], v['seqlen'])}", f"{v['layout']} layout"]
         return " · ".join(p for p in parts if p)
 
     def to_dict(self) -> dict:
@@ -101,16 +100,16 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True, width=110)
 
     def save(self, path: Path) -> None:
-        """Write the recipe through a temporary sibling, so no half-written file is ever left."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as out:
-                out.write(self.to_yaml())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Write the recipe whole or not at all (see :func:`write_text`)."""
+        write_text(path, self.to_yaml())
+
+
+def _windows(source: str, nsamples: int | None, seqlen: int | None) -> str:
+    """``nsamples×seqlen`` of a calibration source, its defaults filling what is not set."""
+    from quantkit.calib import default_windows
+
+    default_nsamples, default_seqlen = default_windows(source)
+    return f"{nsamples or default_nsamples}×{seqlen or default_seqlen}"
 
 
 def _checked(spec: RecipeField, value: object, where: str) -> object:
@@ -125,7 +124,7 @@ def _flag_value(spec: RecipeField, value: object) -> object:
     try:
         return spec.check(value)
     except ValueError:
-        raise QuantkitError(f"{spec.flag} {value!r} is not allowed; allowed: {spec.describe_allowed()}") from None
+        raise OptionError(f"{spec.flag} {value!r} is not allowed; allowed: {spec.describe_allowed()}") from None
 
 
 def _replaces_dependents(param: str, flag: object, recipe_value: object) -> bool:

@@ -1,12 +1,18 @@
-"""Loading a checkpoint (quantkit native, GPTQ v1/v2, compressed-tensors pack-quantized): validate every
-tensor against the config from the safetensors headers, then build the model with QuantLinear layers."""
+"""Loading a checkpoint (quantkit native, GPTQ v1/v2, compressed-tensors pack-quantized).
+
+One verification path serves :func:`load` and :func:`verify` (``quantkit inspect``): :func:`open_checked` checks
+the configs and every tensor's name, shape and dtype against the safetensors headers before any data is read;
+:meth:`CheckedCheckpoint.plain_tensors` and :meth:`CheckedCheckpoint.layers` then read the data one tensor, one
+quantized layer at a time, refuse non-finite values and decode each layer once. :func:`load` builds the model
+with QuantLinear layers from what they yield; :func:`verify` reads and drops it.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,16 +21,17 @@ import torch
 from torch import nn
 
 from quantkit.actquant import activation_scheme
+from quantkit.config_fields import check_type, field
 from quantkit.errors import QuantkitError
 from quantkit.export import compressed_tensors_format as ct
 from quantkit.export.gptq_format import CONFIG_FILE as GPTQ_CONFIG_FILE
-from quantkit.export.native import FORMAT_NAME, FORMAT_VERSION, QUANT_METHOD
+from quantkit.export.native import FORMAT_NAME, FORMAT_VERSION, QUANT_METHOD, placeholder_specs
 from quantkit.export.safetensors_io import (
     INDEX_FILE,
     SAFETENSORS_DTYPES,
     SINGLE_FILE,
+    TensorReader,
     header_specs,
-    read_tensors,
     shard_map,
 )
 from quantkit.export.writer import plain_tensors
@@ -52,27 +59,41 @@ class CheckpointConfig:
     format: str
 
 
-def _format_of(qc: object) -> str | None:
+def _format_of(folder: Path, qc: object) -> str:
+    """Which reader a quantization config needs; a one-line refusal when none does."""
     if not isinstance(qc, dict):
-        return None
+        raise QuantkitError(f"corrupt quantization_config in {folder / 'config.json'}: {type(qc).__name__} "
+                            f"{json.dumps(qc)[:40]}, not an object")
     method = qc.get("quant_method")
-    if method == QUANT_METHOD:
-        return "native"
-    if method == "gptq":
-        return "gptq"
-    if method == ct.QUANT_METHOD:
-        return "compressed-tensors"
-    return None
+    formats = {QUANT_METHOD: "native", "gptq": "gptq", ct.QUANT_METHOD: "compressed-tensors"}
+    if not isinstance(method, str) or method not in formats:
+        raise QuantkitError(f"{folder} is quantized with quant_method {method!r}, which quantkit does not load "
+                            f"(it loads {', '.join(formats)})")
+    return formats[method]
 
 
 def read_json(path: Path, what: str) -> dict:
     try:
         data = json.loads(path.read_text())
+    except OSError as exc:
+        raise QuantkitError(f"cannot read {what} in {path.parent}: {exc.strerror or exc}") from None
     except ValueError as exc:
         raise QuantkitError(f"corrupt {what} in {path.parent}: {exc}") from None
     if not isinstance(data, dict):
         raise QuantkitError(f"corrupt {what} in {path.parent}: not a JSON object")
     return data
+
+
+def _check_native(folder: Path, qc: dict) -> None:
+    """A native config quantkit reads: format ``native``, a known format version, a per-layer table."""
+    version = qc.get("format_version")
+    if qc.get("format") != FORMAT_NAME or type(version) is not int or not 1 <= version <= FORMAT_VERSION:
+        newer = qc.get("format") == FORMAT_NAME and type(version) is int and version > FORMAT_VERSION
+        raise QuantkitError(f"unsupported checkpoint format {qc.get('format')!r} version {version!r}; this quantkit "
+                            f"reads {FORMAT_NAME!r} versions 1 to {FORMAT_VERSION}"
+                            + (" (a newer quantkit may read it)" if newer else ""))
+    if not isinstance(qc.get("layers"), dict):
+        raise QuantkitError(f"corrupt quantization_config in {folder}: no per-layer table")
 
 
 def open_checkpoint(folder: Path) -> CheckpointConfig:
@@ -87,28 +108,26 @@ def open_checkpoint(folder: Path) -> CheckpointConfig:
     if qc is None and (folder / GPTQ_CONFIG_FILE).is_file():
         qc = read_json(folder / GPTQ_CONFIG_FILE, GPTQ_CONFIG_FILE)
         qc.setdefault("quant_method", "gptq")
-    fmt = _format_of(qc)
-    if fmt is None:
-        raise QuantkitError(
-            f"{folder} is not a quantkit checkpoint (config.json has no quantkit, GPTQ or compressed-tensors "
-            "quantization_config)"
-        )
+    if qc is None:
+        raise QuantkitError(f"{folder} is not a quantkit checkpoint (its config.json has no quantization_config)")
+    fmt = _format_of(folder, qc)
     if fmt == "native":
-        version = qc.get("format_version", 0)
-        if qc.get("format") != FORMAT_NAME or type(version) is not int or version > FORMAT_VERSION:
-            raise QuantkitError(f"unsupported checkpoint format {qc.get('format')} v{qc.get('format_version')}")
-        if not isinstance(qc.get("layers"), dict):
-            raise QuantkitError(f"corrupt quantization_config in {folder}: no per-layer table")
+        _check_native(folder, qc)
     return CheckpointConfig(config, qc, fmt)
 
 
 def is_quantkit_checkpoint(path: str | Path) -> bool:
-    """Whether ``path`` claims to be a checkpoint quantkit loads (native, GPTQ or compressed-tensors); not a validation."""
+    """Whether ``path`` is a local directory that declares quantization (a ``quantization_config`` of any value in
+    its config.json, or GPTQ's quantize_config.json): only :func:`load` may read it, and it refuses what it
+    cannot read; a float-model loader would initialise the quantized weights at random. Not a validation."""
+    folder = Path(path)
+    if (folder / GPTQ_CONFIG_FILE).is_file():
+        return True
     try:
-        open_checkpoint(Path(path))
-    except QuantkitError:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
         return False
-    return True
+    return isinstance(config, dict) and config.get("quantization_config") is not None
 
 
 _BLOCK_INDEX = re.compile(r"\.layers\.(\d+)\.")
@@ -116,7 +135,12 @@ _JSON_KINDS = ((bool, "true or false"), (int, "an integer"), (float, "a number")
                (list, "a list"), (dict, "an object"))
 
 
-def _check_config_types(config_dict: dict, defaults: dict) -> None:
+def _invalid_config(folder: Path, detail: str) -> QuantkitError:
+    """The error for the model config in ``folder`` (a model's or a checkpoint's) that cannot be what it says."""
+    return QuantkitError(f"invalid model config in {folder}: {detail}")
+
+
+def _check_config_types(folder: Path, config_dict: dict, defaults: dict) -> None:
     """Refuse a config field whose JSON type differs from the architecture's default for it (transformers
     accepts any value and fails later, deep in a forward pass)."""
     for key, value in config_dict.items():
@@ -128,40 +152,55 @@ def _check_config_types(config_dict: dict, defaults: dict) -> None:
         if kind is float:
             fits = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
         if not fits:
-            raise QuantkitError(f"invalid model config in checkpoint: {key} is {value!r}, expected {words}")
+            raise _invalid_config(folder, f"{key} is {value!r}, expected {words}")
 
 
-def _check_depth(config_dict: dict, tensor_names: Iterable[str]) -> None:
+def _check_depth(folder: Path, config_dict: dict, tensor_names: Iterable[str]) -> None:
     """The config's block count must be the checkpoint's, checked before any module is built (a lying count
     would otherwise build millions of empty blocks)."""
     stored = {int(match.group(1)) for name in tensor_names if (match := _BLOCK_INDEX.search(name))}
     declared = config_dict.get("num_hidden_layers")
     if declared != len(stored) or stored != set(range(len(stored))):
-        raise QuantkitError(f"invalid model config in checkpoint: num_hidden_layers is {declared!r} but the "
-                            f"weights hold {len(stored)} blocks")
+        raise _invalid_config(folder, f"num_hidden_layers is {declared!r} but the weights hold {len(stored)} blocks")
 
 
-def build_skeleton(config_dict: dict, tensor_names: Iterable[str], dtype: torch.dtype | None = None) -> nn.Module:
-    """The model ``config_dict`` describes, with its parameters on the meta device (``dtype``: default the
-    config's), after checking the config's field types and its block count against ``tensor_names``."""
+def build_skeleton(folder: Path, config_dict: dict, headers: readers.Headers,
+                   dtype: torch.dtype | None = None) -> nn.Module:
+    """The model ``config_dict`` (read from ``folder``) describes, with its parameters on the meta device (``dtype``: default the
+    config's), after checking the config's field types, its block count and the shapes of the parameters
+    stored as they are against the safetensors ``headers``."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type = config_dict.get("model_type")
     adapter_for(str(model_type))
-    _check_config_types(config_dict, AutoConfig.for_model(str(model_type)).to_dict())
-    _check_depth(config_dict, tensor_names)
+    _check_config_types(folder, config_dict, AutoConfig.for_model(str(model_type)).to_dict())
+    _check_depth(folder, config_dict, headers)
     try:
         config = AutoConfig.for_model(**config_dict)
         dtype = dtype or getattr(config, "dtype", None) or torch.float32
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
-        with init_empty_weights():
+        with torch.device("meta"):  # allocates nothing, whatever sizes the config claims
+            _check_stored_shapes(folder, AutoModelForCausalLM.from_config(config, dtype=dtype), headers)
+        with init_empty_weights():  # allocates each parameter for a moment, and the (small) buffers
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except QuantkitError:
+        raise
     except Exception as exc:  # noqa: BLE001 - transformers validates configs with several exception types
-        raise QuantkitError(f"invalid model config in checkpoint: {' '.join(str(exc).split()) or type(exc).__name__}") from None
+        raise _invalid_config(folder, " ".join(str(exc).split()) or type(exc).__name__) from None
     model.tie_weights()  # empty-weight construction skips tying; tied tensors are stored once
     return model
+
+
+def _check_stored_shapes(folder: Path, model: nn.Module, headers: readers.Headers) -> None:
+    """Every parameter stored under its own name with as many dimensions must have the shape the config gives
+    it (quantized layers store other tensors): a config that lies about a size is refused before anything
+    of that size is allocated."""
+    for name, param in model.named_parameters():
+        stored = headers.get(name)
+        if stored is not None and len(stored[0]) == param.dim() and tuple(stored[0]) != tuple(param.shape):
+            raise _invalid_config(folder, f"it gives {name} the shape {list(param.shape)}, the file stores {list(stored[0])}")
 
 
 def checked_shard_map(folder: Path) -> dict[str, str]:
@@ -184,13 +223,6 @@ def _plans(model: nn.Module, checkpoint: CheckpointConfig, headers: readers.Head
     return _PLANNERS[checkpoint.format](model, checkpoint.quantization, headers)
 
 
-def _expected(model: nn.Module, plans: dict[str, readers.LayerPlan]) -> dict[str, TensorSpec]:
-    expected: dict[str, TensorSpec] = {n: (tuple(t.shape), t.dtype) for n, t in plain_tensors(model, plans).items()}
-    for layer, plan in plans.items():
-        expected.update({f"{layer}.{name}": spec for name, spec in plan.specs.items()})
-    return expected
-
-
 def _validate(expected: dict[str, TensorSpec], files: dict[str, str], headers: readers.Headers) -> None:
     missing = sorted(set(expected) - set(files))
     unexpected = sorted(set(files) - set(expected))
@@ -207,39 +239,59 @@ def _validate(expected: dict[str, TensorSpec], files: dict[str, str], headers: r
             raise QuantkitError(f"tensor {name} has shape {list(got_shape)} {got_dtype}, expected {list(want[0])} {want[1]}")
 
 
+def _native_record(checkpoint: CheckpointConfig, key: str, what: str) -> dict | None:
+    """The object a native quantization config records under ``key`` (None when absent or not native)."""
+    record = checkpoint.quantization.get(key) if checkpoint.format == "native" else None
+    if record is not None and not isinstance(record, dict):
+        raise QuantkitError(f"corrupt {what} in quantization_config: {record!r} is not an object")
+    return record
+
+
 def _input_scheme(checkpoint: CheckpointConfig) -> QuantScheme | None:
     """The activation quantization a native checkpoint records, validated."""
-    recorded = checkpoint.quantization.get("input_activations") if checkpoint.format == "native" else None
+    recorded = _native_record(checkpoint, "input_activations", "input_activations")
     if recorded is None:
         return None
     try:
-        return activation_scheme(int(recorded["bits"]), str(recorded["format"]), int(recorded["group_size"]))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise QuantkitError(f"corrupt input_activations in quantization_config: {exc!r}") from None
+        return activation_scheme(field(recorded, "bits", int), field(recorded, "format", str),
+                                 field(recorded, "group_size", int))
+    except QuantkitError as exc:
+        raise QuantkitError(f"corrupt input_activations in quantization_config: {exc}") from None
 
 
 @dataclass
 class OnlineInputs:
     """A transform's run-time part, per layer: online map factor sizes and activation clipping ratios."""
 
+    name: str | None  # the transform's name, when the checkpoint records one
     sizes: dict[str, tuple[int, int]]
     clip: dict[str, float]
 
-    def expected(self) -> dict[str, TensorSpec]:
-        return {f"{layer}.{name}": ((size, size), torch.float32)
-                for layer, sizes in self.sizes.items() for name, size in zip(TRANSFORM_BUFFERS, sizes)}
+    def expected(self, layer: str) -> dict[str, TensorSpec]:
+        """The factor tensors stored for ``layer`` (relative names), none when it has no online map."""
+        return {name: ((size, size), torch.float32) for name, size in zip(TRANSFORM_BUFFERS, self.sizes.get(layer, ()))}
+
+
+def _factor_sizes(layer: str, sizes: object) -> tuple[int, int]:
+    check_type(sizes, list, f"online transform of {layer}")
+    if len(sizes) != 2:
+        raise QuantkitError(f"online transform of {layer} is {sizes!r}, expected two factor sizes")
+    n1, n2 = (check_type(n, int, f"online transform factor of {layer}") for n in sizes)
+    return n1, n2
 
 
 def _online_inputs(checkpoint: CheckpointConfig, plans: dict[str, readers.LayerPlan]) -> OnlineInputs:
     """The transform record of a native checkpoint, validated against its quantized layers."""
-    record = checkpoint.quantization.get("transform") if checkpoint.format == "native" else None
+    record = _native_record(checkpoint, "transform", "transform record")
     if record is None:
-        return OnlineInputs({}, {})
+        return OnlineInputs(None, {}, {})
     try:
-        sizes = {layer: (int(n1), int(n2)) for layer, (n1, n2) in record.get("online", {}).items()}
-        clips = {layer: float(r) for layer, r in record.get("activation_clip", {}).items()}
-    except (AttributeError, TypeError, ValueError) as exc:
-        raise QuantkitError(f"corrupt transform record in quantization_config: {exc!r}") from None
+        name = field(record, "name", str, None)
+        sizes = {layer: _factor_sizes(layer, n) for layer, n in field(record, "online", dict, {}).items()}
+        clips = {layer: check_type(r, float, f"activation clipping ratio of {layer}")
+                 for layer, r in field(record, "activation_clip", dict, {}).items()}
+    except QuantkitError as exc:
+        raise QuantkitError(f"corrupt transform record in quantization_config: {exc}") from None
     for layer in [*sizes, *clips]:
         if layer not in plans:
             raise QuantkitError(f"transform record names {layer}, which is not a quantized layer")
@@ -250,29 +302,7 @@ def _online_inputs(checkpoint: CheckpointConfig, plans: dict[str, readers.LayerP
     for layer, ratio in clips.items():
         if not 0 < ratio <= 1:
             raise QuantkitError(f"activation clipping ratio of {layer} is {ratio}, outside (0, 1]")
-    return OnlineInputs(sizes, clips)
-
-
-def _quant_linear(name: str, linear: nn.Linear, meta: dict, kernel: str, input_scheme: QuantScheme | None,
-                  online: OnlineInputs) -> QuantLinear:
-    try:
-        return QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, meta, linear.weight.dtype,
-                           backend=kernel, input_scheme=input_scheme, input_transform=online.sizes.get(name),
-                           input_clip=online.clip.get(name, 1.0))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise QuantkitError(f"checkpoint entry for {name} is incomplete or invalid: {exc!r}") from None
-
-
-def describe_layers(path: str | Path) -> tuple[CheckpointConfig, dict[str, dict]]:
-    """The checkpoint's configs and a native-style meta (with shape) per quantized layer, from headers only."""
-    folder = Path(path)
-    checkpoint = open_checkpoint(folder)
-    if checkpoint.format == "native":
-        return checkpoint, checkpoint.quantization["layers"]
-    headers = _headers(folder, checked_shard_map(folder))
-    model = build_skeleton(checkpoint.model, headers)
-    plans = _plans(model, checkpoint, headers)
-    return checkpoint, {name: plan.meta for name, plan in plans.items()}
+    return OnlineInputs(name, sizes, clips)
 
 
 @contextmanager
@@ -284,6 +314,84 @@ def _naming(layer: str):
         raise QuantkitError(f"{layer}: {exc}") from None
 
 
+@dataclass
+class CheckedCheckpoint:
+    """A checkpoint whose configs, tensor names, shapes and dtypes are checked (:func:`open_checked`); its data is
+    checked as :meth:`plain_tensors` and :meth:`layers` read it."""
+
+    folder: Path
+    config: CheckpointConfig
+    files: dict[str, str]  # tensor name -> shard file
+    headers: readers.Headers
+    model: nn.Module  # the skeleton, parameters on the meta device
+    plans: dict[str, readers.LayerPlan]
+    input_scheme: QuantScheme | None
+    online: OnlineInputs
+    plain: list[str]  # stored tensors kept as they are (embeddings, norms, biases, ...)
+
+    def _read(self, read: TensorReader, name: str) -> torch.Tensor:
+        tensor = read(name)
+        if tensor.is_floating_point() and not torch.isfinite(tensor.float()).all():
+            raise QuantkitError(f"tensor {name} contains NaN or infinite values")
+        return tensor
+
+    def plain_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every plain tensor, read and checked one at a time."""
+        with TensorReader(self.folder, self.files) as read:
+            for name in self.plain:
+                yield name, self._read(read, name)
+
+    def layers(self) -> Iterator[tuple[str, dict, dict[str, torch.Tensor]]]:
+        """``(layer, meta, buffers)`` of every quantized layer, one at a time: its tensors read and checked, then
+        decoded once (which refuses invalid stored values) into a QuantLinear's meta and buffers (with any
+        online transform factors)."""
+        with TensorReader(self.folder, self.files) as read:
+            for layer, plan in self.plans.items():
+                names = [*plan.specs, *self.online.expected(layer)]
+                stored = {name: self._read(read, f"{layer}.{name}") for name in names}
+                with _naming(layer):
+                    meta, buffers = plan.decode({name: stored.pop(name) for name in plan.specs})
+                yield layer, meta, {**buffers, **stored}
+
+
+def open_checked(path: str | Path) -> CheckedCheckpoint:
+    """Open a checkpoint for reading: configs, the model skeleton, the per-layer plans and every stored tensor's
+    name, shape and dtype checked against what they require, before any tensor data is read."""
+    folder = Path(path)
+    checkpoint = open_checkpoint(folder)
+    files = checked_shard_map(folder)
+    headers = _headers(folder, files)
+    model = build_skeleton(folder, checkpoint.model, headers)
+    plans = _plans(model, checkpoint, headers)
+    input_scheme = _input_scheme(checkpoint)
+    online = _online_inputs(checkpoint, plans)
+    plain = {n: (tuple(t.shape), t.dtype) for n, t in plain_tensors(model, plans).items()}
+    expected = {**plain}
+    if checkpoint.format == "native":  # empty tensors in place of the quantized weights (format version 2)
+        expected.update(placeholder_specs(plans, checkpoint.quantization["format_version"]))
+    for layer, plan in plans.items():
+        expected.update({f"{layer}.{name}": spec for name, spec in {**plan.specs, **online.expected(layer)}.items()})
+    _validate(expected, files, headers)
+    return CheckedCheckpoint(folder, checkpoint, files, headers, model, plans, input_scheme, online, list(plain))
+
+
+def verify(path: str | Path) -> CheckedCheckpoint:
+    """Every check :func:`load` makes (configs, headers, data, finite values, each layer decoded once), holding
+    one layer at a time and building no model; the checked checkpoint, for a description."""
+    checked = open_checked(path)
+    for _ in checked.plain_tensors():
+        pass
+    for _ in checked.layers():
+        pass
+    return checked
+
+
+def _quant_linear(name: str, linear: nn.Linear, meta: dict, kernel: str, checked: CheckedCheckpoint) -> QuantLinear:
+    return QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, meta, linear.weight.dtype,
+                       backend=kernel, input_scheme=checked.input_scheme, input_transform=checked.online.sizes.get(name),
+                       input_clip=checked.online.clip.get(name, 1.0))
+
+
 def load(path: str | Path, kernel: str | None = None) -> nn.Module:
     """Load a checkpoint as a transformers model whose quantized linears are QuantLinear modules.
 
@@ -291,35 +399,18 @@ def load(path: str | Path, kernel: str | None = None) -> nn.Module:
     default ``$QUANTKIT_KERNEL`` or ``auto``, see :mod:`quantkit.runtime.kernels`).
     """
     kernel = check_backend(kernel) if kernel is not None else default_backend()
-    folder = Path(path)
-    checkpoint = open_checkpoint(folder)
-    files = checked_shard_map(folder)
-    headers = _headers(folder, files)
-    model = build_skeleton(checkpoint.model, headers)
-    plans = _plans(model, checkpoint, headers)
-    input_scheme = _input_scheme(checkpoint)
-    online = _online_inputs(checkpoint, plans)
-    _validate({**_expected(model, plans), **online.expected()}, files, headers)
-    tensors = read_tensors(folder, files)
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor.float()).all():
-            raise QuantkitError(f"tensor {name} contains NaN or infinite values")
-    for layer, plan in plans.items():
-        with _naming(layer):
-            meta, buffers = plan.decode({name: tensors.pop(f"{layer}.{name}") for name in plan.specs})
+    checked = open_checked(path)
+    model = checked.model
+    state = dict(checked.plain_tensors())
+    for layer, meta, buffers in checked.layers():
         parent, _, child = layer.rpartition(".")
-        setattr(model.get_submodule(parent), child, _quant_linear(layer, model.get_submodule(layer), meta, kernel, input_scheme,
-                                                                    online))
-        tensors.update({f"{layer}.{name}": t for name, t in buffers.items()})
-    model.load_state_dict(tensors, strict=False, assign=True)
+        setattr(model.get_submodule(parent), child, _quant_linear(layer, model.get_submodule(layer), meta, kernel, checked))
+        state.update({f"{layer}.{name}": t for name, t in buffers.items()})
+    model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:
         raise QuantkitError(f"checkpoint left {leftover[0]} without a value")
-    if checkpoint.format == "native":  # imported layers were decoded (and their g_idx checked) by their reader
-        for layer in plans:
-            with _naming(layer):
-                model.get_submodule(layer).quantized()  # decode once: refuses invalid stored values early
     model.eval()
     return model
 

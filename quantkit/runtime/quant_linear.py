@@ -12,6 +12,21 @@ from quantkit.schemes import QuantScheme
 from quantkit.transforms.kron import TRANSFORM_BUFFERS, kron_apply
 
 
+class _FrozenWeightMatmul(torch.autograd.Function):
+    """``kernel(x)`` = ``x @ W.T`` for kernels autograd cannot trace (``out=`` GEMMs, C kernels, Triton); the
+    weight is frozen, and the input's gradient is ``grad @ W`` with ``W`` decoded in the gradient's dtype."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, kernel: Kernel, layer: QuantLinear) -> torch.Tensor:  # type: ignore[override]
+        ctx.layer = layer
+        return kernel(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        weight = ctx.layer.quantized().dequantize(grad.dtype).to(grad.device)
+        return grad @ weight, None, None
+
+
 class QuantLinear(nn.Module):
     """Stores the packed tensors of one format as buffers; forward runs a kernel chosen per device and dtype.
 
@@ -23,6 +38,8 @@ class QuantLinear(nn.Module):
     gives the factor sizes; the factors are float32 buffers, applied in float32) and then per-token fake
     quantization with ``input_scheme`` and a clipping ratio ``input_clip``
     (:func:`quantkit.actquant.fake_quantize`).
+
+    The weight is frozen; with autograd on, any kernel gives the input the gradient of the dequantized weight.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, meta: dict, dtype: torch.dtype,
@@ -86,7 +103,8 @@ class QuantLinear(nn.Module):
             x = kron_apply(x.float(), self.input_transform_left, self.input_transform_right).to(x.dtype)
         if self.input_scheme is not None:
             x = fake_quantize(x, self.input_scheme, self.input_clip)
-        y = self._kernel(x.device, x.dtype)[1](x)
+        kernel = self._kernel(x.device, x.dtype)[1]
+        y = _FrozenWeightMatmul.apply(x, kernel, self) if torch.is_grad_enabled() and x.requires_grad else kernel(x)
         return y + self.bias.to(y.dtype) if self.bias is not None else y
 
     def extra_repr(self) -> str:

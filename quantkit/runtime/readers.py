@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from quantkit.config_fields import field
 from quantkit.errors import QuantkitError
 from quantkit.export import compressed_tensors_format as ct
 from quantkit.export import gptq_format as gptq
@@ -61,21 +62,38 @@ def _linear(model: nn.Module, name: str) -> nn.Linear:
     return module
 
 
+def _native_decode(meta: dict, shape: tuple[int, int]):
+    """The native decoder: the stored tensors are the buffers; rebuilding the format's object checks them."""
+
+    def decode(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+        tensor_class(meta["kind"]).from_tensors(tensors, meta, shape)
+        return meta, tensors
+
+    return decode
+
+
+def _native_meta(name: str, meta: object, shape: tuple[int, int]) -> dict:
+    """A layer entry of a native config, typed and checked against the model's linear; with its shape."""
+    if not isinstance(meta, dict) or "kind" not in meta:
+        raise QuantkitError(f"checkpoint entry for {name} does not describe a quantized linear layer")
+    recorded = meta.get("shape", list(shape))
+    if not isinstance(recorded, list) or [type(n) for n in recorded] != [int, int] or recorded != list(shape):
+        raise QuantkitError(f"checkpoint records shape {recorded!r} for {name}, the model has {list(shape)}")
+    return {**meta, "shape": list(shape)}
+
+
 def native_plans(model: nn.Module, qc: dict, headers: Headers) -> dict[str, LayerPlan]:
     """quantkit's own format: the config's ``layers`` table fixes every tensor."""
     plans = {}
-    for name, meta in qc["layers"].items():
+    for name, entry in qc["layers"].items():
         linear = _linear(model, name)
-        if not isinstance(meta, dict) or "kind" not in meta:
-            raise QuantkitError(f"checkpoint entry for {name} does not describe a quantized linear layer")
         shape = (linear.out_features, linear.in_features)
-        if meta.get("shape", list(shape)) != list(shape):
-            raise QuantkitError(f"checkpoint records shape {meta['shape']} for {name}, the model has {list(shape)}")
+        meta = _native_meta(name, entry, shape)
         try:
-            specs = tensor_class(meta["kind"]).expected_tensors(meta, shape)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise QuantkitError(f"checkpoint entry for {name} is incomplete or invalid: {exc!r}") from None
-        plans[name] = LayerPlan(specs, meta, lambda tensors, meta=meta: (meta, tensors))
+            specs = tensor_class(field(meta, "kind", str)).expected_tensors(meta, shape)
+        except QuantkitError as exc:
+            raise QuantkitError(f"checkpoint entry for {name} is incomplete or invalid: {exc}") from None
+        plans[name] = LayerPlan(specs, meta, _native_decode(meta, shape))
     return plans
 
 

@@ -23,7 +23,7 @@ class OutlierCorrection:
     def __init__(self, qt: SpQRQuantizedTensor, device: torch.device) -> None:
         out_features, in_features = qt.shape
         rows, columns = qt.outliers.rows(), qt.outliers.columns
-        position = torch.argsort(qt.perm) if qt.perm is not None else torch.arange(in_features)
+        position = torch.argsort(qt.perm) if qt.perm is not None else torch.arange(in_features, device=qt.codes.device)
         permuted = position[columns]
         size = in_features if qt.scheme.group_size == -1 else qt.scheme.group_size
         groups = permuted // size

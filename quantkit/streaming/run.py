@@ -10,38 +10,43 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from quantkit.allocation.costs import LayerCost
+from quantkit.diskspace import OutputError, check_space, write_errors
 from quantkit.engine import (
     EngineOptions,
     block_devices,
     calibration_batch,
     capture_block_inputs,
     check_layers,
+    linear_shapes,
     quantize_blocks,
 )
 from quantkit.errors import QuantkitError
 from quantkit.export.atomic import publish_directory
 from quantkit.export.native import checkpoint_tensors, layer_records, native_config
 from quantkit.export.safetensors_io import finish_parts, write_part
-from quantkit.export.writer import plain_tensors, write_side_files
+from quantkit.export.writer import estimated_bytes, plain_tensors, write_side_files
 from quantkit.formats.base import QuantizedTensor
 from quantkit.progress import stderr_console
 from quantkit.quantizers.base import Quantizer
 from quantkit.schemes import QuantScheme
 from quantkit.streaming.source import StreamedModel
-from quantkit.streaming.state import RunState, block_part, tensor_digest
+from quantkit.streaming.state import RunState, block_part, tensor_digest, work_dir
 
 if TYPE_CHECKING:
     from quantkit.api import CalibrationSpec
 
 OUTER_PART = "part-outer.safetensors"
+WHAT = "the checkpoint and the run's state"
 
 
 class StreamedBlocks:
     """The engine's blocks read from the shards on their devices; each finished block goes to the run state
     (its shard and the hidden states after it) and its weights are dropped."""
 
-    def __init__(self, source: StreamedModel, state: RunState, placement: list[torch.device]) -> None:
-        self.source, self.state, self.placement = source, state, placement
+    def __init__(self, source: StreamedModel, state: RunState, placement: list[torch.device],
+                 dtype: torch.dtype) -> None:
+        self.source, self.state, self.placement, self.dtype = source, state, placement, dtype
 
     def __len__(self) -> int:
         return self.source.num_blocks
@@ -53,7 +58,7 @@ class StreamedBlocks:
                outputs: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
         prefix = f"{self.source.adapter.blocks}.{index}."
         local = {name.removeprefix(prefix): qt for name, qt in quantized.items()}
-        tensors = {prefix + name: t.cpu() for name, t in checkpoint_tensors(self.source.block(index), local).items()}
+        tensors = {prefix + name: t.cpu() for name, t in checkpoint_tensors(self.source.block(index), local, self.dtype).items()}
         last = index == len(self) - 1
         self.state.commit_block(index, tensors, layer_records(quantized), None if last else outputs)
         self.source.release_block(index)
@@ -70,41 +75,83 @@ class StreamedRun:
     seed: int
     options: EngineOptions
     label: str
+    dtype: torch.dtype = torch.float32  # of the tensors kept unquantized
 
 
 def quantize_streamed(source: StreamedModel, tokenizer, run: StreamedRun, arguments: dict, output: Path,
-                      record: dict) -> None:
+                      record: dict, overwrite: bool = False) -> None:
     """Quantize ``source`` block by block into a native checkpoint at ``output`` (config.json recording
     ``record``), resuming the state a run with the same ``arguments`` and calibration windows left (and
     refusing, keeping that state, if they differ). Bad input found mid-run discards the state; any other
-    failure keeps it for the next run."""
+    failure (a crash, Ctrl-C, a full disk, an output another run published meanwhile without ``overwrite``)
+    keeps it for the next run once a block is done. A run that does not fit on the disk is refused first."""
     check_layers(source.model, source.adapter, lambda _name: run.scheme, values=False)
     calib = _calibration(tokenizer, run) if run.quantizer.needs_calibration else None
+    folder = work_dir(output)
+    needed = max(0, _bytes_to_write(source, run, calib) - _bytes_written(folder))
+    check_space(folder.parent, needed, WHAT)
     state = RunState.open(output, arguments)
     try:
         if calib is not None:
             state.check_calibration(tensor_digest(calib))  # a refusal keeps the state for the right windows
         try:
-            _quantize_and_publish(source, tokenizer, run, state, calib, output, record)
+            with write_errors(folder.parent, WHAT, needed):
+                _quantize_and_publish(source, tokenizer, run, state, calib, output, record, overwrite)
+        except OutputError:
+            raise
         except QuantkitError:
             state.discard()
             raise
         state.discard()
+    except OutputError as exc:
+        if state.next_block == 0:
+            state.discard()
+            raise
+        raise OutputError(f"{exc}; {_kept(state, source.num_blocks)}") from None
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"interrupted; rerun the same command to resume from {state.folder}") from None
     finally:
         state.release()
 
 
+def _kept(state: RunState, num_blocks: int) -> str:
+    """What a rerun of a run stopped by its output finds in ``state``."""
+    if state.next_block == num_blocks:
+        return f"all {num_blocks} blocks are kept in {state.folder}: rerun the same command to publish them"
+    return f"the {state.next_block} finished blocks are kept in {state.folder}: rerun the same command to resume"
+
+
 def _quantize_and_publish(source: StreamedModel, tokenizer, run: StreamedRun, state: RunState,
-                          calib: torch.Tensor | None, output: Path, record: dict) -> None:
-    if state.next_block:
+                          calib: torch.Tensor | None, output: Path, record: dict, overwrite: bool) -> None:
+    if state.next_block == source.num_blocks:
+        stderr_console.print(f"all {source.num_blocks} blocks are done in {state.folder}; publishing")
+    elif state.next_block:
         stderr_console.print(f"resuming at block {state.next_block + 1} of {source.num_blocks} from {state.folder}")
     devices = run.options.devices or (torch.device("cpu"),)
     source.load_outer()
     inputs = None if calib is None else _block_inputs(source, calib, run, state)
     torch.manual_seed(run.seed)
-    quantize_blocks(StreamedBlocks(source, state, block_devices(source.num_blocks, devices)), source.adapter,
+    quantize_blocks(StreamedBlocks(source, state, block_devices(source.num_blocks, devices), run.dtype), source.adapter,
                     run.quantizer, lambda _name: run.scheme, inputs, run.options, run.label, start=state.next_block)
-    _publish(source, tokenizer, state, record, output)
+    _publish(source, tokenizer, state, record, output, overwrite, run.dtype)
+
+
+def _bytes_to_write(source: StreamedModel, run: StreamedRun, calib: torch.Tensor | None) -> int:
+    """What a run writes in all, as far as it is known before it starts: the checkpoint (quantized linears at
+    the bytes their scheme fixes, a lower bound where outliers add more) and the hidden states entering two
+    blocks (spilled at once while one block hands over to the next)."""
+    cost = LayerCost()
+    layer_bytes = {name: cost(run.quantizer.layout_meta(run.scheme, shape), shape)
+                   for name, shape in linear_shapes(source.model, source.adapter).items()}
+    total = estimated_bytes(source.model, layer_bytes, run.dtype)
+    if calib is not None:
+        total += 2 * calib.numel() * source.model.config.hidden_size * 4
+    return total
+
+
+def _bytes_written(folder: Path) -> int:
+    """Bytes of finished block shards a killed run left in its work directory ``folder``."""
+    return sum(part.stat().st_size for part in (folder / "checkpoint").glob("part-*.safetensors"))
 
 
 def _calibration(tokenizer, run: StreamedRun) -> torch.Tensor:
@@ -130,16 +177,21 @@ def _block_inputs(source: StreamedModel, calib: torch.Tensor, run: StreamedRun,
     return [(h, kwargs) for h, (_, kwargs) in zip(hidden, captured)]
 
 
-def _publish(source: StreamedModel, tokenizer, state: RunState, record: dict, output: Path) -> None:
-    """Assemble the finished shards, the rest of the model's tensors and the side files at ``output``."""
+def _publish(source: StreamedModel, tokenizer, state: RunState, record: dict, output: Path,
+             overwrite: bool, dtype: torch.dtype) -> None:
+    """Assemble the finished shards, the rest of the model's tensors (float ones in ``dtype``) and the side
+    files at ``output``; an output another run published meanwhile is replaced only with ``overwrite``."""
     blocks = source.adapter.blocks + "."
-    outer = {name: t.cpu() for name, t in plain_tensors(source.model, {}).items() if not name.startswith(blocks)}
+    outer = {name: t.cpu() for name, t in plain_tensors(source.model, {}, dtype).items() if not name.startswith(blocks)}
     write_part(outer, state.checkpoint / OUTER_PART)
     staging = state.folder / "publish"
     if staging.exists():  # left by a run killed while publishing
         shutil.rmtree(staging)
-    staging.mkdir()
-    finish_parts(state.checkpoint, [OUTER_PART, *(block_part(i) for i in range(source.num_blocks))], staging)
-    write_side_files(staging, source.model, tokenizer, native_config(source.model, state.layers, record))
-    state.forget()  # a kill after this point reruns from scratch rather than find its output in the way
-    publish_directory(staging, output)
+    try:
+        staging.mkdir()
+        finish_parts(state.checkpoint, [OUTER_PART, *(block_part(i) for i in range(source.num_blocks))], staging)
+        write_side_files(staging, source.model, tokenizer, native_config(source.model, state.layers, record, dtype))
+        publish_directory(staging, output, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantkit.engine import check_finite
 from quantkit.errors import QuantkitError
 from quantkit.export.safetensors_io import INDEX_FILE, header_specs, shard_reader
+from quantkit.interrupts import interrupts_held
 from quantkit.models.adapters import ModelAdapter, adapter_for
+from quantkit.models.loading import check_finite
 from quantkit.runtime.loader import build_skeleton, checked_shard_map, read_json
 
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
@@ -35,7 +36,7 @@ class StreamedModel:
         self.specs = {name: spec for shard in sorted(set(self.files.values()))
                       for name, spec in header_specs(folder / shard).items() if self.files.get(name) == shard}
         # Built by quantkit from the checked config (never from code shipped with the model), float32 throughout.
-        self.model = build_skeleton(read_json(config_file, "config.json"), self.specs, torch.float32)
+        self.model = build_skeleton(folder, read_json(config_file, "config.json"), self.specs, torch.float32)
         self.model.eval().requires_grad_(False)
         self.model.config.name_or_path = str(folder)  # as transformers records a model it loads
         if (folder / "generation_config.json").is_file():
@@ -91,7 +92,7 @@ class StreamedModel:
 
     def load_outer(self) -> None:
         """Read every parameter outside the decoder blocks (embeddings, final norm, head) onto the CPU, where a
-        resident model sits, so that both compute the blocks' inputs alike."""
+        resident model sits, so that both compute the blocks' inputs alike; refuse non-finite values in them."""
         blocks = self.adapter.get_blocks(self.model)
         saved = list(blocks)
         blocks_owner, _, attr = self.adapter.blocks.rpartition(".")
@@ -103,19 +104,21 @@ class StreamedModel:
             setattr(holder, attr, nn.ModuleList(saved))
         if self.tied:
             self.model.tie_weights()
+        check_finite(self.model)  # the blocks are still on the meta device: these tensors alone
 
     def load_block(self, index: int, device: torch.device) -> nn.Module:
-        """Read block ``index`` onto ``device``; refuse non-finite linear weights."""
+        """Read block ``index`` onto ``device``; refuse non-finite values in it."""
         block = self.block(index)
         prefix = f"{self.adapter.blocks}.{index}"
         self._read(block, prefix, device)
-        check_finite(block, prefix, self.adapter)
+        check_finite(block, prefix)
         return block
 
     def release_block(self, index: int) -> None:
         """Drop block ``index``'s weights (back to the meta device) and hand the freed memory back."""
         self.block(index).to("meta")
-        gc.collect()
+        with interrupts_held():
+            gc.collect()
         _trim_heap()
 
     def identity(self) -> dict:

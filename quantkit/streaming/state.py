@@ -9,7 +9,6 @@ so a kill at any instant leaves a state that names only complete files.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -20,8 +19,9 @@ import numpy as np
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.export.atomic import write_json
+from quantkit.export.atomic import lock_directory, write_json
 from quantkit.export.safetensors_io import write_part
+from quantkit.progress import stderr_console
 
 STATE_FILE = "state.json"
 STATE_VERSION = 1
@@ -80,12 +80,17 @@ class RunState:
             raise
         if record is not None:
             return cls(folder, arguments, record, lock)
-        for leftover in folder.iterdir():  # no state: killed before its first commit, or while discarding
-            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-        (folder / "checkpoint").mkdir()
-        state = cls(folder, arguments, {}, lock)
-        state._commit()
-        return state
+        try:
+            for leftover in folder.iterdir():  # no state: killed before its first commit, or while discarding
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+            (folder / "checkpoint").mkdir()
+            state = cls(folder, arguments, {}, lock)
+            state._commit()
+            return state
+        except BaseException:  # a new state that could not be written (a full disk): nothing to resume
+            shutil.rmtree(folder, ignore_errors=True)
+            os.close(lock)
+            raise
 
     @property
     def checkpoint(self) -> Path:
@@ -127,13 +132,9 @@ class RunState:
             "next_block": self.next_block, "layers": self.layers,
         })
 
-    def forget(self) -> None:
-        """Drop ``state.json`` (before the output is published): from then on a rerun starts over."""
-        (self.folder / STATE_FILE).unlink(missing_ok=True)
-
     def discard(self) -> None:
         """Delete the work directory (``state.json`` first, so that a kill half way leaves no stale state)."""
-        self.forget()
+        (self.folder / STATE_FILE).unlink(missing_ok=True)
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def release(self) -> None:
@@ -163,13 +164,25 @@ def _read_state(folder: Path, arguments: dict) -> dict | None:
 
 def _lock(folder: Path) -> int:
     """An exclusive lock on the work directory, held while this process runs (two runs must not share it)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise QuantkitError(f"another quantkit run is writing {folder}; wait for it or stop it first") from None
+    fd = lock_directory(folder)
+    if fd is None:
+        raise QuantkitError(f"another quantkit run is writing {folder}; wait for it or stop it first")
     return fd
+
+
+def remove_dead_state(output: Path) -> None:
+    """Delete the work directory that a dead streamed run left for ``output`` (never a live run's: it holds the
+    lock), now that ``output`` was written another way; one line on stderr says so."""
+    folder = work_dir(output)
+    fd = lock_directory(folder)
+    if fd is None:
+        return
+    try:
+        shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        os.close(fd)
+    stderr_console.print(f"removed {folder}, the state of an interrupted --offload disk run, now that {output} "
+                         "is written", markup=False, highlight=False)
 
 
 def block_part(index: int) -> str:
