@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from quantkit.errors import QuantkitError
-from quantkit.quantizers.grid import make_grid, quantize_groups
+from quantkit.formats.grid import make_grid, quantize_groups
 from quantkit.schemes import FIXED_BLOCK, QuantScheme
 
 ACT_BITS = (4, 8)

@@ -39,6 +39,7 @@ from quantkit.progress import phase
 from quantkit.quantizers import make_quantizer
 from quantkit.runtime.loader import load, load_tokenizer
 from quantkit.schemes import UNQUANTIZED_DTYPES, QuantScheme
+from quantkit.streaming.state import remove_dead_state
 from quantkit.transforms.base import AppliedTransform, Transform, TransformContext
 from quantkit.transforms.rewrite import attach_online
 
@@ -204,6 +205,7 @@ def quantize(
         with phase(f"writing {output}", seconds, "export"):
             save_checkpoint(layout, Path(output), loaded.model, loaded.tokenizer, quantized, config,
                             overwrite=overwrite, dtype=kept_dtype)
+        remove_dead_state(Path(output))  # what a killed --offload disk run writing the same output left
     return QuantizeResult(loaded.model, loaded.tokenizer, quantized, config, seconds, hooks, online_hooks,
                           loaded.stored_bytes, loaded.stored_dtype)
 
@@ -271,8 +273,8 @@ def _quantize_offloaded(model: str | LoadedModel, offload: str, method: str, qua
                         seed: int, true_sequential: bool, layout: str, transform, allocation,
                         devices: tuple[torch.device, ...], overwrite: bool, dtype: str) -> QuantizeResult:
     """:func:`quantize` streaming block by block from disk (see :mod:`quantkit.streaming`)."""
+    from quantkit.config_fields import read_json
     from quantkit.models.loading import load_local_tokenizer, local_model_dir
-    from quantkit.runtime.loader import read_json
     from quantkit.streaming import StreamedModel, StreamedRun, quantize_streamed
 
     if offload != "disk":
@@ -437,6 +439,7 @@ def export(source: str | Path, output: str | Path, layout: str, overwrite: bool 
     else:
         config = {"method": checkpoint.format, "source_quantization_config": qc}
     save_checkpoint(layout, Path(output), model, tokenizer, quantized, config, overwrite=overwrite)
+    remove_dead_state(Path(output))
     return model
 
 

@@ -8,9 +8,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from quantkit.export.safetensors_io import DTYPE_BYTES
+from quantkit.formats.kron import TRANSFORM_BUFFERS
 from quantkit.runtime.loader import verify
 from quantkit.schemes import QuantScheme
-from quantkit.transforms.kron import TRANSFORM_BUFFERS
 
 ROLES = ("codes", "statistics", "outliers", "permutation", "transform", "other")
 

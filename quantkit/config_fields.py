@@ -7,8 +7,10 @@ JSON number, a boolean ``true`` or ``false``, a string a JSON string, a list a J
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from quantkit.errors import QuantkitError
@@ -44,3 +46,17 @@ def field(entry: Mapping, key: str, kind: type, default: object = _REQUIRED) -> 
 def optional_field(entry: Mapping, key: str, kind: type, default: object) -> Any:
     """Like :func:`field`, with ``null`` meaning the default too (formats that write ``"group_size": null``)."""
     return default if entry.get(key) is None else field(entry, key, kind)
+
+
+def read_json(path: Path, what: str) -> dict:
+    """The JSON object in ``path`` (``what`` names it in errors); unreadable, malformed or not an object is one
+    line naming the folder."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise QuantkitError(f"cannot read {what} in {path.parent}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise QuantkitError(f"corrupt {what} in {path.parent}: {exc}") from None
+    if not isinstance(data, dict):
+        raise QuantkitError(f"corrupt {what} in {path.parent}: not a JSON object")
+    return data

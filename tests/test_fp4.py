@@ -26,9 +26,9 @@ from quantkit.errors import QuantkitError
 from quantkit.export.formats import check_layout, save_checkpoint
 from quantkit.formats.e2m1 import SCALE_CODECS, e2m1_decode, e2m1_encode, global_scale
 from quantkit.formats.floatgrid import FloatQuantizedTensor
+from quantkit.formats.grid import make_grid
 from quantkit.formats.packing import pack_nibbles, unpack_nibbles
 from quantkit.quantizers import LayerStats, make_quantizer
-from quantkit.quantizers.grid import make_grid
 from quantkit.schemes import QuantScheme
 
 ml_dtypes = pytest.importorskip("ml_dtypes")

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from quantkit.formats.grid import fit_grid
 from quantkit.formats.intgrid import IntQuantizedTensor
 from quantkit.quantizers import make_quantizer
 from quantkit.quantizers.base import LayerStats
-from quantkit.quantizers.grid import fit_grid
 from quantkit.schemes import QuantScheme
 
 

@@ -202,7 +202,8 @@ def test_dense_plus_sparse_layer_equals_the_dequantized_weight(bits: int, symmet
 
 
 def test_cpu_kernel_dequantizes_in_slabs_of_rows(monkeypatch: pytest.MonkeyPatch) -> None:
-    from quantkit.runtime import slabs, spqr_kernels
+    from quantkit.runtime import spqr_kernels
+    from quantkit_kernels import slabs
 
     monkeypatch.setattr(slabs, "SLAB_BYTES", 16 * 4 * 90)  # one statistics block of rows per slab
     w, _, stats = layer_problem(out=40, n=90)

@@ -14,16 +14,16 @@ from conftest import tiny_llama_config, tiny_model
 from quantkit import api
 from quantkit.actquant import activation_scheme, fake_quantize
 from quantkit.errors import QuantkitError
+from quantkit.formats.grid import make_grid, quantize_groups
+from quantkit.formats.kron import Kron, decompose_dim, kron_apply
 from quantkit.models.adapters import adapter_for
 from quantkit.quantizers.base import LayerStats
-from quantkit.quantizers.grid import make_grid, quantize_groups
 from quantkit.quantizers.rtn import RTNQuantizer
 from quantkit.runtime.quant_linear import QuantLinear
 from quantkit.schemes import QuantScheme
 from quantkit.transforms import make_transform
 from quantkit.transforms.base import TransformContext
 from quantkit.transforms.hadamard import hadamard_kron, orthonormal_hadamard
-from quantkit.transforms.kron import Kron, decompose_dim, kron_apply
 from quantkit.transforms.orthogonal import orthogonality_error
 from quantkit.transforms.prepare import prepare
 from quantkit.transforms.rewrite import attach_online, fuse

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quantkit.runtime.slabs import slab_rows
+from quantkit_kernels.slabs import slab_rows
 
 BLOCK = 32
 GEMV_MAX_ROWS = 16

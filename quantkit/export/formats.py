@@ -14,7 +14,6 @@ from quantkit.export.native import save_native
 from quantkit.export.writer import DEFAULT_MAX_SHARD_BYTES, model_config_dict, plain_tensors, write_checkpoint
 from quantkit.formats.base import QuantizedTensor
 from quantkit.schemes import CHECKPOINT_LAYOUTS, QuantScheme
-from quantkit.streaming.state import remove_dead_state
 
 _LAYOUT_KINDS = {"gptq": ("int",), "compressed-tensors": ("int", "e2m1")}
 
@@ -79,7 +78,7 @@ def save_checkpoint(layout: str, output: Path, model: nn.Module, tokenizer, quan
                     quantization_config: dict, overwrite: bool = False,
                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: torch.dtype | None = None) -> None:
     """Write ``quantized`` (and the model's other tensors, float ones in ``dtype`` when given) at ``output`` in
-    ``layout``, atomically; then remove the state a dead ``--offload disk`` run writing ``output`` left behind."""
+    ``layout``, atomically."""
     activations = quantization_config.get("input_activations") is not None
     online = bool((quantization_config.get("transform") or {}).get("online"))
     check_layout(layout, activations=activations, online=online)
@@ -88,4 +87,3 @@ def save_checkpoint(layout: str, output: Path, model: nn.Module, tokenizer, quan
     writer = {"native": save_native, "gptq": save_gptq, "compressed-tensors": save_compressed_tensors}[layout]
     writer(output, model, tokenizer, quantized, quantization_config, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
            dtype=dtype)
-    remove_dead_state(output)

@@ -24,6 +24,8 @@ SAFETENSORS_DTYPES = {
 }
 DTYPE_BYTES = {name: dtype.itemsize for dtype, name in SAFETENSORS_DTYPES.items()}
 
+# tensor name -> (shape, safetensors dtype name), read from headers alone
+Headers = dict[str, tuple[tuple[int, ...], str]]
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -94,7 +96,7 @@ def _shown(value: object) -> str:
     return text if len(text) <= 60 else f"{text[:57]}..."
 
 
-def header_specs(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+def header_specs(path: Path) -> Headers:
     """Shapes and dtype names of every tensor in a safetensors file, read from its header only."""
     with shard_reader(path) as f:
         return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}

@@ -10,7 +10,7 @@ from torch import nn
 
 from quantkit.export.atomic import atomic_directory
 from quantkit.export.safetensors_io import write_shards
-from quantkit.transforms.kron import TRANSFORM_BUFFERS
+from quantkit.formats.kron import TRANSFORM_BUFFERS
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 

@@ -14,6 +14,7 @@ from quantkit.hub import MODELS_OFFLINE, cached_config, is_repo_id, unreachable
 from quantkit.models.adapters import ModelAdapter, adapter_for
 from quantkit.models.builtin import BUILTIN_MODELS, resolve_builtin
 from quantkit.models.gguf_cache import converted_gguf_dir
+from quantkit.models.skeleton import CheckedSource
 
 
 @dataclass
@@ -89,9 +90,7 @@ def _check_local_weights(folder: Path, in_memory: bool) -> None:
     """Refuse a directory whose weights are pickles, whose safetensors headers disagree with its config (a
     lying size would allocate terabytes), or (when it is to be loaded whole, ``in_memory``) whose weights are
     more than the memory can hold."""
-    from quantkit.streaming.source import StreamedModel
-
-    skeleton = StreamedModel(folder).model  # the config and headers, checked; the model on the meta device
+    skeleton = CheckedSource(folder).model  # the config and headers, checked; the model on the meta device
     needed = sum(p.numel() for p in skeleton.parameters()) * torch.float32.itemsize
     available = _available_memory()
     if in_memory and available is not None and needed > available:

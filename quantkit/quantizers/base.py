@@ -10,8 +10,8 @@ import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import QuantizedTensor
+from quantkit.formats.grid import SCALE_DTYPE
 from quantkit.formats.intgrid import dtype_name
-from quantkit.quantizers.grid import SCALE_DTYPE
 from quantkit.schemes import QuantScheme
 
 

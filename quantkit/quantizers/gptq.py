@@ -16,8 +16,8 @@ import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import QuantizedTensor
+from quantkit.formats.grid import Params, make_grid
 from quantkit.quantizers.base import LayerStats, Quantizer
-from quantkit.quantizers.grid import Params, make_grid
 from quantkit.quantizers.rtn import group_slices
 from quantkit.schemes import QuantScheme
 

@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from quantkit.formats.base import QuantizedTensor
+from quantkit.formats.grid import make_grid, quantize_groups
 from quantkit.quantizers.base import LayerStats, Quantizer
-from quantkit.quantizers.grid import make_grid, quantize_groups
 from quantkit.schemes import QuantScheme
 
 

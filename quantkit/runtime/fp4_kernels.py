@@ -16,7 +16,7 @@ import torch
 
 from quantkit.formats.e2m1 import SCALE_CODECS, e2m1_decode
 from quantkit.formats.floatgrid import FloatQuantizedTensor
-from quantkit.runtime.slabs import slab_matmul, slab_rows
+from quantkit_kernels.slabs import slab_matmul, slab_rows
 
 if TYPE_CHECKING:
     from quantkit_kernels.cpu_int import CpuFp4Kernel

@@ -10,9 +10,7 @@ with QuantLinear layers from what they yield; :func:`verify` reads and drops it.
 from __future__ import annotations
 
 import json
-import math
-import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,27 +19,20 @@ import torch
 from torch import nn
 
 from quantkit.actquant import activation_scheme
-from quantkit.config_fields import check_type, field
+from quantkit.config_fields import check_type, field, read_json
 from quantkit.errors import QuantkitError
 from quantkit.export import compressed_tensors_format as ct
 from quantkit.export.gptq_format import CONFIG_FILE as GPTQ_CONFIG_FILE
 from quantkit.export.native import FORMAT_NAME, FORMAT_VERSION, QUANT_METHOD, placeholder_specs
-from quantkit.export.safetensors_io import (
-    INDEX_FILE,
-    SAFETENSORS_DTYPES,
-    SINGLE_FILE,
-    TensorReader,
-    header_specs,
-    shard_map,
-)
+from quantkit.export.safetensors_io import SAFETENSORS_DTYPES, Headers, TensorReader
 from quantkit.export.writer import plain_tensors
 from quantkit.formats.base import TensorSpec
-from quantkit.models.adapters import adapter_for
+from quantkit.formats.kron import TRANSFORM_BUFFERS
+from quantkit.models.skeleton import build_skeleton, checked_shard_map, stored_headers
 from quantkit.runtime import readers
 from quantkit.runtime.kernels import check_backend, default_backend
 from quantkit.runtime.quant_linear import QuantLinear
 from quantkit.schemes import QuantScheme
-from quantkit.transforms.kron import TRANSFORM_BUFFERS
 
 _PLANNERS = {
     "native": readers.native_plans,
@@ -70,18 +61,6 @@ def _format_of(folder: Path, qc: object) -> str:
         raise QuantkitError(f"{folder} is quantized with quant_method {method!r}, which quantkit does not load "
                             f"(it loads {', '.join(formats)})")
     return formats[method]
-
-
-def read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except OSError as exc:
-        raise QuantkitError(f"cannot read {what} in {path.parent}: {exc.strerror or exc}") from None
-    except ValueError as exc:
-        raise QuantkitError(f"corrupt {what} in {path.parent}: {exc}") from None
-    if not isinstance(data, dict):
-        raise QuantkitError(f"corrupt {what} in {path.parent}: not a JSON object")
-    return data
 
 
 def _check_native(folder: Path, qc: dict) -> None:
@@ -130,100 +109,11 @@ def is_quantkit_checkpoint(path: str | Path) -> bool:
     return isinstance(config, dict) and config.get("quantization_config") is not None
 
 
-_BLOCK_INDEX = re.compile(r"\.layers\.(\d+)\.")
-_JSON_KINDS = ((bool, "true or false"), (int, "an integer"), (float, "a number"), (str, "a string"),
-               (list, "a list"), (dict, "an object"))
-
-
-def _invalid_config(folder: Path, detail: str) -> QuantkitError:
-    """The error for the model config in ``folder`` (a model's or a checkpoint's) that cannot be what it says."""
-    return QuantkitError(f"invalid model config in {folder}: {detail}")
-
-
-def _check_config_types(folder: Path, config_dict: dict, defaults: dict) -> None:
-    """Refuse a config field whose JSON type differs from the architecture's default for it (transformers
-    accepts any value and fails later, deep in a forward pass)."""
-    for key, value in config_dict.items():
-        default = defaults.get(key)
-        if default is None or (value is None and key.endswith("_token_id")):  # models may lack a special token
-            continue
-        kind, words = next((k, w) for k, w in _JSON_KINDS if isinstance(default, k))
-        fits = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-        if kind is float:
-            fits = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        if not fits:
-            raise _invalid_config(folder, f"{key} is {value!r}, expected {words}")
-
-
-def _check_depth(folder: Path, config_dict: dict, tensor_names: Iterable[str]) -> None:
-    """The config's block count must be the checkpoint's, checked before any module is built (a lying count
-    would otherwise build millions of empty blocks)."""
-    stored = {int(match.group(1)) for name in tensor_names if (match := _BLOCK_INDEX.search(name))}
-    declared = config_dict.get("num_hidden_layers")
-    if declared != len(stored) or stored != set(range(len(stored))):
-        raise _invalid_config(folder, f"num_hidden_layers is {declared!r} but the weights hold {len(stored)} blocks")
-
-
-def build_skeleton(folder: Path, config_dict: dict, headers: readers.Headers,
-                   dtype: torch.dtype | None = None) -> nn.Module:
-    """The model ``config_dict`` (read from ``folder``) describes, with its parameters on the meta device (``dtype``: default the
-    config's), after checking the config's field types, its block count and the shapes of the parameters
-    stored as they are against the safetensors ``headers``."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    model_type = config_dict.get("model_type")
-    adapter_for(str(model_type))
-    _check_config_types(folder, config_dict, AutoConfig.for_model(str(model_type)).to_dict())
-    _check_depth(folder, config_dict, headers)
-    try:
-        config = AutoConfig.for_model(**config_dict)
-        dtype = dtype or getattr(config, "dtype", None) or torch.float32
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-        with torch.device("meta"):  # allocates nothing, whatever sizes the config claims
-            _check_stored_shapes(folder, AutoModelForCausalLM.from_config(config, dtype=dtype), headers)
-        with init_empty_weights():  # allocates each parameter for a moment, and the (small) buffers
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except QuantkitError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - transformers validates configs with several exception types
-        raise _invalid_config(folder, " ".join(str(exc).split()) or type(exc).__name__) from None
-    model.tie_weights()  # empty-weight construction skips tying; tied tensors are stored once
-    return model
-
-
-def _check_stored_shapes(folder: Path, model: nn.Module, headers: readers.Headers) -> None:
-    """Every parameter stored under its own name with as many dimensions must have the shape the config gives
-    it (quantized layers store other tensors): a config that lies about a size is refused before anything
-    of that size is allocated."""
-    for name, param in model.named_parameters():
-        stored = headers.get(name)
-        if stored is not None and len(stored[0]) == param.dim() and tuple(stored[0]) != tuple(param.shape):
-            raise _invalid_config(folder, f"it gives {name} the shape {list(param.shape)}, the file stores {list(stored[0])}")
-
-
-def checked_shard_map(folder: Path) -> dict[str, str]:
-    """Tensor name -> shard file of a safetensors directory; a directory of pickle weights is refused."""
-    if not (folder / SINGLE_FILE).is_file() and not (folder / INDEX_FILE).is_file():
-        pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
-        if pickled:
-            raise QuantkitError(f"{folder} holds pickle weights ({pickled[0]}); quantkit loads only safetensors")
-    return shard_map(folder)
-
-
-def _headers(folder: Path, files: dict[str, str]) -> readers.Headers:
-    specs: readers.Headers = {}
-    for shard in sorted(set(files.values())):
-        specs.update(header_specs(folder / shard))
-    return specs
-
-
-def _plans(model: nn.Module, checkpoint: CheckpointConfig, headers: readers.Headers) -> dict[str, readers.LayerPlan]:
+def _plans(model: nn.Module, checkpoint: CheckpointConfig, headers: Headers) -> dict[str, readers.LayerPlan]:
     return _PLANNERS[checkpoint.format](model, checkpoint.quantization, headers)
 
 
-def _validate(expected: dict[str, TensorSpec], files: dict[str, str], headers: readers.Headers) -> None:
+def _validate(expected: dict[str, TensorSpec], files: dict[str, str], headers: Headers) -> None:
     missing = sorted(set(expected) - set(files))
     unexpected = sorted(set(files) - set(expected))
     if missing:
@@ -322,7 +212,7 @@ class CheckedCheckpoint:
     folder: Path
     config: CheckpointConfig
     files: dict[str, str]  # tensor name -> shard file
-    headers: readers.Headers
+    headers: Headers
     model: nn.Module  # the skeleton, parameters on the meta device
     plans: dict[str, readers.LayerPlan]
     input_scheme: QuantScheme | None
@@ -360,7 +250,7 @@ def open_checked(path: str | Path) -> CheckedCheckpoint:
     folder = Path(path)
     checkpoint = open_checkpoint(folder)
     files = checked_shard_map(folder)
-    headers = _headers(folder, files)
+    headers = stored_headers(folder, files)
     model = build_skeleton(folder, checkpoint.model, headers)
     plans = _plans(model, checkpoint, headers)
     input_scheme = _input_scheme(checkpoint)

@@ -7,9 +7,9 @@ from torch import nn
 
 from quantkit.actquant import fake_quantize
 from quantkit.formats.base import QuantizedTensor, tensor_class
+from quantkit.formats.kron import TRANSFORM_BUFFERS, kron_apply
 from quantkit.runtime.kernels import Kernel, build_kernel, check_backend
 from quantkit.schemes import QuantScheme
-from quantkit.transforms.kron import TRANSFORM_BUFFERS, kron_apply
 
 
 class _FrozenWeightMatmul(torch.autograd.Function):

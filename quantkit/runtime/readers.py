@@ -17,10 +17,9 @@ from quantkit.config_fields import field
 from quantkit.errors import QuantkitError
 from quantkit.export import compressed_tensors_format as ct
 from quantkit.export import gptq_format as gptq
-from quantkit.export.safetensors_io import SAFETENSORS_DTYPES
+from quantkit.export.safetensors_io import SAFETENSORS_DTYPES, Headers
 from quantkit.formats.base import QuantizedTensor, TensorSpec, tensor_class
 
-Headers = dict[str, tuple[tuple[int, ...], str]]
 _BY_HEADER_NAME = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
 

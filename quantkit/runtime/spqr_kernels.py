@@ -14,7 +14,7 @@ import torch
 
 from quantkit.formats.packing import pack_nibbles, unpack_nibbles
 from quantkit.formats.spqr import MIN_SCALE, SpQRQuantizedTensor, dense_weight, first_level_statistics
-from quantkit.runtime.slabs import slab_matmul, slab_rows
+from quantkit_kernels.slabs import slab_matmul, slab_rows
 
 
 class OutlierCorrection:

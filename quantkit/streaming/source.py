@@ -13,59 +13,22 @@ import torch
 from torch import nn
 
 from quantkit.errors import QuantkitError
-from quantkit.export.safetensors_io import INDEX_FILE, header_specs, shard_reader
+from quantkit.export.safetensors_io import INDEX_FILE, shard_reader
 from quantkit.interrupts import interrupts_held
-from quantkit.models.adapters import ModelAdapter, adapter_for
 from quantkit.models.loading import check_finite
-from quantkit.runtime.loader import build_skeleton, checked_shard_map, read_json
-
-_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+from quantkit.models.skeleton import CheckedSource
 
 
-class StreamedModel:
+class StreamedModel(CheckedSource):
     """The model at ``folder`` (a Hugging Face directory of safetensors shards), with every parameter on the
     meta device until :meth:`load_outer` or :meth:`load_block` reads it, as float32 on ``device``. Headers,
-    shapes, dtypes and the config are checked before anything is read."""
+    shapes, dtypes and the config are checked before anything is read (see :class:`CheckedSource`)."""
 
     def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.files = checked_shard_map(folder)
-        config_file = folder / "config.json"
-        if not config_file.is_file():
-            raise QuantkitError(f"{folder} is not a Hugging Face model directory (no config.json)")
-        self.specs = {name: spec for shard in sorted(set(self.files.values()))
-                      for name, spec in header_specs(folder / shard).items() if self.files.get(name) == shard}
-        # Built by quantkit from the checked config (never from code shipped with the model), float32 throughout.
-        self.model = build_skeleton(folder, read_json(config_file, "config.json"), self.specs, torch.float32)
-        self.model.eval().requires_grad_(False)
+        super().__init__(folder)
         self.model.config.name_or_path = str(folder)  # as transformers records a model it loads
         if (folder / "generation_config.json").is_file():
             self.model.generation_config = _generation_config(folder)
-        self.adapter: ModelAdapter = adapter_for(self.model.config.model_type)
-        self.tied = self._tied_names()
-        self._check_tensors()
-
-    def _tied_names(self) -> set[str]:
-        """The output head's parameter names when the config ties it to the embeddings and the shards do not
-        store it (as transformers does: a stored head is loaded as its own tensor)."""
-        if not getattr(self.model.config, "tie_word_embeddings", False):
-            return set()
-        head = self.model.get_output_embeddings()
-        names = {f"{name}.weight" for name, module in self.model.named_modules() if module is head}
-        return set() if names & self.specs.keys() else names
-
-    def _check_tensors(self) -> None:
-        """Every parameter of the skeleton is stored, with its shape and a float dtype, before anything is read."""
-        for name, param in self.model.named_parameters(remove_duplicate=False):
-            if name in self.tied:
-                continue
-            spec = self.specs.get(name)
-            if spec is None:
-                raise QuantkitError(f"{self.folder} is missing tensor {name}")
-            shape, dtype = spec
-            if shape != tuple(param.shape) or dtype not in _FLOAT_DTYPES:
-                raise QuantkitError(f"tensor {name} in {self.files[name]} is {dtype} {list(shape)}; the config "
-                                    f"needs a float tensor of shape {list(param.shape)}")
 
     @property
     def num_blocks(self) -> int:

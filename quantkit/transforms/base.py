@@ -16,9 +16,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from quantkit.formats.kron import Kron
 from quantkit.models.adapters import ModelAdapter
 from quantkit.schemes import QuantScheme
-from quantkit.transforms.kron import Kron
 from quantkit.transforms.prepare import prepare
 from quantkit.transforms.rewrite import Rewrite, fuse
 

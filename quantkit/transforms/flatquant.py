@@ -1,6 +1,6 @@
 """FlatQuant: learned affine transforms per block, trained block by block to match the full-precision output.
 
-Per decoder block (the paper's placement; sizes from :func:`~quantkit.transforms.kron.decompose_dim`, e.g.
+Per decoder block (the paper's placement; sizes from :func:`~quantkit.formats.kron.decompose_dim`, e.g.
 576 = 24 ⊗ 24 and 1536 = 32 ⊗ 48; the attention output uses heads ⊗ head_dim):
 
 - an online Kronecker affine map ``P = P1 ⊗ P2`` on the input of q/k/v, of gate/up, of the attention output
@@ -28,12 +28,12 @@ from torch.func import functional_call
 from torch.nn.utils.parametrizations import orthogonal
 
 from quantkit.engine import block_output, capture_block_inputs
+from quantkit.formats.kron import Kron, decompose_dim
 from quantkit.models.adapters import ModelAdapter
 from quantkit.progress import progress_bar
 from quantkit.schemes import QuantScheme
 from quantkit.transforms.base import Learned, Transform, TransformContext
 from quantkit.transforms.budget import TrainingBudget
-from quantkit.transforms.kron import Kron, decompose_dim
 from quantkit.transforms.orthogonal import random_orthogonal
 from quantkit.transforms.rewrite import (
     BlockRewrite,

@@ -10,7 +10,7 @@
 
 A size with no Hadamard matrix (see :mod:`quantkit.transforms.hadamard_matrix`) falls back to a random
 orthogonal matrix, as QuaRot's ``random`` mode does; the online ones keep the Kronecker shape
-(:func:`~quantkit.transforms.kron.decompose_dim`) so they stay cheap.
+(:func:`~quantkit.formats.kron.decompose_dim`) so they stay cheap.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
+from quantkit.formats.kron import Kron, decompose_dim
 from quantkit.transforms.base import Learned, Transform, TransformContext
 from quantkit.transforms.hadamard_matrix import hadamard_factors, hadamard_matrix
-from quantkit.transforms.kron import Kron, decompose_dim
 from quantkit.transforms.orthogonal import random_orthogonal
 from quantkit.transforms.rewrite import BlockRewrite, Rewrite
 

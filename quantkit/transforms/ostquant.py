@@ -27,13 +27,13 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from quantkit.formats.kron import Kron
 from quantkit.models.adapters import ModelAdapter
 from quantkit.progress import progress_bar
 from quantkit.schemes import QuantScheme
 from quantkit.transforms.base import Learned, Transform, TransformContext
 from quantkit.transforms.budget import TrainingBudget
 from quantkit.transforms.hadamard import hadamard_kron, orthonormal_hadamard
-from quantkit.transforms.kron import Kron
 from quantkit.transforms.orthogonal import RiemannianAdam
 from quantkit.transforms.rewrite import (
     BlockRewrite,

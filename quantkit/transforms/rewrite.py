@@ -7,7 +7,7 @@ into the linears that read them). A :class:`Rewrite` then says, in the prepared 
   and the readers (q/k/v, gate/up, lm_head) absorb it; weightless RMSNorm commutes with it.
 - per block, on each linear's input ``x`` a map ``T`` with ``x̃ = x T`` and weight ``W T⁻ᵀ``:
   ``attention`` (q/k/v) and ``mlp`` (gate/up): ``T = R · diag(scale) · online``, where the scale becomes the
-  norm's weight and ``online`` is a :class:`~quantkit.transforms.kron.Kron` applied at run time;
+  norm's weight and ``online`` is a :class:`~quantkit.formats.kron.Kron` applied at run time;
   attention output: ``T = blockdiag(head_rotation) · diag(value_scale) · online``, produced by rotating and
   scaling the value projection's output per head; down: ``T = diag(up_scale) · online``, the scale produced by
   the up projection's rows.
@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from quantkit.formats.kron import TRANSFORM_BUFFERS, Kron, kron_apply
 from quantkit.models.adapters import ModelAdapter
-from quantkit.transforms.kron import TRANSFORM_BUFFERS, Kron, kron_apply
 
 
 @dataclass
