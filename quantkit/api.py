@@ -147,14 +147,15 @@ def quantize(
     with phase(f"loading {_model_name(model)}", seconds, "load"):
         loaded = model if isinstance(model, LoadedModel) else load_model(model, trust_remote_code=trust_remote_code,
                                                                           checked=checked)
+    shapes = linear_shapes(loaded.model, loaded.adapter)
     for candidate in schemes:
-        check_layers(layout, candidate, linear_shapes(loaded.model, loaded.adapter))
+        check_layers(layout, candidate, shapes)
     _check_windows(loaded.model, quantizer, calibration, transform, allocation)
     cost = LayerCost(layout, model_dtype(loaded.model))
     kept_dtype = unquantized_dtype(dtype, loaded.stored_dtype)
     if output is not None:  # a checkpoint that cannot fit, before any work
-        check_space(Path(output).absolute().parent, _checkpoint_bytes(loaded, quantizer, schemes, cost, kept_dtype),
-                    "the checkpoint")
+        check_space(Path(output).absolute().parent,
+                    _checkpoint_bytes(loaded.model, shapes, quantizer, schemes, cost, kept_dtype), "the checkpoint")
     if isinstance(allocation, AllocationOptions):  # an impossible target, before calibration and training
         feasible(loaded.model, loaded.adapter, quantizer, scheme, allocation, cost)
     elif allocation is not None:
@@ -235,8 +236,9 @@ def allocate(
     if needs_calibration:
         calibration.check()
     loaded = model if isinstance(model, LoadedModel) else load_model(model, checked=checked)
+    shapes = linear_shapes(loaded.model, loaded.adapter)
     for candidate in candidates:
-        check_layers(layout, candidate, linear_shapes(loaded.model, loaded.adapter))
+        check_layers(layout, candidate, shapes)
     if needs_calibration:
         check_context(loaded.model, calibration.seqlen, "--seqlen")
     calib = _calibration(loaded, calibration, seed) if needs_calibration else None
@@ -273,7 +275,6 @@ def _quantize_offloaded(model: str | LoadedModel, offload: str, method: str, qua
                         seed: int, true_sequential: bool, layout: str, transform, allocation,
                         devices: tuple[torch.device, ...], overwrite: bool, dtype: str) -> QuantizeResult:
     """:func:`quantize` streaming block by block from disk (see :mod:`quantkit.streaming`)."""
-    from quantkit.config_fields import read_json
     from quantkit.models.loading import load_local_tokenizer, local_model_dir
     from quantkit.streaming import StreamedModel, StreamedRun, quantize_streamed
 
@@ -292,7 +293,7 @@ def _quantize_offloaded(model: str | LoadedModel, offload: str, method: str, qua
         tokenizer = load_local_tokenizer(source.folder)
     if quantizer.needs_calibration:
         check_context(source.model, calibration.seqlen, "--seqlen")
-    source_dtype = stored_dtype(read_json(source.folder / "config.json", "config.json"))
+    source_dtype = stored_dtype(source.config_dict)
     kept_dtype = unquantized_dtype(dtype, source_dtype)
     record = _quantization_record(method, quantizer, scheme, act_scheme, calibration, true_sequential, seed, str(model))
     arguments = {key: record[key] for key in ("method", "quantizer", "scheme", "input_activations", "seed",
@@ -376,12 +377,13 @@ def _allocation_record(plan: AllocationPlan, quantized: dict[str, QuantizedTenso
     return {**plan.summary(), "bits_per_weight": bits_per_weight(nbytes, weights)}
 
 
-def _checkpoint_bytes(loaded: LoadedModel, quantizer, schemes: list[QuantScheme], cost: LayerCost,
-                      dtype: torch.dtype) -> int:
-    """The least a checkpoint of ``loaded`` quantized at one of ``schemes`` takes (see :func:`estimated_bytes`)."""
+def _checkpoint_bytes(model: nn.Module, shapes: dict[str, tuple[int, int]], quantizer, schemes: list[QuantScheme],
+                      cost: LayerCost, dtype: torch.dtype) -> int:
+    """The least a checkpoint of ``model`` (its linears of ``shapes``) quantized at one of ``schemes`` takes (see
+    :func:`estimated_bytes`)."""
     layer_bytes = {name: min(cost(quantizer.layout_meta(scheme, shape), shape) for scheme in schemes)
-                   for name, shape in linear_shapes(loaded.model, loaded.adapter).items()}
-    return estimated_bytes(loaded.model, layer_bytes, dtype)
+                   for name, shape in shapes.items()}
+    return estimated_bytes(model, layer_bytes, dtype)
 
 
 def _calibration(loaded: LoadedModel, calibration: CalibrationSpec, seed: int) -> torch.Tensor:

@@ -178,7 +178,6 @@ def quantize(
     """Quantize a causal LM and write a packed checkpoint (settings from flags, a recipe, or both)."""
     from quantkit.api import quantize as run_quantize
     from quantkit.checkpoint_info import inspect_checkpoint
-    from quantkit.export.atomic import check_writable
     from quantkit.recipes import load_recipe, recipe_from_settings, resolve
     from quantkit.recipes.build import pinned_settings, quantize_arguments
 
@@ -188,9 +187,7 @@ def quantize(
     arguments = quantize_arguments(settings)
     saved = None
     if save_recipe is not None:
-        if save_recipe.is_dir():
-            raise OptionError(f"--save-recipe {save_recipe} is a directory; name a .yaml file")
-        check_writable(save_recipe.parent)  # before the work, not after it
+        _check_output_file(save_recipe, "--save-recipe", ".yaml")
         command_line = " ".join(["quantkit", *sys.argv[1:]])
         saved = recipe_from_settings(pinned_settings(settings, arguments), save_recipe.stem, f"saved by: {command_line}")
     result = run_quantize(model, output=output, overwrite=overwrite, offload=offload,
@@ -202,6 +199,15 @@ def quantize(
                    result.seconds, result.source_size)
     if save_recipe is not None:
         console.print(f"recipe: {save_recipe}")
+
+
+def _check_output_file(path: Path, flag: str, suffix: str) -> None:
+    """Refuse, before the work rather than after it, a file option naming a directory or an unwritable place."""
+    from quantkit.export.atomic import check_writable
+
+    if path.is_dir():
+        raise OptionError(f"{flag} {path} is a directory; name a {suffix} file")
+    check_writable(path.parent)
 
 
 def _print_summary(title: str, info: CheckpointInfo, record: dict, seconds: dict[str, float], source: str) -> None:
@@ -256,11 +262,7 @@ def allocate(
     layout: Annotated[str | None, typer.Option(metavar=_choices("layout"), help="Checkpoint layout whose bytes the target counts (default native).")] = None,
 ) -> None:
     """Plan mixed bit widths for every linear under an average-bits target, without quantizing the model."""
-    from quantkit.export.atomic import check_writable
-
-    if report.is_dir():
-        raise OptionError(f"--report {report} is a directory; name a .json file")
-    check_writable(report.parent)  # before the work, not after it
+    _check_output_file(report, "--report", ".json")
     from quantkit.allocation.heatmap import bits_heatmap
     from quantkit.api import CalibrationSpec
     from quantkit.api import allocate as run_allocate
@@ -437,7 +439,7 @@ def main() -> None:
     try:
         code = command_group.main(prog_name="quantkit", standalone_mode=False)
     except OptionError as exc:
-        _fail(str(exc), EXIT_USAGE, _try_help(_command_path()))
+        _fail(str(exc), EXIT_USAGE, _try_help(_command_path(command_group)))
     except QuantkitError as exc:
         _fail(str(exc), 1)
     except _Interrupted as exc:
@@ -451,7 +453,7 @@ def main() -> None:
         context = getattr(exc, "ctx", None)
         message = exc.format_message().replace("Value error, ", "")
         _fail(message, getattr(exc, "exit_code", EXIT_USAGE),
-              _try_help(context.command_path if context else _command_path()))
+              _try_help(context.command_path if context else _command_path(command_group)))
     except OSError as exc:  # a write path that should have said this itself
         where = f" ({exc.filename})" if exc.filename else ""
         _fail(f"{exc.strerror or exc}{where}", 1)
@@ -462,10 +464,10 @@ def main() -> None:
     sys.exit(code or 0)
 
 
-def _command_path() -> str:
-    """``quantkit`` and the subcommand named on the command line, if any."""
+def _command_path(command_group) -> str:
+    """``quantkit`` and the subcommand of ``command_group`` named on the command line, if any."""
     named = next((word for word in sys.argv[1:] if not word.startswith("-")), None)
-    return f"quantkit {named}" if named in typer.main.get_command(app).commands else "quantkit"
+    return f"quantkit {named}" if named in command_group.commands else "quantkit"
 
 
 def _try_help(command_path: str) -> str:

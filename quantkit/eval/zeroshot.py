@@ -10,7 +10,7 @@ from pathlib import Path
 
 from torch import nn
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, one_line
 from quantkit.hub import data_unreachable
 from quantkit.progress import progress_bar
 
@@ -157,7 +157,7 @@ def evaluate_tasks(model: nn.Module, tokenizer, plan: TaskPlan, limit: int | Non
     except QuantkitError:
         raise
     except Exception as exc:  # the harness's own failures (an unreachable hub, a bad config) in one line
-        first = " ".join(str(exc).split())[:300] or type(exc).__name__
+        first = one_line(exc)[:300]
         local = [s.name for s in specs if not s.local and s.name in LOCAL_TASKS]
         hint = f" ({', '.join(local)} can run from local files: pass --data-dir)" if local else ""
         raise QuantkitError(f"lm-eval could not run {', '.join(s.name for s in specs)}: {first}{hint}") from None

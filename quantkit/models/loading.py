@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantkit.errors import OptionError, QuantkitError
+from quantkit.diskspace import size_text
+from quantkit.errors import OptionError, QuantkitError, one_line
 from quantkit.hub import MODELS_OFFLINE, cached_config, is_repo_id, unreachable
 from quantkit.models.adapters import ModelAdapter, adapter_for
 from quantkit.models.builtin import BUILTIN_MODELS, resolve_builtin
@@ -94,8 +95,8 @@ def _check_local_weights(folder: Path, in_memory: bool) -> None:
     needed = sum(p.numel() for p in skeleton.parameters()) * torch.float32.itemsize
     available = _available_memory()
     if in_memory and available is not None and needed > available:
-        raise QuantkitError(f"{folder} needs {needed / 2**30:.1f} GiB of memory in float32 and only "
-                            f"{available / 2**30:.1f} GiB is available; quantize it with --offload disk")
+        raise QuantkitError(f"{folder} needs {size_text(needed)} of memory in float32 and only "
+                            f"{size_text(available)} is available; quantize it with --offload disk")
 
 
 def _refuse_quantized(spec: str, quantization_config: object) -> None:
@@ -123,8 +124,7 @@ def _read_config(spec: str, kwargs: dict, trust_remote_code: bool):
     try:
         return AutoConfig.from_pretrained(**kwargs, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - transformers validates configs with several exception types
-        raise QuantkitError(f"cannot read the config of {spec!r}: {' '.join(str(exc).split()) or type(exc).__name__}"
-                            ) from None
+        raise QuantkitError(f"cannot read the config of {spec!r}: {one_line(exc)}") from None
 
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,

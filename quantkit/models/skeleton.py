@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from quantkit.config_fields import read_json
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, one_line
 from quantkit.export.safetensors_io import INDEX_FILE, SINGLE_FILE, Headers, header_specs, shard_map
 from quantkit.models.adapters import ModelAdapter, adapter_for
 
@@ -75,7 +75,7 @@ def build_skeleton(folder: Path, config_dict: dict, headers: Headers,
     except QuantkitError:
         raise
     except Exception as exc:  # noqa: BLE001 - transformers validates configs with several exception types
-        raise _invalid_config(folder, " ".join(str(exc).split()) or type(exc).__name__) from None
+        raise _invalid_config(folder, one_line(exc)) from None
     model.tie_weights()  # empty-weight construction skips tying; tied tensors are stored once
     return model
 
@@ -114,7 +114,8 @@ class CheckedSource:
         if not config_file.is_file():
             raise QuantkitError(f"{folder} is not a Hugging Face model directory (no config.json)")
         self.specs = stored_headers(folder, self.files)
-        self.model = build_skeleton(folder, read_json(config_file, "config.json"), self.specs, torch.float32)
+        self.config_dict = read_json(config_file, "config.json")
+        self.model = build_skeleton(folder, self.config_dict, self.specs, torch.float32)
         self.model.eval().requires_grad_(False)
         self.adapter: ModelAdapter = adapter_for(self.model.config.model_type)
         self.tied = self._tied_names()
