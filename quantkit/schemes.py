@@ -76,11 +76,18 @@ class QuantScheme:
         """The largest integer code."""
         return 2**self.bits - 1
 
+    def group_columns(self, in_features: int) -> int:
+        """Columns per group in a row of ``in_features`` (the whole row when per-channel)."""
+        return in_features if self.group_size == -1 else self.group_size
+
     def num_groups(self, in_features: int) -> int:
         """How many groups of columns a row of ``in_features`` weights has (the last may be partial)."""
-        if self.group_size == -1:
-            return 1
-        return -(-in_features // self.group_size)
+        return -(-in_features // self.group_columns(in_features))
+
+    def group_slices(self, in_features: int) -> list[slice]:
+        """Column ranges of consecutive groups; the last one may be partial."""
+        size = self.group_columns(in_features)
+        return [slice(start, min(start + size, in_features)) for start in range(0, in_features, size)]
 
     def check_fits(self, name: str, in_features: int) -> None:
         """Refuse a group size larger than the layer it would be applied to (fixed float blocks are padded)."""

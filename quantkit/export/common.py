@@ -8,6 +8,7 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.base import QuantizedTensor
 from quantkit.formats.floatgrid import FloatQuantizedTensor
 from quantkit.formats.intgrid import IntQuantizedTensor
+from quantkit.schemes import QuantScheme
 
 
 def grid_layers(quantized: dict[str, QuantizedTensor], format_name: str, floats: bool = True) -> dict[str, QuantizedTensor]:
@@ -28,7 +29,6 @@ def lossless_cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | No
     return cast if torch.equal(cast.to(tensor.dtype), tensor) else None
 
 
-def sequential_g_idx(in_features: int, group_size: int) -> torch.Tensor:
+def sequential_g_idx(scheme: QuantScheme, in_features: int) -> torch.Tensor:
     """The group of each input column when groups are contiguous (no act-order)."""
-    size = in_features if group_size == -1 else group_size
-    return (torch.arange(in_features) // size).to(torch.int32)
+    return (torch.arange(in_features) // scheme.group_columns(in_features)).to(torch.int32)

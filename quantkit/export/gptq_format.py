@@ -95,7 +95,7 @@ def decode(tensors: dict[str, torch.Tensor], scheme: QuantScheme, shape: tuple[i
     if g_idx is not None:
         if int(g_idx.min()) < 0 or int(g_idx.max()) >= groups:
             raise QuantkitError(f"g_idx refers to groups outside [0, {groups})")
-        if torch.equal(g_idx.to(torch.int32), sequential_g_idx(in_features, scheme.group_size)):
+        if torch.equal(g_idx.to(torch.int32), sequential_g_idx(scheme, in_features)):
             g_idx = None
     mid = (scheme.maxq + 1) // 2
     symmetric = bool((zeros == mid).all())

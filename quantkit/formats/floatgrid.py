@@ -43,7 +43,7 @@ class FloatQuantizedTensor(QuantizedTensor):
     @property
     def block(self) -> int:
         """Columns per scale."""
-        return self.codes.shape[1] if self.scheme.group_size == -1 else self.scheme.group_size
+        return self.scheme.group_columns(self.codes.shape[1])
 
     def block_scales(self) -> torch.Tensor:
         """The float32 scale of every block ``[out, G]``, as the quantizer used it."""

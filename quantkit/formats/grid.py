@@ -197,8 +197,7 @@ def quantize_groups(grid: Grid, w: torch.Tensor) -> tuple[torch.Tensor, Params, 
     A partial last group is padded with zeros, which changes no group's range and rounds exactly.
     """
     rows, cols = w.shape
-    size = cols if grid.scheme.group_size == -1 else grid.scheme.group_size
-    groups = -(-cols // size)
+    size, groups = grid.scheme.group_columns(cols), grid.scheme.num_groups(cols)
     padded = torch.nn.functional.pad(w.float(), (0, groups * size - cols)).reshape(rows, groups, size)
     params = grid.fit(padded)
     codes, values = grid.round(padded, params)

@@ -49,12 +49,12 @@ class IntQuantizedTensor(QuantizedTensor):
         if self.g_idx is not None:
             return self.g_idx.long()
         in_features = self.codes.shape[1]
-        size = in_features if self.scheme.group_size == -1 else self.scheme.group_size
+        size = self.scheme.group_columns(in_features)
         return torch.arange(in_features, device=self.codes.device) // size
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         out_features, in_features = self.shape
-        size = in_features if self.scheme.group_size == -1 else self.scheme.group_size
+        size = self.scheme.group_columns(in_features)
         if self.g_idx is None and in_features % size == 0:
             # Sequential full groups: broadcast each group's statistics instead of gathering per column.
             codes = self.codes.reshape(out_features, -1, size)

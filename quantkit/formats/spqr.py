@@ -113,10 +113,10 @@ def first_level_grid(
     return scale, zero
 
 
-def dense_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``scale * (code - zero)`` in float32 for codes ``[rows, cols]`` and statistics ``[groups, rows]``."""
+def dense_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, size: int) -> torch.Tensor:
+    """``scale * (code - zero)`` in float32 for codes ``[rows, cols]`` and statistics ``[groups, rows]``, with
+    ``size`` columns per group."""
     rows, cols = codes.shape
-    size = cols if group_size == -1 else group_size
     if cols % size == 0:
         q = codes.float().view(rows, -1, size)
         return (scales.t()[:, :, None] * (q - zeros.t()[:, :, None])).reshape(rows, cols)
@@ -199,7 +199,7 @@ class SpQRQuantizedTensor(QuantizedTensor):
 
     def dense_permuted(self) -> torch.Tensor:
         """The dense part (outliers not applied) in quantization column order, float32."""
-        return dense_weight(self.codes, *self.statistics(), self.scheme.group_size)
+        return dense_weight(self.codes, *self.statistics(), self.scheme.group_columns(self.shape[1]))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         w = self.dense_permuted()

@@ -18,7 +18,6 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.base import QuantizedTensor
 from quantkit.formats.grid import Params, make_grid
 from quantkit.quantizers.base import LayerStats, Quantizer
-from quantkit.quantizers.rtn import group_slices
 from quantkit.schemes import QuantScheme
 
 log = logging.getLogger(__name__)
@@ -159,10 +158,10 @@ class GPTQQuantizer(Quantizer):
             raise QuantkitError("GPTQ needs the layer's Hessian from calibration data")
         self.check_scheme(scheme)
         out_features, n = weight.shape
-        group = n if scheme.group_size == -1 else scheme.group_size
+        group = scheme.group_columns(n)
         w, h = without_dead_columns(weight, stats.hessian)
         grid = make_grid(scheme, w, self.mse, clip=stats.clip)
-        static = [grid.fit(w[:, cols]) for cols in group_slices(n, group)] if self.static(scheme) else None
+        static = [grid.fit(w[:, cols]) for cols in scheme.group_slices(n)] if self.static(scheme) else None
         w, hinv, perm = permuted_problem(w, h, self.act_order, self.damp)
         codes = torch.empty((n, out_features), dtype=torch.uint8, device=w.device)  # column-major while solving
         fitted: list[Params] = []

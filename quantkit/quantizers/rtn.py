@@ -12,12 +12,6 @@ from quantkit.quantizers.base import LayerStats, Quantizer
 from quantkit.schemes import QuantScheme
 
 
-def group_slices(in_features: int, group_size: int) -> list[slice]:
-    """Column ranges of consecutive groups; the last one may be partial."""
-    size = in_features if group_size == -1 else group_size
-    return [slice(start, min(start + size, in_features)) for start in range(0, in_features, size)]
-
-
 @dataclass
 class RTNQuantizer(Quantizer):
     """Min-max round-to-nearest per group; ``mse`` searches a clipping ratio (integer grids) or a block scale

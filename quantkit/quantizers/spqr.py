@@ -119,7 +119,7 @@ class SpQRQuantizer(Quantizer):
         out_features, n = weight.shape
         if n > MAX_COLUMNS:
             raise QuantkitError(f"SpQR layers hold at most {MAX_COLUMNS} input columns, got {n}")
-        group = n if scheme.group_size == -1 else scheme.group_size
+        group = scheme.group_columns(n)
         w, h = without_dead_columns(weight, stats.hessian)
         w, hinv, perm = permuted_problem(w, h, self.act_order, self.damp)
         diag = torch.diag(hinv)

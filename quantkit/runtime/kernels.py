@@ -57,7 +57,7 @@ def contiguous_groups(qt: IntQuantizedTensor) -> tuple[torch.Tensor, torch.Tenso
     already in order), or ``None`` when the grouping cannot be laid out that way.
     """
     out_features, in_features = qt.shape
-    size = in_features if qt.scheme.group_size == -1 else qt.scheme.group_size
+    size = qt.scheme.group_columns(in_features)
     natural = torch.arange(in_features) // size
     if qt.g_idx is None or torch.equal(qt.g_idx.long(), natural):
         return qt.codes, None
@@ -84,7 +84,7 @@ def _cpu_kernel(qt: IntQuantizedTensor, stored: dict[str, torch.Tensor]) -> Kern
     from quantkit_kernels.cpu_int import BLOCK, CpuIntKernel, block_order
 
     in_features = qt.shape[1]
-    size = in_features if qt.scheme.group_size == -1 else qt.scheme.group_size
+    size = qt.scheme.group_columns(in_features)
     library = _cpu_library()
     if library is None or in_features % BLOCK or size % BLOCK:
         return None

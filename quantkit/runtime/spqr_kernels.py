@@ -25,7 +25,7 @@ class OutlierCorrection:
         rows, columns = qt.outliers.rows(), qt.outliers.columns
         position = torch.argsort(qt.perm) if qt.perm is not None else torch.arange(in_features, device=qt.codes.device)
         permuted = position[columns]
-        size = in_features if qt.scheme.group_size == -1 else qt.scheme.group_size
+        size = qt.scheme.group_columns(in_features)
         groups = permuted // size
         scales, zeros = qt.statistics()
         dense = scales[groups, rows] * (qt.codes[rows, permuted].float() - zeros[groups, rows])
@@ -53,7 +53,7 @@ class SpQRCpuKernel:
         self.packed = qt.scheme.bits <= 4
         self.codes = pack_nibbles(qt.codes) if self.packed else qt.codes.contiguous()
         self.scale_stats, self.zero_stats = qt.scale_stats, qt.zero_stats
-        self.block, self.group_size, self.bits = qt.stat_group_size, qt.scheme.group_size, qt.scheme.bits
+        self.block, self.group_columns, self.bits = qt.stat_group_size, qt.scheme.group_columns(qt.shape[1]), qt.scheme.bits
         self.perm = qt.perm
         self.correction = OutlierCorrection(qt, torch.device("cpu"))
         self.slab_rows = slab_rows(self.in_features, self.block)
@@ -65,7 +65,7 @@ class SpQRCpuKernel:
         scale_stats = self.scale_stats.rows(begin, end, self.block)
         zero_stats = self.zero_stats.rows(begin, end, self.block) if self.zero_stats is not None else None
         scales, zeros = first_level_statistics(scale_stats, zero_stats, self.bits, self.block)
-        return dense_weight(stored, scales, zeros, self.group_size)
+        return dense_weight(stored, scales, zeros, self.group_columns)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead, dtype = x.shape[:-1], x.dtype

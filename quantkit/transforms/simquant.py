@@ -24,10 +24,9 @@ def _straight_through(x: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
     return x + (rounded - x).detach()
 
 
-def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    cols = x.shape[-1]
-    size = cols if group_size == -1 else group_size
-    pad = -cols % size
+def _grouped(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    size = scheme.group_columns(x.shape[-1])
+    pad = -x.shape[-1] % size
     if pad:
         x = nn.functional.pad(x, (0, pad))
     return x.reshape(*x.shape[:-1], -1, size)
@@ -36,7 +35,7 @@ def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
 def simulate(x: torch.Tensor, scheme: QuantScheme, ratio: torch.Tensor) -> torch.Tensor:
     """``x [..., K]`` fake-quantized group by group along ``K``; ``ratio`` broadcasts over ``x.shape[:-1]``."""
     cols = x.shape[-1]
-    groups = _grouped(x, scheme.group_size)
+    groups = _grouped(x, scheme)
     ratio = ratio.reshape(*ratio.shape, 1, 1) if ratio.dim() else ratio
     if scheme.is_float:
         scale = (groups.abs().amax(dim=-1, keepdim=True) * ratio / E2M1_MAX).clamp_min(1e-12)
