@@ -23,10 +23,11 @@ from quantkit.diskspace import check_space, size_text
 from quantkit.engine import EngineOptions, linear_shapes, quantize_model
 from quantkit.errors import OptionError, QuantkitError
 from quantkit.export.atomic import check_output_dir
-from quantkit.export.formats import check_layers, check_layout, model_dtype, save_checkpoint
-from quantkit.export.native import FORMAT_VERSION as NATIVE_FORMAT_VERSION
+from quantkit.export.save import model_dtype, save_checkpoint
 from quantkit.export.writer import estimated_bytes
 from quantkit.formats.base import QuantizedTensor
+from quantkit.layouts import Layout, get_layout
+from quantkit.layouts.native import FORMAT_VERSION as NATIVE_FORMAT_VERSION
 from quantkit.models.loading import (
     LoadedModel,
     check_context,
@@ -126,10 +127,11 @@ def quantize(
     quantizer = make_quantizer(method, **quantizer_options)
     scheme = scheme or quantizer.default_scheme()
     schemes = _candidate_schemes(scheme, allocation)
+    writer = get_layout(layout)
     for candidate in schemes:
         quantizer.check_scheme(candidate)
-        check_layout(layout, candidate, quantizer.column_groups(candidate), quantizer.tensor_kind(candidate),
-                     act_scheme is not None, transform is not None and transform.has_online())
+        writer.check(quantizer.plan(candidate), activations=act_scheme is not None,
+                     online=transform is not None and transform.has_online())
     unquantized_dtype(dtype, torch.float32)  # refused before any work
     if output is not None:  # before the model, whose check may convert a GGUF file
         check_output_dir(Path(output), overwrite)
@@ -148,8 +150,7 @@ def quantize(
         loaded = model if isinstance(model, LoadedModel) else load_model(model, trust_remote_code=trust_remote_code,
                                                                           checked=checked)
     shapes = linear_shapes(loaded.model, loaded.adapter)
-    for candidate in schemes:
-        check_layers(layout, candidate, shapes)
+    _check_layers(writer, schemes, shapes)
     _check_windows(loaded.model, quantizer, calibration, transform, allocation)
     cost = LayerCost(layout, model_dtype(loaded.model))
     kept_dtype = unquantized_dtype(dtype, loaded.stored_dtype)
@@ -228,17 +229,16 @@ def allocate(
     scheme = scheme or quantizer.default_scheme()
     calibration = calibration or CalibrationSpec()
     candidates = _candidate_schemes(scheme, options)
+    writer = get_layout(layout)
     for candidate in candidates:
         quantizer.check_scheme(candidate)
-        check_layout(layout, candidate, quantizer.column_groups(candidate), quantizer.tensor_kind(candidate))
-    needs_calibration = options.needs_calibration or quantizer.data_dependent_bytes
+        writer.check(quantizer.plan(candidate))
+    needs_calibration = options.needs_calibration or quantizer.plan(scheme).data_dependent
     checked = None if isinstance(model, LoadedModel) else check_float_model(model)
     if needs_calibration:
         calibration.check()
     loaded = model if isinstance(model, LoadedModel) else load_model(model, checked=checked)
-    shapes = linear_shapes(loaded.model, loaded.adapter)
-    for candidate in candidates:
-        check_layers(layout, candidate, shapes)
+    _check_layers(writer, candidates, linear_shapes(loaded.model, loaded.adapter))
     if needs_calibration:
         check_context(loaded.model, calibration.seqlen, "--seqlen")
     calib = _calibration(loaded, calibration, seed) if needs_calibration else None
@@ -377,11 +377,18 @@ def _allocation_record(plan: AllocationPlan, quantized: dict[str, QuantizedTenso
     return {**plan.summary(), "bits_per_weight": bits_per_weight(nbytes, weights)}
 
 
+def _check_layers(writer: Layout, schemes: list[QuantScheme], shapes: dict[str, tuple[int, int]]) -> None:
+    """Refuse layer shapes ``writer`` cannot hold with any of ``schemes``."""
+    for scheme in schemes:
+        for layer, (_, in_features) in shapes.items():
+            writer.check_layer(layer, scheme, in_features)
+
+
 def _checkpoint_bytes(model: nn.Module, shapes: dict[str, tuple[int, int]], quantizer, schemes: list[QuantScheme],
                       cost: LayerCost, dtype: torch.dtype) -> int:
     """The least a checkpoint of ``model`` (its linears of ``shapes``) quantized at one of ``schemes`` takes (see
     :func:`estimated_bytes`)."""
-    layer_bytes = {name: min(cost(quantizer.layout_meta(scheme, shape), shape) for scheme in schemes)
+    layer_bytes = {name: min(cost(quantizer.plan(scheme).meta(shape), shape) for scheme in schemes)
                    for name, shape in shapes.items()}
     return estimated_bytes(model, layer_bytes, dtype)
 
@@ -429,17 +436,17 @@ def export(source: str | Path, output: str | Path, layout: str, overwrite: bool 
 
     checkpoint = open_checkpoint(Path(source))
     qc = checkpoint.quantization
-    check_layout(layout, activations=qc.get("input_activations") is not None,
-                 online=bool((qc.get("transform") or {}).get("online")))
+    get_layout(layout).check(activations=qc.get("input_activations") is not None,
+                             online=bool((qc.get("transform") or {}).get("online")))
     check_output_dir(Path(output), overwrite)
     model = load(source)
     quantized = {name: m.quantized() for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     has_tokenizer = any((Path(source) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = load_tokenizer(source) if has_tokenizer else None
-    if checkpoint.format == "native":
+    if checkpoint.layout.name == "native":
         config = {k: v for k, v in qc.items() if k not in ("quant_method", "format", "format_version", "layers")}
     else:
-        config = {"method": checkpoint.format, "source_quantization_config": qc}
+        config = {"method": checkpoint.layout.name, "source_quantization_config": qc}
     save_checkpoint(layout, Path(output), model, tokenizer, quantized, config, overwrite=overwrite)
     remove_dead_state(Path(output))
     return model

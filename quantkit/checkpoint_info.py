@@ -7,27 +7,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from quantkit.export.safetensors_io import DTYPE_BYTES
-from quantkit.formats.kron import TRANSFORM_BUFFERS
+from quantkit.formats.base import ROLES
+from quantkit.layouts.base import DTYPE_BYTES
 from quantkit.runtime.loader import verify
 from quantkit.schemes import QuantScheme
-
-ROLES = ("codes", "statistics", "outliers", "permutation", "transform", "other")
-
-
-def tensor_role(name: str) -> str:
-    """What a quantized layer's stored tensor holds, from its name (native, GPTQ and compressed-tensors names)."""
-    if "outlier" in name:
-        return "outliers"
-    if name in TRANSFORM_BUFFERS:
-        return "transform"
-    if "g_idx" in name or name == "perm":
-        return "permutation"
-    if "scale" in name or "zero" in name:
-        return "statistics"
-    if name in ("qweight", "weight_packed"):
-        return "codes"
-    return "other"
 
 
 @dataclass
@@ -134,13 +117,14 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     by_scheme: dict[str, SchemeSummary] = {}
     total = SchemeSummary("all quantized layers")
     for layer, plan in checked.plans.items():
+        roles = {**plan.roles, **dict.fromkeys(checked.online.expected(layer), "transform")}
         stored = [*plan.specs, *checked.online.expected(layer)]
         meta = plan.meta
         label = scheme_label(meta, checked.input_scheme, transform if layer in checked.online.sizes else None)
         summary = SchemeSummary(label, 1, math.prod(meta["shape"]), sum(nbytes[f"{layer}.{n}"] for n in stored),
                                 int(meta.get("outliers", 0)))
         for name in stored:
-            summary.role_bytes[tensor_role(name)] += nbytes[f"{layer}.{name}"]
+            summary.role_bytes[roles[name]] += nbytes[f"{layer}.{name}"]
         by_scheme.setdefault(label, SchemeSummary(label)).add(summary)
         total.add(summary)
     return CheckpointInfo(

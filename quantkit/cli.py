@@ -391,7 +391,8 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Show what a checkpoint holds: schemes, sizes, bits per weight."""
-    from quantkit.checkpoint_info import ROLES, inspect_checkpoint
+    from quantkit.checkpoint_info import inspect_checkpoint
+    from quantkit.formats import ROLES
 
     info = inspect_checkpoint(checkpoint)
     if as_json:

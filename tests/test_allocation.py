@@ -66,7 +66,7 @@ def test_layout_bytes_equal_the_bytes_written(method: str, scheme: QuantScheme, 
     weight = torch.randn(24, 80, generator=torch.Generator().manual_seed(1))  # 80 = 2.5 groups of 32
     qt = quantizer.quantize(weight, LayerStats(hessian=_hessian(80), tokens=256), scheme)
     written = sum(t.numel() * t.element_size() for t in qt.to_tensors().values())
-    meta = quantizer.layout_meta(scheme, (24, 80))
+    meta = quantizer.plan(scheme).meta((24, 80))
     if method == "spqr":
         assert qt.meta()["outliers"] > 0  # outliers are data: the layout counts none, the tensor counts them
         meta = {**meta, "outliers": qt.meta()["outliers"]}
@@ -80,14 +80,14 @@ def _written(tensors: dict[str, torch.Tensor]) -> int:
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_layout_bytes_of_gptq_and_compressed_tensors_checkpoints(act_order: bool, dtype: torch.dtype) -> None:
-    from quantkit.export import compressed_tensors_format as ct
-    from quantkit.export import gptq_format as gptq
+    from quantkit.layouts import compressed_tensors as ct
+    from quantkit.layouts import gptq
 
     quantizer = make_quantizer("gptq", act_order=act_order)
     weight = torch.randn(24, 96, generator=torch.Generator().manual_seed(3))
     for scheme in (QuantScheme(2, 32, True), QuantScheme(3, 32, True), QuantScheme(8, -1, True)):
         qt = quantizer.quantize(weight, LayerStats(hessian=_hessian(96), tokens=256), scheme)
-        meta = quantizer.layout_meta(scheme, (24, 96))
+        meta = quantizer.plan(scheme).meta((24, 96))
         assert LayerCost("gptq", dtype)(meta, (24, 96)) == _written(gptq.encode(qt))
         if not act_order and scheme.bits != 3:
             assert LayerCost("compressed-tensors", dtype)(meta, (24, 96)) == _written(ct.encode(qt, dtype))
@@ -268,7 +268,7 @@ def test_mixed_checkpoint_meets_the_target_and_loads_to_the_fake_quant_model(
     quantizer, cost = make_quantizer(method, **extra), LayerCost(layout, torch.float32)
     steps = []
     for qt in result.quantized.values():
-        sizes = [cost(quantizer.layout_meta(replace(qt.scheme, bits=b), qt.shape), qt.shape) for b in choices]
+        sizes = [cost(quantizer.plan(replace(qt.scheme, bits=b)).meta(qt.shape), qt.shape) for b in choices]
         steps += [high - low for low, high in zip(sizes, sizes[1:])]
     assert 5.0 - info.bits_per_weight < 8 * max(steps) / info.quantized_weights
     loaded = quantkit.load(tmp_path / "ckpt", kernel="dequant")

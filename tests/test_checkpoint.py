@@ -15,7 +15,7 @@ from helpers_tokenizer import tiny_tokenizer
 from quantkit.checkpoint_info import inspect_checkpoint
 from quantkit.engine import quantize_model
 from quantkit.errors import QuantkitError
-from quantkit.export.native import save_native
+from quantkit.export.save import save_checkpoint
 from quantkit.models.adapters import adapter_for
 from quantkit.quantizers import make_quantizer
 from quantkit.schemes import QuantScheme
@@ -26,7 +26,7 @@ CALIB = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(3
 def quantized_checkpoint(folder: Path, scheme: QuantScheme, **options) -> torch.nn.Module:
     model = tiny_model()
     quantized = quantize_model(model, adapter_for("llama"), make_quantizer("gptq", **options), lambda _: scheme, CALIB)
-    save_native(folder, model, tiny_tokenizer(), quantized, {"method": "gptq", "scheme": scheme.to_dict()})
+    save_checkpoint("native", folder, model, tiny_tokenizer(), quantized, {"method": "gptq", "scheme": scheme.to_dict()})
     return model
 
 
@@ -75,7 +75,7 @@ def test_non_quantized_tensors_keep_their_dtype_and_tied_head_is_stored_once(tmp
 def test_sharded_checkpoint_loads(tmp_path: Path) -> None:
     model = tiny_model()
     quantized = quantize_model(model, adapter_for("llama"), make_quantizer("rtn"), lambda _: QuantScheme(4, 16, True), None)
-    save_native(tmp_path / "ckpt", model, None, quantized, {"method": "rtn"}, max_shard_bytes=20_000)
+    save_checkpoint("native", tmp_path / "ckpt", model, None, quantized, {"method": "rtn"}, max_shard_bytes=20_000)
     assert (tmp_path / "ckpt" / "model.safetensors.index.json").is_file()
     loaded = quantkit.load(tmp_path / "ckpt")
     with torch.no_grad():
@@ -158,7 +158,7 @@ def test_failed_export_leaves_nothing_behind(tmp_path: Path) -> None:
             raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        save_native(tmp_path / "out", model, Exploding(), {}, {"method": "rtn"})
+        save_checkpoint("native", tmp_path / "out", model, Exploding(), {}, {"method": "rtn"})
     assert list(tmp_path.iterdir()) == []
 
 
@@ -166,5 +166,5 @@ def test_existing_output_needs_overwrite(tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
     with pytest.raises(QuantkitError, match="--overwrite"):
-        save_native(tmp_path / "out", tiny_model(), None, {}, {"method": "rtn"})
+        save_checkpoint("native", tmp_path / "out", tiny_model(), None, {}, {"method": "rtn"})
     assert (tmp_path / "out" / "keep.txt").read_text() == "x"

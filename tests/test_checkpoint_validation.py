@@ -28,9 +28,9 @@ from quantkit.config_fields import check_type
 from quantkit.engine import quantize_model
 from quantkit.errors import QuantkitError
 from quantkit.eval.models import load_target
-from quantkit.export.formats import save_checkpoint
-from quantkit.export.native import FORMAT_VERSION
+from quantkit.export.save import save_checkpoint
 from quantkit.formats.intgrid import IntQuantizedTensor
+from quantkit.layouts.native import FORMAT_VERSION
 from quantkit.models.adapters import adapter_for
 from quantkit.quantizers import LayerStats, make_quantizer
 from quantkit.runtime.quant_linear import QuantLinear

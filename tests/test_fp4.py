@@ -23,11 +23,13 @@ from helpers_tokenizer import tiny_tokenizer
 from quantkit.actquant import activation_scheme, attach_input_quantizers, fake_quantize
 from quantkit.checkpoint_info import inspect_checkpoint
 from quantkit.errors import QuantkitError
-from quantkit.export.formats import check_layout, save_checkpoint
+from quantkit.export.save import save_checkpoint
+from quantkit.formats.base import TensorPlan
 from quantkit.formats.e2m1 import SCALE_CODECS, e2m1_decode, e2m1_encode, global_scale
 from quantkit.formats.floatgrid import FloatQuantizedTensor
 from quantkit.formats.grid import make_grid
 from quantkit.formats.packing import pack_nibbles, unpack_nibbles
+from quantkit.layouts import get_layout
 from quantkit.quantizers import LayerStats, make_quantizer
 from quantkit.schemes import QuantScheme
 
@@ -294,7 +296,7 @@ def test_w4a4_checkpoint_keeps_its_activation_quantization(tmp_path: Path) -> No
         torch.testing.assert_close(loaded(CALIB).logits, fake, rtol=0, atol=1e-5)
     for layout in ("gptq", "compressed-tensors"):
         with pytest.raises(QuantkitError, match="activation"):
-            check_layout(layout, activations=True)
+            get_layout(layout).check(activations=True)
 
 
 @pytest.mark.parametrize("scheme", [NVFP4, MXFP4], ids=["nvfp4", "mxfp4"])
@@ -327,9 +329,9 @@ def test_compressed_tensors_fp4_checkpoint_is_read_by_compressed_tensors(tmp_pat
 
 def test_layouts_refuse_what_they_cannot_hold() -> None:
     with pytest.raises(QuantkitError, match="cannot hold e2m1"):
-        check_layout("gptq", kind="e2m1")
+        get_layout("gptq").check(kinds=["e2m1"])
     with pytest.raises(QuantkitError, match="no layout for fp4"):
-        check_layout("compressed-tensors", FP4)
+        get_layout("compressed-tensors").check(TensorPlan("e2m1", FP4))
 
 
 def test_corrupt_fp4_checkpoints_fail_with_one_line(tmp_path: Path) -> None:

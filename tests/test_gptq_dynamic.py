@@ -21,8 +21,8 @@ from quantkit.api import export
 from quantkit.checkpoint_info import inspect_checkpoint
 from quantkit.engine import quantize_model
 from quantkit.errors import QuantkitError
-from quantkit.export import gptq_format as gptq
-from quantkit.export.formats import save_checkpoint
+from quantkit.export.save import save_checkpoint
+from quantkit.layouts import gptq
 from quantkit.models.adapters import adapter_for
 from quantkit.quantizers import make_quantizer
 from quantkit.runtime.loader import open_checked

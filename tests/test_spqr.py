@@ -18,7 +18,7 @@ from helpers_tokenizer import tiny_tokenizer
 from quantkit.checkpoint_info import inspect_checkpoint
 from quantkit.engine import quantize_model
 from quantkit.errors import QuantkitError
-from quantkit.export.formats import save_checkpoint
+from quantkit.export.save import save_checkpoint
 from quantkit.formats.spqr import CsrOutliers, SpQRQuantizedTensor, first_level_grid, quantize_stats
 from quantkit.models.adapters import adapter_for
 from quantkit.quantizers import make_quantizer

@@ -1,5 +1,5 @@
-"""What a quantized layer costs on disk, counted exactly as the exporter of each layout writes it, and the
-byte budget of an average-bits target."""
+"""What a quantized layer costs on disk, counted by its layout exactly as it writes it, and the byte budget of an
+average-bits target."""
 
 from __future__ import annotations
 
@@ -10,34 +10,20 @@ from fractions import Fraction
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.export import compressed_tensors_format as ct
-from quantkit.export import gptq_format as gptq
-from quantkit.formats.base import QuantizedTensor, TensorSpec, tensor_class
-from quantkit.schemes import QuantScheme
-
-
-def _size(specs: dict[str, TensorSpec]) -> int:
-    return sum(math.prod(size) * dtype.itemsize for size, dtype in specs.values())
+from quantkit.formats.base import QuantizedTensor
+from quantkit.layouts import get_layout
 
 
 @dataclass(frozen=True)
 class LayerCost:
     """Bytes of the tensors a quantized layer writes in ``layout`` (codes, scales, zeros, indices), from its
-    meta and ``(out, in)`` shape; compressed-tensors stores integer scales in the model's dtype."""
+    meta and ``(out, in)`` shape, as the layout counts them for a model in ``model_dtype``."""
 
     layout: str = "native"
     model_dtype: torch.dtype = torch.float32
 
     def __call__(self, meta: dict, shape: tuple[int, int]) -> int:
-        if self.layout == "gptq":  # always with g_idx, float16 scales
-            scheme = QuantScheme(int(meta["bits"]), int(meta["group_size"]))
-            return _size(gptq.expected_tensors(scheme.bits, scheme.num_groups(shape[1]), shape, torch.float16,
-                                               with_g_idx=True))
-        if self.layout == "compressed-tensors" and meta["kind"] == "int":
-            args = ct.WeightArgs(int(meta["bits"]), int(meta["group_size"]), bool(meta["symmetric"]), g_idx=False)
-            scale_dtype = torch.float16 if self.model_dtype.itemsize <= 2 else self.model_dtype
-            return _size(ct.expected_tensors(args, shape, scale_dtype))
-        return _size(tensor_class(meta["kind"]).expected_tensors(meta, shape))
+        return get_layout(self.layout).nbytes(meta, shape, self.model_dtype)
 
     def of(self, qt: QuantizedTensor) -> int:
         """Bytes ``qt`` writes."""

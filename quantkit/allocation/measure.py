@@ -71,7 +71,7 @@ def layout_costs(model: nn.Module, units: list[Unit], quantizer: Quantizer, sche
             count += shape[0] * shape[1]
             for c, scheme in enumerate(schemes):
                 scheme.check_fits(layer, shape[1])
-                row[c] += cost(quantizer.layout_meta(scheme, shape), shape) + extra_bytes.get(layer, 0)
+                row[c] += cost(quantizer.plan(scheme).meta(shape), shape) + extra_bytes.get(layer, 0)
         costs.append(row)
         weights.append(count)
     return costs, weights
@@ -145,7 +145,7 @@ def measure(
     schemes = [replace(base, bits=bits) for bits in options.bit_choices]
     units = sens.units
     wants_meter = options.strategy == "auto" or "kl" in scores
-    wants_database = wants_meter or "error" in scores or quantizer.data_dependent_bytes
+    wants_database = wants_meter or "error" in scores or quantizer.plan(base).data_dependent
     if (wants_database or "lim" in scores) and calib is None:
         raise QuantkitError(f"the {options.strategy} allocation with score {options.chosen_score} needs calibration data")
     if wants_database:

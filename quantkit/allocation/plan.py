@@ -143,7 +143,7 @@ def check_plan(plan: AllocationPlan, model: nn.Module, adapter: ModelAdapter, qu
     for layer, bits in layer_bits.items():
         linear = model.get_submodule(layer)
         shape = (linear.out_features, linear.in_features)
-        nbytes += cost(quantizer.layout_meta(replace(base, bits=bits), shape), shape) + extra_bytes.get(layer, 0)
+        nbytes += cost(quantizer.plan(replace(base, bits=bits)).meta(shape), shape) + extra_bytes.get(layer, 0)
         weights += shape[0] * shape[1]
     if nbytes > budget_bytes(plan.target_bits, weights):
         raise QuantkitError(f"the allocation plan writes {bits_per_weight(nbytes, weights):.4f} bits per weight with "

@@ -1,8 +1,9 @@
 """Quantized tensor types and bit packing. Importing this package registers every format."""
 
-from quantkit.formats.base import QuantizedTensor, tensor_class
+from quantkit.formats.base import ROLES, QuantizedTensor, TensorPlan, tensor_class
 from quantkit.formats.floatgrid import FloatQuantizedTensor
 from quantkit.formats.intgrid import IntQuantizedTensor
 from quantkit.formats.spqr import SpQRQuantizedTensor
 
-__all__ = ["FloatQuantizedTensor", "IntQuantizedTensor", "QuantizedTensor", "SpQRQuantizedTensor", "tensor_class"]
+__all__ = ["ROLES", "FloatQuantizedTensor", "IntQuantizedTensor", "QuantizedTensor", "SpQRQuantizedTensor", "TensorPlan",
+           "tensor_class"]

@@ -9,13 +9,17 @@ tensors (names, shapes, dtypes) to expect before it reads any data, then rebuild
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
 from quantkit.errors import QuantkitError
+from quantkit.schemes import QuantScheme
 
 TensorSpec = tuple[tuple[int, ...], torch.dtype]
+# What a stored tensor holds, for size breakdowns.
+ROLES = ("codes", "statistics", "outliers", "permutation", "transform", "other")
 
 _REGISTRY: dict[str, type[QuantizedTensor]] = {}
 
@@ -24,6 +28,7 @@ class QuantizedTensor(ABC):
     """A quantized ``[out_features, in_features]`` weight matrix in one number format."""
 
     kind: ClassVar[str]
+    roles: ClassVar[dict[str, str]]  # stored tensor name -> what it holds (one of ROLES)
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -52,9 +57,32 @@ class QuantizedTensor(ABC):
         """Names, shapes and dtypes that :meth:`to_tensors` writes for a layer with this meta and shape."""
 
     @classmethod
+    def planned_meta(cls, plan: TensorPlan, shape: tuple[int, int]) -> dict:
+        """The :meth:`meta` of a tensor ``plan`` will make from a ``shape`` weight, as far as it is known before
+        the data (with the shape, it fixes the stored bytes; a lower bound when ``plan.data_dependent``)."""
+        return {"kind": cls.kind, **plan.scheme.to_dict(), **plan.extra}
+
+    @classmethod
     @abstractmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict, shape: tuple[int, int]) -> QuantizedTensor:
         """Rebuild from stored tensors (already validated against :meth:`expected_tensors`)."""
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """What a quantizer will make of any weight under ``scheme``, known before it sees one: the tensor kind,
+    whether act-order assigns columns to groups out of order (``column_groups``), whether the stored bytes
+    depend on the data (``data_dependent``: outliers), and kind-specific meta fields (``extra``)."""
+
+    kind: str
+    scheme: QuantScheme
+    column_groups: bool = False
+    data_dependent: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def meta(self, shape: tuple[int, int]) -> dict:
+        """The planned :meth:`QuantizedTensor.meta` for a ``shape`` weight."""
+        return tensor_class(self.kind).planned_meta(self, shape)
 
 
 def tensor_class(kind: str) -> type[QuantizedTensor]:

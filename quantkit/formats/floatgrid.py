@@ -30,6 +30,7 @@ class FloatQuantizedTensor(QuantizedTensor):
     the float32 global scale ``[1]``."""
 
     kind = "e2m1"
+    roles = {"weight_packed": "codes", "weight_scale": "statistics", "weight_global_scale": "statistics"}
 
     codes: torch.Tensor
     scales: torch.Tensor

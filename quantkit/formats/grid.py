@@ -20,10 +20,9 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.base import QuantizedTensor
 from quantkit.formats.e2m1 import SCALE_CODECS, TENSOR_SCALED, e2m1_decode, e2m1_encode, global_scale
 from quantkit.formats.floatgrid import FloatQuantizedTensor
-from quantkit.formats.intgrid import IntQuantizedTensor
+from quantkit.formats.intgrid import SCALE_DTYPE, IntQuantizedTensor
 from quantkit.schemes import QuantScheme
 
-SCALE_DTYPE = torch.float16
 _MIN_SCALE = 2.0**-24  # smallest positive float16; keeps every stored scale non-zero
 
 # GPTQ's MSE clipping search: shrink the range by 1 - i/grid for i < maxshrink*grid, error norm 2.4.

@@ -8,9 +8,11 @@ import torch
 
 from quantkit.config_fields import field
 from quantkit.errors import QuantkitError
-from quantkit.formats.base import QuantizedTensor, TensorSpec
+from quantkit.formats.base import QuantizedTensor, TensorPlan, TensorSpec
 from quantkit.formats.packing import pack_rows, packed_width, unpack_rows
 from quantkit.schemes import QuantScheme
+
+SCALE_DTYPE = torch.float16  # the scales integer grids fit and store
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -33,6 +35,7 @@ class IntQuantizedTensor(QuantizedTensor):
     """
 
     kind = "int"
+    roles = {"qweight": "codes", "scales": "statistics", "qzeros": "statistics", "g_idx": "permutation"}
 
     codes: torch.Tensor
     scales: torch.Tensor
@@ -62,6 +65,11 @@ class IntQuantizedTensor(QuantizedTensor):
             return w.reshape(out_features, in_features).to(dtype)
         g = self.group_index()
         return dequantize_codes(self.codes, self.scales[:, g], self.zeros[:, g]).to(dtype)
+
+    @classmethod
+    def planned_meta(cls, plan: TensorPlan, shape: tuple[int, int]) -> dict:
+        act_order = plan.column_groups and plan.scheme.group_size < shape[1]  # one group needs no g_idx
+        return {"kind": cls.kind, **plan.scheme.to_dict(), "act_order": act_order, "scale_dtype": dtype_name(SCALE_DTYPE)}
 
     def meta(self) -> dict:
         return {

@@ -22,7 +22,7 @@ import torch
 
 from quantkit.config_fields import field
 from quantkit.errors import QuantkitError
-from quantkit.formats.base import QuantizedTensor, TensorSpec
+from quantkit.formats.base import QuantizedTensor, TensorPlan, TensorSpec
 from quantkit.formats.packing import pack_rows, packed_width, unpack_rows
 from quantkit.schemes import QuantScheme
 
@@ -179,6 +179,9 @@ class SpQRQuantizedTensor(QuantizedTensor):
     """An SpQR layer; ``codes [out, in]`` are in quantization order: position ``i`` is column ``perm[i]``."""
 
     kind = "spqr"
+    roles = {"qweight": "codes", "perm": "permutation",
+             **{f"{stat}_{part}": "statistics" for stat in ("scale", "zero") for part in ("codes", "scale", "zero")},
+             **{f"outlier_{part}": "outliers" for part in ("row_offsets", "columns", "values")}}
 
     codes: torch.Tensor
     scale_stats: StatCodes
@@ -208,6 +211,10 @@ class SpQRQuantizedTensor(QuantizedTensor):
         if self.outliers.count:
             w[self.outliers.rows(), self.outliers.columns] = self.outliers.values.float()
         return w.to(dtype)
+
+    @classmethod
+    def planned_meta(cls, plan: TensorPlan, shape: tuple[int, int]) -> dict:
+        return {**super().planned_meta(plan, shape), "outliers": 0}  # the outliers are counted from the data
 
     def meta(self) -> dict:
         return {

@@ -9,9 +9,7 @@ from typing import ClassVar
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.base import QuantizedTensor
-from quantkit.formats.grid import SCALE_DTYPE
-from quantkit.formats.intgrid import dtype_name
+from quantkit.formats.base import QuantizedTensor, TensorPlan
 from quantkit.schemes import QuantScheme
 
 
@@ -39,7 +37,6 @@ class Quantizer(ABC):
     default_symmetric: ClassVar[bool] = True
     min_group_size: ClassVar[int] = 1
     float_formats: ClassVar[bool] = True  # whether it can round onto the FP4 formats as well as integer grids
-    data_dependent_bytes: ClassVar[bool] = False  # whether what it writes depends on the weights (outliers)
 
     @abstractmethod
     def quantize(self, weight: torch.Tensor, stats: LayerStats, scheme: QuantScheme) -> QuantizedTensor:
@@ -51,9 +48,9 @@ class Quantizer(ABC):
         symmetry where they are not given."""
         return QuantScheme.for_format(fmt, bits, group_size, symmetric, self.default_group_size, self.default_symmetric)
 
-    def tensor_kind(self, scheme: QuantScheme) -> str:
-        """The QuantizedTensor kind it produces under ``scheme``."""
-        return "e2m1" if scheme.is_float else "int"
+    def plan(self, scheme: QuantScheme) -> TensorPlan:
+        """What it makes of any weight under ``scheme``, known before it sees one (what layouts check and count)."""
+        return TensorPlan("e2m1" if scheme.is_float else "int", scheme)
 
     def check_scheme(self, scheme: QuantScheme) -> None:
         """Refuse, before any work, a scheme this quantizer cannot use: a number format it does not round
@@ -65,23 +62,6 @@ class Quantizer(ABC):
                 f"{self.name} group size {scheme.group_size} makes no sense: its statistics would cost more than "
                 f"the weights; use {self.min_group_size} or more (or -1 for per-channel)"
             )
-
-    def column_groups(self, scheme: QuantScheme) -> bool:
-        """Whether the tensors it makes under ``scheme`` assign columns to groups out of order (act-order ``g_idx``)."""
-        return False
-
-    def stores_g_idx(self, scheme: QuantScheme, in_features: int) -> bool:
-        """Whether a layer of ``in_features`` inputs gets a ``g_idx`` (out-of-order groups; one group needs none)."""
-        return self.column_groups(scheme) and scheme.group_size < in_features
-
-    def layout_meta(self, scheme: QuantScheme, shape: tuple[int, int]) -> dict:
-        """The :meth:`QuantizedTensor.meta` of what it makes from a ``shape`` weight under ``scheme``, as far as
-        it is known before seeing the data: with the shape, it fixes the bytes the layer will take on disk
-        (unless :attr:`data_dependent_bytes`, when it is a lower bound)."""
-        if scheme.is_float:
-            return {"kind": "e2m1", **scheme.to_dict()}
-        return {"kind": "int", **scheme.to_dict(), "act_order": self.stores_g_idx(scheme, shape[1]),
-                "scale_dtype": dtype_name(SCALE_DTYPE)}
 
     @abstractmethod
     def options(self, scheme: QuantScheme) -> dict:

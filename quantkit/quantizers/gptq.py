@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.base import QuantizedTensor
+from quantkit.formats.base import QuantizedTensor, TensorPlan
 from quantkit.formats.grid import Params, make_grid
 from quantkit.quantizers.base import LayerStats, Quantizer
 from quantkit.schemes import QuantScheme
@@ -151,7 +151,11 @@ class GPTQQuantizer(Quantizer):
         return self.static_groups if self.static_groups is not None else (scheme.is_float and self.act_order)
 
     def column_groups(self, scheme: QuantScheme) -> bool:
+        """Whether its tensors assign columns to groups out of order (act-order ``g_idx``)."""
         return self.act_order and not self.static(scheme) and scheme.group_size != -1
+
+    def plan(self, scheme: QuantScheme) -> TensorPlan:
+        return replace(super().plan(scheme), column_groups=self.column_groups(scheme))
 
     def quantize(self, weight: torch.Tensor, stats: LayerStats, scheme: QuantScheme) -> QuantizedTensor:
         if stats.hessian is None:
@@ -181,5 +185,5 @@ class GPTQQuantizer(Quantizer):
         codes = codes.t()[:, inverse].contiguous()
         groups = static if static is not None else fitted
         params = tuple(torch.stack(p, dim=1) for p in zip(*groups))
-        reordered = self.stores_g_idx(scheme, n)
+        reordered = self.column_groups(scheme) and scheme.group_size < n  # one group needs no g_idx
         return grid.tensor(codes, params, (inverse // group).to(torch.int32) if reordered else None)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from quantkit.errors import QuantkitError
+from quantkit.formats.base import TensorPlan
 from quantkit.formats.spqr import (
     MAX_COLUMNS,
     CsrOutliers,
@@ -82,7 +83,6 @@ class SpQRQuantizer(Quantizer):
     default_symmetric = False
     float_formats = False
     min_group_size = 2  # leave-one-out needs another weight in the group
-    data_dependent_bytes = True  # outliers
 
     damp: float = 1.0
     outlier_threshold: float = 0.2
@@ -104,13 +104,9 @@ class SpQRQuantizer(Quantizer):
     def options(self, scheme: QuantScheme) -> dict:
         return asdict(self)
 
-    def tensor_kind(self, scheme: QuantScheme) -> str:
-        return "spqr"
-
-    def layout_meta(self, scheme: QuantScheme, shape: tuple[int, int]) -> dict:
-        """SpQR's layout without outliers (their count depends on the data)."""
-        return {"kind": "spqr", **scheme.to_dict(), "stat_bits": self.stat_bits,
-                "stat_group_size": self.stat_group_size, "permuted": self.act_order, "outliers": 0}
+    def plan(self, scheme: QuantScheme) -> TensorPlan:
+        extra = {"stat_bits": self.stat_bits, "stat_group_size": self.stat_group_size, "permuted": self.act_order}
+        return TensorPlan("spqr", scheme, data_dependent=True, extra=extra)  # outliers: bytes depend on the data
 
     def quantize(self, weight: torch.Tensor, stats: LayerStats, scheme: QuantScheme) -> SpQRQuantizedTensor:
         if stats.hessian is None:

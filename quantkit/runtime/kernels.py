@@ -174,12 +174,13 @@ def dequant_kernel(decode: Callable[[], QuantizedTensor]) -> Kernel:
 
 def build_kernel(
     decode: Callable[[], QuantizedTensor], stored: dict[str, torch.Tensor], device: torch.device,
-    dtype: torch.dtype, backend: str,
+    dtype: torch.dtype, backend: str, decoded: QuantizedTensor | None = None,
 ) -> tuple[str, Kernel]:
-    """``(backend name, kernel)`` for a layer; an explicitly named backend that cannot serve it is an error."""
+    """``(backend name, kernel)`` for a layer (``decoded``: its weight already decoded from ``stored``, when the
+    caller has it); an explicitly named backend that cannot serve it is an error."""
     if backend == "dequant":
         return "dequant", dequant_kernel(decode)
-    qt = decode()
+    qt = decoded if decoded is not None else decode()
     on_cuda = device.type == "cuda"
     if backend == "auto":
         order = ["triton"] if on_cuda else ["cpu"] + (["aten"] if dtype in (torch.float16, torch.bfloat16) else [])

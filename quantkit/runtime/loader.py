@@ -21,58 +21,26 @@ from torch import nn
 from quantkit.actquant import activation_scheme
 from quantkit.config_fields import check_type, field, read_json
 from quantkit.errors import QuantkitError
-from quantkit.export import compressed_tensors_format as ct
-from quantkit.export.gptq_format import CONFIG_FILE as GPTQ_CONFIG_FILE
-from quantkit.export.native import FORMAT_NAME, FORMAT_VERSION, QUANT_METHOD, placeholder_specs
-from quantkit.export.safetensors_io import SAFETENSORS_DTYPES, Headers, TensorReader
+from quantkit.export.safetensors_io import TensorReader
 from quantkit.export.writer import plain_tensors
 from quantkit.formats.base import TensorSpec
 from quantkit.formats.kron import TRANSFORM_BUFFERS
+from quantkit.layouts import Layout, stored_layout
+from quantkit.layouts.base import SAFETENSORS_DTYPES, DecodedLayer, Headers, LayerPlan
+from quantkit.layouts.gptq import CONFIG_FILE as GPTQ_CONFIG_FILE
 from quantkit.models.skeleton import build_skeleton, checked_shard_map, stored_headers
-from quantkit.runtime import readers
 from quantkit.runtime.kernels import check_backend, default_backend
 from quantkit.runtime.quant_linear import QuantLinear
 from quantkit.schemes import QuantScheme
 
-_PLANNERS = {
-    "native": readers.native_plans,
-    "gptq": readers.gptq_plans,
-    "compressed-tensors": readers.compressed_tensors_plans,
-}
-
 
 @dataclass
 class CheckpointConfig:
-    """A checkpoint's model config (without quantization_config), its quantization config and format name."""
+    """A checkpoint's model config (without quantization_config), its quantization config and layout."""
 
     model: dict
     quantization: dict
-    format: str
-
-
-def _format_of(folder: Path, qc: object) -> str:
-    """Which reader a quantization config needs; a one-line refusal when none does."""
-    if not isinstance(qc, dict):
-        raise QuantkitError(f"corrupt quantization_config in {folder / 'config.json'}: {type(qc).__name__} "
-                            f"{json.dumps(qc)[:40]}, not an object")
-    method = qc.get("quant_method")
-    formats = {QUANT_METHOD: "native", "gptq": "gptq", ct.QUANT_METHOD: "compressed-tensors"}
-    if not isinstance(method, str) or method not in formats:
-        raise QuantkitError(f"{folder} is quantized with quant_method {method!r}, which quantkit does not load "
-                            f"(it loads {', '.join(formats)})")
-    return formats[method]
-
-
-def _check_native(folder: Path, qc: dict) -> None:
-    """A native config quantkit reads: format ``native``, a known format version, a per-layer table."""
-    version = qc.get("format_version")
-    if qc.get("format") != FORMAT_NAME or type(version) is not int or not 1 <= version <= FORMAT_VERSION:
-        newer = qc.get("format") == FORMAT_NAME and type(version) is int and version > FORMAT_VERSION
-        raise QuantkitError(f"unsupported checkpoint format {qc.get('format')!r} version {version!r}; this quantkit "
-                            f"reads {FORMAT_NAME!r} versions 1 to {FORMAT_VERSION}"
-                            + (" (a newer quantkit may read it)" if newer else ""))
-    if not isinstance(qc.get("layers"), dict):
-        raise QuantkitError(f"corrupt quantization_config in {folder}: no per-layer table")
+    layout: Layout
 
 
 def open_checkpoint(folder: Path) -> CheckpointConfig:
@@ -89,10 +57,7 @@ def open_checkpoint(folder: Path) -> CheckpointConfig:
         qc.setdefault("quant_method", "gptq")
     if qc is None:
         raise QuantkitError(f"{folder} is not a quantkit checkpoint (its config.json has no quantization_config)")
-    fmt = _format_of(folder, qc)
-    if fmt == "native":
-        _check_native(folder, qc)
-    return CheckpointConfig(config, qc, fmt)
+    return CheckpointConfig(config, qc, stored_layout(folder, qc))
 
 
 def is_quantkit_checkpoint(path: str | Path) -> bool:
@@ -107,10 +72,6 @@ def is_quantkit_checkpoint(path: str | Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and config.get("quantization_config") is not None
-
-
-def _plans(model: nn.Module, checkpoint: CheckpointConfig, headers: Headers) -> dict[str, readers.LayerPlan]:
-    return _PLANNERS[checkpoint.format](model, checkpoint.quantization, headers)
 
 
 def _validate(expected: dict[str, TensorSpec], files: dict[str, str], headers: Headers) -> None:
@@ -131,7 +92,7 @@ def _validate(expected: dict[str, TensorSpec], files: dict[str, str], headers: H
 
 def _native_record(checkpoint: CheckpointConfig, key: str, what: str) -> dict | None:
     """The object a native quantization config records under ``key`` (None when absent or not native)."""
-    record = checkpoint.quantization.get(key) if checkpoint.format == "native" else None
+    record = checkpoint.quantization.get(key) if checkpoint.layout.name == "native" else None
     if record is not None and not isinstance(record, dict):
         raise QuantkitError(f"corrupt {what} in quantization_config: {record!r} is not an object")
     return record
@@ -170,7 +131,7 @@ def _factor_sizes(layer: str, sizes: object) -> tuple[int, int]:
     return n1, n2
 
 
-def _online_inputs(checkpoint: CheckpointConfig, plans: dict[str, readers.LayerPlan]) -> OnlineInputs:
+def _online_inputs(checkpoint: CheckpointConfig, plans: dict[str, LayerPlan]) -> OnlineInputs:
     """The transform record of a native checkpoint, validated against its quantized layers."""
     record = _native_record(checkpoint, "transform", "transform record")
     if record is None:
@@ -214,7 +175,7 @@ class CheckedCheckpoint:
     files: dict[str, str]  # tensor name -> shard file
     headers: Headers
     model: nn.Module  # the skeleton, parameters on the meta device
-    plans: dict[str, readers.LayerPlan]
+    plans: dict[str, LayerPlan]
     input_scheme: QuantScheme | None
     online: OnlineInputs
     plain: list[str]  # stored tensors kept as they are (embeddings, norms, biases, ...)
@@ -231,17 +192,17 @@ class CheckedCheckpoint:
             for name in self.plain:
                 yield name, self._read(read, name)
 
-    def layers(self) -> Iterator[tuple[str, dict, dict[str, torch.Tensor]]]:
-        """``(layer, meta, buffers)`` of every quantized layer, one at a time: its tensors read and checked, then
-        decoded once (which refuses invalid stored values) into a QuantLinear's meta and buffers (with any
-        online transform factors)."""
+    def layers(self) -> Iterator[tuple[str, DecodedLayer, dict[str, torch.Tensor]]]:
+        """``(layer, decoded, online factors)`` of every quantized layer, one at a time: its tensors read and
+        checked, then decoded once (which refuses invalid stored values) into the in-memory quantized tensor
+        and a QuantLinear's meta and buffers."""
         with TensorReader(self.folder, self.files) as read:
             for layer, plan in self.plans.items():
                 names = [*plan.specs, *self.online.expected(layer)]
                 stored = {name: self._read(read, f"{layer}.{name}") for name in names}
                 with _naming(layer):
-                    meta, buffers = plan.decode({name: stored.pop(name) for name in plan.specs})
-                yield layer, meta, {**buffers, **stored}
+                    decoded = plan.decode({name: stored.pop(name) for name in plan.specs})
+                yield layer, decoded, stored
 
 
 def open_checked(path: str | Path) -> CheckedCheckpoint:
@@ -252,13 +213,11 @@ def open_checked(path: str | Path) -> CheckedCheckpoint:
     files = checked_shard_map(folder)
     headers = stored_headers(folder, files)
     model = build_skeleton(folder, checkpoint.model, headers)
-    plans = _plans(model, checkpoint, headers)
+    plans = checkpoint.layout.plan(model, checkpoint.quantization, headers)
     input_scheme = _input_scheme(checkpoint)
     online = _online_inputs(checkpoint, plans)
     plain = {n: (tuple(t.shape), t.dtype) for n, t in plain_tensors(model, plans).items()}
-    expected = {**plain}
-    if checkpoint.format == "native":  # empty tensors in place of the quantized weights (format version 2)
-        expected.update(placeholder_specs(plans, checkpoint.quantization["format_version"]))
+    expected = {**plain, **checkpoint.layout.extra_specs(checkpoint.quantization, plans)}
     for layer, plan in plans.items():
         expected.update({f"{layer}.{name}": spec for name, spec in {**plan.specs, **online.expected(layer)}.items()})
     _validate(expected, files, headers)
@@ -291,12 +250,14 @@ def load(path: str | Path, kernel: str | None = None) -> nn.Module:
     kernel = check_backend(kernel) if kernel is not None else default_backend()
     checked = open_checked(path)
     model = checked.model
-    state = dict(checked.plain_tensors())
-    for layer, meta, buffers in checked.layers():
+    for layer, decoded, factors in checked.layers():
         parent, _, child = layer.rpartition(".")
-        setattr(model.get_submodule(parent), child, _quant_linear(layer, model.get_submodule(layer), meta, kernel, checked))
-        state.update({f"{layer}.{name}": t for name, t in buffers.items()})
-    model.load_state_dict(state, strict=False, assign=True)
+        linear = model.get_submodule(layer)
+        quant = _quant_linear(layer, linear, decoded.meta, kernel, checked)
+        quant.load_state_dict({**decoded.buffers, **factors}, strict=False, assign=True)
+        quant.prepare(decoded.quantized, linear.weight.dtype)
+        setattr(model.get_submodule(parent), child, quant)
+    model.load_state_dict(dict(checked.plain_tensors()), strict=False, assign=True)
     model.tie_weights()
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:

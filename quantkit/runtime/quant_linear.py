@@ -70,6 +70,15 @@ class QuantLinear(nn.Module):
         """The stored weight as its format's object."""
         return self.tensor_class.from_tensors({n: getattr(self, n) for n in self.tensor_names}, self.meta, self.shape)
 
+    def prepare(self, quantized: QuantizedTensor, dtype: torch.dtype) -> None:
+        """Build the kernel for inputs of ``dtype`` on the stored tensors' device from ``quantized``, the weight
+        the loader has just decoded from them, so that loading decodes each layer once; the GPU backend
+        (``triton``) waits for the device it is moved to."""
+        if self.backend != "triton":
+            device = getattr(self, self.tensor_names[0]).device
+            stored = {n: getattr(self, n) for n in self.tensor_names}
+            self._kernels[(device, dtype)] = build_kernel(self.quantized, stored, device, dtype, self.backend, quantized)
+
     def set_backend(self, backend: str) -> None:
         """Serve with ``backend`` from the next call on."""
         self.backend = check_backend(backend)

@@ -23,10 +23,11 @@ from quantkit.engine import (
 )
 from quantkit.errors import QuantkitError
 from quantkit.export.atomic import publish_directory
-from quantkit.export.native import checkpoint_tensors, layer_records, native_config
 from quantkit.export.safetensors_io import finish_parts, write_part
+from quantkit.export.save import checkpoint_config
 from quantkit.export.writer import estimated_bytes, plain_tensors, write_side_files
 from quantkit.formats.base import QuantizedTensor
+from quantkit.layouts.native import layer_records, layer_tensors, native_quantization_config
 from quantkit.progress import stderr_console
 from quantkit.quantizers.base import Quantizer
 from quantkit.schemes import QuantScheme
@@ -58,7 +59,8 @@ class StreamedBlocks:
                outputs: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
         prefix = f"{self.source.adapter.blocks}.{index}."
         local = {name.removeprefix(prefix): qt for name, qt in quantized.items()}
-        tensors = {prefix + name: t.cpu() for name, t in checkpoint_tensors(self.source.block(index), local, self.dtype).items()}
+        stored = {**plain_tensors(self.source.block(index), local, self.dtype), **layer_tensors(local)}
+        tensors = {prefix + name: t.cpu() for name, t in stored.items()}
         last = index == len(self) - 1
         self.state.commit_block(index, tensors, layer_records(quantized), None if last else outputs)
         self.source.release_block(index)
@@ -141,7 +143,7 @@ def _bytes_to_write(source: StreamedModel, run: StreamedRun, calib: torch.Tensor
     the bytes their scheme fixes, a lower bound where outliers add more) and the hidden states entering two
     blocks (spilled at once while one block hands over to the next)."""
     cost = LayerCost()
-    layer_bytes = {name: cost(run.quantizer.layout_meta(run.scheme, shape), shape)
+    layer_bytes = {name: cost(run.quantizer.plan(run.scheme).meta(shape), shape)
                    for name, shape in linear_shapes(source.model, source.adapter).items()}
     total = estimated_bytes(source.model, layer_bytes, run.dtype)
     if calib is not None:
@@ -190,7 +192,8 @@ def _publish(source: StreamedModel, tokenizer, state: RunState, record: dict, ou
     try:
         staging.mkdir()
         finish_parts(state.checkpoint, [OUTER_PART, *(block_part(i) for i in range(source.num_blocks))], staging)
-        write_side_files(staging, source.model, tokenizer, native_config(source.model, state.layers, record, dtype))
+        config = checkpoint_config(source.model, native_quantization_config(state.layers, record), dtype)
+        write_side_files(staging, source.model, tokenizer, config)
         publish_directory(staging, output, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

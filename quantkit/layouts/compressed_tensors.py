@@ -22,12 +22,13 @@ from torch import nn
 
 from quantkit.config_fields import optional_field
 from quantkit.errors import QuantkitError
-from quantkit.export.common import grid_layers, lossless_cast
 from quantkit.formats.base import QuantizedTensor, TensorSpec
 from quantkit.formats.e2m1 import SCALE_CODECS
 from quantkit.formats.floatgrid import FloatQuantizedTensor
 from quantkit.formats.intgrid import IntQuantizedTensor
 from quantkit.formats.packing import pack_columns, pack_rows, packed_width, unpack_columns, unpack_rows
+from quantkit.layouts.base import Encoded, Headers, LayerPlan, Layout, specs_bytes
+from quantkit.layouts.common import decoded, grid_layers, int_description, lossless_cast, stored_dtype
 from quantkit.schemes import QuantScheme
 
 FORMAT = "pack-quantized"
@@ -336,3 +337,65 @@ def matches(name: str, module: nn.Module, patterns) -> bool:
         elif pattern == name or pattern == type(module).__name__:
             return True
     return False
+
+
+INT_ROLES = {"weight_packed": "codes", "weight_scale": "statistics", "weight_zero_point": "statistics",
+             "weight_g_idx": "permutation", "weight_shape": "other"}
+
+
+def _scale_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype integer float16 scales take in a model of ``dtype``: its own when wider (a lossless cast),
+    else float16 (bfloat16 when that is lossless: the same size)."""
+    return torch.float16 if dtype.itemsize <= 2 else dtype
+
+
+class CompressedTensorsLayout(Layout):
+    """pack-quantized (integer) and nvfp4/mxfp4-pack-quantized, one config group per distinct scheme."""
+
+    name = "compressed-tensors"
+    quant_method = QUANT_METHOD
+    kinds = ("int", "e2m1")
+
+    def check_scheme(self, scheme: QuantScheme, column_groups: bool = False) -> None:
+        check_scheme(scheme, column_groups)
+
+    def check_layer(self, name: str, scheme: QuantScheme, in_features: int) -> None:
+        check_layer(name, scheme, in_features)
+
+    def encode(self, model: nn.Module, quantized: dict[str, QuantizedTensor], quantization_config: dict,
+               dtype: torch.dtype) -> Encoded:
+        qc = build_config(quantized, model, quantization_config)
+        return Encoded(layer_tensors(quantized, dtype), qc)
+
+    def plan(self, model: nn.Module, qc: dict, headers: Headers) -> dict[str, LayerPlan]:
+        """The linears matched by a config group's targets and not ignored."""
+        groups, ignore = parse_config(qc)
+        plans = {}
+        for name, module in model.named_modules():
+            if not isinstance(module, nn.Linear) or matches(name, module, ignore):
+                continue
+            group = next((g for g in groups if matches(name, module, g.targets)), None)
+            if group is None:
+                continue
+            shape = (module.out_features, module.in_features)
+            w = group.weights
+            check_layer(name, w.scheme(), module.in_features)
+            specs = expected_tensors(w, shape, stored_dtype(headers, f"{name}.weight_scale", SCALE_DTYPES))
+            if w.format == "int":
+                meta = int_description(w.bits, w.group_size, w.symmetric, w.g_idx, shape)
+            else:
+                meta = {"kind": "e2m1", **w.scheme().to_dict(), "shape": list(shape)}
+            plans[name] = LayerPlan(specs, meta, self.roles(meta),
+                                    lambda t, a=w, shape=shape: decoded(decode(t, a, shape)))
+        if not plans:
+            raise QuantkitError("compressed-tensors config targets no linear layer of this model")
+        return plans
+
+    def nbytes(self, meta: dict, shape: tuple[int, int], dtype: torch.dtype) -> int:
+        if meta["kind"] != "int":
+            return specs_bytes(FloatQuantizedTensor.expected_tensors(meta, shape))
+        args = WeightArgs(int(meta["bits"]), int(meta["group_size"]), bool(meta["symmetric"]), g_idx=False)
+        return specs_bytes(expected_tensors(args, shape, _scale_dtype(dtype)))
+
+    def roles(self, meta: dict) -> dict[str, str]:
+        return INT_ROLES if meta["kind"] == "int" else FloatQuantizedTensor.roles

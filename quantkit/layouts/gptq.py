@@ -20,14 +20,23 @@ import re
 from dataclasses import dataclass, replace
 
 import torch
+from torch import nn
 
 from quantkit import __version__
 from quantkit.config_fields import check_type, field
 from quantkit.errors import QuantkitError
-from quantkit.export.common import grid_layers, lossless_cast, sequential_g_idx
 from quantkit.formats.base import QuantizedTensor, TensorSpec
 from quantkit.formats.intgrid import IntQuantizedTensor
 from quantkit.formats.packing import pack_rows, packed_width, unpack_rows
+from quantkit.layouts.base import Encoded, Headers, LayerPlan, Layout, specs_bytes
+from quantkit.layouts.common import (
+    decoded,
+    grid_layers,
+    int_description,
+    lossless_cast,
+    sequential_g_idx,
+    stored_dtype,
+)
 from quantkit.schemes import QuantScheme
 
 FORMAT = "gptq"
@@ -268,3 +277,51 @@ def parse_config(qc: dict) -> GPTQConfig:
         raise QuantkitError(f"invalid GPTQ quantization config: {exc}") from None
     rules = tuple(_dynamic_rule(key, overrides, base) for key, overrides in dynamic.items())
     return replace(base, dynamic=rules)
+
+
+ROLES = {"qweight": "codes", "qzeros": "statistics", "scales": "statistics", "g_idx": "permutation"}
+
+
+class GPTQLayout(Layout):
+    """GPTQ v1 written (float16 scales, always with ``g_idx``), v1 and v2 read."""
+
+    name = "gptq"
+    quant_method = "gptq"
+    kinds = ("int",)
+
+    def check_scheme(self, scheme: QuantScheme, column_groups: bool = False) -> None:
+        check_scheme(scheme)
+
+    def encode(self, model: nn.Module, quantized: dict[str, QuantizedTensor], quantization_config: dict,
+               dtype: torch.dtype) -> Encoded:
+        qc = build_config(quantized, quantization_config, lm_head="lm_head" in quantized)
+        return Encoded(layer_tensors(quantized), qc, {CONFIG_FILE: qc})
+
+    def plan(self, model: nn.Module, qc: dict, headers: Headers) -> dict[str, LayerPlan]:
+        """Every linear with a stored ``qweight`` is quantized with the config's scheme for it (the top-level
+        one or its first matching ``dynamic`` override)."""
+        config = parse_config(qc)
+        plans = {}
+        for name, module in model.named_modules():
+            if not isinstance(module, nn.Linear) or f"{name}.qweight" not in headers:
+                continue
+            layer = config.layer(name)
+            scheme = layer.scheme()
+            shape = (module.out_features, module.in_features)
+            scale_dtype = stored_dtype(headers, f"{name}.scales", SCALE_DTYPES)
+            specs = expected_tensors(scheme.bits, scheme.num_groups(module.in_features), shape, scale_dtype,
+                                     with_g_idx=f"{name}.g_idx" in headers)
+            meta = int_description(scheme.bits, scheme.group_size, layer.sym, layer.desc_act and "g_idx" in specs, shape)
+            plans[name] = LayerPlan(specs, meta, ROLES, lambda t, scheme=scheme, shape=shape: decoded(
+                decode(t, scheme, shape, config.v1)))
+        if not plans:
+            raise QuantkitError("GPTQ checkpoint has no quantized layer (no tensor named *.qweight for a linear layer)")
+        return plans
+
+    def nbytes(self, meta: dict, shape: tuple[int, int], dtype: torch.dtype) -> int:
+        scheme = QuantScheme(int(meta["bits"]), int(meta["group_size"]))
+        return specs_bytes(expected_tensors(scheme.bits, scheme.num_groups(shape[1]), shape, torch.float16,
+                                            with_g_idx=True))
+
+    def roles(self, meta: dict) -> dict[str, str]:
+        return ROLES

@@ -1,0 +1,39 @@
+"""Writing a quantized model as a checkpoint in any layout: the layout encodes, this writes, atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quantkit.export.writer import DEFAULT_MAX_SHARD_BYTES, model_config_dict, plain_tensors, write_checkpoint
+from quantkit.formats.base import QuantizedTensor
+from quantkit.layouts import get_layout
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's input embeddings (what "model dtype" means for scales)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    return weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else torch.float32
+
+
+def checkpoint_config(model: nn.Module, quantization_config: dict, dtype: torch.dtype | None = None) -> dict:
+    """config.json: the model's config (its weights in ``dtype`` when given) with ``quantization_config``."""
+    return {**model_config_dict(model, dtype), "quantization_config": quantization_config}
+
+
+def save_checkpoint(layout: str, output: Path, model: nn.Module, tokenizer, quantized: dict[str, QuantizedTensor],
+                    quantization_config: dict, overwrite: bool = False,
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: torch.dtype | None = None) -> None:
+    """Write ``quantized`` (and the model's other tensors, float ones in ``dtype`` when given) at ``output`` in
+    ``layout``, atomically; refused before anything is written when the layout cannot hold it."""
+    writer = get_layout(layout)
+    writer.check(activations=quantization_config.get("input_activations") is not None,
+                 online=bool((quantization_config.get("transform") or {}).get("online")))
+    writer.check(kinds=sorted({qt.kind for qt in quantized.values()}))
+    encoded = writer.encode(model, quantized, quantization_config, dtype or model_dtype(model))
+    tensors = {**plain_tensors(model, quantized, dtype), **encoded.tensors}
+    write_checkpoint(output, model, tokenizer, tensors, checkpoint_config(model, encoded.quantization_config, dtype),
+                     overwrite, max_shard_bytes, encoded.extra_json)

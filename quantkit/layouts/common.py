@@ -1,0 +1,66 @@
+"""Pieces the third-party layouts share: which layers they can hold, lossless dtypes, reading the model."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quantkit.errors import QuantkitError
+from quantkit.formats.base import QuantizedTensor
+from quantkit.formats.floatgrid import FloatQuantizedTensor
+from quantkit.formats.intgrid import IntQuantizedTensor
+from quantkit.layouts.base import SAFETENSORS_DTYPES, DecodedLayer, Headers
+from quantkit.schemes import QuantScheme
+
+_BY_HEADER_NAME = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+
+
+def grid_layers(quantized: dict[str, QuantizedTensor], format_name: str, floats: bool = True) -> dict[str, QuantizedTensor]:
+    """The quantized layers, refusing any that is not on an integer grid (or an FP4 one, with ``floats``)."""
+    allowed = (IntQuantizedTensor, FloatQuantizedTensor) if floats else (IntQuantizedTensor,)
+    for name, qt in quantized.items():
+        if not isinstance(qt, allowed):
+            what = "integer-grid or FP4" if floats else "integer-grid"
+            raise QuantkitError(f"{format_name} export supports only {what} weights; {name} is {qt.meta()['kind']}")
+    if not quantized:
+        raise QuantkitError(f"nothing to export as {format_name}: the model has no quantized layers")
+    return quantized
+
+
+def lossless_cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """``tensor`` in ``dtype`` if that changes no value, else None."""
+    cast = tensor.to(dtype)
+    return cast if torch.equal(cast.to(tensor.dtype), tensor) else None
+
+
+def sequential_g_idx(scheme: QuantScheme, in_features: int) -> torch.Tensor:
+    """The group of each input column when groups are contiguous (no act-order)."""
+    return (torch.arange(in_features) // scheme.group_columns(in_features)).to(torch.int32)
+
+
+def stored_dtype(headers: Headers, name: str, allowed: tuple[torch.dtype, ...]) -> torch.dtype:
+    """The stored dtype of tensor ``name`` when it is one of ``allowed``, else the layout's default (the first)."""
+    dtype = _BY_HEADER_NAME.get(headers.get(name, ((), ""))[1])
+    return dtype if dtype in allowed else allowed[0]
+
+
+def model_linear(model: nn.Module, name: str) -> nn.Linear:
+    """The linear ``name`` of ``model``; refuses a name it lacks or a module that is not linear."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise QuantkitError(f"checkpoint names layer {name}, which the model does not have") from None
+    if not isinstance(module, nn.Linear):
+        raise QuantkitError(f"checkpoint quantizes {name}, which is not a linear layer")
+    return module
+
+
+def int_description(bits: int, group_size: int, symmetric: bool, act_order: bool, shape: tuple[int, int]) -> dict:
+    """A native-style description of a stored integer layer, for inspect."""
+    return {"kind": "int", "bits": bits, "group_size": group_size, "symmetric": symmetric, "act_order": act_order,
+            "shape": list(shape)}
+
+
+def decoded(qt: QuantizedTensor) -> DecodedLayer:
+    """A foreign layer decoded to ``qt``, kept natively."""
+    return DecodedLayer(qt, {**qt.meta(), "shape": list(qt.shape)}, qt.to_tensors())
