@@ -10,18 +10,17 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from quantkit import __version__
+from quantkit import __version__, defaults
 from quantkit.actquant import attach_input_quantizers
 from quantkit.allocation.allocate import plan_allocation
 from quantkit.allocation.costs import LayerCost, bits_per_weight, budget_bytes
 from quantkit.allocation.measure import feasible
 from quantkit.allocation.options import AllocationOptions, nearest_width
 from quantkit.allocation.plan import AllocationPlan, check_plan
-from quantkit.calib import check_source, default_windows
 from quantkit.devices import resolve_devices
 from quantkit.diskspace import check_space, size_text
 from quantkit.engine import EngineOptions, linear_shapes, quantize_model
-from quantkit.errors import OptionError, QuantkitError
+from quantkit.errors import QuantkitError
 from quantkit.export.atomic import check_output_dir
 from quantkit.export.save import model_dtype, save_checkpoint
 from quantkit.export.writer import estimated_bytes
@@ -37,32 +36,12 @@ from quantkit.models.loading import (
     stored_dtype,
 )
 from quantkit.progress import phase
-from quantkit.quantizers import make_quantizer
+from quantkit.runplan import CalibrationSpec, RunPlan, plan_run, unquantized_dtype
 from quantkit.runtime.loader import load, load_tokenizer
-from quantkit.schemes import UNQUANTIZED_DTYPES, QuantScheme
+from quantkit.schemes import QuantScheme
 from quantkit.streaming.state import remove_dead_state
 from quantkit.transforms.base import AppliedTransform, Transform, TransformContext
 from quantkit.transforms.rewrite import attach_online
-
-
-@dataclass
-class CalibrationSpec:
-    """Where calibration windows come from and how many; unset sizes take the source's defaults
-    (:func:`quantkit.calib.default_windows`)."""
-
-    source: str = "c4"
-    nsamples: int | None = None
-    seqlen: int | None = None
-    data_dir: str | None = None
-
-    def __post_init__(self) -> None:
-        nsamples, seqlen = default_windows(self.source)
-        self.nsamples = nsamples if self.nsamples is None else self.nsamples
-        self.seqlen = seqlen if self.seqlen is None else self.seqlen
-
-    def check(self) -> None:
-        """Refuse, before any model loads, a source that cannot be read (see :func:`quantkit.calib.check_source`)."""
-        check_source(self.source, self.data_dir)
 
 
 @dataclass
@@ -85,15 +64,15 @@ class QuantizeResult:
 
 def quantize(
     model: str | LoadedModel,
-    method: str = "gptq",
+    method: str = defaults.METHOD,
     scheme: QuantScheme | None = None,
     calibration: CalibrationSpec | None = None,
     output: str | Path | None = None,
-    seed: int = 0,
-    true_sequential: bool = True,
+    seed: int = defaults.SEED,
+    true_sequential: bool = defaults.TRUE_SEQUENTIAL,
     overwrite: bool = False,
-    layout: str = "native",
-    dtype: str = "auto",
+    layout: str = defaults.LAYOUT,
+    dtype: str = defaults.DTYPE,
     act_scheme: QuantScheme | None = None,
     transform: Transform | AppliedTransform | None = None,
     allocation: AllocationOptions | AllocationPlan | None = None,
@@ -123,16 +102,17 @@ def quantize(
     model's own Python code when it loads the whole model (off unless asked for; streaming builds the
     architecture from quantkit's adapters and never runs model code).
     """
-    calibration = calibration or CalibrationSpec()
-    quantizer = make_quantizer(method, **quantizer_options)
-    scheme = scheme or quantizer.default_scheme()
-    schemes = _candidate_schemes(scheme, allocation)
-    writer = get_layout(layout)
-    for candidate in schemes:
-        quantizer.check_scheme(candidate)
-        writer.check(quantizer.plan(candidate), activations=act_scheme is not None,
-                     online=transform is not None and transform.has_online())
-    unquantized_dtype(dtype, torch.float32)  # refused before any work
+    run = plan_run(method, scheme, calibration=calibration, seed=seed, true_sequential=true_sequential, layout=layout,
+                   dtype=dtype, act_scheme=act_scheme, transform=transform, allocation=allocation, **quantizer_options)
+    return quantize_run(model, run, output, overwrite, offload, devices, trust_remote_code)
+
+
+def quantize_run(model: str | LoadedModel, run: RunPlan, output: str | Path | None = None, overwrite: bool = False,
+                 offload: str | None = None, devices: Sequence[str] | None = None,
+                 trust_remote_code: bool = False) -> QuantizeResult:
+    """Carry out ``run`` (see :func:`quantkit.runplan.plan_run`) on ``model``; the rest as :func:`quantize`."""
+    quantizer, scheme, schemes, calibration, seed = run.quantizer, run.scheme, list(run.candidates), run.calibration, run.seed
+    transform, allocation, act_scheme = run.transform, run.allocation, run.act_scheme
     if output is not None:  # before the model, whose check may convert a GGUF file
         check_output_dir(Path(output), overwrite)
     checked = None if isinstance(model, LoadedModel) else check_float_model(  # the model, before any data is read
@@ -143,17 +123,16 @@ def quantize(
         raise QuantkitError("an applied transform needs the loaded model it was fused into")
     engine_devices = resolve_devices(devices) if devices else ()
     if offload is not None:
-        return _quantize_offloaded(model, offload, method, quantizer, scheme, act_scheme, calibration, output, seed,
-                                   true_sequential, layout, transform, allocation, engine_devices, overwrite, dtype)
+        return _quantize_offloaded(model, run, offload, output, engine_devices, overwrite)
     seconds: dict[str, float] = {}
     with phase(f"loading {_model_name(model)}", seconds, "load"):
         loaded = model if isinstance(model, LoadedModel) else load_model(model, trust_remote_code=trust_remote_code,
                                                                           checked=checked)
     shapes = linear_shapes(loaded.model, loaded.adapter)
-    _check_layers(writer, schemes, shapes)
+    _check_layers(run.writer, schemes, shapes)
     _check_windows(loaded.model, quantizer, calibration, transform, allocation)
-    cost = LayerCost(layout, model_dtype(loaded.model))
-    kept_dtype = unquantized_dtype(dtype, loaded.stored_dtype)
+    cost = LayerCost(run.layout, model_dtype(loaded.model))
+    kept_dtype = unquantized_dtype(run.dtype, loaded.stored_dtype)
     if output is not None:  # a checkpoint that cannot fit, before any work
         check_space(Path(output).absolute().parent,
                     _checkpoint_bytes(loaded.model, shapes, quantizer, schemes, cost, kept_dtype), "the checkpoint")
@@ -180,7 +159,7 @@ def quantize(
         with phase(f"allocation ({allocation.strategy})", seconds, "allocation"):
             torch.manual_seed(seed)
             plan = plan_allocation(loaded.model, loaded.adapter, quantizer, scheme, allocation, calib, cost,
-                                   weight_clip, extra_bytes, true_sequential)
+                                   weight_clip, extra_bytes, run.true_sequential)
     if plan is not None:
         check_plan(plan, loaded.model, loaded.adapter, quantizer, scheme, cost, extra_bytes)
         trained = _working_scheme(scheme, plan).bits  # learned clips belong to the width they were learned for
@@ -189,14 +168,13 @@ def quantize(
     with phase("quantizing", seconds, "quantize"):
         quantized = quantize_model(
             loaded.model, loaded.adapter, quantizer, plan.scheme_for(scheme) if plan else lambda _name: scheme,
-            calib, EngineOptions(true_sequential=true_sequential, weight_clip=weight_clip, devices=engine_devices),
-            label=f"{method} {_scheme_label(scheme) if plan is None else f'mixed {plan.target_bits} bits'}",
+            calib, EngineOptions(true_sequential=run.true_sequential, weight_clip=weight_clip, devices=engine_devices),
+            label=f"{run.method} {_scheme_label(scheme) if plan is None else f'mixed {plan.target_bits} bits'}",
         )
     allocation_record = _allocation_record(plan, quantized, cost, extra_bytes) if plan else None
     if act_scheme is not None:
         hooks = attach_input_quantizers(loaded.model, quantized, act_scheme, applied.act_clip if applied else None)
-    config = _quantization_record(method, quantizer, scheme, act_scheme, calibration, true_sequential, seed,
-                                  loaded.source, mixed=plan is not None)
+    config = _quantization_record(run, loaded.source, mixed=plan is not None)
     config["transform"] = (
         {**applied.record, "online": {layer: list(k.sizes) for layer, k in applied.online.items()},
          "activation_clip": applied.act_clip}
@@ -205,7 +183,7 @@ def quantize(
     config["allocation"] = allocation_record
     if output is not None:
         with phase(f"writing {output}", seconds, "export"):
-            save_checkpoint(layout, Path(output), loaded.model, loaded.tokenizer, quantized, config,
+            save_checkpoint(run.layout, Path(output), loaded.model, loaded.tokenizer, quantized, config,
                             overwrite=overwrite, dtype=kept_dtype)
         remove_dead_state(Path(output))  # what a killed --offload disk run writing the same output left
     return QuantizeResult(loaded.model, loaded.tokenizer, quantized, config, seconds, hooks, online_hooks,
@@ -215,65 +193,62 @@ def quantize(
 def allocate(
     model: str | LoadedModel,
     options: AllocationOptions,
-    method: str = "gptq",
+    method: str = defaults.METHOD,
     scheme: QuantScheme | None = None,
     calibration: CalibrationSpec | None = None,
-    seed: int = 0,
-    layout: str = "native",
+    seed: int = defaults.SEED,
+    layout: str = defaults.LAYOUT,
     **quantizer_options,
 ) -> AllocationPlan:
     """Plan the widths of ``scheme`` for every linear of ``model`` under ``options``, counting the bytes
     ``layout`` writes, without writing a checkpoint (save the plan and pass it to :func:`quantize` as
     ``allocation``)."""
-    quantizer = make_quantizer(method, **quantizer_options)
-    scheme = scheme or quantizer.default_scheme()
-    calibration = calibration or CalibrationSpec()
-    candidates = _candidate_schemes(scheme, options)
-    writer = get_layout(layout)
-    for candidate in candidates:
-        quantizer.check_scheme(candidate)
-        writer.check(quantizer.plan(candidate))
+    run = plan_run(method, scheme, calibration=calibration, seed=seed, layout=layout, allocation=options,
+                   **quantizer_options)
+    return allocate_run(model, run)
+
+
+def allocate_run(model: str | LoadedModel, run: RunPlan) -> AllocationPlan:
+    """Carry out the allocation of ``run`` (its ``allocation`` is the options) on ``model``; see :func:`allocate`."""
+    quantizer, scheme, options, calibration, seed = run.quantizer, run.scheme, run.allocation, run.calibration, run.seed
     needs_calibration = options.needs_calibration or quantizer.plan(scheme).data_dependent
     checked = None if isinstance(model, LoadedModel) else check_float_model(model)
     if needs_calibration:
         calibration.check()
     loaded = model if isinstance(model, LoadedModel) else load_model(model, checked=checked)
-    _check_layers(writer, candidates, linear_shapes(loaded.model, loaded.adapter))
+    _check_layers(run.writer, list(run.candidates), linear_shapes(loaded.model, loaded.adapter))
     if needs_calibration:
         check_context(loaded.model, calibration.seqlen, "--seqlen")
     calib = _calibration(loaded, calibration, seed) if needs_calibration else None
     torch.manual_seed(seed)
     return plan_allocation(loaded.model, loaded.adapter, quantizer, scheme, options, calib,
-                           LayerCost(layout, model_dtype(loaded.model)))
+                           LayerCost(run.layout, model_dtype(loaded.model)))
 
 
-def _quantization_record(method: str, quantizer, scheme: QuantScheme, act_scheme: QuantScheme | None,
-                         calibration: CalibrationSpec, true_sequential: bool, seed: int, source: str,
-                         mixed: bool = False) -> dict:
+def _quantization_record(run: RunPlan, source: str, mixed: bool = False) -> dict:
     """What config.json records of a run: method, options, scheme (no width when ``mixed``: each layer has its
     own), activations, calibration, seed, source."""
+    scheme, calibration = run.scheme, run.calibration
     return {
-        "method": method,
-        "quantizer": quantizer.options(scheme),
+        "method": run.method,
+        "quantizer": run.quantizer.options(scheme),
         "scheme": {**scheme.to_dict(), "bits": None} if mixed else scheme.to_dict(),
-        "input_activations": act_scheme.to_dict() if act_scheme is not None else None,
+        "input_activations": run.act_scheme.to_dict() if run.act_scheme is not None else None,
         "calibration": (
             {"source": calibration.source, "nsamples": calibration.nsamples, "seqlen": calibration.seqlen,
-             "true_sequential": true_sequential}
-            if quantizer.needs_calibration else None
+             "true_sequential": run.true_sequential}
+            if run.quantizer.needs_calibration else None
         ),
         "transform": None,
         "allocation": None,
-        "seed": seed,
+        "seed": run.seed,
         "source_model": source,
         "quantkit_version": __version__,
     }
 
 
-def _quantize_offloaded(model: str | LoadedModel, offload: str, method: str, quantizer, scheme: QuantScheme,
-                        act_scheme: QuantScheme | None, calibration: CalibrationSpec, output: str | Path | None,
-                        seed: int, true_sequential: bool, layout: str, transform, allocation,
-                        devices: tuple[torch.device, ...], overwrite: bool, dtype: str) -> QuantizeResult:
+def _quantize_offloaded(model: str | LoadedModel, run: RunPlan, offload: str, output: str | Path | None,
+                        devices: tuple[torch.device, ...], overwrite: bool) -> QuantizeResult:
     """:func:`quantize` streaming block by block from disk (see :mod:`quantkit.streaming`)."""
     from quantkit.models.loading import load_local_tokenizer, local_model_dir
     from quantkit.streaming import StreamedModel, StreamedRun, quantize_streamed
@@ -281,9 +256,9 @@ def _quantize_offloaded(model: str | LoadedModel, offload: str, method: str, qua
     if offload != "disk":
         raise QuantkitError(f"unknown --offload {offload!r}; the one choice is disk")
     refused = [(isinstance(model, LoadedModel), "an already loaded model"), (output is None, "no output directory"),
-               (layout != "native", f"the {layout} layout (write native, then `quantkit export`)"),
-               (transform is not None, "a transform (it rewrites the whole model at once)"),
-               (allocation is not None, "a bit allocation (it measures the whole model at once)")]
+               (run.layout != "native", f"the {run.layout} layout (write native, then `quantkit export`)"),
+               (run.transform is not None, "a transform (it rewrites the whole model at once)"),
+               (run.allocation is not None, "a bit allocation (it measures the whole model at once)")]
     for condition, what in refused:
         if condition:
             raise QuantkitError(f"--offload disk cannot work with {what}")
@@ -291,33 +266,26 @@ def _quantize_offloaded(model: str | LoadedModel, offload: str, method: str, qua
     with phase(f"reading the headers of {model}", seconds, "load"):
         source = StreamedModel(local_model_dir(str(model)))
         tokenizer = load_local_tokenizer(source.folder)
-    if quantizer.needs_calibration:
+    calibration = run.calibration
+    if run.quantizer.needs_calibration:
         check_context(source.model, calibration.seqlen, "--seqlen")
     source_dtype = stored_dtype(source.config_dict)
-    kept_dtype = unquantized_dtype(dtype, source_dtype)
-    record = _quantization_record(method, quantizer, scheme, act_scheme, calibration, true_sequential, seed, str(model))
+    kept_dtype = unquantized_dtype(run.dtype, source_dtype)
+    record = _quantization_record(run, str(model))
     arguments = {key: record[key] for key in ("method", "quantizer", "scheme", "input_activations", "seed",
                                               "source_model", "quantkit_version")}
     arguments |= {"calibration": [calibration.source, calibration.nsamples, calibration.seqlen, calibration.data_dir,
-                                  true_sequential], "weights": source.identity(),
+                                  run.true_sequential], "weights": source.identity(),
                   "devices": [str(device) for device in devices],  # arithmetic differs between device kinds
                   "format_version": NATIVE_FORMAT_VERSION,  # finished blocks are stored in this version's layout
                   "dtype": str(kept_dtype)}
-    run = StreamedRun(quantizer, scheme, calibration, seed, EngineOptions(true_sequential=true_sequential,
-                                                                          devices=devices),
-                      f"{method} {_scheme_label(scheme)}", kept_dtype)
+    streamed = StreamedRun(run.quantizer, run.scheme, calibration, run.seed,
+                           EngineOptions(true_sequential=run.true_sequential, devices=devices),
+                           f"{run.method} {_scheme_label(run.scheme)}", kept_dtype)
     with phase("quantizing and writing, block by block", seconds, "quantize and export"):
-        quantize_streamed(source, tokenizer, run, arguments, Path(output), record, overwrite)
+        quantize_streamed(source, tokenizer, streamed, arguments, Path(output), record, overwrite)
     return QuantizeResult(source.model, tokenizer, {}, record, seconds,
                           source_bytes=stored_bytes(source.model, source_dtype), source_dtype=source_dtype)
-
-
-def unquantized_dtype(name: str, source: torch.dtype) -> torch.dtype:
-    """The dtype a checkpoint keeps its unquantized tensors in: ``name`` (one of ``UNQUANTIZED_DTYPES``), or
-    the source's for ``auto``."""
-    if name not in UNQUANTIZED_DTYPES:
-        raise OptionError(f"--dtype {name!r} is not allowed; allowed: {', '.join(UNQUANTIZED_DTYPES)}")
-    return source if name == "auto" else getattr(torch, name)
 
 
 def _reads_calibration(quantizer, transform: Transform | AppliedTransform | None, allocation) -> bool:
@@ -343,15 +311,6 @@ def _check_windows(model: nn.Module, quantizer, calibration: CalibrationSpec,
     budget = _training_budget(transform)
     if budget is not None:
         check_context(model, budget.seqlen, "--transform-seqlen")
-
-
-def _candidate_schemes(scheme: QuantScheme, allocation: AllocationOptions | AllocationPlan | None) -> list[QuantScheme]:
-    """Every scheme the linears may get: ``scheme`` alone, or at each width the allocation may choose."""
-    if allocation is None:
-        return [scheme]
-    if scheme.is_float:
-        raise QuantkitError(f"mixed bit widths need an integer grid; {scheme.format} has 4-bit elements only")
-    return [replace(scheme, bits=bits) for bits in allocation.bit_choices]
 
 
 def _working_scheme(scheme: QuantScheme, allocation: AllocationOptions | AllocationPlan | None) -> QuantScheme:
@@ -452,5 +411,5 @@ def export(source: str | Path, output: str | Path, layout: str, overwrite: bool 
     return model
 
 
-__all__ = ["AllocationOptions", "AllocationPlan", "CalibrationSpec", "QuantizeResult", "allocate", "apply_transform",
-           "export", "load", "load_tokenizer", "quantize"]
+__all__ = ["AllocationOptions", "AllocationPlan", "CalibrationSpec", "QuantizeResult", "RunPlan", "allocate",
+           "allocate_run", "apply_transform", "export", "load", "load_tokenizer", "plan_run", "quantize", "quantize_run"]

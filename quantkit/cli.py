@@ -16,7 +16,7 @@ import typer
 from rich.table import Table
 from typer.exceptions import TyperException
 
-from quantkit import __version__
+from quantkit import __version__, defaults
 from quantkit.allocation.options import STRATEGIES
 from quantkit.calib.sources import SYNTHETIC_WINDOWS, TEXT_WINDOWS
 from quantkit.diskspace import size_text
@@ -113,12 +113,12 @@ ActOrderOpt = Annotated[bool | None, typer.Option("--act-order/--no-act-order", 
 StaticGroupsOpt = Annotated[bool | None, typer.Option("--static-groups/--no-static-groups", help="GPTQ: group grids fixed before any update (no g_idx). Default: on for the float formats with act-order, else off.")]
 DampOpt = Annotated[float | None, typer.Option(help="Damping as a fraction of the mean Hessian diagonal. Default: 0.01 (gptq), 1.0 (spqr).")]
 MseOpt = Annotated[bool | None, typer.Option("--mse/--no-mse", help="GPTQ/RTN: search a clipping ratio per group (integer grids) or the block scale among candidates (float formats).")]
-CalibOpt = Annotated[str | None, typer.Option(help="Calibration: c4 (default), wikitext2 (hub), synthetic, or a local file/directory.")]
+CalibOpt = Annotated[str | None, typer.Option(help=f"Calibration (default {defaults.CALIBRATION}): c4, wikitext2 (hub), synthetic, or a local file/directory.")]
 NsamplesOpt = Annotated[int | None, typer.Option(
     help=f"Calibration windows (default {TEXT_WINDOWS[0]}; synthetic: {SYNTHETIC_WINDOWS[0]}).")]
 SeqlenOpt = Annotated[int | None, typer.Option(
     help=f"Tokens per calibration window (default {TEXT_WINDOWS[1]}; synthetic: {SYNTHETIC_WINDOWS[1]}).")]
-SeedOpt = Annotated[int | None, typer.Option(help="Seed for sampling and anything random (default 0).")]
+SeedOpt = Annotated[int | None, typer.Option(help=f"Seed for sampling and anything random (default {defaults.SEED}).")]
 DataDirOpt = Annotated[str | None, typer.Option(help="Local data directory for named sources, laid out like c4/c4_validation_2k.parquet (or $QUANTKIT_DATA_DIR).")]
 BitChoicesOpt = Annotated[str | None, typer.Option(help="Widths a mixed allocation may give a linear (comma list; default 2,3,4,8).")]
 ScoreOpt = Annotated[str | None, typer.Option(metavar=_choices("score"), help="Allocation score: error is the output NMSE per width, kl the end-to-end KL per unit and width. Default: kl (auto, solver), lim (ranked).")]
@@ -134,8 +134,8 @@ def quantize(
     output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint directory to write.")],
     recipe: Annotated[str | None, typer.Option(help="A recipe (YAML file, or the name of a shipped one: see `quantkit recipes`) giving every setting; flags given here override its fields.")] = None,
     save_recipe: Annotated[Path | None, typer.Option(help="After a successful run, write the settings it used (recipe and flags merged) as a recipe file.")] = None,
-    method: Annotated[str | None, typer.Option(metavar=_choices("method"), help="Quantizer (default gptq).")] = None,
-    bits: Annotated[float | None, typer.Option(help="Weight bits: 2, 3, 4 or 8 (default 4; 4 for the float formats); with --allocation, the average bits per weight as written, codes, scales and zeros included (e.g. 3.5).")] = None,
+    method: Annotated[str | None, typer.Option(metavar=_choices("method"), help=f"Quantizer (default {defaults.METHOD}).")] = None,
+    bits: Annotated[float | None, typer.Option(help=f"Weight bits: 2, 3, 4 or 8 (default {defaults.BITS}; 4 for the float formats); with --allocation, the average bits per weight as written, codes, scales and zeros included (e.g. 3.5).")] = None,
     number_format: Annotated[str | None, typer.Option("--format", metavar=_choices("number_format"), help="Weight number format: int (default), fp4 (E2M1, float16 scales), mxfp4 (E8M0 scales per 32) or nvfp4 (E4M3 scales per 16 and a tensor scale).")] = None,
     group_size: GroupSizeOpt = None,
     sym: SymOpt = None,
@@ -158,7 +158,7 @@ def quantize(
     data_dir: DataDirOpt = None,
     dtype: Annotated[str | None, typer.Option(metavar=_choices("dtype"), help="Dtype of the tensors left unquantized (embeddings, norms, head, biases). Default: auto, the source model's.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
-    layout: Annotated[str | None, typer.Option(metavar=_choices("layout"), help="Checkpoint layout (default native); gptq is GPTQ v1, compressed-tensors is pack-quantized (nvfp4- or mxfp4-pack-quantized for those formats).")] = None,
+    layout: Annotated[str | None, typer.Option(metavar=_choices("layout"), help=f"Checkpoint layout (default {defaults.LAYOUT}); gptq is GPTQ v1, compressed-tensors is pack-quantized (nvfp4- or mxfp4-pack-quantized for those formats).")] = None,
     transform: Annotated[str | None, typer.Option(metavar=_choices("transform"), help="Rewrite the model first: hadamard (QuaRot), flatquant or ostquant (trained); none switches off a recipe's. Default: none.")] = None,
     transform_budget: Annotated[str | None, typer.Option(metavar=_choices("transform_budget"), help="Training budget of flatquant/ostquant: cpu (default; minutes here) or paper.")] = None,
     transform_nsamples: Annotated[int | None, typer.Option(help="Transform training windows (overrides the budget).")] = None,
@@ -176,23 +176,23 @@ def quantize(
     trust_remote_code: Annotated[bool, typer.Option(help="Let transformers run Python code shipped with the model (off by default: only do this for models you trust).")] = False,
 ) -> None:
     """Quantize a causal LM and write a packed checkpoint (settings from flags, a recipe, or both)."""
-    from quantkit.api import quantize as run_quantize
+    from quantkit.api import quantize_run
     from quantkit.checkpoint_info import inspect_checkpoint
     from quantkit.recipes import load_recipe, recipe_from_settings, resolve
-    from quantkit.recipes.build import pinned_settings, quantize_arguments
+    from quantkit.recipes.build import pinned_settings, run_plan
 
     given = {name: value for name, value in ctx.params.items() if name not in RUN_OPTIONS}
     given["bit_choices"] = _bit_choices(bit_choices)
     settings = resolve(load_recipe(recipe) if recipe else None, given, recipe or "")
-    arguments = quantize_arguments(settings)
+    run = run_plan(settings)
     saved = None
     if save_recipe is not None:
         _check_output_file(save_recipe, "--save-recipe", ".yaml")
         command_line = " ".join(["quantkit", *sys.argv[1:]])
-        saved = recipe_from_settings(pinned_settings(settings, arguments), save_recipe.stem, f"saved by: {command_line}")
-    result = run_quantize(model, output=output, overwrite=overwrite, offload=offload,
+        saved = recipe_from_settings(pinned_settings(settings, run), save_recipe.stem, f"saved by: {command_line}")
+    result = quantize_run(model, run, output=output, overwrite=overwrite, offload=offload,
                           devices=devices.split(",") if devices is not None else None,
-                          trust_remote_code=trust_remote_code, **arguments)
+                          trust_remote_code=trust_remote_code)
     if saved is not None:
         saved.save(save_recipe)
     _print_summary(f"quantized {model} → {output}", inspect_checkpoint(output), result.quantization_config,
@@ -247,7 +247,7 @@ def allocate(
     granularity: GranularityOpt = None,
     search_generations: GenerationsOpt = None,
     search_offspring: OffspringOpt = None,
-    method: Annotated[str | None, typer.Option(metavar=_choices("method"), help="Quantizer (default gptq).")] = None,
+    method: Annotated[str | None, typer.Option(metavar=_choices("method"), help=f"Quantizer (default {defaults.METHOD}).")] = None,
     group_size: GroupSizeOpt = None,
     sym: SymOpt = None,
     act_order: ActOrderOpt = None,
@@ -259,17 +259,16 @@ def allocate(
     seqlen: SeqlenOpt = None,
     seed: SeedOpt = None,
     data_dir: DataDirOpt = None,
-    layout: Annotated[str | None, typer.Option(metavar=_choices("layout"), help="Checkpoint layout whose bytes the target counts (default native).")] = None,
+    layout: Annotated[str | None, typer.Option(metavar=_choices("layout"), help=f"Checkpoint layout whose bytes the target counts (default {defaults.LAYOUT}).")] = None,
 ) -> None:
     """Plan mixed bit widths for every linear under an average-bits target, without quantizing the model."""
     _check_output_file(report, "--report", ".json")
     from quantkit.allocation.heatmap import bits_heatmap
-    from quantkit.api import CalibrationSpec
-    from quantkit.api import allocate as run_allocate
-    from quantkit.quantizers import make_quantizer
+    from quantkit.api import allocate_run
     from quantkit.recipes import resolve
     from quantkit.recipes.build import allocation_options as make_allocation_options
     from quantkit.recipes.fields import QUANTIZER_OPTIONS
+    from quantkit.runplan import CalibrationSpec, plan_run
 
     settings = resolve(None, dict(bit_choices=_bit_choices(bit_choices), score=score, granularity=granularity,
                                   search_generations=search_generations, search_offspring=search_offspring,
@@ -277,12 +276,11 @@ def allocate(
                                   act_order=act_order, static_groups=static_groups, damp=damp, mse=mse, calib=calib,
                                   nsamples=nsamples, seqlen=seqlen, data_dir=data_dir))
     options = {name: settings[name] for name in QUANTIZER_OPTIONS if settings[name] is not None}
-    allocation_options = make_allocation_options(bits, settings, allocation)
-    scheme = make_quantizer(settings["method"], **options).default_scheme(allocation_options.bit_choices[0],
-                                                                          group_size, sym)
     calibration = CalibrationSpec(settings["calib"], settings["nsamples"], settings["seqlen"], settings["data_dir"])
-    plan = run_allocate(model, allocation_options, settings["method"], scheme, calibration, settings["seed"],
-                        settings["layout"], **options)
+    run = plan_run(settings["method"], group_size=group_size, symmetric=sym, calibration=calibration,
+                   seed=settings["seed"], layout=settings["layout"],
+                   allocation=make_allocation_options(bits, settings, allocation), **options)
+    plan = allocate_run(model, run)
     plan.save(report)
     table = Table(title=f"allocation for {model}")
     table.add_column("item")

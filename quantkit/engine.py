@@ -20,6 +20,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from quantkit import defaults
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import QuantizedTensor
 from quantkit.hessian import HessianAccumulator
@@ -41,7 +42,7 @@ class _StopForward(Exception):
 
 @dataclass
 class EngineOptions:
-    true_sequential: bool = True
+    true_sequential: bool = defaults.TRUE_SEQUENTIAL
     batch_tokens: int = 8192  # calibration tokens per forward batch
     weight_clip: dict[str, torch.Tensor] = field(default_factory=dict)  # learned clipping ratios per output row
     statistics: bool = False  # gather Hessians even for a quantizer that needs no calibration

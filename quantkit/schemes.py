@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from quantkit import defaults
 from quantkit.errors import QuantkitError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -30,10 +31,10 @@ class QuantScheme:
     4-bit and symmetric by construction (a sign bit).
     """
 
-    bits: int = 4
+    bits: int = defaults.BITS
     group_size: int = 128
     symmetric: bool = True
-    format: str = "int"
+    format: str = defaults.NUMBER_FORMAT
 
     def __post_init__(self) -> None:
         if self.format not in SUPPORTED_FORMATS:

@@ -68,9 +68,9 @@ def golden_digests(out: Path) -> dict[str, dict[str, str]]:
     sys.path.insert(0, str(HERE))
     from conftest import CALIBRATION_TEXT, tiny_model
     from helpers_tokenizer import tiny_tokenizer
-    from quantkit.api import quantize
+    from quantkit.api import quantize_run
     from quantkit.recipes import resolve
-    from quantkit.recipes.build import quantize_arguments
+    from quantkit.recipes.build import run_plan
 
     model_dir, calib = out / "model", out / "calib.txt"
     tiny_model().save_pretrained(model_dir)
@@ -79,7 +79,7 @@ def golden_digests(out: Path) -> dict[str, dict[str, str]]:
     digests = {}
     for name, flags in CASES.items():
         settings = resolve(None, {"calib": str(calib), **_SMALL, **flags})
-        quantize(str(model_dir), output=out / name, **quantize_arguments(settings))
+        quantize_run(str(model_dir), run_plan(settings), output=out / name)
         digests[name] = checkpoint_digests(out / name)
     return digests
 

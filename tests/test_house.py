@@ -67,6 +67,7 @@ def _imports(path: Path) -> list[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.append(node.module)
+            names.extend(f"{node.module}.{alias.name}" for alias in node.names)  # ``from quantkit import defaults``
         elif isinstance(node, ast.Import):
             names.extend(alias.name for alias in node.names)
     return [name for name in names if name.split(".")[0] in ("quantkit", "quantkit_kernels")]
@@ -90,8 +91,11 @@ def _module_files() -> dict[str, Path]:
 def package_graph() -> dict[str, set[str]]:
     """Which package imports which (edges between distinct packages only; the ``quantkit`` root is a facade)."""
     graph: dict[str, set[str]] = {}
-    for module, path in _module_files().items():
+    files = _module_files()
+    for module, path in files.items():
         for target in _imports(path):
+            if target not in files and target.rpartition(".")[0] in files:
+                continue  # a name imported from a module, not a module
             source, dest = _package(module), _package(target)
             if source != dest and dest != "quantkit":
                 graph.setdefault(source, set()).add(dest)

@@ -13,12 +13,12 @@ from safetensors.torch import load_file
 from test_cli import assert_one_line_error, run_cli
 
 import quantkit
-from quantkit.api import quantize
+from quantkit.api import quantize_run
 from quantkit.calib.sources import SYNTHETIC_WINDOWS, TEXT_WINDOWS
 from quantkit.cli import RUN_OPTIONS, app
 from quantkit.errors import QuantkitError
 from quantkit.recipes import FIELDS, Recipe, find_recipe, recipe_from_settings, resolve, shipped_recipes
-from quantkit.recipes.build import quantize_arguments
+from quantkit.recipes.build import run_plan
 
 NOT_RECIPE_OPTIONS = {"ctx", *RUN_OPTIONS}
 SHIPPED = sorted(shipped_recipes())
@@ -82,7 +82,7 @@ def test_every_shipped_recipe_quantizes_and_loads(name: str, tmp_path: Path, tin
         if param not in _small(recipe, calib_file):
             assert settings[param] == value, param
     out = tmp_path / "out"
-    result = quantize(str(tiny_model_dir), output=out, **quantize_arguments(settings))
+    result = quantize_run(str(tiny_model_dir), run_plan(settings), output=out)
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == {"native": "quantkit", "gptq": "gptq",
                                       "compressed-tensors": "compressed-tensors"}[settings["layout"]]
@@ -122,8 +122,8 @@ def test_flags_override_recipe_fields(tmp_path: Path, tiny_model_dir: Path, cali
     assert settings["bits"] == 3 and settings["calib"] == "x.txt"
     assert settings["act_order"] is True and settings["group_size"] == 64 and settings["nsamples"] == 128
     assert resolve(None, {})["method"] == "gptq" and resolve(None, {})["nsamples"] is None  # the source's default
-    text = quantize_arguments(resolve(None, {}))["calibration"]
-    synthetic = quantize_arguments(resolve(None, {"calib": "synthetic"}))["calibration"]
+    text = run_plan(resolve(None, {})).calibration
+    synthetic = run_plan(resolve(None, {"calib": "synthetic"})).calibration
     assert (text.nsamples, text.seqlen, synthetic.nsamples, synthetic.seqlen) == (*TEXT_WINDOWS, *SYNTHETIC_WINDOWS)
     proc = run_cli("quantize", str(tiny_model_dir), "--recipe", "rtn-w4g64", "--group-size", "32", "--bits", "8",
                    "--calib", str(calib_file), "--nsamples", "2", "--seqlen", "16", "-o", str(tmp_path / "o"))
@@ -272,3 +272,28 @@ def test_save_recipe_to_a_directory_is_refused_before_any_work(tmp_path: Path, t
     assert_one_line_error(run_cli("quantize", str(tiny_model_dir), "--save-recipe", str(tmp_path),
                                   "-o", str(tmp_path / "o")), "is a directory")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_command_line_run_builds_its_quantizer_once(tmp_path: Path, tiny_model_dir: Path, calib_file: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flags and a recipe resolve to one run plan: its quantizer is built once, though the run also pins the
+    settings it took into a saved recipe."""
+    from typer.testing import CliRunner
+
+    from quantkit.quantizers import QUANTIZERS
+    from quantkit.quantizers.rtn import RTNQuantizer
+
+    built = []
+
+    class CountedRTN(RTNQuantizer):
+        def __init__(self, *args, **kwargs) -> None:
+            built.append(self)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setitem(QUANTIZERS, "rtn", CountedRTN)
+    result = CliRunner().invoke(app, ["quantize", str(tiny_model_dir), "--recipe", "rtn-w4g64", "--mse",
+                                      "--calib", str(calib_file), "-o", str(tmp_path / "out"),
+                                      "--save-recipe", str(tmp_path / "saved.yaml")])
+    assert result.exit_code == 0, result.output
+    assert len(built) == 1 and built[0].mse is True
+    assert Recipe.load(tmp_path / "saved.yaml").values["mse"] is True

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from quantkit import defaults
 from quantkit.allocation.costs import check_target
 from quantkit.allocation.search import SearchBudget
 from quantkit.allocation.units import GRANULARITIES
@@ -31,7 +32,7 @@ class AllocationOptions:
     """What to allocate: a target of average bits per quantized weight (as written) over ``bit_choices``."""
 
     target_bits: float
-    bit_choices: tuple[int, ...] = (2, 3, 4, 8)
+    bit_choices: tuple[int, ...] = defaults.BIT_CHOICES
     strategy: str = "auto"
     score: str | None = None  # None: the strategy's default
     granularity: str = "linear"
@@ -40,7 +41,7 @@ class AllocationOptions:
     kl_seqlen: int = 256
     score_windows: int = 1  # of them, used for each unit's KL score
     propagate_bits: int | None = None  # database: the width later blocks see (default: the nearest to the target)
-    seed: int = 0
+    seed: int = defaults.SEED
 
     def __post_init__(self) -> None:
         check_target(self.target_bits)

@@ -8,6 +8,7 @@ from typing import ClassVar
 
 import torch
 
+from quantkit import defaults
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import QuantizedTensor, TensorPlan
 from quantkit.schemes import QuantScheme
@@ -42,8 +43,8 @@ class Quantizer(ABC):
     def quantize(self, weight: torch.Tensor, stats: LayerStats, scheme: QuantScheme) -> QuantizedTensor:
         """Quantize one weight matrix under ``scheme``."""
 
-    def default_scheme(self, bits: int = 4, group_size: int | None = None, symmetric: bool | None = None,
-                       fmt: str = "int") -> QuantScheme:
+    def default_scheme(self, bits: int = defaults.BITS, group_size: int | None = None, symmetric: bool | None = None,
+                       fmt: str = defaults.NUMBER_FORMAT) -> QuantScheme:
         """``bits`` in number format ``fmt``, with this quantizer's (or the float format's) usual group size and
         symmetry where they are not given."""
         return QuantScheme.for_format(fmt, bits, group_size, symmetric, self.default_group_size, self.default_symmetric)

@@ -1,4 +1,4 @@
-"""Turning resolved settings (a recipe merged with flags) into the arguments of :func:`quantkit.api.quantize`."""
+"""Turning resolved settings (a recipe merged with flags) into a run plan (:func:`quantkit.runplan.plan_run`)."""
 
 from __future__ import annotations
 
@@ -6,30 +6,29 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from quantkit import defaults
 from quantkit.errors import OptionError
 from quantkit.recipes.fields import ALLOCATION_OPTIONS, BY_PARAM, QUANTIZER_OPTIONS, TRANSFORM_OPTIONS
-from quantkit.schemes import SUPPORTED_BITS
+from quantkit.schemes import FLOAT_FORMATS, SUPPORTED_BITS
 
 if TYPE_CHECKING:
     from quantkit.allocation.options import AllocationOptions
     from quantkit.allocation.plan import AllocationPlan
-
-DEFAULT_BIT_CHOICES = (2, 3, 4, 8)
-
+    from quantkit.runplan import RunPlan
 
 def allocation_options(bits: float, settings: dict[str, object], strategy: str) -> AllocationOptions:
     """The mixed-bits allocation named by ``settings`` under a target of ``bits``."""
     from quantkit.allocation.options import CPU_SEARCH, AllocationOptions
 
-    choices = tuple(settings["bit_choices"] or DEFAULT_BIT_CHOICES)
+    choices = tuple(settings["bit_choices"] or defaults.BIT_CHOICES)
     search = replace(CPU_SEARCH, **{key: settings[f"search_{key}"] for key in ("generations", "offspring")
                                     if settings[f"search_{key}"] is not None})
     granularity = settings["granularity"] or ("linear" if settings["layout"] == "native" else "group")
     return AllocationOptions(bits, choices, strategy, settings["score"], granularity, search, seed=settings["seed"])
 
 
-def _allocation(settings: dict[str, object]) -> tuple[AllocationOptions | AllocationPlan | None, int]:
-    """The allocation (none, options, or a plan file) and the width of the base scheme."""
+def _allocation(settings: dict[str, object]) -> tuple[AllocationOptions | AllocationPlan | None, int | None]:
+    """The allocation (none, options, or a plan file) and, without one, the width of the scheme."""
     from quantkit.allocation.plan import AllocationPlan
 
     allocation, bits = settings["allocation"], settings["bits"]
@@ -38,36 +37,29 @@ def _allocation(settings: dict[str, object]) -> tuple[AllocationOptions | Alloca
         if given or bits is not None:
             raise OptionError(f"{(given or ['--bits'])[0]} cannot change a saved allocation plan; "
                                 "make a new one with `quantkit allocate`")
-        plan = AllocationPlan.load(Path(str(allocation)))
-        return plan, plan.bit_choices[0]
+        return AllocationPlan.load(Path(str(allocation))), None
     if allocation is not None:
-        options = allocation_options(4 if bits is None else bits, settings, str(allocation))
-        return options, options.bit_choices[0]
+        return allocation_options(defaults.BITS if bits is None else bits, settings, str(allocation)), None
     if given:
         raise OptionError(f"{given[0]} needs --allocation")
-    bits = 4 if bits is None else bits
+    bits = defaults.BITS if bits is None else bits
     if bits not in SUPPORTED_BITS:
         raise OptionError(f"--bits {bits:g} is not allowed; allowed: {', '.join(map(str, SUPPORTED_BITS))} "
                           "(an average such as 3.5 needs --allocation)")
     return None, int(bits)
 
 
-def quantize_arguments(settings: dict[str, object]) -> dict[str, object]:
-    """Keyword arguments of :func:`quantkit.api.quantize` (all but the model, output and overwrite)."""
+def run_plan(settings: dict[str, object]) -> RunPlan:
+    """The run ``settings`` describe."""
     from quantkit.actquant import activation_scheme
-    from quantkit.api import CalibrationSpec
-    from quantkit.quantizers import make_quantizer
+    from quantkit.runplan import CalibrationSpec, plan_run
     from quantkit.transforms import make_transform
 
-    options = {name: settings[name] for name in QUANTIZER_OPTIONS}
-    allocation, base_bits = _allocation(settings)
-    if allocation is not None and settings["number_format"] != "int":  # the API refuses it, saying why
-        base_bits = 4
-    scheme = make_quantizer(settings["method"], **options).default_scheme(
-        base_bits, settings["group_size"], settings["sym"], settings["number_format"])
+    allocation, bits = _allocation(settings)
     act_scheme = None
     if settings["act_bits"] is not None:
-        default_format = settings["number_format"] if scheme.is_float and settings["act_bits"] == 4 else "int"
+        float_weights = settings["number_format"] in FLOAT_FORMATS
+        default_format = settings["number_format"] if float_weights and settings["act_bits"] == 4 else "int"
         act_scheme = activation_scheme(settings["act_bits"], settings["act_format"] or default_format,
                                        settings["act_group_size"])
     elif settings["act_format"] is not None or settings["act_group_size"] is not None:
@@ -78,9 +70,12 @@ def quantize_arguments(settings: dict[str, object]) -> dict[str, object]:
         transform = make_transform(settings["transform"], settings["transform_budget"], **budget)
     elif settings["transform_budget"] != "cpu" or any(v is not None for v in budget.values()):
         raise OptionError("--transform-budget and the --transform-* training options need --transform")
-    return dict(
-        method=settings["method"],
-        scheme=scheme,
+    return plan_run(
+        settings["method"],
+        bits=bits,
+        group_size=settings["group_size"],
+        symmetric=settings["sym"],
+        number_format=settings["number_format"],
         calibration=CalibrationSpec(settings["calib"], settings["nsamples"], settings["seqlen"], settings["data_dir"]),
         seed=settings["seed"],
         true_sequential=settings["true_sequential"],
@@ -89,27 +84,24 @@ def quantize_arguments(settings: dict[str, object]) -> dict[str, object]:
         act_scheme=act_scheme,
         transform=transform,
         allocation=allocation,
-        **options,
+        **{name: settings[name] for name in QUANTIZER_OPTIONS},
     )
 
 
-def pinned_settings(settings: dict[str, object], arguments: dict[str, object]) -> dict[str, object]:
+def pinned_settings(settings: dict[str, object], run: RunPlan) -> dict[str, object]:
     """``settings`` with the defaults this run takes written in (the quantizer's options, the scheme's width,
     group size and symmetry, the calibration windows, the allocation's choices, score, unit and search, a trained transform's budget),
     so that a saved recipe repeats the run even if those defaults change."""
     from quantkit.allocation.options import AllocationOptions
-    from quantkit.quantizers import make_quantizer
 
-    scheme, allocation, transform = arguments["scheme"], arguments["allocation"], arguments["transform"]
-    calibration = arguments["calibration"]
+    scheme, allocation, transform, calibration = run.scheme, run.allocation, run.transform, run.calibration
     pinned = dict(settings, group_size=scheme.group_size, sym=scheme.symmetric, nsamples=calibration.nsamples,
                   seqlen=calibration.seqlen)
     if allocation is None:
         pinned["bits"] = scheme.bits
-    quantizer = make_quantizer(settings["method"], **{name: settings[name] for name in QUANTIZER_OPTIONS})
     for name in QUANTIZER_OPTIONS:
-        if getattr(quantizer, name, None) is not None:
-            pinned[name] = getattr(quantizer, name)
+        if getattr(run.quantizer, name, None) is not None:
+            pinned[name] = getattr(run.quantizer, name)
     if isinstance(allocation, AllocationOptions):
         pinned |= {"bits": allocation.target_bits, "bit_choices": list(allocation.bit_choices),
                    "score": allocation.chosen_score, "granularity": allocation.granularity,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from quantkit import defaults
 from quantkit.actquant import ACT_BITS
 from quantkit.allocation.options import SCORES, STRATEGIES
 from quantkit.allocation.units import GRANULARITIES
@@ -97,10 +98,10 @@ def _is_int(value: object) -> bool:
 
 OFF = "none"  # the value that switches off a recipe's transform or allocation from the command line
 FIELDS: tuple[RecipeField, ...] = (
-    RecipeField("quantizer", "method", "method", "str", allowed=tuple(QUANTIZERS), default="gptq"),
+    RecipeField("quantizer", "method", "method", "str", allowed=tuple(QUANTIZERS), default=defaults.METHOD),
     RecipeField("quantizer", "act_order", "act_order", "bool"),
     RecipeField("quantizer", "static_groups", "static_groups", "bool"),
-    RecipeField("quantizer", "true_sequential", "true_sequential", "bool", default=True),
+    RecipeField("quantizer", "true_sequential", "true_sequential", "bool", default=defaults.TRUE_SEQUENTIAL),
     RecipeField("quantizer", "damp", "damp", "float", minimum=0.0),
     RecipeField("quantizer", "mse", "mse", "bool"),
     RecipeField("quantizer", "outlier_threshold", "outlier_threshold", "float", minimum=0.0, infinite=True,
@@ -110,7 +111,7 @@ FIELDS: tuple[RecipeField, ...] = (
     RecipeField("quantizer", "stat_group_size", "stat_group_size", "int", minimum=1),
     RecipeField("weights", "bits", "bits", "float", minimum=1.0,
            note=f"{', '.join(map(str, SUPPORTED_BITS))}; with allocation, the average bits per weight, e.g. 3.5"),
-    RecipeField("weights", "format", "number_format", "str", allowed=SUPPORTED_FORMATS, default="int",
+    RecipeField("weights", "format", "number_format", "str", allowed=SUPPORTED_FORMATS, default=defaults.NUMBER_FORMAT,
                 note="gptq and compressed-tensors are checkpoint layouts: --layout, export.layout", option="--format"),
     RecipeField("weights", "group_size", "group_size", "int", minimum=1, also=(-1,),
            note="or -1 for one group per output channel"),
@@ -119,11 +120,11 @@ FIELDS: tuple[RecipeField, ...] = (
     RecipeField("activations", "format", "act_format", "str", allowed=SUPPORTED_FORMATS),
     RecipeField("activations", "group_size", "act_group_size", "int", minimum=1, also=(-1,),
                 note="or -1 for one scale per token"),
-    RecipeField("calibration", "source", "calib", "str", default="c4",
+    RecipeField("calibration", "source", "calib", "str", default=defaults.CALIBRATION,
            note="c4, wikitext2, synthetic, or a local file or directory"),
     RecipeField("calibration", "nsamples", "nsamples", "int", minimum=1),  # default: the source's
     RecipeField("calibration", "seqlen", "seqlen", "int", minimum=2),
-    RecipeField("calibration", "seed", "seed", "int", minimum=0, maximum=2**32 - 1, default=0),
+    RecipeField("calibration", "seed", "seed", "int", minimum=0, maximum=2**32 - 1, default=defaults.SEED),
     RecipeField("calibration", "data_dir", "data_dir", "str"),
     RecipeField("transform", "name", "transform", "str", allowed=tuple(TRANSFORMS), also=(OFF,),
                 note="none: no transform, over a recipe's"),
@@ -139,8 +140,8 @@ FIELDS: tuple[RecipeField, ...] = (
     RecipeField("allocation", "granularity", "granularity", "str", allowed=GRANULARITIES),
     RecipeField("allocation", "search_generations", "search_generations", "int", minimum=0),
     RecipeField("allocation", "search_offspring", "search_offspring", "int", minimum=1),
-    RecipeField("export", "layout", "layout", "str", allowed=CHECKPOINT_LAYOUTS, default="native"),
-    RecipeField("export", "dtype", "dtype", "str", allowed=UNQUANTIZED_DTYPES, default="auto"),
+    RecipeField("export", "layout", "layout", "str", allowed=CHECKPOINT_LAYOUTS, default=defaults.LAYOUT),
+    RecipeField("export", "dtype", "dtype", "str", allowed=UNQUANTIZED_DTYPES, default=defaults.DTYPE),
 )
 BY_PARAM: dict[str, RecipeField] = {f.param: f for f in FIELDS}
 SECTIONS: dict[str, dict[str, RecipeField]] = {}

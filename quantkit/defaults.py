@@ -1,0 +1,13 @@
+"""What a run does when it is not told: the one place the API, the command line, recipes and the engine take
+their defaults from (a method's own group size, symmetry and options live on its quantizer; calibration
+window counts on the calibration source: :func:`quantkit.calib.default_windows`)."""
+
+METHOD = "gptq"
+BITS = 4
+NUMBER_FORMAT = "int"
+CALIBRATION = "c4"
+LAYOUT = "native"
+DTYPE = "auto"  # the unquantized tensors keep the source's dtype
+SEED = 0
+TRUE_SEQUENTIAL = True
+BIT_CHOICES = (2, 3, 4, 8)  # the widths a mixed-bits allocation chooses from

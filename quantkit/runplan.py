@@ -1,0 +1,121 @@
+"""One resolved run: what a quantization (or an allocation) will do, built by one function for the Python API,
+the command line and recipes alike (their defaults: :mod:`quantkit.defaults`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from quantkit import defaults
+from quantkit.allocation.options import AllocationOptions
+from quantkit.allocation.plan import AllocationPlan
+from quantkit.calib import check_source, default_windows
+from quantkit.errors import OptionError, QuantkitError
+from quantkit.layouts import Layout, get_layout
+from quantkit.quantizers import make_quantizer
+from quantkit.quantizers.base import Quantizer
+from quantkit.schemes import UNQUANTIZED_DTYPES, QuantScheme
+from quantkit.transforms.base import AppliedTransform, Transform
+
+
+@dataclass
+class CalibrationSpec:
+    """Where calibration windows come from and how many; unset sizes take the source's defaults
+    (:func:`quantkit.calib.default_windows`)."""
+
+    source: str = defaults.CALIBRATION
+    nsamples: int | None = None
+    seqlen: int | None = None
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        nsamples, seqlen = default_windows(self.source)
+        self.nsamples = nsamples if self.nsamples is None else self.nsamples
+        self.seqlen = seqlen if self.seqlen is None else self.seqlen
+
+    def check(self) -> None:
+        """Refuse, before any model loads, a source that cannot be read (see :func:`quantkit.calib.check_source`)."""
+        check_source(self.source, self.data_dir)
+
+
+Allocation = AllocationOptions | AllocationPlan | None
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A run with every choice made: the method and its quantizer (built once), the weight scheme and every
+    scheme a linear may get, activations, calibration, transform, allocation and the checkpoint's layout and
+    dtype; checked against each other before any model is read."""
+
+    method: str
+    quantizer: Quantizer
+    scheme: QuantScheme
+    candidates: tuple[QuantScheme, ...]
+    calibration: CalibrationSpec
+    seed: int
+    true_sequential: bool
+    layout: str
+    dtype: str
+    act_scheme: QuantScheme | None
+    transform: Transform | AppliedTransform | None
+    allocation: Allocation
+
+    @property
+    def writer(self) -> Layout:
+        """The layout the checkpoint is written in."""
+        return get_layout(self.layout)
+
+
+def unquantized_dtype(name: str, source: torch.dtype) -> torch.dtype:
+    """The dtype ``--dtype name`` keeps unquantized tensors in (``auto``: ``source``, the model's own)."""
+    if name not in UNQUANTIZED_DTYPES:
+        raise OptionError(f"--dtype {name!r} is not allowed; allowed: {', '.join(UNQUANTIZED_DTYPES)}")
+    return source if name == "auto" else getattr(torch, name)
+
+
+def candidate_schemes(scheme: QuantScheme, allocation: Allocation) -> list[QuantScheme]:
+    """Every scheme the linears may get: ``scheme`` alone, or at each width the allocation may choose."""
+    if allocation is None:
+        return [scheme]
+    if scheme.is_float:
+        raise QuantkitError(f"mixed bit widths need an integer grid; {scheme.format} has 4-bit elements only")
+    return [replace(scheme, bits=bits) for bits in allocation.bit_choices]
+
+
+def plan_run(
+    method: str = defaults.METHOD,
+    scheme: QuantScheme | None = None,
+    *,
+    bits: int | None = None,
+    group_size: int | None = None,
+    symmetric: bool | None = None,
+    number_format: str = defaults.NUMBER_FORMAT,
+    calibration: CalibrationSpec | None = None,
+    seed: int = defaults.SEED,
+    true_sequential: bool = defaults.TRUE_SEQUENTIAL,
+    layout: str = defaults.LAYOUT,
+    dtype: str = defaults.DTYPE,
+    act_scheme: QuantScheme | None = None,
+    transform: Transform | AppliedTransform | None = None,
+    allocation: Allocation = None,
+    **quantizer_options,
+) -> RunPlan:
+    """The one way a run is resolved. ``scheme`` (else ``bits`` in ``number_format`` with the method's usual
+    group size and symmetry where not given; an allocation's smallest width by default) and every scheme an
+    allocation may choose are checked against the quantizer and the layout, with the activations and the
+    transform's online maps, before anything is loaded."""
+    quantizer = make_quantizer(method, **quantizer_options)
+    if scheme is None:
+        if bits is None:
+            bits = allocation.bit_choices[0] if allocation is not None and number_format == "int" else defaults.BITS
+        scheme = quantizer.default_scheme(bits, group_size, symmetric, number_format)
+    candidates = candidate_schemes(scheme, allocation)
+    writer = get_layout(layout)
+    for candidate in candidates:
+        quantizer.check_scheme(candidate)
+        writer.check(quantizer.plan(candidate), activations=act_scheme is not None,
+                     online=transform is not None and transform.has_online())
+    unquantized_dtype(dtype, torch.float32)  # refused before any work
+    return RunPlan(method, quantizer, scheme, tuple(candidates), calibration or CalibrationSpec(), seed,
+                   true_sequential, layout, dtype, act_scheme, transform, allocation)
