@@ -37,6 +37,7 @@ from quantkit.allocation.search import SearchBudget
 from quantkit.api import CalibrationSpec, quantize
 from quantkit.calib import load_calibration
 from quantkit.checkpoint_info import inspect_checkpoint
+from quantkit.engine.passes import swapped_weights
 from quantkit.eval.perplexity import perplexity, tokenize_stream
 from quantkit.export.atomic import write_json
 from quantkit.models.loading import load_model
@@ -111,12 +112,12 @@ def main() -> None:
 
     def evaluate(label: str, strategy: str, target: float | None, allocation: list[int], seconds: float,
                  history: list[float] | None = None) -> None:
-        sens.database.install(model, {layer: c for unit, c in zip(sens.units, allocation) for layer in unit.layers})
+        assignment = {layer: c for unit, c in zip(sens.units, allocation) for layer in unit.layers}
         nbytes = sum(sens.costs[u][c] for u, c in enumerate(allocation))
-        row = {"label": label, "strategy": strategy, "target": target,
-               "bits_per_weight": bits_per_weight(nbytes, sum(sens.weights)), "perplexity": ppl(),
-               "seconds": seconds, "bits": [CHOICES[c] for c in allocation], "search_history": history or []}
-        sens.database.restore(model)
+        with swapped_weights(model, sens.database.weights(assignment)):
+            row = {"label": label, "strategy": strategy, "target": target,
+                   "bits_per_weight": bits_per_weight(nbytes, sum(sens.weights)), "perplexity": ppl(),
+                   "seconds": seconds, "bits": [CHOICES[c] for c in allocation], "search_history": history or []}
         report["rows"].append(row)
         console.print(f"{label:>12} target {target}: {row['bits_per_weight']:.4f} bits, ppl {row['perplexity']:.2f}")
         save()

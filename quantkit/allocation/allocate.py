@@ -26,6 +26,7 @@ from quantkit.allocation.options import AllocationOptions
 from quantkit.allocation.plan import AllocationPlan, UnitRecord
 from quantkit.allocation.search import Allocation, BudgetedMoves, evolve, random_allocation
 from quantkit.allocation.solver import solve
+from quantkit.engine.passes import swapped_weights
 from quantkit.errors import QuantkitError
 from quantkit.models.adapters import ModelAdapter
 from quantkit.quantizers.base import Quantizer
@@ -70,13 +71,11 @@ def choose(sens: Sensitivity, model: nn.Module, options: AllocationOptions) -> A
             raise QuantkitError("the search needs the layer database and the KL meter")
 
         def fitness(candidate: Allocation, windows: Sequence[int]) -> float:
-            database.install(model, {layer: c for unit, c in zip(sens.units, candidate) for layer in unit.layers})
-            return meter(windows)
+            assignment = {layer: c for unit, c in zip(sens.units, candidate) for layer in unit.layers}
+            with swapped_weights(model, database.weights(assignment)):
+                return meter(windows)
 
-        try:
-            allocation, history = evolve(allocation, moves, fitness, options.search, options.kl_windows, rng)
-        finally:
-            database.restore(model)
+        allocation, history = evolve(allocation, moves, fitness, options.search, options.kl_windows, rng)
     records = [
         UnitRecord(unit.name, list(unit.layers), options.bit_choices[choice], sens.weights[u], sens.costs[u][choice],
                    {name: values[u] for name, values in sens.scores.items()})

@@ -3,18 +3,18 @@
 Built in one sequential engine pass (EvoPress's database): each block's Hessians are taken with the earlier
 blocks quantized at the propagation width, every linear is quantized at each candidate from the same
 statistics, and the propagation width's result is what the following layers see. The search then assembles
-candidate models by swapping these weights in, without quantizing again.
+candidate models by swapping these weights in for a while, without quantizing again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from quantkit.engine import EngineOptions, quantize_model
+from quantkit.engine.passes import swapped_weights
 from quantkit.formats.base import QuantizedTensor
 from quantkit.models.adapters import ModelAdapter
 from quantkit.quantizers.base import LayerStats, Quantizer
@@ -49,18 +49,11 @@ def output_nmse(weight: torch.Tensor, quantized: list[torch.Tensor], hessian: to
 class LayerDatabase:
     bits: tuple[int, ...]  # the candidate widths, one per choice index
     layers: dict[str, LayerChoices]
-    original: dict[str, torch.Tensor]  # the full-precision weights
 
-    def install(self, model: nn.Module, assignment: dict[str, int]) -> None:
-        """Give each named linear its weight at the chosen index (the others keep what they have)."""
-        for layer, choice in assignment.items():
-            model.get_submodule(layer).weight.data = self.layers[layer].weights[choice]
-
-    def restore(self, model: nn.Module, layers: Iterable[str] | None = None) -> None:
-        """Put copies of the full-precision weights back (of ``layers``, default all), so that later in-place
-        writes to the model cannot reach the database."""
-        for layer in self.original if layers is None else layers:
-            model.get_submodule(layer).weight.data = self.original[layer].clone()
+    def weights(self, assignment: dict[str, int]) -> dict[str, torch.Tensor]:
+        """Each named linear's dequantized weight at its chosen index (to swap in with
+        :func:`quantkit.engine.passes.swapped_weights`)."""
+        return {layer: self.layers[layer].weights[choice] for layer, choice in assignment.items()}
 
 
 def build_database(
@@ -79,7 +72,6 @@ def build_database(
     Learned clipping ratios (``weight_clip``, from a transform trained for ``clip_bits``-bit weights) apply
     at that width only. The model's weights are left as they were.
     """
-    original = {name: model.get_submodule(name).weight.data.clone() for name in adapter.quantizable_layers(model)}
     layers: dict[str, LayerChoices] = {}
 
     def quantize_all(name: str, weight: torch.Tensor, stats: LayerStats, scheme: QuantScheme) -> QuantizedTensor:
@@ -92,9 +84,7 @@ def build_database(
     options = EngineOptions(true_sequential=true_sequential, weight_clip=weight_clip or {}, statistics=True,
                             quantize_layer=quantize_all)
     label = f"database {'/'.join(str(s.bits) for s in schemes)}-bit"
-    database = LayerDatabase(tuple(s.bits for s in schemes), layers, original)
-    try:
+    working = {name: model.get_submodule(name).weight.data.clone() for name in adapter.quantizable_layers(model)}
+    with swapped_weights(model, working):  # the engine quantizes copies in place
         quantize_model(model, adapter, quantizer, lambda _name: schemes[propagate], calib, options, label=label)
-    finally:
-        database.restore(model)
-    return database
+    return LayerDatabase(tuple(s.bits for s in schemes), layers)

@@ -15,6 +15,7 @@ from quantkit.allocation.kl import KLMeter
 from quantkit.allocation.options import AllocationOptions
 from quantkit.allocation.scores import lim_scores, zd_score
 from quantkit.allocation.units import Unit, make_units
+from quantkit.engine.passes import swapped_weights
 from quantkit.errors import QuantkitError
 from quantkit.models.adapters import ModelAdapter
 from quantkit.progress import progress_bar
@@ -94,17 +95,13 @@ def _unit_kl(database: LayerDatabase, meter: KLMeter, model: nn.Module, units: l
     table = []
     with progress_bar() as progress:
         task = progress.add_task("KL per unit", total=len(units))
-        try:
-            for unit in units:
-                row = []
-                for choice in range(len(database.bits)):
-                    database.install(model, dict.fromkeys(unit.layers, choice))
+        for unit in units:
+            row = []
+            for choice in range(len(database.bits)):
+                with swapped_weights(model, database.weights(dict.fromkeys(unit.layers, choice))):
                     row.append(meter(range(windows), start_block=unit.block))
-                database.restore(model, unit.layers)
-                table.append(row)
-                progress.advance(task)
-        finally:
-            database.restore(model)
+            table.append(row)
+            progress.advance(task)
     return table
 
 

@@ -11,50 +11,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantkit.engine import block_output
+from quantkit.engine.passes import BlockInputs, block_outputs, walk_blocks
 from quantkit.models.adapters import ModelAdapter
-
-
-class _LastBlockDone(Exception):
-    """Ends a forward pass after the last decoder block."""
 
 
 def lim_scores(model: nn.Module, adapter: ModelAdapter, calib: torch.Tensor, batch_size: int = 4) -> list[float]:
     """LIM of every decoder block, in ``[-1, 1]``, averaged over every calibration token."""
-    blocks = adapter.get_blocks(model)
-    sums = [0.0] * len(blocks)
-    tokens = 0
-    entering: dict[int, torch.Tensor] = {}
+    sums: list[float] = []
 
-    def before(i: int):
-        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            entering[i] = args[0] if args else kwargs["hidden_states"]
-        return hook
+    def visit(_index: int, block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
+        outputs = block_outputs(block, inputs)
+        cos = [torch.nn.functional.cosine_similarity(h.float(), out.float(), dim=-1) for (h, _), out in zip(inputs, outputs)]
+        sums.append(-sum(float(c.sum()) for c in cos))
+        return outputs
 
-    def after(i: int):
-        def hook(_module: nn.Module, _args: tuple, _kwargs: dict, out: object) -> None:
-            cos = torch.nn.functional.cosine_similarity(entering.pop(i).float(), block_output(out).float(), dim=-1)
-            sums[i] -= float(cos.sum())
-            if i == len(blocks) - 1:
-                raise _LastBlockDone  # the head's logits are not needed
-        return hook
-
-    handles = [h for i, block in enumerate(blocks) for h in (
-        block.register_forward_pre_hook(before(i), with_kwargs=True),
-        block.register_forward_hook(after(i), with_kwargs=True),
-    )]
-    try:
-        with torch.no_grad():
-            for batch in calib.split(batch_size):
-                try:
-                    model(input_ids=batch.to(model.device), use_cache=False)
-                except _LastBlockDone:
-                    pass
-                tokens += batch.numel()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [s / tokens for s in sums]
+    walk_blocks(model, adapter, calib, batch_size, visit)
+    return [s / calib.numel() for s in sums]
 
 
 def zd_score(weights: list[torch.Tensor]) -> float:

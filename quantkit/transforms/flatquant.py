@@ -27,7 +27,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.utils.parametrizations import orthogonal
 
-from quantkit.engine import block_output, capture_block_inputs
+from quantkit.engine import block_output
+from quantkit.engine.passes import BlockInputs, block_outputs, input_ranges, train_steps, walk_blocks
 from quantkit.formats.kron import Kron, decompose_dim
 from quantkit.models.adapters import ModelAdapter
 from quantkit.progress import progress_bar
@@ -48,7 +49,6 @@ from quantkit.transforms.training import (
     InputMap,
     cosine_schedule,
     epoch_means,
-    input_ranges,
     map_inputs,
     require_float32,
     smooth_init,
@@ -176,19 +176,21 @@ class FlatQuantTransform(Transform):
         generator = torch.Generator().manual_seed(ctx.seed)
         heads = Heads(*adapter.heads(model))
         calib = ctx.calibration(self.budget.nsamples, self.budget.seqlen)
-        with torch.no_grad():
-            inputs = capture_block_inputs(model, adapter, calib, self.budget.batch_size)
         blocks = adapter.get_blocks(model)
         steps = self.budget.steps
         learned = Learned(Rewrite(None, []))
         first, last = [], []
+        observed = (adapter.attention_inputs[0], adapter.mlp_inputs[0], adapter.down)
         with progress_bar() as progress:
             task = progress.add_task("flatquant block 1", total=len(blocks) * steps)
-            for i, block in enumerate(blocks):
-                targets, ranges = self._targets(block, adapter, inputs)
+
+            def train_block(i: int, block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
+                """Fit block ``i``'s transform to its full-precision outputs, which feed the next block."""
+                with input_ranges(block, observed) as ranges:
+                    targets = block_outputs(block, inputs)
                 flat = FlatBlock(block, adapter, heads, ranges, ctx.weight_scheme, ctx.act_scheme, self.alpha, generator)
-                losses = self._train(block, flat, heads, inputs, targets, steps,
-                                     lambda loss, i=i: progress.update(task, advance=1, description=f"flatquant block {i + 1}/{len(blocks)} loss {loss:.3g}"))
+                losses = self._train(block, flat, heads, list(zip(inputs, targets)), steps, lambda _step, loss: progress.update(
+                    task, advance=1, description=f"flatquant block {i + 1}/{len(blocks)} loss {loss:.3g}"))
                 block_first, block_last = epoch_means(losses, len(inputs))
                 first.append(block_first)
                 last.append(block_last)
@@ -196,49 +198,39 @@ class FlatQuantTransform(Transform):
                 weight_clip, act_clip = flat.clips(f"{adapter.blocks}.{i}")
                 learned.weight_clip.update(weight_clip)
                 learned.act_clip.update(act_clip)
-                inputs = [(t, kw) for t, (_, kw) in zip(targets, inputs)]  # full-precision outputs feed the next block
+                return targets
+
+            walk_blocks(model, adapter, calib, self.budget.batch_size, train_block)
         learned.stats = {"block_mse_first_epoch": sum(first) / len(first), "block_mse_last_epoch": sum(last) / len(last)}
         return learned
 
-    @staticmethod
-    def _targets(block: nn.Module, adapter: ModelAdapter, inputs: list) -> tuple[list[torch.Tensor], dict]:
-        """The block's full-precision outputs and the per-channel input ranges of its transformed inputs."""
-        ranges, handles = input_ranges(block, (adapter.attention_inputs[0], adapter.mlp_inputs[0], adapter.down))
-        try:
-            with torch.no_grad():
-                targets = [block_output(block(h, **kw)) for h, kw in inputs]
-        finally:
-            for handle in handles:
-                handle.remove()
-        return targets, ranges
-
-    def _train(self, block: nn.Module, flat: FlatBlock, heads: Heads, inputs: list, targets: list, steps: int,
-               report: Callable[[float], object]) -> list[float]:
+    def _train(self, block: nn.Module, flat: FlatBlock, heads: Heads, pairs: list, steps: int,
+               report: Callable[[int, float], object]) -> list[float]:
+        """``steps`` AdamW steps on (block input, full-precision output) ``pairs``; the losses."""
         opt = torch.optim.AdamW(flat.param_groups(self.lr, self.lr * self.clip_lr_factor), weight_decay=0.0)
         schedule = cosine_schedule(opt, steps)
         prepared = block_params(block)
         online: dict[str, Kron] = {}
+
+        def step(pair: tuple) -> float:
+            (h, kw), target = pair
+            rewrite = flat.rewrite()
+            online.update(attention=rewrite.attention_online, output=rewrite.output_online,
+                          mlp=rewrite.mlp_online, down=rewrite.down_online)
+            params = block_parameters(prepared, rewrite, None, flat.adapter, heads)
+            for name in flat.adapter.linear_names():
+                params[f"{name}.weight"] = flat.weight_quant[_key(name)](params[f"{name}.weight"])
+            loss = nn.functional.mse_loss(block_output(functional_call(block, params, (h,), kw)), target)
+            opt.zero_grad()
+            (loss / loss.detach()).backward()
+            opt.step()
+            schedule.step()
+            return loss.item()
+
         handles = map_inputs(block, {n: flat.input_map(n, online) for n in flat.input_groups()})
-        losses = []
         try:
-            with torch.enable_grad():
-                for step in range(steps):
-                    (h, kw), target = inputs[step % len(inputs)], targets[step % len(inputs)]
-                    rewrite = flat.rewrite()
-                    online.update(attention=rewrite.attention_online, output=rewrite.output_online,
-                                  mlp=rewrite.mlp_online, down=rewrite.down_online)
-                    params = block_parameters(prepared, rewrite, None, flat.adapter, heads)
-                    for name in flat.adapter.linear_names():
-                        params[f"{name}.weight"] = flat.weight_quant[_key(name)](params[f"{name}.weight"])
-                    loss = nn.functional.mse_loss(block_output(functional_call(block, params, (h,), kw)), target)
-                    opt.zero_grad()
-                    (loss / loss.detach()).backward()
-                    opt.step()
-                    schedule.step()
-                    losses.append(loss.item())
-                    report(losses[-1])
+            return train_steps(pairs, steps, step, report)
         finally:
             for handle in handles:
                 handle.remove()
-        return losses
 

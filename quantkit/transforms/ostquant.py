@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from quantkit.engine.passes import model_outputs, train_steps
 from quantkit.formats.kron import Kron
 from quantkit.models.adapters import ModelAdapter
 from quantkit.progress import progress_bar
@@ -107,36 +108,38 @@ class OSTQuantTransform(Transform):
         params = OSTParams(model, adapter, heads, generator)
         calib = ctx.calibration(self.budget.nsamples, self.budget.seqlen)
         batches = list(calib.split(self.budget.batch_size))
-        teacher = [self._teacher(model, batch) for batch in batches]
+        teacher = model_outputs(model, batches, self._top)
         quantizers = _Quantizers(adapter, ctx.weight_scheme if self.weight_quant else None, ctx.act_scheme)
         steps = self.budget.steps
         rotate = RiemannianAdam([{"params": params.rotations(), "lr": self.rotate_lr}])
         smooth = torch.optim.Adam([{"params": params.scales(), "lr": self.smooth_lr}])
         schedules = [cosine_schedule(rotate, steps), cosine_schedule(smooth, steps)]
         prepared = [block_params(block) for block in blocks]
+
+        def step(pair: tuple) -> float:
+            batch, (index, target) = pair
+            weights = {}
+            for i, block_params_i in enumerate(prepared):
+                new = block_parameters(block_params_i, params.block(i, down), params.residual, adapter, heads)
+                new = quantizers.weights(new)
+                weights.update({f"{adapter.blocks}.{i}.{k}": v for k, v in new.items()})
+            logits = functional_call(model, weights, (), {"input_ids": batch, "use_cache": False}).logits
+            loss = kl_top_loss(logits, index, target)
+            rotate.zero_grad()
+            smooth.zero_grad()
+            loss.backward()
+            rotate.step()
+            smooth.step()
+            for schedule in schedules:
+                schedule.step()
+            return loss.item()
+
         handles = self._hooks(model, adapter, params, quantizers, down)
-        losses = []
         try:
-            with torch.enable_grad(), progress_bar() as progress:
+            with progress_bar() as progress:
                 task = progress.add_task("ostquant", total=steps)
-                for step in range(steps):
-                    batch, (index, target) = batches[step % len(batches)], teacher[step % len(batches)]
-                    weights = {}
-                    for i, block_params_i in enumerate(prepared):
-                        new = block_parameters(block_params_i, params.block(i, down), params.residual, adapter, heads)
-                        new = quantizers.weights(new)
-                        weights.update({f"{adapter.blocks}.{i}.{k}": v for k, v in new.items()})
-                    logits = functional_call(model, weights, (), {"input_ids": batch, "use_cache": False}).logits
-                    loss = kl_top_loss(logits, index, target)
-                    rotate.zero_grad()
-                    smooth.zero_grad()
-                    loss.backward()
-                    rotate.step()
-                    smooth.step()
-                    for schedule in schedules:
-                        schedule.step()
-                    losses.append(loss.item())
-                    progress.update(task, advance=1, description=f"ostquant step {step + 1}/{steps} KL-top {losses[-1]:.4f}")
+                losses = train_steps(list(zip(batches, teacher)), steps, step, lambda index, loss: progress.update(
+                    task, advance=1, description=f"ostquant step {index + 1}/{steps} KL-top {loss:.4f}"))
         finally:
             for handle in handles:
                 handle.remove()
@@ -145,10 +148,9 @@ class OSTQuantTransform(Transform):
         first, last = epoch_means(losses, len(batches))
         return Learned(rewrite, stats={"kl_top_first_epoch": first, "kl_top_last_epoch": last})
 
-    def _teacher(self, model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k token ids and their full-vocabulary log-probabilities under the full-precision model."""
-        with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), dim=-1)
+    def _top(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k token ids and their full-vocabulary log-probabilities under the full-precision model's ``logits``."""
+        logp = torch.log_softmax(logits.float(), dim=-1)
         target, index = logp.topk(min(self.kl_top, logp.shape[-1]), dim=-1)
         return index, target
 

@@ -1,9 +1,9 @@
-"""Pieces shared by the trained transforms: input hooks on linears, the optimizer schedule, activation ranges."""
+"""Pieces shared by the trained transforms: input maps on linears, the optimizer schedule, smoothing scales."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -38,20 +38,6 @@ def map_inputs(module: nn.Module, maps: dict[str, InputMap]) -> list[RemovableHa
         return hook
 
     return [module.get_submodule(name).register_forward_pre_hook(hook_for(fn)) for name, fn in maps.items()]
-
-
-def input_ranges(module: nn.Module, names: Iterable[str]) -> tuple[dict[str, torch.Tensor], list[RemovableHandle]]:
-    """Per-channel ``max |x|`` of each named submodule's input, filled in by every forward from now on."""
-    ranges: dict[str, torch.Tensor] = {}
-
-    def hook_for(name: str):
-        def hook(_module: nn.Module, args: tuple) -> None:
-            amax = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float()
-            ranges[name] = torch.maximum(ranges[name], amax) if name in ranges else amax
-
-        return hook
-
-    return ranges, [module.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
 
 
 def smooth_init(weight_amax: torch.Tensor, act_amax: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -1,0 +1,119 @@
+"""Per-block hooks over calibration data for everything that is not quantizing: observing a block's inputs,
+measuring its outputs, training parameters step by step, rerunning the blocks from any one, and swapping
+weights in for a while. Transforms training and allocation measurements run their calibration data through
+these and nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+from quantkit.engine.sequential import block_output, capture_block_inputs
+from quantkit.models.adapters import ModelAdapter
+
+BlockInputs = list[tuple[torch.Tensor, dict]]  # per batch: hidden states and the block's keyword arguments
+# Called with each block in order: (index, block, the batches entering it) -> the block's outputs per batch.
+BlockVisitor = Callable[[int, nn.Module, BlockInputs], list[torch.Tensor]]
+Batch = TypeVar("Batch")
+
+
+def block_outputs(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
+    """The block's outputs for each batch, without gradients."""
+    with torch.no_grad():
+        return [block_output(block(h, **kw)) for h, kw in inputs]
+
+
+def walk_blocks(model: nn.Module, adapter: ModelAdapter, calib: torch.Tensor, batch_size: int,
+                visit: BlockVisitor) -> None:
+    """Calibration windows (``batch_size`` per batch) through every decoder block in order: what ``visit``
+    returns for a block enters the next one."""
+    with torch.no_grad():
+        inputs = capture_block_inputs(model, adapter, calib, batch_size)
+    for i, block in enumerate(adapter.get_blocks(model)):
+        outputs = visit(i, block, inputs)
+        inputs = [(out, kwargs) for out, (_, kwargs) in zip(outputs, inputs)]
+
+
+def model_outputs(model: nn.Module, batches: Iterable[torch.Tensor],
+                  reduce: Callable[[torch.Tensor], Batch]) -> list[Batch]:
+    """``reduce`` of the model's logits for each batch of token ids, without gradients."""
+    with torch.no_grad():
+        return [reduce(model(input_ids=batch, use_cache=False).logits) for batch in batches]
+
+
+def train_steps(batches: Sequence[Batch], steps: int, step: Callable[[Batch], float],
+                report: Callable[[int, float], object]) -> list[float]:
+    """``steps`` optimisation steps cycling over ``batches``; ``step`` takes one and returns its loss, which
+    ``report`` hears with the step's index. The losses, in order."""
+    losses = []
+    with torch.enable_grad():
+        for index in range(steps):
+            losses.append(step(batches[index % len(batches)]))
+            report(index, losses[-1])
+    return losses
+
+
+@contextmanager
+def input_ranges(module: nn.Module, names: Iterable[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Per-channel ``max |x|`` of each named submodule's input, filled in by every forward in the block."""
+    ranges: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            amax = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float()
+            ranges[name] = torch.maximum(ranges[name], amax) if name in ranges else amax
+
+        return hook
+
+    handles = [module.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
+    try:
+        yield ranges
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def swapped_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+    """The named linears compute with ``weights`` in the block, then get their own tensors back (also on an
+    error): nothing the model does meanwhile reaches them."""
+    own = {name: model.get_submodule(name).weight.data for name in weights}
+    try:
+        for name, weight in weights.items():
+            model.get_submodule(name).weight.data = weight
+        yield
+    finally:
+        for name, weight in own.items():
+            model.get_submodule(name).weight.data = weight
+
+
+class BlockTrace:
+    """The full-precision inputs of every decoder block for each window (one window a batch), kept so that a
+    model that differs from block ``i`` on is rerun from block ``i`` only."""
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, windows: torch.Tensor) -> None:
+        self.blocks = adapter.get_blocks(model)
+        with torch.no_grad():
+            entering = capture_block_inputs(model, adapter, windows, 1)
+            self.kwargs = [kwargs for _, kwargs in entering]
+            self.inputs: list[list[torch.Tensor]] = []  # [block][window]
+            hidden = [h for h, _ in entering]
+            for block in self.blocks:
+                self.inputs.append(hidden)
+                hidden = [block_output(block(h, **kw)) for h, kw in zip(hidden, self.kwargs)]
+        self.outputs = hidden  # of the last block, per window
+
+    def __len__(self) -> int:
+        return len(self.kwargs)
+
+    def run_from(self, start: int, window: int) -> torch.Tensor:
+        """The last block's output for ``window``, running the model's blocks from ``start`` on its cached input."""
+        with torch.no_grad():
+            hidden = self.inputs[start][window]
+            for block in self.blocks[start:]:
+                hidden = block_output(block(hidden, **self.kwargs[window]))
+        return hidden
