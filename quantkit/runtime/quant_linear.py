@@ -30,9 +30,9 @@ class _FrozenWeightMatmul(torch.autograd.Function):
 class QuantLinear(nn.Module):
     """Stores the packed tensors of one format as buffers; forward runs a kernel chosen per device and dtype.
 
-    ``backend`` names the kernel (see :mod:`quantkit.runtime.kernels`); the kernel is built on the first
-    call for each device and activation dtype, from the stored tensors, and reused. ``dequant`` (decode,
-    then ``F.linear``) is the reference every faster kernel is tested against.
+    ``backend`` names the kernel (see :mod:`quantkit.runtime.kernels`); the kernel is built for each device
+    and activation dtype (by :meth:`prepare` at load, else on the first call, from the stored tensors) and
+    reused. ``dequant`` (decode, then ``F.linear``) is the reference every faster kernel is tested against.
 
     Before the kernel, the input may go through a transform's online map ``x (L ⊗ R)`` (``input_transform``
     gives the factor sizes; the factors are float32 buffers, applied in float32) and then per-token fake
