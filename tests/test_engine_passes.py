@@ -43,10 +43,10 @@ def test_walk_feeds_each_block_the_previous_ones_outputs() -> None:
         seen.append([h for h, _ in inputs])
         return block_outputs(block, inputs)
 
-    walk_blocks(model, ADAPTER, CALIB, 2, visit)
+    last = walk_blocks(model, ADAPTER, CALIB, 2, visit)
     reference = hidden_states(model, CALIB)
     assert len(seen) == len(ADAPTER.get_blocks(model))
-    for i, batches in enumerate(seen):
+    for i, batches in enumerate([*seen, last]):
         assert [b.shape[0] for b in batches] == [2, 2, 1]
         torch.testing.assert_close(torch.cat(batches), reference[i], rtol=1e-5, atol=1e-5)
 
@@ -64,6 +64,18 @@ def test_trace_reruns_from_any_block_what_a_full_forward_computes() -> None:
         changed = hidden_states(model, CALIB)[-1]
         torch.testing.assert_close(trace.run_from(1, 3)[0], changed[3], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(changed, last)
+
+
+def test_trace_log_probs_are_the_models_in_float64() -> None:
+    model = tiny_model()
+    trace = BlockTrace(model, ADAPTER, CALIB)
+    with torch.no_grad():
+        expected = torch.log_softmax(model(input_ids=CALIB, use_cache=False).logits.double(), dim=-1)
+    for start in range(len(ADAPTER.get_blocks(model))):
+        for window in range(len(trace)):
+            got = trace.log_probs(trace.run_from(start, window))
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got.double(), expected[window], rtol=0, atol=1e-5)
 
 
 def test_swapped_weights_come_back_as_the_same_tensors_even_after_an_error() -> None:

@@ -1,8 +1,8 @@
 """KL divergence of a candidate model from the full-precision one on fixed calibration windows.
 
 The engine's :class:`~quantkit.engine.passes.BlockTrace` keeps the full-precision input of every decoder block,
-so a candidate that differs only from block ``i`` on is run from block ``i``; the teacher's log-probabilities
-are cached too.
+so a candidate that differs only from block ``i`` on is run from block ``i``, and turns the last block's output
+into log-probabilities; the teacher's are cached.
 """
 
 from __future__ import annotations
@@ -20,14 +20,8 @@ class KLMeter:
     """``KL(teacher ‖ model)`` per token, averaged over chosen windows; the teacher is the model at construction."""
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, windows: torch.Tensor) -> None:
-        self.final_norm = model.get_submodule(adapter.final_norm)
-        self.lm_head = model.get_submodule(adapter.lm_head)
         self.trace = BlockTrace(model, adapter, windows)
-        with torch.no_grad():
-            self.teacher = [self._log_probs(h) for h in self.trace.outputs]
-
-    def _log_probs(self, final_hidden: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(self.lm_head(self.final_norm(final_hidden))[0].float(), dim=-1)
+        self.teacher = [self.trace.log_probs(h) for h in self.trace.outputs]
 
     def __call__(self, windows: Sequence[int] | None = None, start_block: int = 0) -> float:
         """Mean per-token KL over ``windows`` (default all), running the blocks from ``start_block`` on."""
@@ -36,7 +30,7 @@ class KLMeter:
         with torch.no_grad():
             for w in chosen:
                 teacher = self.teacher[w]
-                student = self._log_probs(self.trace.run_from(start_block, w))
+                student = self.trace.log_probs(self.trace.run_from(start_block, w))
                 total += float((teacher.exp() * (teacher - student)).sum())
                 tokens += teacher.shape[0]
         return total / tokens

@@ -1,7 +1,7 @@
 """Per-block hooks over calibration data for everything that is not quantizing: observing a block's inputs,
-measuring its outputs, training parameters step by step, rerunning the blocks from any one, and swapping
-weights in for a while. Transforms training and allocation measurements run their calibration data through
-these and nothing else."""
+measuring its outputs, training parameters step by step, rerunning the blocks from any one (up to the head's
+log-probabilities), and swapping weights in for a while. Transforms training and allocation measurements run
+their calibration data through these and nothing else."""
 
 from __future__ import annotations
 
@@ -28,14 +28,15 @@ def block_outputs(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
 
 
 def walk_blocks(model: nn.Module, adapter: ModelAdapter, calib: torch.Tensor, batch_size: int,
-                visit: BlockVisitor) -> None:
+                visit: BlockVisitor) -> list[torch.Tensor]:
     """Calibration windows (``batch_size`` per batch) through every decoder block in order: what ``visit``
-    returns for a block enters the next one."""
+    returns for a block enters the next one. What it returned for the last block, per batch."""
     with torch.no_grad():
         inputs = capture_block_inputs(model, adapter, calib, batch_size)
     for i, block in enumerate(adapter.get_blocks(model)):
         outputs = visit(i, block, inputs)
         inputs = [(out, kwargs) for out, (_, kwargs) in zip(outputs, inputs)]
+    return [hidden for hidden, _ in inputs]
 
 
 def model_outputs(model: nn.Module, batches: Iterable[torch.Tensor],
@@ -93,27 +94,33 @@ def swapped_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> Itera
 
 class BlockTrace:
     """The full-precision inputs of every decoder block for each window (one window a batch), kept so that a
-    model that differs from block ``i`` on is rerun from block ``i`` only."""
+    model that differs from block ``i`` on is rerun from block ``i`` only, and the head that turns the last
+    block's output into log-probabilities."""
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, windows: torch.Tensor) -> None:
         self.blocks = adapter.get_blocks(model)
-        with torch.no_grad():
-            entering = capture_block_inputs(model, adapter, windows, 1)
-            self.kwargs = [kwargs for _, kwargs in entering]
-            self.inputs: list[list[torch.Tensor]] = []  # [block][window]
-            hidden = [h for h, _ in entering]
-            for block in self.blocks:
-                self.inputs.append(hidden)
-                hidden = [block_output(block(h, **kw)) for h, kw in zip(hidden, self.kwargs)]
-        self.outputs = hidden  # of the last block, per window
+        self.final_norm = model.get_submodule(adapter.final_norm)
+        self.lm_head = model.get_submodule(adapter.lm_head)
+        self.inputs: list[BlockInputs] = []  # [block][window]
+
+        def keep(_index: int, block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
+            self.inputs.append(inputs)
+            return block_outputs(block, inputs)
+
+        self.outputs = walk_blocks(model, adapter, windows, 1, keep)  # of the last block, per window
 
     def __len__(self) -> int:
-        return len(self.kwargs)
+        return len(self.outputs)
 
     def run_from(self, start: int, window: int) -> torch.Tensor:
         """The last block's output for ``window``, running the model's blocks from ``start`` on its cached input."""
+        hidden, kwargs = self.inputs[start][window]
         with torch.no_grad():
-            hidden = self.inputs[start][window]
             for block in self.blocks[start:]:
-                hidden = block_output(block(hidden, **self.kwargs[window]))
+                hidden = block_output(block(hidden, **kwargs))
         return hidden
+
+    def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 log-probabilities over the vocabulary, per token of one window, from the last block's output."""
+        with torch.no_grad():
+            return torch.log_softmax(self.lm_head(self.final_norm(hidden))[0].float(), dim=-1)
