@@ -38,7 +38,7 @@ def sequential_g_idx(scheme: QuantScheme, in_features: int) -> torch.Tensor:
     return (torch.arange(in_features) // scheme.group_columns(in_features)).to(torch.int32)
 
 
-def stored_dtype(headers: Headers, name: str, allowed: tuple[torch.dtype, ...]) -> torch.dtype:
+def header_dtype(headers: Headers, name: str, allowed: tuple[torch.dtype, ...]) -> torch.dtype:
     """The stored dtype of tensor ``name`` when it is one of ``allowed``, else the layout's default (the first)."""
     dtype = _BY_HEADER_NAME.get(headers.get(name, ((), ""))[1])
     return dtype if dtype in allowed else allowed[0]

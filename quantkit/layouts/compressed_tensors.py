@@ -28,7 +28,7 @@ from quantkit.formats.floatgrid import FloatQuantizedTensor
 from quantkit.formats.intgrid import IntQuantizedTensor
 from quantkit.formats.packing import pack_columns, pack_rows, packed_width, unpack_columns, unpack_rows
 from quantkit.layouts.base import Encoded, Headers, LayerPlan, Layout, specs_bytes
-from quantkit.layouts.common import decoded, grid_layers, int_description, lossless_cast, stored_dtype
+from quantkit.layouts.common import decoded, grid_layers, header_dtype, int_description, lossless_cast
 from quantkit.schemes import QuantScheme
 
 FORMAT = "pack-quantized"
@@ -380,7 +380,7 @@ class CompressedTensorsLayout(Layout):
             shape = (module.out_features, module.in_features)
             w = group.weights
             check_layer(name, w.scheme(), module.in_features)
-            specs = expected_tensors(w, shape, stored_dtype(headers, f"{name}.weight_scale", SCALE_DTYPES))
+            specs = expected_tensors(w, shape, header_dtype(headers, f"{name}.weight_scale", SCALE_DTYPES))
             if w.format == "int":
                 meta = int_description(w.bits, w.group_size, w.symmetric, w.g_idx, shape)
             else:

@@ -32,10 +32,10 @@ from quantkit.layouts.base import Encoded, Headers, LayerPlan, Layout, specs_byt
 from quantkit.layouts.common import (
     decoded,
     grid_layers,
+    header_dtype,
     int_description,
     lossless_cast,
     sequential_g_idx,
-    stored_dtype,
 )
 from quantkit.schemes import QuantScheme
 
@@ -308,7 +308,7 @@ class GPTQLayout(Layout):
             layer = config.layer(name)
             scheme = layer.scheme()
             shape = (module.out_features, module.in_features)
-            scale_dtype = stored_dtype(headers, f"{name}.scales", SCALE_DTYPES)
+            scale_dtype = header_dtype(headers, f"{name}.scales", SCALE_DTYPES)
             specs = expected_tensors(scheme.bits, scheme.num_groups(module.in_features), shape, scale_dtype,
                                      with_g_idx=f"{name}.g_idx" in headers)
             meta = int_description(scheme.bits, scheme.group_size, layer.sym, layer.desc_act and "g_idx" in specs, shape)
