@@ -21,7 +21,7 @@ from quantkit.devices import resolve_devices
 from quantkit.diskspace import check_space, size_text
 from quantkit.engine import EngineOptions, linear_shapes, quantize_model
 from quantkit.errors import QuantkitError
-from quantkit.export.atomic import check_output_dir
+from quantkit.export.atomic import check_output_dir, check_output_file
 from quantkit.export.save import model_dtype, save_checkpoint
 from quantkit.export.writer import estimated_bytes
 from quantkit.formats.base import QuantizedTensor
@@ -36,7 +36,7 @@ from quantkit.models.loading import (
     stored_dtype,
 )
 from quantkit.progress import phase
-from quantkit.runplan import CalibrationSpec, RunPlan, plan_run, unquantized_dtype
+from quantkit.runplan import CalibrationSpec, RunPlan, plan_run, unquantized_dtype, warn_runtimes
 from quantkit.runtime.loader import load, load_tokenizer
 from quantkit.schemes import QuantScheme
 from quantkit.streaming.state import remove_dead_state
@@ -114,7 +114,7 @@ def quantize_run(model: str | LoadedModel, run: RunPlan, output: str | Path | No
     quantizer, scheme, schemes, calibration, seed = run.quantizer, run.scheme, list(run.candidates), run.calibration, run.seed
     transform, allocation, act_scheme = run.transform, run.allocation, run.act_scheme
     if output is not None:  # before the model, whose check may convert a GGUF file
-        check_output_dir(Path(output), overwrite)
+        _check_output(run.writer, Path(output), overwrite)
     checked = None if isinstance(model, LoadedModel) else check_float_model(  # the model, before any data is read
         model, in_memory=offload is None, trust_remote_code=trust_remote_code)
     if _reads_calibration(quantizer, transform, allocation):
@@ -132,7 +132,7 @@ def quantize_run(model: str | LoadedModel, run: RunPlan, output: str | Path | No
     _check_layers(run.writer, schemes, shapes)
     _check_windows(loaded.model, quantizer, calibration, transform, allocation)
     cost = LayerCost(run.layout, model_dtype(loaded.model))
-    kept_dtype = unquantized_dtype(run.dtype, loaded.stored_dtype)
+    kept_dtype = unquantized_dtype(run.dtype, run.writer.auto_dtype or loaded.stored_dtype)
     if output is not None:  # a checkpoint that cannot fit, before any work
         check_space(Path(output).absolute().parent,
                     _checkpoint_bytes(loaded.model, shapes, quantizer, schemes, cost, kept_dtype), "the checkpoint")
@@ -185,7 +185,8 @@ def quantize_run(model: str | LoadedModel, run: RunPlan, output: str | Path | No
         with phase(f"writing {output}", seconds, "export"):
             save_checkpoint(run.layout, Path(output), loaded.model, loaded.tokenizer, quantized, config,
                             overwrite=overwrite, dtype=kept_dtype)
-        remove_dead_state(Path(output))  # what a killed --offload disk run writing the same output left
+        if not run.writer.single_file:
+            remove_dead_state(Path(output))  # what a killed --offload disk run writing the same output left
     return QuantizeResult(loaded.model, loaded.tokenizer, quantized, config, seconds, hooks, online_hooks,
                           loaded.stored_bytes, loaded.stored_dtype)
 
@@ -388,16 +389,31 @@ def _scheme_label(scheme: QuantScheme) -> str:
     return f"w{scheme.bits}" if scheme.format == "int" else scheme.format
 
 
-def export(source: str | Path, output: str | Path, layout: str, overwrite: bool = False) -> nn.Module:
-    """Convert a checkpoint quantkit can load into ``layout`` at ``output``; returns the loaded model."""
-    from quantkit.runtime.loader import open_checkpoint
+def export(source: str | Path, output: str | Path, layout: str, overwrite: bool = False,
+           gguf_type: str | None = None) -> nn.Module:
+    """Convert a checkpoint quantkit can load into ``layout`` at ``output``; returns the loaded model. To the
+    GGUF layout, ``source`` may also be an unquantized model, written in the float ``gguf_type`` (f16 unless
+    said); a quantized checkpoint must hold GGUF formats already (its ``gguf_type``, if given)."""
+    from quantkit.runtime.loader import is_quantkit_checkpoint, open_checked, open_checkpoint
     from quantkit.runtime.quant_linear import QuantLinear
 
+    writer = get_layout(layout)
+    if gguf_type is not None and not writer.single_file:
+        raise QuantkitError(f"--gguf-type goes with --layout gguf, not --layout {layout}")
+    if writer.single_file and not is_quantkit_checkpoint(source):
+        return _export_float_gguf(str(source), Path(output), gguf_type or "f16", overwrite)
     checkpoint = open_checkpoint(Path(source))
     qc = checkpoint.quantization
-    get_layout(layout).check(activations=qc.get("input_activations") is not None,
-                             online=bool((qc.get("transform") or {}).get("online")))
-    check_output_dir(Path(output), overwrite)
+    writer.check(activations=qc.get("input_activations") is not None,
+                 online=bool((qc.get("transform") or {}).get("online")))
+    if writer.single_file:
+        stored = (qc.get("scheme") or {}).get("format")
+        if gguf_type not in (None, stored):
+            raise QuantkitError(f"{source} holds {stored} layers; writing them as {gguf_type} would quantize them "
+                                f"again: quantize the float model with --layout gguf --gguf-type {gguf_type}")
+    _check_output(writer, Path(output), overwrite)
+    metas = [plan.meta for plan in open_checked(Path(source)).plans.values()]
+    warn_runtimes(writer, [QuantScheme.from_dict(meta) for meta in metas], [bool(meta.get("act_order")) for meta in metas])
     model = load(source)
     quantized = {name: m.quantized() for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     has_tokenizer = any((Path(source) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
@@ -407,8 +423,28 @@ def export(source: str | Path, output: str | Path, layout: str, overwrite: bool 
     else:
         config = {"method": checkpoint.layout.name, "source_quantization_config": qc}
     save_checkpoint(layout, Path(output), model, tokenizer, quantized, config, overwrite=overwrite)
-    remove_dead_state(Path(output))
+    if not writer.single_file:
+        remove_dead_state(Path(output))
     return model
+
+
+def _check_output(writer: Layout, output: Path, overwrite: bool) -> None:
+    """Refuse an output ``writer`` cannot write (a file or a directory, as it writes), before any work."""
+    (check_output_file if writer.single_file else check_output_dir)(output, overwrite)
+
+
+def _export_float_gguf(source: str, output: Path, gguf_type: str, overwrite: bool) -> nn.Module:
+    """Write the unquantized model ``source`` as a GGUF file of float ``gguf_type`` tensors."""
+    from quantkit.layouts.gguf import FLOAT_TYPES, check_gguf_type
+
+    if check_gguf_type(gguf_type) not in FLOAT_TYPES:
+        raise QuantkitError(f"{source} is not quantized: GGUF export writes it as {', '.join(FLOAT_TYPES)}; for "
+                            f"{gguf_type}, quantize it with --layout gguf --gguf-type {gguf_type}")
+    check_output_file(output, overwrite)
+    loaded = load_model(source, checked=check_float_model(source))
+    save_checkpoint("gguf", output, loaded.model, loaded.tokenizer, {}, {"source": source}, overwrite=overwrite,
+                    dtype=FLOAT_TYPES[gguf_type])
+    return loaded.model
 
 
 __all__ = ["AllocationOptions", "AllocationPlan", "CalibrationSpec", "QuantizeResult", "RunPlan", "allocate",

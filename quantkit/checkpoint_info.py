@@ -10,7 +10,7 @@ from pathlib import Path
 from quantkit.formats.base import ROLES
 from quantkit.layouts.base import DTYPE_BYTES
 from quantkit.runtime.loader import verify
-from quantkit.schemes import QuantScheme
+from quantkit.schemes import GGUF_FORMATS, QuantScheme
 
 
 @dataclass
@@ -106,9 +106,36 @@ def scheme_label(meta: dict, activations: QuantScheme | None = None, online_tran
     return " + ".join(parts)
 
 
+def inspect_gguf(path: Path) -> CheckpointInfo:
+    """Describe a GGUF file: its tensors in GGUF's block formats by format (a block's codes and its scales), the
+    rest as other tensors."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    by_format: dict[str, SchemeSummary] = {}
+    total = SchemeSummary("all quantized layers")
+    other_params = other_bytes = 0
+    for tensor in reader.tensors:
+        fmt = tensor.tensor_type.name.lower()
+        if fmt not in GGUF_FORMATS:
+            other_params, other_bytes = other_params + int(tensor.n_elements), other_bytes + int(tensor.n_bytes)
+            continue
+        codes = int(tensor.n_elements) * GGUF_FORMATS[fmt][0] // 8
+        summary = SchemeSummary(fmt, 1, int(tensor.n_elements), int(tensor.n_bytes))
+        summary.role_bytes.update(codes=codes, statistics=int(tensor.n_bytes) - codes)
+        by_format.setdefault(fmt, SchemeSummary(fmt)).add(summary)
+        total.add(summary)
+    field = reader.fields.get("general.architecture")
+    return CheckpointInfo(path=str(path), method="gguf", model_type=str(field.contents()) if field else "unknown",
+                          schemes=list(by_format.values()), total=total, other_params=other_params,
+                          other_bytes=other_bytes, file_bytes=path.stat().st_size, quantization_config={})
+
+
 def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     """Describe a checkpoint after every check :func:`quantkit.load` makes (data included); refuses exactly what
-    it refuses, with the same message."""
+    it refuses, with the same message. A ``.gguf`` file is described by :func:`inspect_gguf`."""
+    if Path(path).suffix == ".gguf" and Path(path).is_file():
+        return inspect_gguf(Path(path))
     checked = verify(path)
     config, qc = checked.config.model, checked.config.quantization
     specs = {name: checked.headers[name] for name in checked.files}

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 console = make_console()
 err_console = make_console(stderr=True)
 # quantize options that say how to run, not what to compute: never recipe fields
-RUN_OPTIONS = ("model", "output", "overwrite", "recipe", "save_recipe", "offload", "devices", "trust_remote_code")
+RUN_OPTIONS = ("model", "output", "overwrite", "recipe", "save_recipe", "offload", "devices", "trust_remote_code",
+               "gguf_type")
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
 
@@ -109,8 +110,10 @@ Backend = Literal[BACKENDS]
 ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help="Hub id, local directory, .gguf file or built-in alias (smollm2-135m).")]
 GroupSizeOpt = Annotated[int | None, typer.Option(help="Input columns per scale/zero group; -1 for per-channel. Default: 128 (gptq, rtn), 16 (spqr), 32 (fp4); fixed for mxfp4 (32) and nvfp4 (16).")]
 SymOpt = Annotated[bool | None, typer.Option("--sym/--asym", help="Symmetric grid (zero point fixed mid-range) or asymmetric. Default: sym (gptq, rtn), asym (spqr).")]
-ActOrderOpt = Annotated[bool | None, typer.Option("--act-order/--no-act-order", help="GPTQ/SpQR: columns in decreasing Hessian-diagonal order (default on).")]
-StaticGroupsOpt = Annotated[bool | None, typer.Option("--static-groups/--no-static-groups", help="GPTQ: group grids fixed before any update (no g_idx). Default: on for the float formats with act-order, else off.")]
+ActOrderOpt = Annotated[bool | None, typer.Option("--act-order/--no-act-order", help="GPTQ/SpQR: columns in decreasing Hessian-diagonal order (default on). GPTQ keeps each group's columns together (a static order, no g_idx) unless --g-idx.")]
+StaticGroupsOpt = Annotated[bool | None, typer.Option("--static-groups/--no-static-groups", help="GPTQ: group grids fitted on the original weights before any update, columns in plain act-order (no g_idx). Default off.")]
+GGUFTypeOpt = Annotated[str | None, typer.Option(metavar="q4_k|q4_0|q5_0|q8_0|f16|f32|bf16", help="The GGUF type to write (with --layout gguf): a block format quantize rounds onto (q4_k falls back to q5_0 on rows that are no multiple of 256, as llama.cpp does), or a float type for export of an unquantized model.")]
+GIdxOpt = Annotated[bool | None, typer.Option("--g-idx/--no-g-idx", help="GPTQ: plain act-order with each column's group stored (g_idx, desc_act=True); vLLM refuses such checkpoints. Default off.")]
 DampOpt = Annotated[float | None, typer.Option(help="Damping as a fraction of the mean Hessian diagonal. Default: 0.01 (gptq), 1.0 (spqr).")]
 MseOpt = Annotated[bool | None, typer.Option("--mse/--no-mse", help="GPTQ/RTN: search a clipping ratio per group (integer grids) or the block scale among candidates (float formats).")]
 CalibOpt = Annotated[str | None, typer.Option(help=f"Calibration (default {defaults.CALIBRATION}): c4, wikitext2 (hub), synthetic, or a local file/directory.")]
@@ -141,6 +144,7 @@ def quantize(
     sym: SymOpt = None,
     act_order: ActOrderOpt = None,
     static_groups: StaticGroupsOpt = None,
+    g_idx: GIdxOpt = None,
     true_sequential: Annotated[bool | None, typer.Option("--true-sequential/--no-true-sequential", help="Statistics of each group of linears after the earlier ones are quantized (default on).")] = None,
     damp: DampOpt = None,
     mse: MseOpt = None,
@@ -158,7 +162,8 @@ def quantize(
     data_dir: DataDirOpt = None,
     dtype: Annotated[str | None, typer.Option(metavar=_choices("dtype"), help="Dtype of the tensors left unquantized (embeddings, norms, head, biases). Default: auto, the source model's.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
-    layout: Annotated[str | None, typer.Option(metavar=_choices("layout"), help=f"Checkpoint layout (default {defaults.LAYOUT}); gptq is GPTQ v1, compressed-tensors is pack-quantized (nvfp4- or mxfp4-pack-quantized for those formats).")] = None,
+    layout: Annotated[str | None, typer.Option(metavar=_choices("layout"), help=f"Checkpoint layout (default {defaults.LAYOUT}); gptq is GPTQ v1, compressed-tensors is pack-quantized (nvfp4- or mxfp4-pack-quantized for those formats), gguf one .gguf file for llama.cpp.")] = None,
+    gguf_type: GGUFTypeOpt = None,
     transform: Annotated[str | None, typer.Option(metavar=_choices("transform"), help="Rewrite the model first: hadamard (QuaRot), flatquant or ostquant (trained); none switches off a recipe's. Default: none.")] = None,
     transform_budget: Annotated[str | None, typer.Option(metavar=_choices("transform_budget"), help="Training budget of flatquant/ostquant: cpu (default; minutes here) or paper.")] = None,
     transform_nsamples: Annotated[int | None, typer.Option(help="Transform training windows (overrides the budget).")] = None,
@@ -183,6 +188,8 @@ def quantize(
 
     given = {name: value for name, value in ctx.params.items() if name not in RUN_OPTIONS}
     given["bit_choices"] = _bit_choices(bit_choices)
+    if gguf_type is not None:
+        given.update(_gguf_settings(gguf_type, number_format, layout))
     settings = resolve(load_recipe(recipe) if recipe else None, given, recipe or "")
     run = run_plan(settings)
     saved = None
@@ -208,6 +215,20 @@ def _check_output_file(path: Path, flag: str, suffix: str) -> None:
     if path.is_dir():
         raise OptionError(f"{flag} {path} is a directory; name a {suffix} file")
     check_writable(path.parent)
+
+
+def _gguf_settings(gguf_type: str, number_format: str | None, layout: str | None) -> dict[str, str]:
+    """The number format and layout ``--gguf-type`` stands for; a conflicting --format or --layout is refused."""
+    from quantkit.layouts.gguf import FLOAT_TYPES, check_gguf_type
+
+    if check_gguf_type(gguf_type) in FLOAT_TYPES:
+        raise OptionError(f"--gguf-type {gguf_type} is unquantized: write it with "
+                          f"`quantkit export MODEL -o OUT.gguf --layout gguf --gguf-type {gguf_type}`")
+    if number_format not in (None, gguf_type):
+        raise OptionError(f"--gguf-type {gguf_type} is the number format: drop --format {number_format}")
+    if layout not in (None, "gguf"):
+        raise OptionError(f"--gguf-type writes the gguf layout, not --layout {layout}")
+    return {"number_format": gguf_type, "layout": "gguf"}
 
 
 def _print_summary(title: str, info: CheckpointInfo, record: dict, seconds: dict[str, float], source: str) -> None:
@@ -252,6 +273,7 @@ def allocate(
     sym: SymOpt = None,
     act_order: ActOrderOpt = None,
     static_groups: StaticGroupsOpt = None,
+    g_idx: GIdxOpt = None,
     damp: DampOpt = None,
     mse: MseOpt = None,
     calib: CalibOpt = None,
@@ -273,7 +295,7 @@ def allocate(
     settings = resolve(None, dict(bit_choices=_bit_choices(bit_choices), score=score, granularity=granularity,
                                   search_generations=search_generations, search_offspring=search_offspring,
                                   layout=layout, seed=seed, method=method, group_size=group_size, sym=sym,
-                                  act_order=act_order, static_groups=static_groups, damp=damp, mse=mse, calib=calib,
+                                  act_order=act_order, static_groups=static_groups, g_idx=g_idx, damp=damp, mse=mse, calib=calib,
                                   nsamples=nsamples, seqlen=seqlen, data_dir=data_dir))
     options = {name: settings[name] for name in QUANTIZER_OPTIONS if settings[name] is not None}
     calibration = CalibrationSpec(settings["calib"], settings["nsamples"], settings["seqlen"], settings["data_dir"])
@@ -368,16 +390,18 @@ def render_report(
 
 @command("export")
 def export_checkpoint(
-    source: Annotated[str, typer.Argument(metavar="CHECKPOINT", help="A checkpoint quantkit loads (native, GPTQ or compressed-tensors).")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint directory to write.")],
+    source: Annotated[str, typer.Argument(metavar="CHECKPOINT", help="A checkpoint quantkit loads (native, GPTQ or compressed-tensors); to --layout gguf also an unquantized model.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint directory (gguf: .gguf file) to write.")],
     layout: Annotated[Layout, typer.Option(help="Target layout.")],
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    gguf_type: GGUFTypeOpt = None,
 ) -> None:
-    """Convert a quantized checkpoint to another layout (the quantized weights are carried over exactly)."""
+    """Convert a quantized checkpoint to another layout (the quantized weights are carried over exactly), or
+    write an unquantized model as a float GGUF file."""
     from quantkit.api import export
     from quantkit.checkpoint_info import inspect_checkpoint
 
-    export(source, output, layout, overwrite=overwrite)
+    export(source, output, layout, overwrite=overwrite, gguf_type=gguf_type)
     info = inspect_checkpoint(output)
     console.print(f"wrote {layout} checkpoint {output}: {sum(s.layers for s in info.schemes)} "
                   f"quantized layers ({', '.join(s.scheme for s in info.schemes)}), {size_text(info.file_bytes)}")

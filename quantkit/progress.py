@@ -102,6 +102,11 @@ class LineProgress:
         return f", eta {(task.total - task.completed) / rate:.0f} s"
 
 
+def warn(line: str) -> None:
+    """One warning line on stderr (a run goes on)."""
+    stderr_console.print(f"[yellow]warning:[/yellow] {line}", highlight=False, soft_wrap=True)
+
+
 def progress_bar(transient: bool = False) -> Progress | LineProgress:
     """A progress display on stderr: a rich bar on a terminal, plain lines elsewhere."""
     if not stderr_console.is_terminal:

@@ -13,6 +13,7 @@ from quantkit.allocation.plan import AllocationPlan
 from quantkit.calib import check_source, default_windows
 from quantkit.errors import OptionError, QuantkitError
 from quantkit.layouts import Layout, get_layout
+from quantkit.progress import warn
 from quantkit.quantizers import make_quantizer
 from quantkit.quantizers.base import Quantizer
 from quantkit.schemes import UNQUANTIZED_DTYPES, QuantScheme
@@ -67,6 +68,13 @@ class RunPlan:
         return get_layout(self.layout)
 
 
+def warn_runtimes(writer: Layout, schemes: list[QuantScheme], column_groups: list[bool]) -> None:
+    """Warn, once per line, of every known runtime that will refuse ``writer``'s checkpoint of ``schemes``."""
+    lines = [line for scheme, grouped in zip(schemes, column_groups) for line in writer.refusing_runtimes(scheme, grouped)]
+    for line in dict.fromkeys(lines):
+        warn(line)
+
+
 def unquantized_dtype(name: str, source: torch.dtype) -> torch.dtype:
     """The dtype ``--dtype name`` keeps unquantized tensors in (``auto``: ``source``, the model's own)."""
     if name not in UNQUANTIZED_DTYPES:
@@ -107,8 +115,8 @@ def plan_run(
     transform's online maps, before anything is loaded."""
     quantizer = make_quantizer(method, **quantizer_options)
     if scheme is None:
-        if bits is None:
-            bits = allocation.bit_choices[0] if allocation is not None and number_format == "int" else defaults.BITS
+        if bits is None and allocation is not None and number_format == "int":
+            bits = allocation.bit_choices[0]
         scheme = quantizer.default_scheme(bits, group_size, symmetric, number_format)
     candidates = candidate_schemes(scheme, allocation)
     writer = get_layout(layout)
@@ -116,6 +124,7 @@ def plan_run(
         quantizer.check_scheme(candidate)
         writer.check(quantizer.plan(candidate), activations=act_scheme is not None,
                      online=transform is not None and transform.has_online())
+    warn_runtimes(writer, candidates, [quantizer.plan(c).column_groups for c in candidates])
     unquantized_dtype(dtype, torch.float32)  # refused before any work
     return RunPlan(method, quantizer, scheme, tuple(candidates), calibration or CalibrationSpec(), seed,
                    true_sequential, layout, dtype, act_scheme, transform, allocation)

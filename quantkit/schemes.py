@@ -13,10 +13,17 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 # over any group size, ``mxfp4`` an E8M0 power of two over 32 columns, ``nvfp4`` an E4M3 scale over 16
 # columns divided by one float32 scale per tensor.
 FLOAT_FORMATS = ("fp4", "mxfp4", "nvfp4")
-SUPPORTED_FORMATS = ("int", *FLOAT_FORMATS)
-FIXED_BLOCK = {"mxfp4": 32, "nvfp4": 16}  # formats whose block size is part of the format
+# GGUF's block formats under llama.cpp's names, (bits, symmetric) fixed by each: blocks of 32 input columns with a
+# float16 scale (``q8_0``, ``q5_0``, ``q4_0``); ``q4_k`` also groups 8 blocks in a super-block of 256 columns
+# whose float16 scales quantize each block's scale and min to 6 bits. See :mod:`quantkit.formats.gguf`.
+GGUF_FORMATS = {"q8_0": (8, True), "q5_0": (5, True), "q4_0": (4, True), "q4_k": (4, False)}
+K_SUPER_BLOCK = 256
+# The format a layer takes instead when its row length is no multiple of the super-block (llama.cpp's choice).
+GGUF_FALLBACK = {"q4_k": "q5_0"}
+SUPPORTED_FORMATS = ("int", *FLOAT_FORMATS, *GGUF_FORMATS)
+FIXED_BLOCK = {"mxfp4": 32, "nvfp4": 16, **dict.fromkeys(GGUF_FORMATS, 32)}  # formats whose block size is part of the format
 FP4_DEFAULT_GROUP = 32
-CHECKPOINT_LAYOUTS = ("native", "gptq", "compressed-tensors")
+CHECKPOINT_LAYOUTS = ("native", "gptq", "compressed-tensors", "gguf")
 # The dtype a checkpoint keeps its unquantized tensors in (embeddings, norms, head, biases); auto: the source's.
 UNQUANTIZED_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -40,7 +47,12 @@ class QuantScheme:
         if self.format not in SUPPORTED_FORMATS:
             hint = f" ({self.format} is a checkpoint layout: use --layout)" if self.format in CHECKPOINT_LAYOUTS else ""
             raise QuantkitError(f"unknown number format {self.format!r}{hint}; supported: {', '.join(SUPPORTED_FORMATS)}")
-        if self.bits not in SUPPORTED_BITS:
+        if self.format in GGUF_FORMATS:
+            bits, symmetric = GGUF_FORMATS[self.format]
+            if (self.bits, self.symmetric) != (bits, symmetric):
+                raise QuantkitError(f"{self.format} has {bits}-bit {'symmetric' if symmetric else 'asymmetric'} codes; "
+                                    f"got {self.bits} bits, {'sym' if self.symmetric else 'asym'}")
+        elif self.bits not in SUPPORTED_BITS:
             raise QuantkitError(f"unsupported bit width {self.bits}; supported: {', '.join(map(str, SUPPORTED_BITS))}")
         if self.group_size != -1 and self.group_size < 1:
             raise QuantkitError(f"group size must be a positive number of columns or -1, got {self.group_size}")
@@ -49,19 +61,22 @@ class QuantScheme:
                 raise QuantkitError(f"{self.format} has 4-bit (E2M1) elements, not {self.bits}-bit")
             if not self.symmetric:
                 raise QuantkitError(f"{self.format} is symmetric (E2M1 has a sign bit); drop --asym")
-            block = FIXED_BLOCK.get(self.format)
-            if block is not None and self.group_size != block:
-                raise QuantkitError(f"{self.format} scales blocks of {block} columns; got group size {self.group_size}")
+        block = FIXED_BLOCK.get(self.format)
+        if block is not None and self.group_size != block:
+            raise QuantkitError(f"{self.format} scales blocks of {block} columns; got group size {self.group_size}")
 
     @classmethod
-    def for_format(cls, fmt: str, bits: int, group_size: int | None, symmetric: bool | None,
+    def for_format(cls, fmt: str, bits: int | None, group_size: int | None, symmetric: bool | None,
                    default_group_size: int, default_symmetric: bool) -> QuantScheme:
-        """A scheme in number format ``fmt``; unset group size and symmetry take the format's defaults, or
-        the given ones for ``int``."""
+        """A scheme in number format ``fmt``; unset bits, group size and symmetry take the format's defaults,
+        or the given ones (and :data:`defaults.BITS`) for ``int``."""
+        default_bits = defaults.BITS
         if fmt in FLOAT_FORMATS:
             default_group_size, default_symmetric = FIXED_BLOCK.get(fmt, FP4_DEFAULT_GROUP), True
+        if fmt in GGUF_FORMATS:
+            (default_bits, default_symmetric), default_group_size = GGUF_FORMATS[fmt], FIXED_BLOCK[fmt]
         return cls(
-            bits=bits,
+            bits=default_bits if bits is None else bits,
             group_size=default_group_size if group_size is None else group_size,
             symmetric=default_symmetric if symmetric is None else symmetric,
             format=fmt,
@@ -71,6 +86,18 @@ class QuantScheme:
     def is_float(self) -> bool:
         """Whether elements are E2M1 floats rather than integer codes."""
         return self.format in FLOAT_FORMATS
+
+    @property
+    def is_gguf(self) -> bool:
+        """Whether it is one of GGUF's block formats."""
+        return self.format in GGUF_FORMATS
+
+    def for_columns(self, in_features: int) -> QuantScheme:
+        """The scheme a layer of ``in_features`` inputs takes: itself, or the fallback of a super-block format
+        whose super-block does not divide the row."""
+        if self.format in GGUF_FALLBACK and in_features % K_SUPER_BLOCK:
+            return QuantScheme.for_format(GGUF_FALLBACK[self.format], None, None, None, self.group_size, self.symmetric)
+        return self
 
     @property
     def maxq(self) -> int:
@@ -91,7 +118,11 @@ class QuantScheme:
         return [slice(start, min(start + size, in_features)) for start in range(0, in_features, size)]
 
     def check_fits(self, name: str, in_features: int) -> None:
-        """Refuse a group size larger than the layer it would be applied to (fixed float blocks are padded)."""
+        """Refuse a group size larger than the layer it would be applied to (fixed float blocks are padded;
+        GGUF's blocks must divide the row)."""
+        if self.is_gguf and in_features % self.group_size:
+            raise QuantkitError(f"{self.format} stores blocks of {self.group_size} columns, which do not divide the "
+                                f"{in_features} inputs of {name}")
         if self.group_size > in_features and self.format not in FIXED_BLOCK:
             raise QuantkitError(
                 f"group size {self.group_size} does not fit {name}: it has only {in_features} input columns"
@@ -99,3 +130,8 @@ class QuantScheme:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict) -> QuantScheme:
+        """The scheme a :meth:`to_dict` record (or a layer meta holding its keys) describes."""
+        return cls(**{key: record[key] for key in ("bits", "group_size", "symmetric", "format") if key in record})

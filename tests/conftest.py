@@ -48,8 +48,12 @@ def tiny_model(model_type: str = "llama", seed: int = 0, vocab_size: int = 320):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-block Llama with a real byte-level tokenizer, saved like a hub checkpoint."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model().save_pretrained(folder)
+    return saved_with_tokenizer(tiny_model(), tmp_path_factory.mktemp("tiny-llama"))
+
+
+def saved_with_tokenizer(model, folder: Path) -> Path:
+    """``model`` saved in ``folder`` like a hub checkpoint, with the tiny byte-level tokenizer."""
+    model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
 

@@ -1,6 +1,8 @@
 """Golden checkpoints: a tiny seeded model quantized by every method into every layout, each stored tensor
 reduced to a SHA-256 of its dtype, shape and bytes. The hashes in ``golden/layout_hashes.json`` were recorded
-before the house was rebuilt (issue 20); a refactor must reproduce them byte for byte.
+before the house was rebuilt (issue 20); a refactor must reproduce them byte for byte. Issue 21 made act-order's
+static order GPTQ's default: the g_idx cases now ask for ``g_idx``, and the two cases on the default
+(``gptq-w3g16-gptq``, ``gptq-nvfp4-native``) were recorded again.
 
 Run as a script in a fresh interpreter with torch's portable kernels (see :data:`PORTABLE_ENV`), so that the
 arithmetic does not depend on the CPU's vector extensions:
@@ -32,8 +34,8 @@ CASES: dict[str, dict[str, object]] = {
     "rtn-w4g16-gptq": {"method": "rtn", "group_size": 16, "layout": "gptq"},
     "rtn-w4g16-asym-ct": {"method": "rtn", "group_size": 16, "sym": False, "layout": "compressed-tensors"},
     "rtn-w8-channel-ct": {"method": "rtn", "bits": 8, "group_size": -1, "layout": "compressed-tensors"},
-    "gptq-w4g16-actorder-native": {"method": "gptq", "group_size": 16, "act_order": True},
-    "gptq-w4g16-actorder-gptq": {"method": "gptq", "group_size": 16, "act_order": True, "layout": "gptq"},
+    "gptq-w4g16-actorder-native": {"method": "gptq", "group_size": 16, "act_order": True, "g_idx": True},
+    "gptq-w4g16-actorder-gptq": {"method": "gptq", "group_size": 16, "act_order": True, "g_idx": True, "layout": "gptq"},
     "gptq-w4g16-static-native": {"method": "gptq", "group_size": 16, "act_order": True, "static_groups": True},
     "gptq-w4g16-static-ct": {"method": "gptq", "group_size": 16, "act_order": True, "static_groups": True,
                              "layout": "compressed-tensors"},

@@ -46,11 +46,11 @@ def test_loaded_checkpoint_gives_the_fake_quant_logits(tmp_path: Path, scheme: Q
         torch.testing.assert_close(loaded(CALIB).logits, fake(CALIB).logits, rtol=0, atol=1e-6)
     layer = loaded.get_submodule("model.layers.0.self_attn.q_proj")
     assert type(layer).__name__ == "QuantLinear"
-    assert ("g_idx" in layer.tensor_names) == (options.get("act_order", False) and not options.get("static_groups"))
+    assert ("g_idx" in layer.tensor_names) == options.get("g_idx", False)
 
 
 def test_bits_per_weight_matches_an_independent_byte_count(tmp_path: Path) -> None:
-    quantized_checkpoint(tmp_path / "ckpt", QuantScheme(4, 16, True), act_order=True)
+    quantized_checkpoint(tmp_path / "ckpt", QuantScheme(4, 16, True), g_idx=True)
     info = inspect_checkpoint(tmp_path / "ckpt")
     tensors = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
     quant_suffixes = (".qweight", ".scales", ".qzeros", ".g_idx")

@@ -67,7 +67,7 @@ def test_cli_quantize_load_gives_fake_quant_logits(tmp_path: Path, tiny_model_di
     inspect = run_cli("inspect", str(out), "--json")
     assert inspect.returncode == 0, inspect.stderr
     info = json.loads(inspect.stdout)
-    assert info["schemes"][0]["scheme"] == "int w4 g16 sym act-order"
+    assert info["schemes"][0]["scheme"] == "int w4 g16 sym"  # act-order in a static order: no g_idx stored
 
     report = tmp_path / "report"
     evaluation = run_cli("eval", str(out), "--ppl", str(calib_file), "--seqlen", "64", "--baseline", str(tiny_model_dir), "--report", str(report))

@@ -169,7 +169,7 @@ def _config(method: str, options: dict) -> dict:
 
 ROUND_TRIPS = [
     ("gptq", "rtn", QuantScheme(4, 16, True), {}),
-    ("gptq", "gptq", QuantScheme(4, 16, True), {"act_order": True}),
+    ("gptq", "gptq", QuantScheme(4, 16, True), {"act_order": True, "g_idx": True}),
     ("gptq", "gptq", QuantScheme(3, 32, True), {"act_order": True}),
     ("gptq", "gptq", QuantScheme(8, -1, True), {"act_order": False}),
     ("compressed-tensors", "rtn", QuantScheme(4, 16, False), {}),
@@ -195,7 +195,7 @@ def test_exported_checkpoint_loads_to_the_fake_quant_logits(tmp_path: Path, fmt:
     if fmt == "gptq":
         assert qc["quant_method"] == "gptq" and qc["checkpoint_format"] == "gptq" and qc["sym"] is True
         assert qc["bits"] == scheme.bits and qc["group_size"] == scheme.group_size and qc["lm_head"] is False
-        assert qc["desc_act"] == bool(options.get("act_order")) and qc["meta"]["quantizer"][0].startswith("quantkit:")
+        assert qc["desc_act"] == bool(options.get("g_idx")) and qc["meta"]["quantizer"][0].startswith("quantkit:")
         assert json.loads((tmp_path / "ckpt" / "quantize_config.json").read_text()) == qc
         assert tensors["model.layers.0.mlp.down_proj.qweight"].shape == (-(-160 * scheme.bits // 32), 64)
     else:
@@ -210,9 +210,9 @@ def test_exported_checkpoint_loads_to_the_fake_quant_logits(tmp_path: Path, fmt:
 
 
 def test_gptq_v2_and_quantize_config_only_checkpoints_load(tmp_path: Path) -> None:
-    model, quantized = quantize_tiny("gptq", QuantScheme(4, 16, True), act_order=True)
+    model, quantized = quantize_tiny("gptq", QuantScheme(4, 16, True), g_idx=True)
     folder = tmp_path / "ckpt"
-    save_checkpoint("gptq", folder, model, tiny_tokenizer(), quantized, _config("gptq", {"act_order": True}))
+    save_checkpoint("gptq", folder, model, tiny_tokenizer(), quantized, _config("gptq", {"g_idx": True}))
     tensors = load_file(str(folder / "model.safetensors"))
     for name in [n for n in tensors if n.endswith(".qzeros")]:
         tensors[name] = tensors[name] + 0x11111111  # v1 -> v2: +1 in every 4-bit field
@@ -295,7 +295,7 @@ def test_refusals_leave_no_output(tmp_path: Path, tiny_model_dir: Path) -> None:
         quantkit.quantize(str(tmp_path / "no-such-model"), method="rtn", scheme=QuantScheme(3, 16, True),
                           output=tmp_path / "b", layout="compressed-tensors")
     with pytest.raises(QuantkitError, match="act-order"):
-        quantkit.quantize(str(tmp_path / "no-such-model"), method="gptq", act_order=True, output=tmp_path / "f",
+        quantkit.quantize(str(tmp_path / "no-such-model"), method="gptq", g_idx=True, output=tmp_path / "f",
                           layout="compressed-tensors")
     with pytest.raises(QuantkitError, match="unknown checkpoint layout 'awq'"):
         quantkit.quantize(str(tiny_model_dir), method="rtn", output=tmp_path / "c", layout="awq")
@@ -311,12 +311,12 @@ def test_refusals_leave_no_output(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["native"]
 
 
-@pytest.mark.parametrize("static_groups", [True, False])
-def test_convert_between_formats_keeps_the_weights(tmp_path: Path, static_groups: bool) -> None:
-    options = {"act_order": True, "static_groups": static_groups}
+@pytest.mark.parametrize("order", [{"static_groups": True}, {"g_idx": True}, {}])
+def test_convert_between_formats_keeps_the_weights(tmp_path: Path, order: dict) -> None:
+    options = {"act_order": True, **order}
     model, quantized = quantize_tiny("gptq", QuantScheme(4, 16, True), **options)
     save_checkpoint("native", tmp_path / "native", model, tiny_tokenizer(), quantized, _config("gptq", options))
-    if not static_groups:  # act-order groups (g_idx): GPTQ holds them, current compressed-tensors does not
+    if order.get("g_idx"):  # act-order groups (g_idx): GPTQ holds them, current compressed-tensors does not
         with pytest.raises(QuantkitError, match="act-order"):
             export(tmp_path / "native", tmp_path / "ct", "compressed-tensors")
         assert not (tmp_path / "ct").exists()
@@ -354,7 +354,8 @@ def test_cli_format_and_export(tmp_path: Path, tiny_model_dir: Path, calib_file:
         "asymmetric",
     )
     assert_one_line_error(
-        run_cli("quantize", str(tiny_model_dir), *QUANTIZE_FLAGS, "-o", str(tmp_path / "z"), "--layout", "compressed-tensors"),
+        run_cli("quantize", str(tiny_model_dir), *QUANTIZE_FLAGS, "--g-idx", "-o", str(tmp_path / "z"), "--layout",
+                "compressed-tensors"),
         "act-order",
     )
     assert not any((tmp_path / name).exists() for name in ("x", "y", "z"))

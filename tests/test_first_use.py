@@ -93,18 +93,19 @@ def test_version_and_help(cli: Callable[..., Result]) -> None:
     quantize_help = cli("quantize", "-h")
     assert quantize_help.returncode == 0
     assert all(choice in quantize_help.stdout for choice in
-               ("<rtn|gptq|spqr>", "<int|fp4|mxfp4|nvfp4>", "<native|gptq|compressed-tensors>", "<4|8>"))
+               ("<rtn|gptq|spqr>", "<int|fp4|mxfp4|nvfp4|q8_0|q5_0|q4_0|q4_k>", "<native|gptq|compressed-tensors|gguf>",
+             "<4|8>"))
     assert "<auto|dequant|cpu|aten|triton>" in cli("eval", "--help").stdout
     assert cli("inspect").returncode == 2  # a missing argument is a usage error
 
 
 # (arguments, what the one error line says); {model}, {calib}, {tmp} are filled in. Exit code 2: usage errors.
 USAGE_ERRORS = [
-    (["quantize", "{model}", "-o", "{tmp}/o", "--format", "int5"], "--format 'int5' is not allowed; allowed: int, fp4, mxfp4, nvfp4 (gptq and"),
+    (["quantize", "{model}", "-o", "{tmp}/o", "--format", "int5"], "--format 'int5' is not allowed; allowed: int, fp4, mxfp4, nvfp4, q8_0, q5_0, q4_0, q4_k (gptq and"),
     (["quantize", "{model}", "-o", "{tmp}/o", "--frobnicate"], "No such option: --frobnicate"),
     (["quantize", "{model}", "-o", "{tmp}/o", "--bits", "five"], "'--bits': Input should be a valid number"),
     (["quantize", "{model}", "-o", "{tmp}/o", "--outlier-threshold", "0.5"],
-     "method 'gptq' has no option --outlier-threshold; its options: --damp, --act-order, --static-groups, --mse"),
+     "method 'gptq' has no option --outlier-threshold; its options: --damp, --act-order, --static-groups, --g-idx, --mse"),
     (["quantize", "{model}", "-o", "{tmp}/o", "--data-dir", "{tmp}/no/such/dir"], "no/such/dir: no such directory"),
     (["quantize", "{model}", "-o", "{tmp}/o", "--data-dir", "{calib}"], "calib.txt: not a directory"),
     (["quantize", "{model}", "-o", "{tmp}/o", "--calib", "{tmp}/missing.txt"], "missing.txt: no such file or directory"),
@@ -117,7 +118,7 @@ USAGE_ERRORS = [
     (["eval", "{model}", "--ppl", "{calib}", "--seqlen", "4096"], "--seqlen 4096 is longer than the model's context"),
     (["eval", "{model}", "--ppl", "{calib}", "--kernel", "fast"], "'--kernel': 'fast' is not one of"),
     (["eval", "{model}", "--data-dir", "{tmp}/nowhere"], "--data-dir {tmp}/nowhere: no such directory"),
-    (["export", "{model}", "-o", "{tmp}/o", "--layout", "gguf"], "'--layout': 'gguf' is not one of"),
+    (["export", "{model}", "-o", "{tmp}/o", "--layout", "awq"], "'--layout': 'awq' is not one of"),
     (["allocate", "{model}", "--bits", "3.5", "--allocation", "greedy"], "'--allocation': 'greedy' is not one of"),
 ]
 
@@ -235,7 +236,7 @@ def test_summary_shows_resolved_settings_and_sizes(cli: Callable[..., Result], t
     result = cli("quantize", str(tiny_model_dir), "--group-size", "16", "--calib", str(calib_file), "--nsamples", "2",
                  "--seqlen", "16", "-o", str(tmp_path / "o"))
     assert result.returncode == 0, result.stderr
-    assert "gptq damp=0.01 act_order=True static_groups=False mse=False" in result.stdout
+    assert "gptq damp=0.01 act_order=True static_groups=False g_idx=False mse=False" in result.stdout
     assert "block_size" not in result.stdout
     source_bytes = sum(t.numel() * 4 for t in load_file(tiny_model_dir / "model.safetensors").values())
     assert f"(source: {size_text(source_bytes)} in float32)" in result.stdout

@@ -201,14 +201,15 @@ def correlated_problem(out: int = 48, n: int = 96, seed: int = 0) -> tuple[torch
     return w, x, LayerStats(hessian=(2 / x.shape[0]) * x.double().t() @ x.double(), tokens=x.shape[0])
 
 
-@pytest.mark.parametrize("act_order", [True, False])
+@pytest.mark.parametrize("options", [{"act_order": True}, {"static_groups": True}, {"act_order": False}],
+                         ids=["static-order", "static-groups", "natural"])
 @pytest.mark.parametrize("scheme", FLOAT_SCHEMES[:3], ids=SCHEME_IDS[:3])
-def test_gptq_rounds_onto_the_fp4_grid_and_beats_rtn_on_the_output(scheme: QuantScheme, act_order: bool) -> None:
+def test_gptq_rounds_onto_the_fp4_grid_and_beats_rtn_on_the_output(scheme: QuantScheme, options: dict) -> None:
     w, x, stats = correlated_problem()
-    gptq = make_quantizer("gptq", act_order=act_order).quantize(w, stats, scheme)
+    gptq = make_quantizer("gptq", **options).quantize(w, stats, scheme)
     rtn = make_quantizer("rtn").quantize(w, LayerStats(), scheme)
     assert isinstance(gptq, FloatQuantizedTensor)
-    if act_order:  # static groups: the block scales are fitted before any update, i.e. they are RTN's
+    if options.get("static_groups"):  # the block scales are fitted before any update, i.e. they are RTN's
         assert torch.equal(gptq.scales.view(torch.uint8) if scheme.format == "nvfp4" else gptq.scales,
                            rtn.scales.view(torch.uint8) if scheme.format == "nvfp4" else rtn.scales)
         assert not torch.equal(gptq.codes, rtn.codes)
@@ -217,11 +218,11 @@ def test_gptq_rounds_onto_the_fp4_grid_and_beats_rtn_on_the_output(scheme: Quant
 
 
 def test_gptq_with_act_order_keeps_float_blocks_contiguous() -> None:
-    quantizer = make_quantizer("gptq", act_order=True)
-    assert quantizer.static(NVFP4) and not quantizer.column_groups(NVFP4)
-    assert not quantizer.static(QuantScheme(4, 16, True)) and quantizer.column_groups(QuantScheme(4, 16, True))
-    with pytest.raises(QuantkitError, match="static groups"):
-        make_quantizer("gptq", act_order=True, static_groups=False).check_scheme(NVFP4)
+    quantizer = make_quantizer("gptq", act_order=True)  # a static order: groups stay contiguous
+    assert not quantizer.column_groups(NVFP4) and not quantizer.column_groups(QuantScheme(4, 16, True))
+    assert make_quantizer("gptq", g_idx=True).column_groups(QuantScheme(4, 16, True))
+    with pytest.raises(QuantkitError, match="drop --g-idx"):
+        make_quantizer("gptq", g_idx=True).check_scheme(NVFP4)
     with pytest.raises(QuantkitError, match="integer grids only"):
         make_quantizer("spqr").check_scheme(NVFP4)
 

@@ -9,7 +9,7 @@ from quantkit.errors import QuantkitError
 from quantkit.hessian import HessianAccumulator
 from quantkit.quantizers import make_quantizer
 from quantkit.quantizers.base import LayerStats
-from quantkit.quantizers.gptq import damping_schedule
+from quantkit.quantizers.gptq import damping_schedule, group_aware_perm
 from quantkit.schemes import QuantScheme
 
 
@@ -39,24 +39,68 @@ def test_hessian_accumulator_matches_float64_reference() -> None:
     assert torch.equal(stats.hessian, stats.hessian.T)
 
 
-VARIANTS = [(32, False, False), (32, True, False), (32, True, True), (-1, True, False)]
+# (group size, act_order, static_groups, g_idx): natural order, the default static order (group-aware),
+# plain act-order with g_idx, static groups, per channel.
+VARIANTS = [(32, False, False, False), (32, True, False, False), (32, True, False, True), (32, True, True, False),
+            (-1, True, False, False)]
 
 
 # At 2 bits without act-order, natural column order pushes error onto the large-scale inputs of this data
-# and GPTQ loses to RTN (act-order exists for that reason), so 2 bits is checked with act-order only.
+# and GPTQ loses to RTN (act-order exists for that reason). This data scatters the large inputs at random, one
+# or two in every group of 32, so the group-aware order can do little better than the natural one there:
+# 2 bits is checked with plain act-order (g_idx, static groups, per channel) only.
 @pytest.mark.parametrize(
-    "bits,group,act_order,static",
-    [(b, *v) for b in (3, 4, 8) for v in VARIANTS] + [(2, *v) for v in VARIANTS if v[1]],
+    "bits,group,act_order,static,g_idx",
+    [(b, *v) for b in (3, 4, 8) for v in VARIANTS] + [(2, *v) for v in VARIANTS if v[2] or v[3] or v[0] == -1],
 )
-def test_gptq_beats_rtn_on_correlated_inputs(bits: int, group: int, act_order: bool, static: bool) -> None:
+def test_gptq_beats_rtn_on_correlated_inputs(bits: int, group: int, act_order: bool, static: bool, g_idx: bool) -> None:
     x = correlated_inputs(2048, 128)
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(96, 128, generator=gen) * 0.02
     scheme = QuantScheme(bits, group, True)
     rtn = make_quantizer("rtn").quantize(w, LayerStats(), scheme).dequantize()
-    gptq = make_quantizer("gptq", act_order=act_order, static_groups=static).quantize(w, stats_for(x), scheme)
+    quantizer = make_quantizer("gptq", act_order=act_order, static_groups=static, g_idx=g_idx)
+    gptq = quantizer.quantize(w, stats_for(x), scheme)
     assert output_error(x, w, gptq.dequantize()) < 0.8 * output_error(x, w, rtn)
-    assert (gptq.g_idx is not None) == (act_order and not static and group != -1)
+    assert (gptq.g_idx is not None) == (g_idx and group != -1)
+
+
+def test_group_aware_order_keeps_groups_together_and_follows_the_diagonal() -> None:
+    diag = torch.rand(100, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    perm = group_aware_perm(torch.diag(diag), 32)
+    assert sorted(perm.tolist()) == list(range(100))
+    groups = (perm // 32).tolist()
+    assert [groups[i] for i in range(0, 100, 32)] == [groups[i - 1] for i in range(32, 101, 32)] + [3]
+    assert all(len(set(groups[i:i + 32])) == 1 for i in range(0, 100, 32))  # each group contiguous
+    assert groups[96:] == [3] * 4  # the partial group last
+    maxima = [float(diag[perm[i:i + 32]].max()) for i in range(0, 96, 32)]
+    assert maxima == sorted(maxima, reverse=True)
+    for i in range(0, 100, 32):
+        assert diag[perm[i:i + 32]].tolist() == sorted(diag[perm[i:i + 32]].tolist(), reverse=True)
+
+
+def test_static_order_equals_g_idx_form_when_act_order_keeps_groups_together() -> None:
+    # A Hessian whose act-order already visits whole groups one after another: both forms make the same weights.
+    x = correlated_inputs(1024, 96)
+    stats = stats_for(x)
+    ranks = torch.tensor([2, 0, 1]).repeat_interleave(32) * 1000 + torch.arange(96).flip(0)
+    h = stats.hessian.clone()
+    h.diagonal().copy_(h.diagonal() + ranks.double())
+    w = torch.randn(16, 96)
+    scheme = QuantScheme(4, 32, True)
+    static_order = make_quantizer("gptq").quantize(w, LayerStats(h, 1024), scheme)
+    g_idx_form = make_quantizer("gptq", g_idx=True).quantize(w, LayerStats(h, 1024), scheme)
+    assert static_order.g_idx is None and g_idx_form.g_idx is not None
+    torch.testing.assert_close(static_order.dequantize(), g_idx_form.dequantize(), rtol=0, atol=0)
+
+
+def test_g_idx_needs_plain_act_order() -> None:
+    with pytest.raises(QuantkitError, match="--g-idx"):
+        make_quantizer("gptq", g_idx=True, static_groups=True)
+    with pytest.raises(QuantkitError, match="--g-idx"):
+        make_quantizer("gptq", g_idx=True, act_order=False)
+    with pytest.raises(QuantkitError, match="drop --g-idx"):
+        make_quantizer("gptq", g_idx=True).check_scheme(QuantScheme(4, 16, True, "nvfp4"))
 
 
 def test_gptq_equals_rtn_when_inputs_are_uncorrelated() -> None:
@@ -75,13 +119,13 @@ def test_act_order_groups_are_full_and_follow_the_hessian_diagonal() -> None:
     x = correlated_inputs(1024, 100)
     w = torch.randn(8, 100) * 0.1
     stats = stats_for(x)
-    qt = make_quantizer("gptq", act_order=True).quantize(w, stats, QuantScheme(4, 32, True))
+    qt = make_quantizer("gptq", g_idx=True).quantize(w, stats, QuantScheme(4, 32, True))
     counts = torch.bincount(qt.g_idx.long(), minlength=4).tolist()
     assert counts == [32, 32, 32, 4]
     order = torch.argsort(torch.diag(stats.hessian), descending=True, stable=True)
     assert qt.g_idx[order].tolist() == sorted(qt.g_idx[order].tolist())  # groups follow the act order
     # One group per row: act-order changes the update order but needs no g_idx.
-    per_channel = make_quantizer("gptq", act_order=True).quantize(w, stats, QuantScheme(4, -1, True))
+    per_channel = make_quantizer("gptq", g_idx=True).quantize(w, stats, QuantScheme(4, -1, True))
     assert per_channel.g_idx is None
 
 

@@ -32,8 +32,8 @@ CASES = [  # (layout, method, scheme, options)
 def test_the_registry_holds_every_layout_the_options_name() -> None:
     assert tuple(LAYOUTS) == CHECKPOINT_LAYOUTS
     assert all(get_layout(name).name == name for name in CHECKPOINT_LAYOUTS)
-    with pytest.raises(QuantkitError, match="unknown checkpoint layout 'gguf'"):
-        get_layout("gguf")
+    with pytest.raises(QuantkitError, match="unknown checkpoint layout 'awq'"):
+        get_layout("awq")
 
 
 @pytest.mark.parametrize(("layout", "method", "scheme", "options"), CASES)

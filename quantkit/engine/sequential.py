@@ -70,7 +70,8 @@ def check_layers(model: nn.Module, adapter: ModelAdapter, scheme_for: SchemeFor,
     for i, block in enumerate(adapter.get_blocks(model)):
         for name in adapter.linear_names():
             full = f"{adapter.blocks}.{i}.{name}"
-            scheme_for(full).check_fits(full, _linear(block, name, full).in_features)
+            in_features = _linear(block, name, full).in_features
+            scheme_for(full).for_columns(in_features).check_fits(full, in_features)
         if values:
             check_finite(block, f"{adapter.blocks}.{i}")
 
@@ -89,7 +90,7 @@ def _quantize_linear(linear: nn.Linear, full: str, quantize: LayerQuantizer, sta
     if weight.device.type != "cpu":
         weight = weight.cpu()
         stats = replace(stats, hessian=None if stats.hessian is None else stats.hessian.cpu())
-    qt = quantize(full, weight, stats, scheme)
+    qt = quantize(full, weight, stats, scheme.for_columns(weight.shape[1]))
     linear.weight.data.copy_(qt.dequantize(linear.weight.dtype))
     return qt
 

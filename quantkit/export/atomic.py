@@ -41,6 +41,34 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
         raise QuantkitError(f"output directory {path} already exists and is not empty; pass --overwrite to replace it")
 
 
+def check_output_file(path: Path, overwrite: bool) -> None:
+    """Fail early if ``path`` cannot be written as a new output file; remove what dead runs writing it left."""
+    if path.is_dir():
+        raise QuantkitError(f"output path {path} is a directory; this layout writes one file")
+    check_writable(path.absolute().parent)
+    remove_stale_staging(path)
+    if path.exists() and not overwrite:
+        raise QuantkitError(f"output file {path} already exists; pass --overwrite to replace it")
+
+
+@contextmanager
+def atomic_file(path: Path, overwrite: bool = False, needed: int = 0, what: str = "the output") -> Iterator[Path]:
+    """Yield a staging path for the file ``path``; on success it replaces ``path``, on failure it vanishes (as
+    :func:`atomic_directory`)."""
+    check_output_file(path, overwrite)
+    parent = path.absolute().parent
+    with write_errors(parent, what, needed):
+        check_space(parent, needed, what)
+        with staging_beside(path) as staging:
+            staged = staging / path.name
+            yield staged
+            with interrupts_held():
+                if path.exists() and not overwrite:
+                    raise OutputError(f"output file {path} was written by another run while this one worked; "
+                                      "pass --overwrite to replace it")
+                os.replace(staged, path)
+
+
 def _not_a_directory(path: Path) -> str:
     return f"output path {path} exists and is not a directory"
 

@@ -7,9 +7,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quantkit.export.gguf_file import write_gguf
 from quantkit.export.writer import DEFAULT_MAX_SHARD_BYTES, model_config_dict, plain_tensors, write_checkpoint
 from quantkit.formats.base import QuantizedTensor
 from quantkit.layouts import get_layout
+from quantkit.layouts.gguf import source_gguf
+from quantkit.layouts.gguf_vocab import tokenizer_fields
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -33,7 +36,11 @@ def save_checkpoint(layout: str, output: Path, model: nn.Module, tokenizer, quan
     writer.check(activations=quantization_config.get("input_activations") is not None,
                  online=bool((quantization_config.get("transform") or {}).get("online")))
     writer.check(kinds=sorted({qt.kind for qt in quantized.values()}))
-    encoded = writer.encode(model, quantized, quantization_config, dtype or model_dtype(model))
+    encoded = writer.encode(model, quantized, quantization_config, dtype or writer.auto_dtype or model_dtype(model))
+    if writer.single_file:
+        write_gguf(output, encoded, tokenizer_fields(tokenizer, source_gguf(quantization_config.get("source"))),
+                   overwrite)
+        return
     tensors = {**plain_tensors(model, quantized, dtype), **encoded.tensors}
     write_checkpoint(output, model, tokenizer, tensors, checkpoint_config(model, encoded.quantization_config, dtype),
                      overwrite, max_shard_bytes, encoded.extra_json)

@@ -11,20 +11,9 @@ from torch import nn
 from quantkit.export.atomic import atomic_directory
 from quantkit.export.safetensors_io import write_shards
 from quantkit.formats.kron import TRANSFORM_BUFFERS
+from quantkit.layouts.common import unique_state
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
-
-
-def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Persistent parameters and buffers, each stored once: a tied tensor keeps its first name."""
-    seen: set[int] = set()
-    state = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        state[name] = tensor
-    return state
 
 
 def plain_tensors(model: nn.Module, quantized_layers, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

@@ -99,8 +99,11 @@ class Grid(ABC):
         return w * self.clip
 
     @abstractmethod
-    def fit(self, w: torch.Tensor) -> Params:
-        """Parameters of every group ``w[..., :]``, each shaped ``w.shape[:-1]``."""
+    def fit(self, w: torch.Tensor, group: int | None = None) -> Params:
+        """Parameters of every group ``w[..., :]``, each shaped ``w.shape[:-1]``. ``group``: the index along the
+        row of the one group ``w [rows, size]`` holds, for grids whose parameters depend on where a group sits
+        (GGUF's super-blocks); None when ``w [rows, groups, size]`` holds every group of the row in order, or
+        when the position does not matter."""
 
     @abstractmethod
     def round(self, x: torch.Tensor, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +117,7 @@ class Grid(ABC):
 class IntGrid(Grid):
     """The uniform integer grid (GPTQ's conventions, above)."""
 
-    def fit(self, w: torch.Tensor) -> Params:
+    def fit(self, w: torch.Tensor, group: int | None = None) -> Params:
         return fit_grid(self.clipped(w), self.scheme, self.mse)
 
     def round(self, x: torch.Tensor, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,7 +153,7 @@ class FloatGrid(Grid):
         stored = self.codec.encode(scaled)
         return stored, self._scale(stored)
 
-    def fit(self, w: torch.Tensor) -> Params:
+    def fit(self, w: torch.Tensor, group: int | None = None) -> Params:
         w = w.float()
         amax = self.clipped(w).abs().amax(dim=-1)
         stored, scale = self._candidate(amax)
@@ -180,7 +183,12 @@ class FloatGrid(Grid):
 def make_grid(scheme: QuantScheme, w: torch.Tensor, mse: bool = False, per_row: bool = False,
               clip: torch.Tensor | float | None = None) -> Grid:
     """The grid for ``w [rows, cols]`` under ``scheme``; NVFP4's global scale from the whole tensor, or from
-    each row with ``per_row`` (dynamic per-token activations). ``clip``: see :class:`Grid`."""
+    each row with ``per_row`` (dynamic per-token activations); GGUF's super-block scales from the whole
+    tensor. ``clip``: see :class:`Grid`."""
+    if scheme.is_gguf:
+        from quantkit.formats.gguf import GGUFGrid  # it builds on Grid: imported here, not at the top
+
+        return GGUFGrid(scheme, mse, w, clip)
     if not scheme.is_float:
         return IntGrid(scheme, mse, clip)
     tensor_scale = None

@@ -11,10 +11,11 @@ from pathlib import Path
 from quantkit.errors import QuantkitError
 from quantkit.layouts.base import Layout
 from quantkit.layouts.compressed_tensors import CompressedTensorsLayout
+from quantkit.layouts.gguf import GGUFLayout
 from quantkit.layouts.gptq import GPTQLayout
 from quantkit.layouts.native import NativeLayout
 
-LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (NativeLayout(), GPTQLayout(), CompressedTensorsLayout())}
+LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (NativeLayout(), GPTQLayout(), CompressedTensorsLayout(), GGUFLayout())}
 
 
 def get_layout(name: str) -> Layout:

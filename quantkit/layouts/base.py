@@ -76,6 +76,8 @@ class Layout(ABC):
     name: ClassVar[str]
     quant_method: ClassVar[str]  # the ``quant_method`` of its quantization_config
     kinds: ClassVar[tuple[str, ...] | None] = None
+    single_file: ClassVar[bool] = False  # one file (GGUF) rather than a checkpoint directory
+    auto_dtype: ClassVar[torch.dtype | None] = None  # what --dtype auto keeps unquantized tensors in (None: the source's)
 
     def check(self, plan: TensorPlan | None = None, *, kinds: Iterable[str] = (), activations: bool = False,
               online: bool = False) -> None:
@@ -96,6 +98,11 @@ class Layout(ABC):
 
     def check_scheme(self, scheme: QuantScheme, column_groups: bool = False) -> None:  # noqa: B027 (a hook: by default it accepts)
         """Refuse a scheme (with act-order grouping) it cannot store."""
+
+    def refusing_runtimes(self, scheme: QuantScheme, column_groups: bool = False) -> list[str]:
+        """One line for each known runtime that refuses this layout holding ``scheme`` (with act-order
+        groups), naming the runtime and the flag that fixes it; none by default."""
+        return []
 
     def check_layer(self, name: str, scheme: QuantScheme, in_features: int) -> None:  # noqa: B027 (a hook: by default it accepts)
         """Refuse a layer of ``in_features`` inputs it cannot store with ``scheme``."""

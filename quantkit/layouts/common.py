@@ -12,6 +12,7 @@ from quantkit.formats.intgrid import IntQuantizedTensor
 from quantkit.layouts.base import SAFETENSORS_DTYPES, DecodedLayer, Headers
 from quantkit.schemes import QuantScheme
 
+VLLM_WEIGHT_BITS = (4, 8)  # the integer widths vLLM's CPU build (its CPUWNA16 kernel) serves
 _BY_HEADER_NAME = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
 
@@ -64,3 +65,15 @@ def int_description(bits: int, group_size: int, symmetric: bool, act_order: bool
 def decoded(qt: QuantizedTensor) -> DecodedLayer:
     """A foreign layer decoded to ``qt``, kept natively."""
     return DecodedLayer(qt, {**qt.meta(), "shape": list(qt.shape)}, qt.to_tensors())
+
+
+def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Persistent parameters and buffers, each stored once: a tied tensor keeps its first name."""
+    seen: set[int] = set()
+    state = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        state[name] = tensor
+    return state

@@ -28,7 +28,14 @@ from quantkit.formats.floatgrid import FloatQuantizedTensor
 from quantkit.formats.intgrid import IntQuantizedTensor
 from quantkit.formats.packing import pack_columns, pack_rows, packed_width, unpack_columns, unpack_rows
 from quantkit.layouts.base import Encoded, Headers, LayerPlan, Layout, specs_bytes
-from quantkit.layouts.common import decoded, grid_layers, header_dtype, int_description, lossless_cast
+from quantkit.layouts.common import (
+    VLLM_WEIGHT_BITS,
+    decoded,
+    grid_layers,
+    header_dtype,
+    int_description,
+    lossless_cast,
+)
 from quantkit.schemes import QuantScheme
 
 FORMAT = "pack-quantized"
@@ -358,6 +365,12 @@ class CompressedTensorsLayout(Layout):
 
     def check_scheme(self, scheme: QuantScheme, column_groups: bool = False) -> None:
         check_scheme(scheme, column_groups)
+
+    def refusing_runtimes(self, scheme: QuantScheme, column_groups: bool = False) -> list[str]:
+        if scheme.format == "int" and scheme.bits not in VLLM_WEIGHT_BITS:
+            return [f"vLLM's CPU build serves 4- and 8-bit compressed-tensors weights (W4A16, W8A16) only, not "
+                    f"{scheme.bits}-bit: use --bits 4 or --bits 8"]
+        return []
 
     def check_layer(self, name: str, scheme: QuantScheme, in_features: int) -> None:
         check_layer(name, scheme, in_features)

@@ -30,6 +30,7 @@ from quantkit.formats.intgrid import IntQuantizedTensor
 from quantkit.formats.packing import pack_rows, packed_width, unpack_rows
 from quantkit.layouts.base import Encoded, Headers, LayerPlan, Layout, specs_bytes
 from quantkit.layouts.common import (
+    VLLM_WEIGHT_BITS,
     decoded,
     grid_layers,
     header_dtype,
@@ -166,7 +167,7 @@ def build_config(quantized: dict[str, QuantizedTensor], quantkit_config: dict, l
     dynamic = dynamic_overrides({name: qt.scheme for name, qt in layers.items()}, base)
     quantizer = quantkit_config.get("quantizer") or {}
     calibration = quantkit_config.get("calibration") or {}
-    desc_act = bool(quantizer.get("act_order")) or any(qt.g_idx is not None for qt in layers.values())
+    desc_act = any(qt.g_idx is not None for qt in layers.values())
     damp = float(quantizer.get("damp", 0.01))
     static_groups = bool(quantizer.get("static_groups", False))
     true_sequential = bool(calibration.get("true_sequential", True))
@@ -291,6 +292,15 @@ class GPTQLayout(Layout):
 
     def check_scheme(self, scheme: QuantScheme, column_groups: bool = False) -> None:
         check_scheme(scheme)
+
+    def refusing_runtimes(self, scheme: QuantScheme, column_groups: bool = False) -> list[str]:
+        lines = []
+        if column_groups and scheme.group_size != -1:
+            lines.append("vLLM refuses GPTQ checkpoints with act-order groups (desc_act=True, g_idx): drop --g-idx "
+                         "(act-order then keeps a static order)")
+        if scheme.bits not in VLLM_WEIGHT_BITS:
+            lines.append(f"vLLM's CPU build serves 4- and 8-bit GPTQ only, not {scheme.bits}-bit: use --bits 4 or --bits 8")
+        return lines
 
     def encode(self, model: nn.Module, quantized: dict[str, QuantizedTensor], quantization_config: dict,
                dtype: torch.dtype) -> Encoded:

@@ -37,26 +37,26 @@ class Quantizer(ABC):
     default_group_size: ClassVar[int] = 128
     default_symmetric: ClassVar[bool] = True
     min_group_size: ClassVar[int] = 1
-    float_formats: ClassVar[bool] = True  # whether it can round onto the FP4 formats as well as integer grids
+    any_format: ClassVar[bool] = True  # whether it rounds onto every number format (FP4, GGUF), not only int
 
     @abstractmethod
     def quantize(self, weight: torch.Tensor, stats: LayerStats, scheme: QuantScheme) -> QuantizedTensor:
         """Quantize one weight matrix under ``scheme``."""
 
-    def default_scheme(self, bits: int = defaults.BITS, group_size: int | None = None, symmetric: bool | None = None,
+    def default_scheme(self, bits: int | None = None, group_size: int | None = None, symmetric: bool | None = None,
                        fmt: str = defaults.NUMBER_FORMAT) -> QuantScheme:
-        """``bits`` in number format ``fmt``, with this quantizer's (or the float format's) usual group size and
-        symmetry where they are not given."""
+        """``bits`` in number format ``fmt``, with this quantizer's (or the format's) usual group size and
+        symmetry, and the format's usual width, where they are not given."""
         return QuantScheme.for_format(fmt, bits, group_size, symmetric, self.default_group_size, self.default_symmetric)
 
     def plan(self, scheme: QuantScheme) -> TensorPlan:
         """What it makes of any weight under ``scheme``, known before it sees one (what layouts check and count)."""
-        return TensorPlan("e2m1" if scheme.is_float else "int", scheme)
+        return TensorPlan("e2m1" if scheme.is_float else "gguf" if scheme.is_gguf else "int", scheme)
 
     def check_scheme(self, scheme: QuantScheme) -> None:
         """Refuse, before any work, a scheme this quantizer cannot use: a number format it does not round
         onto, groups below ``min_group_size``."""
-        if scheme.is_float and not self.float_formats:
+        if scheme.format != "int" and not self.any_format:
             raise QuantkitError(f"method {self.name} works on integer grids only, not {scheme.format}")
         if scheme.group_size != -1 and scheme.group_size < self.min_group_size:
             raise QuantkitError(

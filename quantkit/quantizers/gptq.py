@@ -62,11 +62,32 @@ def without_dead_columns(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[t
     return w, h
 
 
+def act_order_perm(h: torch.Tensor) -> torch.Tensor:
+    """Columns in decreasing Hessian-diagonal order (act-order)."""
+    return torch.argsort(torch.diag(h), descending=True, stable=True)
+
+
+def group_aware_perm(h: torch.Tensor, group: int) -> torch.Tensor:
+    """Act-order that keeps every group of ``group`` consecutive columns together (group-aware reordering,
+    Gafni et al. 2025): groups in decreasing order of their largest Hessian diagonal, and each group's columns
+    in decreasing diagonal order. A partial last group stays last, so every group starts at a multiple of
+    ``group`` in the new order and the stored tensor needs no ``g_idx``."""
+    n = h.shape[0]
+    diag = torch.diag(h)
+    full = n - n % group
+    within = torch.argsort(diag[:full].reshape(-1, group), dim=1, descending=True, stable=True)
+    order = torch.argsort(diag[:full].reshape(-1, group).amax(dim=1), descending=True, stable=True)
+    starts = (order * group)[:, None]
+    tail = full + torch.argsort(diag[full:], descending=True, stable=True)
+    return torch.cat([(starts + within[order]).reshape(-1), tail]).to(h.device)
+
+
 def permuted_problem(
-    w: torch.Tensor, h: torch.Tensor, act_order: bool, damp: float
+    w: torch.Tensor, h: torch.Tensor, perm: torch.Tensor | None, damp: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(w[:, perm], inverse Hessian factor in that order, perm)``; act-order sorts by decreasing diag(H)."""
-    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(h.shape[0], device=h.device)
+    """``(w[:, perm], inverse Hessian factor in that order, perm)``; None is the natural order."""
+    if perm is None:
+        perm = torch.arange(h.shape[0], device=h.device)
     return w[:, perm], inverse_hessian_factor(h[perm][:, perm], damp), perm
 
 
@@ -119,8 +140,12 @@ def sweep_columns(
 class GPTQQuantizer(Quantizer):
     """GPTQ with groups, act-order, static groups and a grid search (``mse``) as options, on any number format.
 
-    ``static_groups`` None means: static exactly when act-order is on and the format's blocks must stay
-    contiguous along the input (the float formats, which have no ``g_idx``).
+    Act-order has three forms. By default it is a static activation order: groups visited in
+    :func:`group_aware_perm` order, each group's grid fitted when the sweep reaches it, stored in natural column
+    order without ``g_idx`` (what vLLM and the float formats need). ``g_idx`` visits columns in plain act-order,
+    fitting each group of ``group_size`` visited columns together, and stores the group of every column
+    (``desc_act``). ``static_groups`` fits every group's grid on the original weights before any update, then
+    visits columns in plain act-order, also without ``g_idx``.
     """
 
     name = "gptq"
@@ -128,34 +153,38 @@ class GPTQQuantizer(Quantizer):
 
     damp: float = 0.01
     act_order: bool = True
-    static_groups: bool | None = None
+    static_groups: bool = False
+    g_idx: bool = False
     mse: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.damp:
             raise QuantkitError(f"damping must be a non-negative fraction of the mean Hessian diagonal, got {self.damp}")
+        if self.g_idx and (self.static_groups or not self.act_order):
+            raise QuantkitError("--g-idx stores act-order groups: it needs --act-order and no --static-groups")
 
     def options(self, scheme: QuantScheme) -> dict:
-        return {**asdict(self), "static_groups": self.static(scheme)}
+        return asdict(self)
 
     def check_scheme(self, scheme: QuantScheme) -> None:
         super().check_scheme(scheme)
-        if scheme.is_float and self.act_order and self.static_groups is False and scheme.group_size != -1:
-            raise QuantkitError(
-                f"{scheme.format} blocks are contiguous along the input, so act-order needs static groups; "
-                "drop --no-static-groups or use --no-act-order"
-            )
-
-    def static(self, scheme: QuantScheme) -> bool:
-        """Whether group grids are fitted before any update, on the original column order."""
-        return self.static_groups if self.static_groups is not None else (scheme.is_float and self.act_order)
+        if scheme.format != "int" and self.column_groups(scheme):
+            raise QuantkitError(f"{scheme.format} blocks are contiguous along the input, so they cannot store "
+                                "act-order groups; drop --g-idx")
 
     def column_groups(self, scheme: QuantScheme) -> bool:
         """Whether its tensors assign columns to groups out of order (act-order ``g_idx``)."""
-        return self.act_order and not self.static(scheme) and scheme.group_size != -1
+        return self.g_idx and scheme.group_size != -1
 
     def plan(self, scheme: QuantScheme) -> TensorPlan:
         return replace(super().plan(scheme), column_groups=self.column_groups(scheme))
+
+    def order(self, h: torch.Tensor, group: int) -> torch.Tensor | None:
+        """The column visiting order (None: natural)."""
+        if not self.act_order:
+            return None
+        grouped = not (self.g_idx or self.static_groups) and group < h.shape[0]
+        return group_aware_perm(h, group) if grouped else act_order_perm(h)
 
     def quantize(self, weight: torch.Tensor, stats: LayerStats, scheme: QuantScheme) -> QuantizedTensor:
         if stats.hessian is None:
@@ -165,17 +194,18 @@ class GPTQQuantizer(Quantizer):
         group = scheme.group_columns(n)
         w, h = without_dead_columns(weight, stats.hessian)
         grid = make_grid(scheme, w, self.mse, clip=stats.clip)
-        static = [grid.fit(w[:, cols]) for cols in scheme.group_slices(n)] if self.static(scheme) else None
-        w, hinv, perm = permuted_problem(w, h, self.act_order, self.damp)
+        static = ([grid.fit(w[:, cols], g) for g, cols in enumerate(scheme.group_slices(n))]
+                  if self.static_groups else None)
+        w, hinv, perm = permuted_problem(w, h, self.order(h, group), self.damp)
         codes = torch.empty((n, out_features), dtype=torch.uint8, device=w.device)  # column-major while solving
-        fitted: list[Params] = []
+        fitted: dict[int, Params] = {}  # sweep position of a group's first column -> its grid
 
-        def start_group(_col: int, pending: torch.Tensor) -> None:
-            if static is None:
-                fitted.append(grid.fit(pending))
+        def start_group(col: int, pending: torch.Tensor) -> None:
+            if static is None:  # with g_idx the group's columns are not one block of the row: no position
+                fitted[col] = grid.fit(pending, None if self.g_idx else int(perm[col]) // group)
 
         def round_column(col: int, column: np.ndarray, _d: float) -> np.ndarray:
-            params = static[int(perm[col]) // group] if static is not None else fitted[-1]
+            params = static[int(perm[col]) // group] if static is not None else fitted[col - col % group]
             column_codes, values = grid.round(torch.from_numpy(column)[:, None], params)
             codes[col] = column_codes[:, 0]
             return values[:, 0].numpy()
@@ -183,7 +213,12 @@ class GPTQQuantizer(Quantizer):
         sweep_columns(w, hinv, group, start_group, round_column)
         inverse = torch.argsort(perm)
         codes = codes.t()[:, inverse].contiguous()
-        groups = static if static is not None else fitted
+        if static is not None:
+            groups = static
+        elif self.g_idx:
+            groups = [fitted[col] for col in sorted(fitted)]
+        else:  # contiguous groups, visited out of order: back to natural group order
+            groups = [fitted[int(inverse[start]) - int(inverse[start]) % group] for start in range(0, n, group)]
         params = tuple(torch.stack(p, dim=1) for p in zip(*groups))
         reordered = self.column_groups(scheme) and scheme.group_size < n  # one group needs no g_idx
         return grid.tensor(codes, params, (inverse // group).to(torch.int32) if reordered else None)

@@ -31,7 +31,7 @@ from quantkit.formats.spqr import (
     quantize_stats,
 )
 from quantkit.quantizers.base import LayerStats, Quantizer
-from quantkit.quantizers.gptq import permuted_problem, sweep_columns, without_dead_columns
+from quantkit.quantizers.gptq import act_order_perm, permuted_problem, sweep_columns, without_dead_columns
 from quantkit.schemes import QuantScheme
 
 _LOO_CHUNK_ELEMENTS = 2**24  # rows x group x group elements per leave-one-out chunk
@@ -81,7 +81,7 @@ class SpQRQuantizer(Quantizer):
     needs_calibration = True
     default_group_size = 16
     default_symmetric = False
-    float_formats = False
+    any_format = False
     min_group_size = 2  # leave-one-out needs another weight in the group
 
     damp: float = 1.0
@@ -117,7 +117,7 @@ class SpQRQuantizer(Quantizer):
             raise QuantkitError(f"SpQR layers hold at most {MAX_COLUMNS} input columns, got {n}")
         group = scheme.group_columns(n)
         w, h = without_dead_columns(weight, stats.hessian)
-        w, hinv, perm = permuted_problem(w, h, self.act_order, self.damp)
+        w, hinv, perm = permuted_problem(w, h, act_order_perm(h) if self.act_order else None, self.damp)
         diag = torch.diag(hinv)
         threshold = self.outlier_threshold * (w.var(dim=0) / diag**2).mean().item()
         find_outliers = math.isfinite(threshold)

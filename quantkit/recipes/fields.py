@@ -101,6 +101,7 @@ FIELDS: tuple[RecipeField, ...] = (
     RecipeField("quantizer", "method", "method", "str", allowed=tuple(QUANTIZERS), default=defaults.METHOD),
     RecipeField("quantizer", "act_order", "act_order", "bool"),
     RecipeField("quantizer", "static_groups", "static_groups", "bool"),
+    RecipeField("quantizer", "g_idx", "g_idx", "bool"),
     RecipeField("quantizer", "true_sequential", "true_sequential", "bool", default=defaults.TRUE_SEQUENTIAL),
     RecipeField("quantizer", "damp", "damp", "float", minimum=0.0),
     RecipeField("quantizer", "mse", "mse", "bool"),
@@ -148,7 +149,7 @@ SECTIONS: dict[str, dict[str, RecipeField]] = {}
 for _f in FIELDS:
     SECTIONS.setdefault(_f.section, {})[_f.key] = _f
 
-QUANTIZER_OPTIONS = ("damp", "act_order", "static_groups", "mse", "outlier_threshold", "simplified_outliers",
+QUANTIZER_OPTIONS = ("damp", "act_order", "static_groups", "g_idx", "mse", "outlier_threshold", "simplified_outliers",
                      "stat_bits", "stat_group_size")
 TRANSFORM_OPTIONS = ("transform_budget", "transform_nsamples", "transform_seqlen", "transform_epochs",
                      "transform_batch_size")
