@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from quantkit.integrations.transformers import register_when_imported
+
 __version__ = "0.1.0"
+
+register_when_imported()  # AutoModelForCausalLM.from_pretrained loads native checkpoints as load() does
 
 
 def load(path, kernel=None):

@@ -4,8 +4,9 @@ Each token (row of the input) gets its own scales, computed on the fly (dynamic)
 (``int``, one symmetric scale per token unless a group size is given) or E2M1 with block scales (``fp4``,
 ``mxfp4``, ``nvfp4``; NVFP4's float32 second-level scale is taken per token too, where hardware uses one
 calibrated scale per tensor). The values are quantized and immediately dequantized, so any kernel serves
-them; the same function runs in the freshly quantized model (as a forward pre-hook) and in
-:class:`~quantkit.runtime.quant_linear.QuantLinear` after loading.
+them, and gradients pass through the rounding unchanged (straight-through); the same function runs in the
+freshly quantized model (as a forward pre-hook) and in :class:`~quantkit.runtime.quant_linear.QuantLinear`
+after loading.
 """
 
 from __future__ import annotations
@@ -31,12 +32,25 @@ def activation_scheme(bits: int, fmt: str, group_size: int | None = None) -> Qua
     return QuantScheme(bits=bits, group_size=default if group_size is None else group_size, symmetric=True, format=fmt)
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Rounds in the forward pass; the backward pass hands the gradient on unchanged (clipped values too)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scheme: QuantScheme, clip: float) -> torch.Tensor:  # type: ignore[override]
+        rows = x.reshape(-1, x.shape[-1]).float()
+        grid = make_grid(scheme, rows, per_row=True, clip=None if clip == 1.0 else clip)
+        return quantize_groups(grid, rows)[2].reshape(x.shape).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        return grad, None, None
+
+
 def fake_quantize(x: torch.Tensor, scheme: QuantScheme, clip: float = 1.0) -> torch.Tensor:
     """``x [..., K]`` quantized and dequantized token by token under ``scheme``, in ``x.dtype``; ``clip`` < 1
-    shrinks each token's range (a learned clipping ratio)."""
-    rows = x.reshape(-1, x.shape[-1]).float()
-    grid = make_grid(scheme, rows, per_row=True, clip=None if clip == 1.0 else clip)
-    return quantize_groups(grid, rows)[2].reshape(x.shape).to(x.dtype)
+    shrinks each token's range (a learned clipping ratio). Its gradient is the straight-through estimator:
+    ``d fake_quantize(x) / dx`` is taken as the identity."""
+    return _StraightThrough.apply(x, scheme, clip)
 
 
 def attach_input_quantizers(model: nn.Module, layers: Iterable[str], scheme: QuantScheme,

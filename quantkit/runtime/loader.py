@@ -180,8 +180,9 @@ class CheckedCheckpoint:
     online: OnlineInputs
     plain: list[str]  # stored tensors kept as they are (embeddings, norms, biases, ...)
 
-    def _read(self, read: TensorReader, name: str) -> torch.Tensor:
-        tensor = read(name)
+    @staticmethod
+    def check(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (stored as ``name``), refused when it holds NaN or infinite values."""
         if tensor.is_floating_point() and not torch.isfinite(tensor.float()).all():
             raise QuantkitError(f"tensor {name} contains NaN or infinite values")
         return tensor
@@ -190,19 +191,27 @@ class CheckedCheckpoint:
         """Every plain tensor, read and checked one at a time."""
         with TensorReader(self.folder, self.files) as read:
             for name in self.plain:
-                yield name, self._read(read, name)
+                yield name, self.check(name, read(name))
+
+    def stored_names(self, layer: str) -> list[str]:
+        """The tensors stored for a quantized layer (relative names): its own and its online factors."""
+        return [*self.plans[layer].specs, *self.online.expected(layer)]
+
+    def decode(self, layer: str, stored: dict[str, torch.Tensor]) -> tuple[DecodedLayer, dict[str, torch.Tensor]]:
+        """A quantized layer's ``stored`` tensors (:meth:`stored_names`) checked, then decoded once (which refuses
+        invalid stored values) into the in-memory quantized tensor and a QuantLinear's meta and buffers; with
+        its online factors."""
+        stored = {name: self.check(f"{layer}.{name}", tensor) for name, tensor in stored.items()}
+        plan = self.plans[layer]
+        with _naming(layer):
+            decoded = plan.decode({name: stored.pop(name) for name in plan.specs})
+        return decoded, stored
 
     def layers(self) -> Iterator[tuple[str, DecodedLayer, dict[str, torch.Tensor]]]:
-        """``(layer, decoded, online factors)`` of every quantized layer, one at a time: its tensors read and
-        checked, then decoded once (which refuses invalid stored values) into the in-memory quantized tensor
-        and a QuantLinear's meta and buffers."""
+        """``(layer, decoded, online factors)`` of every quantized layer, one at a time, read and :meth:`decode`d."""
         with TensorReader(self.folder, self.files) as read:
-            for layer, plan in self.plans.items():
-                names = [*plan.specs, *self.online.expected(layer)]
-                stored = {name: self._read(read, f"{layer}.{name}") for name in names}
-                with _naming(layer):
-                    decoded = plan.decode({name: stored.pop(name) for name in plan.specs})
-                yield layer, decoded, stored
+            for layer in self.plans:
+                yield layer, *self.decode(layer, {name: read(f"{layer}.{name}") for name in self.stored_names(layer)})
 
 
 def open_checked(path: str | Path) -> CheckedCheckpoint:
@@ -235,10 +244,18 @@ def verify(path: str | Path) -> CheckedCheckpoint:
     return checked
 
 
-def _quant_linear(name: str, linear: nn.Linear, meta: dict, kernel: str, checked: CheckedCheckpoint) -> QuantLinear:
-    return QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, meta, linear.weight.dtype,
-                       backend=kernel, input_scheme=checked.input_scheme, input_transform=checked.online.sizes.get(name),
-                       input_clip=checked.online.clip.get(name, 1.0))
+def replace_linear(model: nn.Module, layer: str, meta: dict, kernel: str,
+                   checked: CheckedCheckpoint) -> tuple[QuantLinear, torch.dtype]:
+    """Put in place of ``model``'s linear ``layer`` a QuantLinear of tensor ``meta`` served by ``kernel``, with the
+    checkpoint's activation quantization and online input map for it, its tensors on the meta device; with the
+    linear's dtype, the activations' its kernel is prepared for."""
+    parent, _, child = layer.rpartition(".")
+    linear = model.get_submodule(layer)
+    quant = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, meta, linear.weight.dtype,
+                        backend=kernel, input_scheme=checked.input_scheme, input_transform=checked.online.sizes.get(layer),
+                        input_clip=checked.online.clip.get(layer, 1.0))
+    setattr(model.get_submodule(parent), child, quant)
+    return quant, linear.weight.dtype
 
 
 def load(path: str | Path, kernel: str | None = None) -> nn.Module:
@@ -251,12 +268,9 @@ def load(path: str | Path, kernel: str | None = None) -> nn.Module:
     checked = open_checked(path)
     model = checked.model
     for layer, decoded, factors in checked.layers():
-        parent, _, child = layer.rpartition(".")
-        linear = model.get_submodule(layer)
-        quant = _quant_linear(layer, linear, decoded.meta, kernel, checked)
+        quant, dtype = replace_linear(model, layer, decoded.meta, kernel, checked)
         quant.load_state_dict({**decoded.buffers, **factors}, strict=False, assign=True)
-        quant.prepare(decoded.quantized, linear.weight.dtype)
-        setattr(model.get_submodule(parent), child, quant)
+        quant.prepare(decoded.quantized, dtype)
     model.load_state_dict(dict(checked.plain_tensors()), strict=False, assign=True)
     model.tie_weights()
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

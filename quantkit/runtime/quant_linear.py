@@ -39,7 +39,8 @@ class QuantLinear(nn.Module):
     quantization with ``input_scheme`` and a clipping ratio ``input_clip``
     (:func:`quantkit.actquant.fake_quantize`).
 
-    The weight is frozen; with autograd on, any kernel gives the input the gradient of the dequantized weight.
+    The weight is frozen; with autograd on, any kernel gives the input the gradient of the dequantized weight,
+    and the fake quantization is straight-through (its gradient is the identity).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, meta: dict, dtype: torch.dtype,
@@ -66,6 +67,11 @@ class QuantLinear(nn.Module):
     def shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
 
+    @property
+    def stored_device(self) -> torch.device:
+        """The device of the stored tensors."""
+        return getattr(self, self.tensor_names[0]).device
+
     def quantized(self) -> QuantizedTensor:
         """The stored weight as its format's object."""
         return self.tensor_class.from_tensors({n: getattr(self, n) for n in self.tensor_names}, self.meta, self.shape)
@@ -75,7 +81,7 @@ class QuantLinear(nn.Module):
         the loader has just decoded from them, so that loading decodes each layer once; the GPU backend
         (``triton``) waits for the device it is moved to."""
         if self.backend != "triton":
-            device = getattr(self, self.tensor_names[0]).device
+            device = self.stored_device
             stored = {n: getattr(self, n) for n in self.tensor_names}
             self._kernels[(device, dtype)] = build_kernel(self.quantized, stored, device, dtype, self.backend, quantized)
 

@@ -1,0 +1,1 @@
+"""Integrations with other libraries: transformers' quantizer registry, peft's LoRA layers."""
