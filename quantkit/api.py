@@ -38,7 +38,7 @@ from quantkit.models.loading import (
 from quantkit.progress import phase
 from quantkit.runplan import CalibrationSpec, RunPlan, plan_run, unquantized_dtype, warn_runtimes
 from quantkit.runtime.loader import load, load_tokenizer
-from quantkit.schemes import QuantScheme
+from quantkit.schemes import GGUF_FALLBACK, QuantScheme
 from quantkit.streaming.state import remove_dead_state
 from quantkit.transforms.base import AppliedTransform, Transform, TransformContext
 from quantkit.transforms.rewrite import attach_online
@@ -406,13 +406,10 @@ def export(source: str | Path, output: str | Path, layout: str, overwrite: bool 
     qc = checkpoint.quantization
     writer.check(activations=qc.get("input_activations") is not None,
                  online=bool((qc.get("transform") or {}).get("online")))
-    if writer.single_file:
-        stored = (qc.get("scheme") or {}).get("format")
-        if gguf_type not in (None, stored):
-            raise QuantkitError(f"{source} holds {stored} layers; writing them as {gguf_type} would quantize them "
-                                f"again: quantize the float model with --layout gguf --gguf-type {gguf_type}")
-    _check_output(writer, Path(output), overwrite)
     metas = [plan.meta for plan in open_checked(Path(source)).plans.values()]
+    if writer.single_file:
+        _check_gguf_sources(str(source), metas, gguf_type)
+    _check_output(writer, Path(output), overwrite)
     warn_runtimes(writer, [QuantScheme.from_dict(meta) for meta in metas], [bool(meta.get("act_order")) for meta in metas])
     model = load(source)
     quantized = {name: m.quantized() for name, m in model.named_modules() if isinstance(m, QuantLinear)}
@@ -426,6 +423,20 @@ def export(source: str | Path, output: str | Path, layout: str, overwrite: bool 
     if not writer.single_file:
         remove_dead_state(Path(output))
     return model
+
+
+def _check_gguf_sources(source: str, metas: list[dict], gguf_type: str | None) -> None:
+    """Refuse, before any data is read, layers a GGUF file cannot hold exactly, or in another type than asked."""
+    from quantkit.formats.gguf import exact_gguf_format
+    from quantkit.layouts.gguf import check_gguf_type
+
+    for meta in metas:
+        scheme = QuantScheme.from_dict(meta)
+        get_layout("gguf").check_scheme(scheme, bool(meta.get("act_order")))
+        stored = scheme.format if scheme.is_gguf else exact_gguf_format(scheme)
+        if gguf_type is not None and stored not in (check_gguf_type(gguf_type), GGUF_FALLBACK.get(gguf_type)):
+            raise QuantkitError(f"{source} holds {stored} layers; writing them as {gguf_type} would quantize them "
+                                f"again: quantize the float model with --layout gguf --gguf-type {gguf_type}")
 
 
 def _check_output(writer: Layout, output: Path, overwrite: bool) -> None:

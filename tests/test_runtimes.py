@@ -122,3 +122,41 @@ def test_llama_quantize_plumbing(smollm2_gguf: Path, tmp_path: Path) -> None:
     out = quantize(smollm2_gguf, tmp_path / "q4_0.gguf", "Q4_0", token_embedding_type="q4_0",
                    output_tensor_type="q4_0", allow_requantize=True)
     assert 0 < out.stat().st_size < smollm2_gguf.stat().st_size
+
+
+@pytest.fixture(scope="module")
+def quantkit_gguf_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """quantkit's own GGUF files of a random 256-wide Llama with the tiny byte-level tokenizer (llama.cpp reads
+    the vocabulary quantkit builds from it): RTN on q4_k, and a native int W4 g64 checkpoint exported
+    exactly as q4_0."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from conftest import saved_with_tokenizer
+    from quantkit.api import export, quantize_run
+    from quantkit.runplan import plan_run
+
+    folder = tmp_path_factory.mktemp("llama-cpp-tiny")
+    config = AutoConfig.for_model("llama", vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                  max_position_embeddings=512, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    source = saved_with_tokenizer(AutoModelForCausalLM.from_config(config), folder / "float")
+    files = {"q4_k": folder / "q4_k.gguf", "q4_0-export": folder / "q4_0.gguf"}
+    quantize_run(str(source), plan_run("rtn", number_format="q4_k", layout="gguf"), output=files["q4_k"])
+    quantize_run(str(source), plan_run("rtn", bits=4, group_size=64), output=folder / "int-g64")
+    export(folder / "int-g64", files["q4_0-export"], "gguf")
+    return files
+
+
+@pytest.mark.runtimes
+@pytest.mark.parametrize("kind", ["q4_k", "q4_0-export"])
+def test_llama_cpp_loads_quantkit_gguf(quantkit_gguf_files: dict[str, Path], kind: str, tmp_path: Path) -> None:
+    """llama.cpp loads quantkit's GGUF files (tensors, metadata, vocabulary) and scores the same ids as
+    `quantkit eval FILE.gguf` within 1%."""
+    engine = runtime("llama.cpp")
+    windows = torch.randint(0, 320, (2, 128), generator=torch.Generator().manual_seed(2)).tolist()
+    path = quantkit_gguf_files[kind]
+    theirs = run_runner(request("llama.cpp", path, windows, windows[0][:8]), engine, timeout=600,
+                        log=tmp_path / "llama.log")
+    ours = run_runner(request("quantkit-eval", path, windows, windows[0][:8]), timeout=600)
+    assert abs(theirs["perplexity"] / ours["perplexity"] - 1) <= TOLERANCE

@@ -27,6 +27,7 @@ from quantkit.config_fields import field
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import QuantizedTensor, TensorSpec
 from quantkit.formats.grid import Grid, Params
+from quantkit.formats.intgrid import IntQuantizedTensor
 from quantkit.formats.packing import pack_rows, packed_width, unpack_rows
 from quantkit.schemes import GGUF_FORMATS, K_SUPER_BLOCK, QuantScheme
 
@@ -117,6 +118,36 @@ class GGUFQuantizedTensor(QuantizedTensor):
                 raise QuantkitError(f"q4_k {name} holds values above {K_SCALE_MAX} (6 bits)")
         return cls(unpack_rows(tensors["qweight"], scheme.bits, shape[1]), tensors["d"], scheme,
                    tensors.get("dmin"), tensors.get("sc"), tensors.get("m"))
+
+
+# integer width -> the legacy format that holds a symmetric int grid exactly (same codes, zero point, scales)
+_SAME_GRID = {4: "q4_0", 8: "q8_0"}
+
+
+def exact_gguf_format(scheme: QuantScheme, in_features: int | None = None) -> str | None:
+    """The GGUF format that holds ``scheme``'s integer weights exactly, if any: symmetric 4 or 8 bits (zero point
+    ``2**(bits-1)``, float16 scales) with groups that are whole blocks of 32 columns; each block takes its group's
+    scale. ``in_features`` (when known) must be a whole number of blocks too."""
+    if scheme.format != "int" or not scheme.symmetric or scheme.bits not in _SAME_GRID:
+        return None
+    if scheme.group_size != -1 and scheme.group_size % 32:
+        return None
+    if in_features is not None and in_features % 32:
+        return None
+    return _SAME_GRID[scheme.bits]
+
+
+def from_int(qt: IntQuantizedTensor) -> GGUFQuantizedTensor:
+    """An integer tensor in the GGUF format that holds it exactly (see :func:`exact_gguf_format`)."""
+    fmt = exact_gguf_format(qt.scheme, qt.shape[1])
+    if fmt is None or qt.g_idx is not None or qt.scales.dtype != torch.float16:
+        raise QuantkitError(f"{qt.meta()['kind']} w{qt.scheme.bits} g{qt.scheme.group_size} "
+                            f"{'sym' if qt.scheme.symmetric else 'asym'}{' act-order' if qt.g_idx is not None else ''} "
+                            "has no exact GGUF format (symmetric 4- or 8-bit float16 groups of whole 32-column "
+                            "blocks, no g_idx); quantize with --gguf-type")
+    blocks_per_group = qt.scheme.group_columns(qt.shape[1]) // 32
+    scheme = QuantScheme.for_format(fmt, None, None, None, 32, True)
+    return GGUFQuantizedTensor(qt.codes, qt.scales.repeat_interleave(blocks_per_group, dim=1), scheme)
 
 
 def _parse_meta(meta: dict) -> QuantScheme:

@@ -26,11 +26,12 @@ from torch import nn
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import QuantizedTensor, TensorPlan
-from quantkit.formats.gguf import GGUFQuantizedTensor
+from quantkit.formats.gguf import GGUFQuantizedTensor, exact_gguf_format, from_int
+from quantkit.formats.intgrid import IntQuantizedTensor
 from quantkit.layouts.base import Encoded, Headers, LayerPlan, Layout
 from quantkit.layouts.common import unique_state
 from quantkit.layouts.gguf_blocks import block_bytes
-from quantkit.schemes import GGUF_FORMATS, QuantScheme
+from quantkit.schemes import GGUF_FALLBACK, GGUF_FORMATS, QuantScheme
 
 FLOAT_TYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}  # unquantized exports
 GGUF_TYPES = (*GGUF_FORMATS, *FLOAT_TYPES)  # what --gguf-type takes
@@ -124,7 +125,7 @@ class GGUFLayout(Layout):
 
     name = "gguf"
     quant_method = "gguf"
-    kinds = ("gguf",)
+    kinds = ("gguf", "int")  # int: the symmetric schemes a legacy format holds exactly (formats.gguf.from_int)
     single_file = True
     auto_dtype = torch.float16  # llama.cpp's own choice for the matrices it does not quantize
 
@@ -135,11 +136,16 @@ class GGUFLayout(Layout):
         super().check(plan, kinds=kinds, activations=activations, online=online)
 
     def check_scheme(self, scheme: QuantScheme, column_groups: bool = False) -> None:
-        if not scheme.is_gguf:
-            raise QuantkitError(f"the gguf layout holds GGUF's block formats, not {scheme.format}; "
-                                f"quantize with --gguf-type {'|'.join(GGUF_FORMATS)}")
+        if scheme.is_gguf or (exact_gguf_format(scheme) is not None and not column_groups):
+            return
+        raise QuantkitError(f"the gguf layout holds GGUF's block formats (or symmetric 4/8-bit int groups of whole "
+                            f"32-column blocks, without g_idx), not {scheme.format} w{scheme.bits} "
+                            f"g{scheme.group_size}{' asym' if not scheme.symmetric else ''}; quantize with "
+                            f"--gguf-type {'|'.join(GGUF_FORMATS)}")
 
     def check_layer(self, name: str, scheme: QuantScheme, in_features: int) -> None:
+        if scheme.format == "int" and exact_gguf_format(scheme, in_features) is None:
+            raise QuantkitError(f"{name} has {in_features} inputs, no whole number of GGUF's 32-column blocks")
         scheme.for_columns(in_features).check_fits(name, in_features)
 
     def encode(self, model: nn.Module, quantized: dict[str, QuantizedTensor], quantization_config: dict,
@@ -160,6 +166,7 @@ class GGUFLayout(Layout):
                 if heads else None
             if module in quantized and name.endswith(".weight"):
                 qt = quantized[module]
+                qt = from_int(qt) if isinstance(qt, IntQuantizedTensor) else qt
                 qt = _rows_taken(qt, order) if order is not None else qt
                 tensors[target] = torch.from_numpy(block_bytes(qt))
                 types[target] = qt.scheme.format
@@ -168,17 +175,19 @@ class GGUFLayout(Layout):
             kind = float_type if value.dim() > 1 else "f32"
             tensors[target] = value.to(FLOAT_TYPES[kind])
             types[target] = kind
-        file_type = quantization_config.get("scheme", {}).get("format") if quantized else float_type
-        return Encoded(tensors, {TENSOR_TYPES_KEY: types,
-                                 METADATA_KEY: architecture_metadata(config, file_type or float_type)})
+        formats = [types[name] for name in types if types[name] in GGUF_FORMATS]
+        # a super-block format names the file even where most rows took its fallback
+        file_type = next((f for f in GGUF_FALLBACK if f in formats), None) or (
+            max(GGUF_FORMATS, key=formats.count) if formats else float_type)
+        return Encoded(tensors, {TENSOR_TYPES_KEY: types, METADATA_KEY: architecture_metadata(config, file_type)})
 
     def plan(self, model: nn.Module, qc: dict, headers: Headers) -> dict[str, LayerPlan]:
         raise QuantkitError("a GGUF file is not a checkpoint directory: quantkit reads it as a float model "
                             "(pass the .gguf file itself, e.g. quantkit eval FILE.gguf)")
 
     def nbytes(self, meta: dict, shape: tuple[int, int], dtype: torch.dtype) -> int:
-        scheme = QuantScheme(meta["bits"], meta["group_size"], meta["symmetric"], meta["format"]).for_columns(shape[1])
-        block, size = _block_size(scheme.format)
+        scheme = QuantScheme.from_dict(meta).for_columns(shape[1])
+        block, size = _block_size(scheme.format if scheme.is_gguf else exact_gguf_format(scheme))
         return shape[0] * shape[1] // block * size
 
     def roles(self, meta: dict) -> dict[str, str]:

@@ -38,7 +38,7 @@ def _pre_tokenizer(spec: dict | None) -> str:
     """llama.cpp's name for a ``tokenizer.json`` pre-tokenizer it can reproduce."""
     kinds = tuple(p.get("type") for p in spec.get("pretokenizers", [])) if spec and spec.get("type") == "Sequence" else ()
     if spec and spec.get("type") == "ByteLevel" and spec.get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     if kinds == _DIGITS_THEN_BYTES and spec["pretokenizers"][0].get("individual_digits"):
         return "smollm"
     raise QuantkitError(f"GGUF export does not know llama.cpp's name for the pre-tokenizer {json.dumps(spec)[:80]}; "
