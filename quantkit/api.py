@@ -27,6 +27,7 @@ from quantkit.export.writer import estimated_bytes
 from quantkit.formats.base import QuantizedTensor
 from quantkit.layouts import Layout, get_layout
 from quantkit.layouts.native import FORMAT_VERSION as NATIVE_FORMAT_VERSION
+from quantkit.models.builtin import source_gguf
 from quantkit.models.loading import (
     LoadedModel,
     check_context,
@@ -184,7 +185,7 @@ def quantize_run(model: str | LoadedModel, run: RunPlan, output: str | Path | No
     if output is not None:
         with phase(f"writing {output}", seconds, "export"):
             save_checkpoint(run.layout, Path(output), loaded.model, loaded.tokenizer, quantized, config,
-                            overwrite=overwrite, dtype=kept_dtype)
+                            overwrite=overwrite, dtype=kept_dtype, source_file=source_gguf(loaded.source))
         if not run.writer.single_file:
             remove_dead_state(Path(output))  # what a killed --offload disk run writing the same output left
     return QuantizeResult(loaded.model, loaded.tokenizer, quantized, config, seconds, hooks, online_hooks,
@@ -419,7 +420,8 @@ def export(source: str | Path, output: str | Path, layout: str, overwrite: bool 
         config = {k: v for k, v in qc.items() if k not in ("quant_method", "format", "format_version", "layers")}
     else:
         config = {"method": checkpoint.layout.name, "source_quantization_config": qc}
-    save_checkpoint(layout, Path(output), model, tokenizer, quantized, config, overwrite=overwrite)
+    save_checkpoint(layout, Path(output), model, tokenizer, quantized, config, overwrite=overwrite,
+                    source_file=source_gguf(config.get("source")))
     if not writer.single_file:
         remove_dead_state(Path(output))
     return model
@@ -454,7 +456,7 @@ def _export_float_gguf(source: str, output: Path, gguf_type: str, overwrite: boo
     check_output_file(output, overwrite)
     loaded = load_model(source, checked=check_float_model(source))
     save_checkpoint("gguf", output, loaded.model, loaded.tokenizer, {}, {"source": source}, overwrite=overwrite,
-                    dtype=FLOAT_TYPES[gguf_type])
+                    dtype=FLOAT_TYPES[gguf_type], source_file=source_gguf(source))
     return loaded.model
 
 

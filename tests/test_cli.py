@@ -142,3 +142,22 @@ def test_unsupported_architecture_is_named(tmp_path: Path) -> None:
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(folder)
     assert_one_line_error(run_cli("quantize", str(folder), "--method", "rtn", "-o", str(tmp_path / "out")), "unsupported architecture 'gpt2'")
     assert not (tmp_path / "out").exists()
+
+
+def test_runtime_refusals_are_warned_before_any_work(tmp_path: Path, tiny_model_dir: Path, calib_file: Path) -> None:
+    three_bit = run_cli("quantize", str(tiny_model_dir), "--method", "rtn", "--bits", "3", "--group-size", "16",
+                        "--layout", "gptq", "-o", str(tmp_path / "w3"))
+    assert three_bit.returncode == 0, three_bit.stderr
+    warning = "warning: vLLM's CPU build serves 4- and 8-bit GPTQ only, not 3-bit: use --bits 4 or --bits 8"
+    assert warning in three_bit.stderr
+    assert three_bit.stderr.index(warning) < three_bit.stderr.index("loading")  # before the model is read
+    native = tmp_path / "g_idx"
+    made = run_cli("quantize", str(tiny_model_dir), *QUANTIZE_FLAGS, "--g-idx", "--calib", str(calib_file),
+                   "-o", str(native))
+    assert made.returncode == 0 and "warning" not in made.stderr  # the native layout: no runtime to warn of
+    exported = run_cli("export", str(native), "-o", str(tmp_path / "gptq"), "--layout", "gptq")
+    assert exported.returncode == 0, exported.stderr
+    assert "warning: vLLM refuses GPTQ checkpoints with act-order groups (desc_act=True, g_idx): drop --g-idx" \
+        in exported.stderr
+    config = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
+    assert config["desc_act"] is True

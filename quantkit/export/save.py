@@ -11,7 +11,6 @@ from quantkit.export.gguf_file import write_gguf
 from quantkit.export.writer import DEFAULT_MAX_SHARD_BYTES, model_config_dict, plain_tensors, write_checkpoint
 from quantkit.formats.base import QuantizedTensor
 from quantkit.layouts import get_layout
-from quantkit.layouts.gguf import source_gguf
 from quantkit.layouts.gguf_vocab import tokenizer_fields
 
 
@@ -29,17 +28,18 @@ def checkpoint_config(model: nn.Module, quantization_config: dict, dtype: torch.
 
 def save_checkpoint(layout: str, output: Path, model: nn.Module, tokenizer, quantized: dict[str, QuantizedTensor],
                     quantization_config: dict, overwrite: bool = False,
-                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: torch.dtype | None = None) -> None:
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: torch.dtype | None = None,
+                    source_file: Path | None = None) -> None:
     """Write ``quantized`` (and the model's other tensors, float ones in ``dtype`` when given) at ``output`` in
-    ``layout``, atomically; refused before anything is written when the layout cannot hold it."""
+    ``layout``, atomically; refused before anything is written when the layout cannot hold it. ``source_file``:
+    the GGUF file the model came from, whose tokenizer keys a GGUF file copies."""
     writer = get_layout(layout)
     writer.check(activations=quantization_config.get("input_activations") is not None,
                  online=bool((quantization_config.get("transform") or {}).get("online")))
     writer.check(kinds=sorted({qt.kind for qt in quantized.values()}))
     encoded = writer.encode(model, quantized, quantization_config, dtype or writer.auto_dtype or model_dtype(model))
     if writer.single_file:
-        write_gguf(output, encoded, tokenizer_fields(tokenizer, source_gguf(quantization_config.get("source"))),
-                   overwrite)
+        write_gguf(output, encoded, tokenizer_fields(tokenizer, source_file), overwrite)
         return
     tensors = {**plain_tensors(model, quantized, dtype), **encoded.tensors}
     write_checkpoint(output, model, tokenizer, tensors, checkpoint_config(model, encoded.quantization_config, dtype),

@@ -11,7 +11,6 @@ directory: quantkit reads one back as a float model (``quantkit eval FILE.gguf``
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 from gguf import (
@@ -206,13 +205,3 @@ def _model_tensors(model: nn.Module, quantized: dict[str, QuantizedTensor]) -> d
              if name.rpartition(".")[0] not in quantized or name.endswith(".bias")}
     state.update({f"{layer}.weight": torch.empty(0) for layer in quantized})
     return state
-
-
-def source_gguf(source: str | None) -> Path | None:
-    """The GGUF file a run's ``source`` (a path or a built-in alias) names, if it is one."""
-    if not source:
-        return None
-    from quantkit.models.builtin import BUILTIN_MODELS, resolve_builtin
-
-    path = resolve_builtin(source) if source in BUILTIN_MODELS else Path(source)
-    return path if path.suffix == ".gguf" and path.is_file() else None

@@ -25,6 +25,14 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 }
 
 
+def source_gguf(source: str | None) -> Path | None:
+    """The GGUF file a run's ``source`` (a path or a built-in alias) names, if it is one."""
+    if not source:
+        return None
+    path = resolve_builtin(source) if source in BUILTIN_MODELS else Path(source)
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
 def resolve_builtin(alias: str) -> Path:
     """Path of the file a built-in alias names; a clear error if its package is not installed."""
     model = BUILTIN_MODELS[alias]
