@@ -7,6 +7,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from quantkit.errors import QuantkitError
 from quantkit.formats.base import ROLES
 from quantkit.layouts.base import DTYPE_BYTES
 from quantkit.runtime.loader import verify
@@ -111,7 +112,10 @@ def inspect_gguf(path: Path) -> CheckpointInfo:
     rest as other tensors."""
     from gguf import GGUFReader
 
-    reader = GGUFReader(path)
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, OSError):
+        raise QuantkitError(f"{path} is neither a checkpoint directory nor a GGUF file") from None
     by_format: dict[str, SchemeSummary] = {}
     total = SchemeSummary("all quantized layers")
     other_params = other_bytes = 0
@@ -128,13 +132,15 @@ def inspect_gguf(path: Path) -> CheckpointInfo:
     field = reader.fields.get("general.architecture")
     return CheckpointInfo(path=str(path), method="gguf", model_type=str(field.contents()) if field else "unknown",
                           schemes=list(by_format.values()), total=total, other_params=other_params,
-                          other_bytes=other_bytes, file_bytes=path.stat().st_size, quantization_config={})
+                          other_bytes=other_bytes, file_bytes=path.stat().st_size,
+                          quantization_config={key: read.contents() for key, read in reader.fields.items()
+                                               if key.startswith("general.") and len(read.types) == 1})
 
 
 def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     """Describe a checkpoint after every check :func:`quantkit.load` makes (data included); refuses exactly what
     it refuses, with the same message. A ``.gguf`` file is described by :func:`inspect_gguf`."""
-    if Path(path).suffix == ".gguf" and Path(path).is_file():
+    if Path(path).is_file():  # checkpoints are directories; a file is a GGUF file or nothing quantkit reads
         return inspect_gguf(Path(path))
     checked = verify(path)
     config, qc = checked.config.model, checked.config.quantization

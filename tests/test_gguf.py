@@ -16,6 +16,7 @@ import quantkit
 from conftest import CALIBRATION_TEXT, saved_with_tokenizer, tiny_model
 from helpers_tokenizer import tiny_tokenizer
 from quantkit.api import export, quantize_run
+from quantkit.checkpoint_info import inspect_checkpoint
 from quantkit.errors import QuantkitError
 from quantkit.hessian import HessianAccumulator
 from quantkit.layouts.gguf_blocks import block_bytes
@@ -180,3 +181,15 @@ def test_refusals(tmp_path: Path, tiny_model_dir: Path) -> None:
     with pytest.raises(QuantkitError, match="is a directory"):
         export(str(tiny_model_dir), tmp_path / "dir.gguf", "gguf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.gguf", "int"]  # nothing half-written
+
+
+def test_inspect_counts_a_gguf_file(tmp_path: Path, wide_model_dir: Path) -> None:
+    output = tmp_path / "model.q8"  # any name: a file is read as GGUF
+    quantize_run(str(wide_model_dir), plan_run("rtn", number_format="q8_0", layout="gguf"), output=output)
+    info = inspect_checkpoint(output)
+    assert [s.scheme for s in info.schemes] == ["q8_0"] and info.total.layers == 14
+    assert info.bits_per_weight == pytest.approx(8.5)  # 32 one-byte codes and a float16 scale per block
+    assert info.file_bytes == output.stat().st_size and info.quantization_config["general.file_type"] == 7
+    (tmp_path / "junk").write_text("not a model")
+    with pytest.raises(QuantkitError, match="neither a checkpoint directory nor a GGUF file"):
+        inspect_checkpoint(tmp_path / "junk")
