@@ -236,7 +236,7 @@ def test_summary_shows_resolved_settings_and_sizes(cli: Callable[..., Result], t
     result = cli("quantize", str(tiny_model_dir), "--group-size", "16", "--calib", str(calib_file), "--nsamples", "2",
                  "--seqlen", "16", "-o", str(tmp_path / "o"))
     assert result.returncode == 0, result.stderr
-    assert "gptq damp=0.01 act_order=True static_groups=False g_idx=False mse=False" in result.stdout
+    assert "gptq damp=0.01 act_order=True static_groups=True g_idx=False mse=False" in result.stdout
     assert "block_size" not in result.stdout
     source_bytes = sum(t.numel() * 4 for t in load_file(tiny_model_dir / "model.safetensors").values())
     assert f"(source: {size_text(source_bytes)} in float32)" in result.stdout

@@ -140,12 +140,13 @@ def sweep_columns(
 class GPTQQuantizer(Quantizer):
     """GPTQ with groups, act-order, static groups and a grid search (``mse``) as options, on any number format.
 
-    Act-order has three forms. By default it is a static activation order: groups visited in
-    :func:`group_aware_perm` order, each group's grid fitted when the sweep reaches it, stored in natural column
-    order without ``g_idx`` (what vLLM and the float formats need). ``g_idx`` visits columns in plain act-order,
-    fitting each group of ``group_size`` visited columns together, and stores the group of every column
-    (``desc_act``). ``static_groups`` fits every group's grid on the original weights before any update, then
-    visits columns in plain act-order, also without ``g_idx``.
+    Act-order has three forms, all visiting the columns with the largest Hessian diagonal first. By default (``static_groups``
+    None: on with act-order unless ``g_idx``) every group's grid is fitted on the original weights before any
+    update (llm-compressor's static activation order), so the tensor is stored in natural column order without
+    ``g_idx``, which vLLM and the float formats need. ``g_idx`` fits each group of ``group_size`` visited columns
+    when the sweep reaches it and stores the group of every column (``desc_act``). ``static_groups=False``
+    without ``g_idx`` keeps each group's columns together instead (:func:`group_aware_perm`), fitting each group
+    when the sweep reaches it, also without ``g_idx``.
     """
 
     name = "gptq"
@@ -153,7 +154,7 @@ class GPTQQuantizer(Quantizer):
 
     damp: float = 0.01
     act_order: bool = True
-    static_groups: bool = False
+    static_groups: bool | None = None
     g_idx: bool = False
     mse: bool = False
 
@@ -163,8 +164,13 @@ class GPTQQuantizer(Quantizer):
         if self.g_idx and (self.static_groups or not self.act_order):
             raise QuantkitError("--g-idx stores act-order groups: it needs --act-order and no --static-groups")
 
+    @property
+    def static(self) -> bool:
+        """Whether group grids are fitted on the original weights before any update."""
+        return self.static_groups if self.static_groups is not None else self.act_order and not self.g_idx
+
     def options(self, scheme: QuantScheme) -> dict:
-        return asdict(self)
+        return {**asdict(self), "static_groups": self.static}
 
     def check_scheme(self, scheme: QuantScheme) -> None:
         super().check_scheme(scheme)
@@ -183,7 +189,7 @@ class GPTQQuantizer(Quantizer):
         """The column visiting order (None: natural)."""
         if not self.act_order:
             return None
-        grouped = not (self.g_idx or self.static_groups) and group < h.shape[0]
+        grouped = not (self.g_idx or self.static) and group < h.shape[0]
         return group_aware_perm(h, group) if grouped else act_order_perm(h)
 
     def quantize(self, weight: torch.Tensor, stats: LayerStats, scheme: QuantScheme) -> QuantizedTensor:
@@ -195,7 +201,7 @@ class GPTQQuantizer(Quantizer):
         w, h = without_dead_columns(weight, stats.hessian)
         grid = make_grid(scheme, w, self.mse, clip=stats.clip)
         static = ([grid.fit(w[:, cols], g) for g, cols in enumerate(scheme.group_slices(n))]
-                  if self.static_groups else None)
+                  if self.static else None)
         w, hinv, perm = permuted_problem(w, h, self.order(h, group), self.damp)
         codes = torch.empty((n, out_features), dtype=torch.uint8, device=w.device)  # column-major while solving
         fitted: dict[int, Params] = {}  # sweep position of a group's first column -> its grid
