@@ -238,6 +238,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--gguf-type", default="q4_k", choices=["q4_k", "q4_0", "q5_0", "q8_0"],
                         help="the GGUF grid of the separate GPTQ run (default q4_k)")
     parser.add_argument("--only", choices=["gptq", "gguf-original"], help="only the GPTQ rows, or only the validation")
+    parser.add_argument("--rows", nargs="+", metavar="TEXT", help="only the rows whose label contains one of these")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per runner")
     parser.add_argument("--no-build", action="store_true", help="never build a runtime environment (absent: an error row)")
     parser.add_argument("--build-only", action="store_true", help="build/check the runtime environments, then stop")
@@ -263,7 +264,7 @@ def main() -> None:
     if args.build_only:
         return
     groups = {"gptq": {"gptq", "vllm-w4a8"}, "gguf-original": {"gguf-original"}}.get(args.only, {r.group for r in ROWS})
-    rows = [r for r in ROWS if r.group in groups]
+    rows = [r for r in ROWS if r.group in groups and (not args.rows or any(t in r.label for t in args.rows))]
     made = make_checkpoints(args, folder) if groups != {"gguf-original"} else {}
     made["original"] = original_gguf()
     windows, prompt, stream_tokens = token_ids(args.seqlen, args.windows, args.prompt_tokens)
@@ -282,7 +283,8 @@ def main() -> None:
                            "gptq_flags": GPTQ_FLAGS, "tokenizer": f"{MODEL} (Hugging Face), no BOS added"},
               "runtimes": {name: rt.record if isinstance(rt, Runtime) else {"error": rt} for name, rt in runtimes.items()},
               "results": results, "agreement": checks}
-    path = folder / f"bench_runtimes{'-' + args.only if args.only else ''}.json"
+    suffix = "".join(f"-{part}" for part in (args.only, "rows" if args.rows else None) if part)
+    path = folder / f"bench_runtimes{suffix}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     console.log(f"saved {path}")
     bad = [c for c in checks if not c["ok"]]

@@ -1,9 +1,9 @@
 """Golden checkpoints: a tiny seeded model quantized by every method into every layout, each stored tensor
 reduced to a SHA-256 of its dtype, shape and bytes. The hashes in ``golden/layout_hashes.json`` were recorded
-before the house was rebuilt (issue 20); a refactor must reproduce them byte for byte. Issue 21 made act-order with
-static groups GPTQ's default for every format: the g_idx cases now ask for ``g_idx`` (and match the old bytes),
-``gptq-nvfp4-native`` matches them too (static groups were already the float formats' default), and
-``gptq-w3g16-gptq`` was recorded again.
+before the house was rebuilt (issue 20); a refactor must reproduce them byte for byte. Issue 21 changed GPTQ's default
+act-order (no g_idx: static groups from 4 bits, the group-aware order below): the g_idx cases now ask for
+``g_idx`` and match the old bytes, as does ``gptq-nvfp4-native`` (static groups were already the float formats'
+default); ``gptq-w3g16-gptq`` was recorded again.
 
 Run as a script in a fresh interpreter with torch's portable kernels (see :data:`PORTABLE_ENV`), so that the
 arithmetic does not depend on the CPU's vector extensions:

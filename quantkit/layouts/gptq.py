@@ -297,7 +297,7 @@ class GPTQLayout(Layout):
         lines = []
         if column_groups and scheme.group_size != -1:
             lines.append("vLLM refuses GPTQ checkpoints with act-order groups (desc_act=True, g_idx): drop --g-idx "
-                         "(act-order then fits static groups)")
+                         "(act-order then stores no g_idx)")
         if scheme.bits not in VLLM_WEIGHT_BITS:
             lines.append(f"vLLM's CPU build serves 4- and 8-bit GPTQ only, not {scheme.bits}-bit: use --bits 4 or --bits 8")
         return lines

@@ -91,6 +91,11 @@ def permuted_problem(
     return w[:, perm], inverse_hessian_factor(h[perm][:, perm], damp), perm
 
 
+# Act-order's default form by width (SmolLM2-135M, C4 128 x 512, WikiText-2 16 x 2048, scripts/bench_trunk.py):
+# at 4 bits g64, static groups 25.98 < g_idx 26.87 < group-aware 27.22; at 3 bits g64, group-aware 60.15 while
+# static groups fall to 80.30 (the grids fitted before the sweep no longer hold the updated weights).
+STATIC_GROUPS_MIN_BITS = 4
+
 SWEEP_BLOCK = 128  # columns per lazy-update block of the sweep: speed only, the arithmetic is the same
 
 
@@ -140,13 +145,13 @@ def sweep_columns(
 class GPTQQuantizer(Quantizer):
     """GPTQ with groups, act-order, static groups and a grid search (``mse``) as options, on any number format.
 
-    Act-order has three forms, all visiting the columns with the largest Hessian diagonal first. By default (``static_groups``
-    None: on with act-order unless ``g_idx``) every group's grid is fitted on the original weights before any
-    update (llm-compressor's static activation order), so the tensor is stored in natural column order without
-    ``g_idx``, which vLLM and the float formats need. ``g_idx`` fits each group of ``group_size`` visited columns
-    when the sweep reaches it and stores the group of every column (``desc_act``). ``static_groups=False``
-    without ``g_idx`` keeps each group's columns together instead (:func:`group_aware_perm`), fitting each group
-    when the sweep reaches it, also without ``g_idx``.
+    Act-order has three forms, all visiting the columns with the largest Hessian diagonal first, two of them
+    storing natural column order without ``g_idx`` (what vLLM and the float formats need). ``static_groups``
+    fits every group's grid on the original weights before any update (llm-compressor's static order);
+    without it, :func:`group_aware_perm` keeps each group's columns together and fits each group when the sweep
+    reaches it; ``g_idx`` fits each group of ``group_size`` visited columns when the sweep reaches it and
+    stores the group of every column (``desc_act``). ``static_groups`` None picks, without ``g_idx``, static
+    groups from :data:`STATIC_GROUPS_MIN_BITS` bits and the group-aware order below.
     """
 
     name = "gptq"
@@ -164,13 +169,14 @@ class GPTQQuantizer(Quantizer):
         if self.g_idx and (self.static_groups or not self.act_order):
             raise QuantkitError("--g-idx stores act-order groups: it needs --act-order and no --static-groups")
 
-    @property
-    def static(self) -> bool:
+    def static(self, scheme: QuantScheme) -> bool:
         """Whether group grids are fitted on the original weights before any update."""
-        return self.static_groups if self.static_groups is not None else self.act_order and not self.g_idx
+        if self.static_groups is not None:
+            return self.static_groups
+        return self.act_order and not self.g_idx and scheme.bits >= STATIC_GROUPS_MIN_BITS
 
     def options(self, scheme: QuantScheme) -> dict:
-        return {**asdict(self), "static_groups": self.static}
+        return {**asdict(self), "static_groups": self.static(scheme)}
 
     def check_scheme(self, scheme: QuantScheme) -> None:
         super().check_scheme(scheme)
@@ -185,11 +191,11 @@ class GPTQQuantizer(Quantizer):
     def plan(self, scheme: QuantScheme) -> TensorPlan:
         return replace(super().plan(scheme), column_groups=self.column_groups(scheme))
 
-    def order(self, h: torch.Tensor, group: int) -> torch.Tensor | None:
+    def order(self, h: torch.Tensor, group: int, static: bool) -> torch.Tensor | None:
         """The column visiting order (None: natural)."""
         if not self.act_order:
             return None
-        grouped = not (self.g_idx or self.static) and group < h.shape[0]
+        grouped = not (self.g_idx or static) and group < h.shape[0]
         return group_aware_perm(h, group) if grouped else act_order_perm(h)
 
     def quantize(self, weight: torch.Tensor, stats: LayerStats, scheme: QuantScheme) -> QuantizedTensor:
@@ -201,8 +207,8 @@ class GPTQQuantizer(Quantizer):
         w, h = without_dead_columns(weight, stats.hessian)
         grid = make_grid(scheme, w, self.mse, clip=stats.clip)
         static = ([grid.fit(w[:, cols], g) for g, cols in enumerate(scheme.group_slices(n))]
-                  if self.static else None)
-        w, hinv, perm = permuted_problem(w, h, self.order(h, group), self.damp)
+                  if self.static(scheme) else None)
+        w, hinv, perm = permuted_problem(w, h, self.order(h, group, static is not None), self.damp)
         codes = torch.empty((n, out_features), dtype=torch.uint8, device=w.device)  # column-major while solving
         fitted: dict[int, Params] = {}  # sweep position of a group's first column -> its grid
 
