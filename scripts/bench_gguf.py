@@ -5,7 +5,8 @@ Q4_K, without and with an importance matrix, at equal size, all scored by llama.
 Steps (each cached under --out; llama.cpp built by runtime_envs.py under ~/.cache/quantkit/runtimes):
 1. `quantkit export smollm2-135m --layout gguf --gguf-type f16`: the float source llama.cpp's tools start from.
 2. quantkit: `quantize --method rtn|gptq --gguf-type q4_k` (GPTQ calibrated on 128 x 512 tokens of the C4
-   validation parquet, seed 0). Rows whose length is no multiple of 256 (SmolLM2's 576-wide projections) take
+   validation parquet, seed 0; act-order with static groups, the default at 4 bits, and with the group-aware
+   order, `--no-static-groups`). Rows whose length is no multiple of 256 (SmolLM2's 576-wide projections) take
    q5_0, as llama-quantize does; unquantized matrices are float16.
 3. llama.cpp: `llama-imatrix` on the f16 file over C4 validation text (128 chunks of 512 tokens, the same budget),
    then `llama-quantize --pure --token-embedding-type f16 F16.gguf OUT.gguf Q4_K`, without and with `--imatrix`:
@@ -55,10 +56,10 @@ def made(path: Path, make) -> Path:
     return path
 
 
-def quantkit_q4_k(method: str, output: Path, args: argparse.Namespace) -> Path:
+def quantkit_q4_k(method: str, output: Path, args: argparse.Namespace, *flags: str) -> Path:
     calib = str(C4) if args.calib == "c4" else args.calib
     return made(output, lambda: quantkit_cli(
-        "quantize", MODEL, "--method", method, "--gguf-type", "q4_k", "--calib", calib, "--nsamples",
+        "quantize", MODEL, "--method", method, "--gguf-type", "q4_k", *flags, "--calib", calib, "--nsamples",
         str(args.nsamples), "--seqlen", str(args.calib_seqlen), "--seed", "0", "-o", str(output),
         log=output.with_suffix(".log")))
 
@@ -96,7 +97,10 @@ def main() -> None:
     matrix = made(folder / "imatrix.gguf", lambda: imatrix(f16, folder / "imatrix.gguf", "c4", chunks, 512))
     files = {
         "quantkit RTN q4_k": quantkit_q4_k("rtn", folder / "quantkit-rtn-q4_k.gguf", args),
-        "quantkit GPTQ q4_k": quantkit_q4_k("gptq", folder / "quantkit-gptq-q4_k.gguf", args),
+        "quantkit GPTQ q4_k (static groups, the default)": quantkit_q4_k(
+            "gptq", folder / "quantkit-gptq-q4_k-static.gguf", args),
+        "quantkit GPTQ q4_k --no-static-groups": quantkit_q4_k(
+            "gptq", folder / "quantkit-gptq-q4_k.gguf", args, "--no-static-groups"),
         "llama-quantize Q4_K": made(folder / "llama-q4_k.gguf", lambda: quantize(
             f16, folder / "llama-q4_k.gguf", "Q4_K", token_embedding_type="f16")),
         "llama-quantize Q4_K + imatrix": made(folder / "llama-q4_k-imatrix.gguf", lambda: quantize(

@@ -41,10 +41,10 @@ NVFP4 = QuantScheme.for_format("nvfp4", 4, None, None, 16, True)
 LAYER = "model.layers.0.mlp.up_proj"
 # (layout, method, scheme, quantizer options) of the checkpoints the corruptions start from
 ORIGINALS = {
-    "native-int": ("native", "gptq", QuantScheme(4, 16, False), {"act_order": True}),
+    "native-int": ("native", "gptq", QuantScheme(4, 16, False), {"g_idx": True}),
     "native-spqr": ("native", "spqr", QuantScheme(3, 16, False), {"outlier_threshold": 0.2}),
     "native-nvfp4": ("native", "rtn", NVFP4, {}),
-    "gptq": ("gptq", "gptq", QuantScheme(4, 16, True), {"act_order": True}),
+    "gptq": ("gptq", "gptq", QuantScheme(4, 16, True), {"g_idx": True}),
     "compressed-tensors": ("compressed-tensors", "rtn", QuantScheme(4, 16, False), {}),
 }
 

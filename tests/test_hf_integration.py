@@ -41,7 +41,7 @@ def checkpoints(tiny_model_dir: Path, calib_file: Path, tmp_path_factory: pytest
     runs = {
         "rtn": {"method": "rtn", "scheme": QuantScheme(4, 32)},
         "gptq-act-order": {"method": "gptq", "scheme": QuantScheme(4, 16, False), "calibration": calibration,
-                           "act_order": True},
+                           "g_idx": True},
         "nvfp4": {"method": "rtn", "scheme": QuantScheme(4, 16, format="nvfp4")},
         "w4a4-hadamard": {"method": "rtn", "scheme": QuantScheme(4, 16), "act_scheme": QuantScheme(4, -1),
                           "transform": make_transform("hadamard")},

@@ -54,7 +54,7 @@ def quantized_weight(kind: str) -> QuantizedTensor:
         "nvfp4": ("rtn", QuantScheme(4, 16, True, format="nvfp4")),
         "spqr": ("spqr", QuantScheme(3, 16, False)),
     }[kind]
-    options = {"act_order": True} if method != "rtn" else {}
+    options = {"act_order": True, **({"g_idx": True} if method == "gptq" else {})} if method != "rtn" else {}
     qt = make_quantizer(method, **options).quantize(w, stats, scheme)
     assert kind != "int4-act-order" or qt.g_idx is not None
     assert kind != "spqr" or (qt.outliers.count and qt.perm is not None)
@@ -134,7 +134,7 @@ def checkpoints(tiny_model_dir: Path, calib_file: Path, tmp_path_factory: pytest
     """Tiny quantized checkpoints: GPTQ 4-bit with act-order, and NVFP4."""
     root = tmp_path_factory.mktemp("lora")
     runs = {
-        "int": {"method": "gptq", "scheme": QuantScheme(4, 16, False), "act_order": True,
+        "int": {"method": "gptq", "scheme": QuantScheme(4, 16, False), "g_idx": True,
                 "calibration": CalibrationSpec(str(calib_file), nsamples=2, seqlen=16)},
         "nvfp4": {"method": "rtn", "scheme": QuantScheme(4, 16, format="nvfp4")},
     }
