@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -274,8 +274,9 @@ def _quantize_offloaded(model: str | LoadedModel, run: RunPlan, offload: str, ou
     source_dtype = stored_dtype(source.config_dict)
     kept_dtype = unquantized_dtype(run.dtype, source_dtype)
     record = _quantization_record(run, str(model))
-    arguments = {key: record[key] for key in ("method", "quantizer", "scheme", "input_activations", "seed",
-                                              "source_model", "quantkit_version")}
+    arguments = {key: record[key] for key in ("method", "scheme", "input_activations", "seed", "source_model",
+                                              "quantkit_version")}
+    arguments["quantizer"] = asdict(run.quantizer)  # as given: the record resolves some settings from the scheme
     arguments |= {"calibration": [calibration.source, calibration.nsamples, calibration.seqlen, calibration.data_dir,
                                   run.true_sequential], "weights": source.identity(),
                   "devices": [str(device) for device in devices],  # arithmetic differs between device kinds

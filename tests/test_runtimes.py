@@ -103,8 +103,10 @@ def smollm2_gguf() -> Path:
 @pytest.mark.runtimes
 def test_llama_cpp_matches_quantkit_eval_on_gguf(smollm2_gguf: Path) -> None:
     """llama.cpp and `quantkit eval FILE.gguf` (dequantized) agree within 1% on the same WikiText-2 ids."""
-    from bench_runtimes import token_ids
+    from bench_runtimes import DATA, token_ids
 
+    if not (DATA / "wikitext-2-raw").is_dir():
+        pytest.skip(f"the real text is not at {DATA}")
     engine = runtime("llama.cpp")
     windows, prompt, _ = token_ids(512, 2, 16)
     theirs = run_runner(request("llama.cpp", smollm2_gguf, windows, prompt), engine, timeout=600)
