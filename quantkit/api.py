@@ -27,6 +27,7 @@ from quantkit.export.writer import estimated_bytes
 from quantkit.formats.base import QuantizedTensor
 from quantkit.layouts import Layout, get_layout
 from quantkit.layouts.native import FORMAT_VERSION as NATIVE_FORMAT_VERSION
+from quantkit.models.architectures import adapter_for
 from quantkit.models.builtin import source_gguf
 from quantkit.models.loading import (
     LoadedModel,
@@ -37,7 +38,14 @@ from quantkit.models.loading import (
     stored_dtype,
 )
 from quantkit.progress import phase
-from quantkit.runplan import CalibrationSpec, RunPlan, plan_run, unquantized_dtype, warn_runtimes
+from quantkit.runplan import (
+    CalibrationSpec,
+    RunPlan,
+    plan_run,
+    unquantized_dtype,
+    warn_moe_runtimes,
+    warn_runtimes,
+)
 from quantkit.runtime.loader import load, load_tokenizer
 from quantkit.schemes import GGUF_FALLBACK, QuantScheme
 from quantkit.streaming.state import remove_dead_state
@@ -118,6 +126,8 @@ def quantize_run(model: str | LoadedModel, run: RunPlan, output: str | Path | No
         _check_output(run.writer, Path(output), overwrite)
     checked = None if isinstance(model, LoadedModel) else check_float_model(  # the model, before any data is read
         model, in_memory=offload is None, trust_remote_code=trust_remote_code)
+    if (model.adapter if isinstance(model, LoadedModel) else adapter_for(checked[1].model_type)).experts is not None:
+        warn_moe_runtimes(run.writer, schemes)
     if _reads_calibration(quantizer, transform, allocation):
         calibration.check()
     if isinstance(transform, AppliedTransform) and not isinstance(model, LoadedModel):
@@ -166,10 +176,12 @@ def quantize_run(model: str | LoadedModel, run: RunPlan, output: str | Path | No
         trained = _working_scheme(scheme, plan).bits  # learned clips belong to the width they were learned for
         weight_clip = {layer: clip for layer, clip in weight_clip.items() if plan.layer_bits[layer] == trained}
     torch.manual_seed(seed)
+    options = EngineOptions(true_sequential=run.true_sequential, weight_clip=weight_clip, devices=engine_devices,
+                            expert_min_tokens=calibration.expert_min_tokens)
     with phase("quantizing", seconds, "quantize"):
         quantized = quantize_model(
             loaded.model, loaded.adapter, quantizer, plan.scheme_for(scheme) if plan else lambda _name: scheme,
-            calib, EngineOptions(true_sequential=run.true_sequential, weight_clip=weight_clip, devices=engine_devices),
+            calib, options,
             label=f"{run.method} {_scheme_label(scheme) if plan is None else f'mixed {plan.target_bits} bits'}",
         )
     allocation_record = _allocation_record(plan, quantized, cost, extra_bytes) if plan else None
@@ -182,6 +194,7 @@ def quantize_run(model: str | LoadedModel, run: RunPlan, output: str | Path | No
         if applied else None
     )
     config["allocation"] = allocation_record
+    config["experts"] = options.experts_record()
     if output is not None:
         with phase(f"writing {output}", seconds, "export"):
             save_checkpoint(run.layout, Path(output), loaded.model, loaded.tokenizer, quantized, config,
@@ -243,6 +256,7 @@ def _quantization_record(run: RunPlan, source: str, mixed: bool = False) -> dict
         ),
         "transform": None,
         "allocation": None,
+        "experts": None,
         "seed": run.seed,
         "source_model": source,
         "quantkit_version": __version__,
@@ -283,7 +297,8 @@ def _quantize_offloaded(model: str | LoadedModel, run: RunPlan, offload: str, ou
                   "format_version": NATIVE_FORMAT_VERSION,  # finished blocks are stored in this version's layout
                   "dtype": str(kept_dtype)}
     streamed = StreamedRun(run.quantizer, run.scheme, calibration, run.seed,
-                           EngineOptions(true_sequential=run.true_sequential, devices=devices),
+                           EngineOptions(true_sequential=run.true_sequential, devices=devices,
+                                         expert_min_tokens=calibration.expert_min_tokens),
                            f"{run.method} {_scheme_label(run.scheme)}", kept_dtype)
     with phase("quantizing and writing, block by block", seconds, "quantize and export"):
         quantize_streamed(source, tokenizer, streamed, arguments, Path(output), record, overwrite)
@@ -412,7 +427,10 @@ def export(source: str | Path, output: str | Path, layout: str, overwrite: bool 
     if writer.single_file:
         _check_gguf_sources(str(source), metas, gguf_type)
     _check_output(writer, Path(output), overwrite)
-    warn_runtimes(writer, [QuantScheme.from_dict(meta) for meta in metas], [bool(meta.get("act_order")) for meta in metas])
+    stored_schemes = [QuantScheme.from_dict(meta) for meta in metas]
+    warn_runtimes(writer, stored_schemes, [bool(meta.get("act_order")) for meta in metas])
+    if adapter_for(str(checkpoint.model.get("model_type"))).experts is not None:
+        warn_moe_runtimes(writer, stored_schemes)
     model = load(source)
     quantized = {name: m.quantized() for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     has_tokenizer = any((Path(source) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))

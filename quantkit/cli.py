@@ -160,6 +160,7 @@ def quantize(
     seqlen: SeqlenOpt = None,
     seed: SeedOpt = None,
     data_dir: DataDirOpt = None,
+    expert_min_tokens: Annotated[int | None, typer.Option(help=f"MoE: a routed expert that calibration sends fewer tokens is starved; its statistics then come from every calibration token of its block, and the summary lists it (default {defaults.EXPERT_MIN_TOKENS}).")] = None,
     dtype: Annotated[str | None, typer.Option(metavar=_choices("dtype"), help="Dtype of the tensors left unquantized (embeddings, norms, head, biases). Default: auto, the source model's.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     layout: Annotated[str | None, typer.Option(metavar=_choices("layout"), help=f"Checkpoint layout (default {defaults.LAYOUT}); gptq is GPTQ v1, compressed-tensors is pack-quantized (nvfp4- or mxfp4-pack-quantized for those formats), gguf one .gguf file for llama.cpp.")] = None,
@@ -245,6 +246,13 @@ def _print_summary(title: str, info: CheckpointInfo, record: dict, seconds: dict
     if allocation_record is not None:
         table.add_row("allocation", f"{allocation_record['strategy']} (score {allocation_record['score']}), "
                       f"target {allocation_record['target_bits']} bits over {allocation_record['bit_choices']}")
+    experts = record.get("experts")
+    if experts is not None:
+        starved = experts["starved"]
+        table.add_row("routed experts", f"{experts['count']}, {len(starved)} starved (< {experts['min_tokens']} "
+                      "calibration tokens; statistics from all tokens of their block)")
+        for name, tokens in starved.items():
+            table.add_row(f"  starved: {name}", f"{tokens} tokens")
     table.add_row("layers quantized", str(info.total.layers))
     table.add_row("bits per quantized weight", f"{info.bits_per_weight:.3f}")
     table.add_row("checkpoint size", f"{size_text(info.file_bytes)} ({source})")
@@ -439,7 +447,7 @@ def inspect(
     console.print(f"files on disk: {info.file_bytes / 2**20:.2f} MiB")
     if len(set(info.layer_bits.values())) > 1:
         from quantkit.allocation.heatmap import bits_heatmap
-        from quantkit.models.adapters import ADAPTERS
+        from quantkit.models.architectures import ADAPTERS
 
         adapter = ADAPTERS.get(info.model_type)
         console.print(bits_heatmap(info.layer_bits, order=adapter.linear_names() if adapter else ()))

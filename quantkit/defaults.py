@@ -11,3 +11,6 @@ DTYPE = "auto"  # the unquantized tensors keep the source's dtype
 SEED = 0
 TRUE_SEQUENTIAL = True
 BIT_CHOICES = (2, 3, 4, 8)  # the widths a mixed-bits allocation chooses from
+# A routed expert that calibration sends fewer tokens than this is starved: its statistics come from every
+# calibration token of its block instead (a forced pass), and the run lists it.
+EXPERT_MIN_TOKENS = 128

@@ -29,6 +29,8 @@ class CalibrationSpec:
     nsamples: int | None = None
     seqlen: int | None = None
     data_dir: str | None = None
+    # a routed expert calibration sends fewer tokens is starved: its statistics come from all the block's tokens
+    expert_min_tokens: int = defaults.EXPERT_MIN_TOKENS
 
     def __post_init__(self) -> None:
         nsamples, seqlen = default_windows(self.source)
@@ -70,7 +72,16 @@ class RunPlan:
 
 def warn_runtimes(writer: Layout, schemes: list[QuantScheme], column_groups: list[bool]) -> None:
     """Warn, once per line, of every known runtime that will refuse ``writer``'s checkpoint of ``schemes``."""
-    lines = [line for scheme, grouped in zip(schemes, column_groups) for line in writer.refusing_runtimes(scheme, grouped)]
+    _warn_once([line for scheme, grouped in zip(schemes, column_groups) for line in writer.refusing_runtimes(scheme, grouped)])
+
+
+def warn_moe_runtimes(writer: Layout, schemes: list[QuantScheme]) -> None:
+    """Warn, once per line, of every known runtime that will refuse routed experts of ``schemes`` in ``writer``'s
+    checkpoint (for a model with experts)."""
+    _warn_once([line for scheme in schemes for line in writer.refusing_moe_runtimes(scheme)])
+
+
+def _warn_once(lines: list[str]) -> None:
     for line in dict.fromkeys(lines):
         warn(line)
 

@@ -28,7 +28,7 @@ from quantkit.api import CalibrationSpec, quantize
 from quantkit.checkpoint_info import inspect_checkpoint
 from quantkit.engine import quantize_model
 from quantkit.errors import QuantkitError
-from quantkit.models.adapters import adapter_for
+from quantkit.models.architectures import adapter_for
 from quantkit.models.loading import LoadedModel
 from quantkit.quantizers import make_quantizer
 from quantkit.quantizers.base import LayerStats
@@ -101,13 +101,13 @@ def test_budget_is_the_typed_decimal_rounded_down() -> None:
 
 
 def test_units_at_each_granularity() -> None:
-    assert [u.name for u in make_units(ADAPTER, 2, "block")] == ["model.layers.0", "model.layers.1"]
-    groups = make_units(ADAPTER, 2, "group")
+    assert [u.name for u in make_units(ADAPTER, ADAPTER.get_blocks(tiny_model()), "block")] == ["model.layers.0", "model.layers.1"]
+    groups = make_units(ADAPTER, ADAPTER.get_blocks(tiny_model()), "group")
     assert len(groups) == 8 and groups[0].layers == tuple(f"model.layers.0.self_attn.{p}_proj" for p in "qkv")
-    linears = make_units(ADAPTER, 2, "linear")
+    linears = make_units(ADAPTER, ADAPTER.get_blocks(tiny_model()), "linear")
     assert len(linears) == 14 and all(len(u.layers) == 1 for u in linears) and linears[-1].block == 1
     with pytest.raises(QuantkitError, match="granularity"):
-        make_units(ADAPTER, 2, "head")
+        make_units(ADAPTER, ADAPTER.get_blocks(tiny_model()), "head")
 
 
 def test_output_nmse_against_the_activations() -> None:

@@ -16,7 +16,7 @@ from quantkit.checkpoint_info import inspect_checkpoint
 from quantkit.engine import quantize_model
 from quantkit.errors import QuantkitError
 from quantkit.export.save import save_checkpoint
-from quantkit.models.adapters import adapter_for
+from quantkit.models.architectures import adapter_for
 from quantkit.quantizers import make_quantizer
 from quantkit.schemes import QuantScheme
 

@@ -30,7 +30,7 @@ from quantkit.errors import QuantkitError
 from quantkit.eval.models import load_target
 from quantkit.export.save import save_checkpoint
 from quantkit.layouts.native import FORMAT_VERSION
-from quantkit.models.adapters import adapter_for
+from quantkit.models.architectures import adapter_for
 from quantkit.quantizers import make_quantizer
 from quantkit.schemes import QuantScheme
 from quantkit.transforms import make_transform

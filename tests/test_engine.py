@@ -9,7 +9,7 @@ from conftest import tiny_model
 from quantkit.engine import EngineOptions, capture_block_inputs, quantize_model
 from quantkit.errors import QuantkitError
 from quantkit.hessian import HessianAccumulator
-from quantkit.models.adapters import adapter_for
+from quantkit.models.architectures import adapter_for
 from quantkit.quantizers import make_quantizer
 from quantkit.quantizers.base import LayerStats
 from quantkit.schemes import QuantScheme
@@ -21,10 +21,11 @@ def replay_driver(model, calib: torch.Tensor, batch: int, true_sequential: bool)
     """GPTQ's driver as published: a full forward of the block for every group of linears."""
     adapter = adapter_for("llama")
     quantizer = make_quantizer("gptq")
-    inputs = capture_block_inputs(model, adapter, calib, batch)
+    calibrated = capture_block_inputs(model, adapter, calib, batch)
     codes = {}
     with torch.no_grad():
         for i, block in enumerate(adapter.get_blocks(model)):
+            inputs = calibrated.entering(i)
             stages = adapter.groups if true_sequential else [tuple(n for g in adapter.groups for n in g)]
             for stage in stages:
                 accs: dict[str, HessianAccumulator] = {}
@@ -42,7 +43,7 @@ def replay_driver(model, calib: torch.Tensor, batch: int, true_sequential: bool)
                     qt = quantizer.quantize(linear.weight, LayerStats(accs[name].hessian(), accs[name].tokens), SCHEME)
                     linear.weight.copy_(qt.dequantize())
                     codes[f"model.layers.{i}.{name}"] = qt.codes
-            inputs = [(block(h, **kw), kw) for h, kw in inputs]
+            calibrated.hidden = [block(h, **kw) for h, kw in inputs]
     return codes
 
 

@@ -15,7 +15,7 @@ from quantkit.engine.passes import (
     train_steps,
     walk_blocks,
 )
-from quantkit.models.adapters import adapter_for
+from quantkit.models.architectures import adapter_for
 
 ADAPTER = adapter_for("llama")
 CALIB = torch.randint(0, 320, (5, 12), generator=torch.Generator().manual_seed(1))
@@ -95,16 +95,16 @@ def test_swapped_weights_come_back_as_the_same_tensors_even_after_an_error() -> 
 def test_input_ranges_observe_every_batch_and_stop_after() -> None:
     model = tiny_model()
     block = ADAPTER.get_blocks(model)[0]
-    linear = block.get_submodule(ADAPTER.down)
+    linear = block.get_submodule(ADAPTER.sites.down)
     inputs_seen = []
     handle = linear.register_forward_pre_hook(lambda _m, args: inputs_seen.append(args[0].detach().clone()))
     try:
         def visit(i, blk, inputs):
             if i == 0:
-                with input_ranges(blk, [ADAPTER.down]) as ranges:
+                with input_ranges(blk, [ADAPTER.sites.down]) as ranges:
                     outputs = block_outputs(blk, inputs)
                 expected = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs_seen]).abs().amax(dim=0)
-                torch.testing.assert_close(ranges[ADAPTER.down], expected, rtol=0, atol=0)
+                torch.testing.assert_close(ranges[ADAPTER.sites.down], expected, rtol=0, atol=0)
                 return outputs
             return block_outputs(blk, inputs)
 

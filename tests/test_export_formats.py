@@ -23,7 +23,7 @@ from quantkit.export.save import save_checkpoint
 from quantkit.formats.intgrid import IntQuantizedTensor
 from quantkit.layouts import compressed_tensors as ct
 from quantkit.layouts import gptq
-from quantkit.models.adapters import adapter_for
+from quantkit.models.architectures import adapter_for
 from quantkit.quantizers import make_quantizer
 from quantkit.runtime.loader import is_quantkit_checkpoint
 from quantkit.schemes import QuantScheme

@@ -20,7 +20,16 @@ def test_every_method_and_layout_writes_the_recorded_bytes(tmp_path: Path) -> No
     written = json.loads(proc.stdout)
     golden = json.loads(GOLDEN.read_text())
     assert sorted(golden) == sorted(CASES)
-    changed = {case: sorted(set(golden[case]) ^ set(written[case]))
-               or [name for name in golden[case] if golden[case][name] != written[case][name]]
+    changed = {case: min((_differences(recorded, written[case]) for recorded in _alternatives(golden[case])), key=len)
                for case in golden}
     assert not any(changed.values()), {case: names for case, names in changed.items() if names}
+
+
+def _alternatives(recorded: dict | list) -> list[dict]:
+    """A case's recorded digests: one set, or one per CPU vendor where the portable mode still differs."""
+    return recorded if isinstance(recorded, list) else [recorded]
+
+
+def _differences(recorded: dict[str, str], written: dict[str, str]) -> list[str]:
+    """Tensor names stored by one side only, else those whose bytes differ."""
+    return sorted(set(recorded) ^ set(written)) or [name for name in recorded if recorded[name] != written[name]]

@@ -23,7 +23,7 @@ from quantkit.engine import quantize_model
 from quantkit.errors import QuantkitError
 from quantkit.export.save import save_checkpoint
 from quantkit.layouts import gptq
-from quantkit.models.adapters import adapter_for
+from quantkit.models.architectures import adapter_for
 from quantkit.quantizers import make_quantizer
 from quantkit.runtime.loader import open_checked
 from quantkit.schemes import QuantScheme

@@ -20,7 +20,7 @@ from quantkit.engine import quantize_model
 from quantkit.errors import QuantkitError
 from quantkit.export.save import save_checkpoint
 from quantkit.formats.spqr import CsrOutliers, SpQRQuantizedTensor, first_level_grid, quantize_stats
-from quantkit.models.adapters import adapter_for
+from quantkit.models.architectures import adapter_for
 from quantkit.quantizers import make_quantizer
 from quantkit.quantizers.base import LayerStats
 from quantkit.quantizers.spqr import leave_one_out_gain

@@ -16,7 +16,7 @@ from quantkit.actquant import activation_scheme, fake_quantize
 from quantkit.errors import QuantkitError
 from quantkit.formats.grid import make_grid, quantize_groups
 from quantkit.formats.kron import Kron, decompose_dim, kron_apply
-from quantkit.models.adapters import adapter_for
+from quantkit.models.architectures import adapter_for
 from quantkit.quantizers.base import LayerStats
 from quantkit.quantizers.rtn import RTNQuantizer
 from quantkit.runtime.quant_linear import QuantLinear

@@ -112,7 +112,7 @@ def feasible(model: nn.Module, adapter: ModelAdapter, quantizer: Quantizer, base
     schemes = [replace(base, bits=bits) for bits in options.bit_choices]
     for scheme in schemes:
         quantizer.check_scheme(scheme)
-    units = make_units(adapter, len(adapter.get_blocks(model)), options.granularity)
+    units = make_units(adapter, adapter.get_blocks(model), options.granularity)
     costs, weights = layout_costs(model, units, quantizer, schemes, cost, extra_bytes or {})
     sens = Sensitivity(options.bit_choices, units, weights, costs, {})
     sens.budget(options.target_bits)

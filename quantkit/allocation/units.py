@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from torch import nn
 
 from quantkit.errors import QuantkitError
 from quantkit.models.adapters import ModelAdapter
 
 # linear: every linear on its own. group: linears reading the same input, which serving engines fuse into one
-# matmul (q/k/v, gate/up) and which must then share one scheme. block: every linear of a decoder block.
+# matmul (q/k/v, gate/up) and which must then share one scheme, and each routed expert whole. block: every linear
+# of a decoder block.
 GRANULARITIES = ("linear", "group", "block")
 
 
@@ -19,19 +23,21 @@ class Unit:
     block: int  # index of the decoder block holding them
 
 
-def make_units(adapter: ModelAdapter, num_blocks: int, granularity: str) -> list[Unit]:
-    """The units of a model with ``num_blocks`` blocks, in execution order."""
+def make_units(adapter: ModelAdapter, blocks: Sequence[nn.Module], granularity: str) -> list[Unit]:
+    """The units of a model whose decoder ``blocks`` are these, in execution order."""
     if granularity not in GRANULARITIES:
         raise QuantkitError(f"unknown allocation granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
     units = []
-    for i in range(num_blocks):
+    for i, block in enumerate(blocks):
         prefix = f"{adapter.blocks}.{i}"
         if granularity == "block":
-            units.append(Unit(prefix, tuple(f"{prefix}.{n}" for n in adapter.linear_names()), i))
+            units.append(Unit(prefix, tuple(f"{prefix}.{n}" for n in adapter.block_linear_names(block)), i))
             continue
-        for group in adapter.groups:
-            members = [group] if granularity == "group" else [(name,) for name in group]
-            for names in members:
-                layers = tuple(f"{prefix}.{n}" for n in names)
-                units.append(Unit(layers[0] if len(layers) == 1 else f"{prefix}.{'+'.join(names)}", layers, i))
+        named = [("+".join(group), group) for group in adapter.block_groups(block)]
+        named += [(expert[0].rpartition(".")[0], expert) for expert in adapter.expert_groups(block)]
+        for group_name, group in named:
+            if granularity == "group":
+                units.append(Unit(f"{prefix}.{group_name}", tuple(f"{prefix}.{n}" for n in group), i))
+            else:
+                units += [Unit(f"{prefix}.{n}", (f"{prefix}.{n}",), i) for n in group]
     return units

@@ -4,6 +4,7 @@ measurements use."""
 
 from quantkit.engine.sequential import (
     BlockSource,
+    Calibrated,
     EngineOptions,
     block_devices,
     block_output,
@@ -15,5 +16,5 @@ from quantkit.engine.sequential import (
     quantize_model,
 )
 
-__all__ = ["BlockSource", "EngineOptions", "block_devices", "block_output", "calibration_batch",
+__all__ = ["BlockSource", "Calibrated", "EngineOptions", "block_devices", "block_output", "calibration_batch",
            "capture_block_inputs", "check_layers", "linear_shapes", "quantize_blocks", "quantize_model"]

@@ -32,11 +32,10 @@ def walk_blocks(model: nn.Module, adapter: ModelAdapter, calib: torch.Tensor, ba
     """Calibration windows (``batch_size`` per batch) through every decoder block in order: what ``visit``
     returns for a block enters the next one. What it returned for the last block, per batch."""
     with torch.no_grad():
-        inputs = capture_block_inputs(model, adapter, calib, batch_size)
+        calibrated = capture_block_inputs(model, adapter, calib, batch_size)
     for i, block in enumerate(adapter.get_blocks(model)):
-        outputs = visit(i, block, inputs)
-        inputs = [(out, kwargs) for out, (_, kwargs) in zip(outputs, inputs)]
-    return [hidden for hidden, _ in inputs]
+        calibrated.hidden = visit(i, block, calibrated.entering(i))
+    return calibrated.hidden
 
 
 def model_outputs(model: nn.Module, batches: Iterable[torch.Tensor],
@@ -114,10 +113,10 @@ class BlockTrace:
 
     def run_from(self, start: int, window: int) -> torch.Tensor:
         """The last block's output for ``window``, running the model's blocks from ``start`` on its cached input."""
-        hidden, kwargs = self.inputs[start][window]
+        hidden = self.inputs[start][window][0]
         with torch.no_grad():
-            for block in self.blocks[start:]:
-                hidden = block_output(block(hidden, **kwargs))
+            for index in range(start, len(self.blocks)):
+                hidden = block_output(self.blocks[index](hidden, **self.inputs[index][window][1]))
         return hidden
 
     def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,17 @@ class EngineOptions:
     statistics: bool = False  # gather Hessians even for a quantizer that needs no calibration
     quantize_layer: LayerQuantizer | None = None  # replaces ``quantizer.quantize`` (it may record more choices)
     devices: tuple[torch.device, ...] = ()  # spread the blocks over these (each runs on its own); default: in place
+    expert_min_tokens: int = defaults.EXPERT_MIN_TOKENS  # fewer routed tokens: the expert's statistics are forced
+    expert_tokens: dict[str, int] = field(default_factory=dict)  # filled in: calibration tokens routed to each expert
+
+
+    def experts_record(self) -> dict | None:
+        """What a run records of the routed experts it quantized (None for a dense model): how many, the
+        starvation threshold, and each starved expert with the calibration tokens routed to it."""
+        if not self.expert_tokens:
+            return None
+        starved = {name: n for name, n in self.expert_tokens.items() if n < self.expert_min_tokens}
+        return {"count": len(self.expert_tokens), "min_tokens": self.expert_min_tokens, "starved": starved}
 
 
 def _linear(block: nn.Module, name: str, full_name: str) -> nn.Linear:
@@ -60,15 +71,16 @@ def _linear(block: nn.Module, name: str, full_name: str) -> nn.Linear:
 def linear_shapes(model: nn.Module, adapter: ModelAdapter) -> dict[str, tuple[int, int]]:
     """``(out, in)`` of every linear the engine quantizes, by full name."""
     return {f"{adapter.blocks}.{i}.{name}": (linear.out_features, linear.in_features)
-            for i, block in enumerate(adapter.get_blocks(model)) for name in adapter.linear_names()
+            for i, block in enumerate(adapter.get_blocks(model)) for name in adapter.block_linear_names(block)
             for linear in [block.get_submodule(name)]}
 
 
 def check_layers(model: nn.Module, adapter: ModelAdapter, scheme_for: SchemeFor, values: bool = True) -> None:
-    """Refuse up front what would fail half way: missing linears, schemes that do not fit, and (``values``)
-    non-finite weights."""
+    """Refuse up front what would fail half way: linears the declaration does not place, schemes that do not
+    fit, and (``values``) non-finite weights."""
     for i, block in enumerate(adapter.get_blocks(model)):
-        for name in adapter.linear_names():
+        adapter.check_block(block, f"{adapter.blocks}.{i}")
+        for name in adapter.block_linear_names(block):
             full = f"{adapter.blocks}.{i}.{name}"
             in_features = _linear(block, name, full).in_features
             scheme_for(full).for_columns(in_features).check_fits(full, in_features)
@@ -95,18 +107,44 @@ def _quantize_linear(linear: nn.Linear, full: str, quantize: LayerQuantizer, sta
     return qt
 
 
-def capture_block_inputs(
-    model: nn.Module, adapter: ModelAdapter, calib: torch.Tensor, batch_size: int
-) -> list[tuple[torch.Tensor, dict]]:
-    """Hidden states and keyword arguments (masks, position embeddings) entering block 0, per batch."""
-    captured: list[tuple[torch.Tensor, dict]] = []
+@dataclass
+class Calibrated:
+    """Calibration batches on their way through the blocks: the hidden states entering the next block, and the
+    keyword arguments each block takes per batch (masks, position embeddings; they differ between blocks where
+    layers alternate sliding and global attention, as in Gemma)."""
 
-    def grab(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-        raise _StopForward
+    hidden: list[torch.Tensor]  # per batch
+    arguments: list[list[dict]]  # [block][batch]
 
-    handle = adapter.get_blocks(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
+    def entering(self, index: int) -> list[tuple[torch.Tensor, dict]]:
+        """Per batch, the hidden states and block ``index``'s keyword arguments."""
+        return list(zip(self.hidden, self.arguments[index]))
+
+
+def capture_block_inputs(model: nn.Module, adapter: ModelAdapter, calib: torch.Tensor, batch_size: int) -> Calibrated:
+    """The hidden states entering block 0 and the keyword arguments of every block, per batch: the model runs
+    with each block standing aside (returning its input untouched), so no block computes and blocks whose
+    weights are not loaded yet take part."""
+    blocks = adapter.get_blocks(model)
+    captured = Calibrated([], [[] for _ in blocks])
+
+    def stand_in(index: int):
+        def forward(*args, **kwargs):
+            if len(args) > 1:
+                raise QuantkitError(f"{adapter.blocks}.{index} is called with positional arguments besides its "
+                                    "input; the engine cannot replay it")
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if index == 0:
+                captured.hidden.append(hidden)
+            captured.arguments[index].append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+            if index == len(blocks) - 1:
+                raise _StopForward
+            return hidden
+
+        return forward
+
+    for index, block in enumerate(blocks):
+        block.forward = stand_in(index)
     try:
         for batch in calib.split(batch_size):
             try:
@@ -114,7 +152,8 @@ def capture_block_inputs(
             except _StopForward:
                 pass
     finally:
-        handle.remove()
+        for block in blocks:
+            del block.forward
     return captured
 
 
@@ -122,20 +161,17 @@ def block_output(out: object) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out  # type: ignore[index]
 
 
-class _BlockRun:
-    """Statistics hooks for one block: one Hessian per group of linears sharing an input."""
+# Called by a statistics hook once a job's contribution is in, with what to do once every job's is.
+Arrival = Callable[[Callable[[], None]], None]
 
-    def __init__(
-        self,
-        block: nn.Module,
-        prefix: str,
-        adapter: ModelAdapter,
-        quantize: LayerQuantizer,
-        scheme_for: SchemeFor,
-        results: dict[str, QuantizedTensor],
-        weight_clip: dict[str, torch.Tensor],
-    ) -> None:
-        self.block, self.prefix, self.groups, self.weight_clip = block, prefix, adapter.groups, weight_clip
+
+class _GroupRun:
+    """Statistics hooks for the dense linears of a block (or of one expert): one Hessian per group of linears
+    sharing an input, each group quantized once every job contributed to it."""
+
+    def __init__(self, block: nn.Module, prefix: str, groups: Sequence[tuple[str, ...]], quantize: LayerQuantizer,
+                 scheme_for: SchemeFor, results: dict[str, QuantizedTensor], weight_clip: dict[str, torch.Tensor]) -> None:
+        self.block, self.prefix, self.groups, self.weight_clip = block, prefix, list(groups), weight_clip
         self.quantize, self.scheme_for, self.results = quantize, scheme_for, results
         self.accumulators: dict[int, HessianAccumulator] = {}
         self.seen: dict[tuple[int, int], tuple[int, torch.Size]] = {}  # (job, group) -> the input's identity
@@ -149,16 +185,22 @@ class _BlockRun:
             stats = LayerStats(hessian=hessian, tokens=acc.tokens, clip=self.weight_clip.get(full))
             self.results[full] = _quantize_linear(linear, full, self.quantize, stats, self.scheme_for(full))
 
-    def install(self, job_index: Callable[[], int], on_group: Callable[[int], None]) -> list:
-        """Hooks that accumulate each group's Hessian once per job, then call ``on_group(g)``."""
+    def finish(self) -> None:
+        """Quantize every group from the statistics gathered (the two-pass order)."""
+        self.seen.clear()
+        for g in range(len(self.groups)):
+            self.quantize_group(g)
+
+    def install(self, job_index: Callable[[], int], arrive: Arrival) -> list:
+        """Hooks that accumulate each group's Hessian once per job, then ``arrive`` with its quantization."""
         handles = []
         for g, group in enumerate(self.groups):
             for name in group:
                 full = f"{self.prefix}.{name}"
-                handles.append(_linear(self.block, name, full).register_forward_pre_hook(self._hook(g, full, job_index, on_group)))
+                handles.append(_linear(self.block, name, full).register_forward_pre_hook(self._hook(g, full, job_index, arrive)))
         return handles
 
-    def _hook(self, g: int, full: str, job_index: Callable[[], int], on_group: Callable[[int], None]):
+    def _hook(self, g: int, full: str, job_index: Callable[[], int], arrive: Arrival):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
             key = (job_index(), g)
@@ -170,11 +212,50 @@ class _BlockRun:
                 if acc is None:
                     acc = self.accumulators[g] = HessianAccumulator(x.shape[-1], x.device)
                 acc.add(x)
-                on_group(g)
+                arrive(lambda: self.quantize_group(g))
             elif first != identity:
                 raise QuantkitError(f"{full} does not read the same input as the rest of its group; the adapter is wrong")
 
         return hook
+
+
+class _ExpertsRun:
+    """The routed experts of a block: each job's tokens and routing are kept where they enter the experts;
+    once all jobs arrived, the experts are solved one at a time, each from only the tokens routed to it (a
+    starved expert from all of them), so the statistics of one expert are held at a time."""
+
+    def __init__(self, experts: nn.ModuleList, prefix: str, groups: Sequence[tuple[str, ...]],
+                 quantize: LayerQuantizer, scheme_for: SchemeFor, results: dict[str, QuantizedTensor],
+                 options: EngineOptions) -> None:
+        self.experts, self.prefix, self.groups, self.options = experts, prefix, groups, options
+        self.quantize, self.scheme_for, self.results = quantize, scheme_for, results
+        self.routed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # job -> (hidden [tokens, h], index [tokens, k])
+
+    def install(self, job_index: Callable[[], int], arrive: Arrival) -> list:
+        """A hook that keeps each job's tokens and routing, then ``arrive`` with the experts' solve."""
+        def hook(_module: nn.Module, args: tuple) -> None:
+            self.routed[job_index()] = (args[0], args[1])
+            arrive(lambda: self.solve(True))
+
+        return [self.experts.register_forward_pre_hook(hook)]
+
+    def finish(self) -> None:
+        """Solve the experts from the full-precision statistics gathered (the two-pass order)."""
+        self.solve(False)
+
+    def solve(self, true_sequential: bool) -> None:
+        """Quantize every expert from its routed tokens, then forget them."""
+        hidden = torch.cat([h.reshape(-1, h.shape[-1]) for h, _ in self.routed.values()])
+        index = torch.cat([i.reshape(-1, i.shape[-1]) for _, i in self.routed.values()])
+        self.routed.clear()
+        for e, expert in enumerate(self.experts):
+            chosen = (index == e).any(dim=-1)
+            prefix = f"{self.prefix}.{e}"
+            self.options.expert_tokens[prefix] = int(chosen.sum())
+            tokens = hidden if self.options.expert_tokens[prefix] < self.options.expert_min_tokens else hidden[chosen]
+            run = _GroupRun(expert, prefix, self.groups, self.quantize, self.scheme_for, self.results,
+                            self.options.weight_clip)
+            (_lockstep_pass if true_sequential else _two_pass)(expert, [run], [(tokens, {})])
 
 
 class BlockSource(Protocol):
@@ -271,13 +352,13 @@ def quantize_blocks(
     adapter: ModelAdapter,
     quantizer: Quantizer,
     scheme_for: SchemeFor,
-    inputs: list[tuple[torch.Tensor, dict]] | None,
+    inputs: Calibrated | None,
     options: EngineOptions,
     label: str = "",
     start: int = 0,
 ) -> None:
-    """Quantize blocks ``start`` onwards in order; ``inputs`` (per batch: hidden states and keyword arguments)
-    enter block ``start``, or None when no statistics are needed."""
+    """Quantize blocks ``start`` onwards in order; ``inputs`` holds the batches entering block ``start``, or is
+    None when no statistics are needed."""
     quantize = _layer_quantizer(quantizer, options)
     with torch.no_grad(), progress_bar() as progress:
         task = progress.add_task(f"{label} quantizing", total=len(blocks), completed=start)
@@ -285,7 +366,7 @@ def quantize_blocks(
             progress.update(task, description=f"{label} block {i + 1}/{len(blocks)}")
             block, prefix, quantized = blocks.load(i), f"{adapter.blocks}.{i}", {}
             if inputs is None:
-                for name in adapter.linear_names():
+                for name in adapter.block_linear_names(block):
                     full = f"{prefix}.{name}"
                     stats = LayerStats(clip=options.weight_clip.get(full))
                     quantized[full] = _quantize_linear(_linear(block, name, full), full, quantize, stats,
@@ -293,18 +374,33 @@ def quantize_blocks(
                 outputs = None
             else:
                 device = next(block.parameters()).device
-                inputs = [(hidden.to(device), move_to(kwargs, device)) for hidden, kwargs in inputs]
-                run = _BlockRun(block, prefix, adapter, quantize, scheme_for, quantized, options.weight_clip)
-                outputs = (_lockstep_pass if options.true_sequential else _two_pass)(block, run, inputs)
+                entering = [(hidden.to(device), move_to(kwargs, device)) for hidden, kwargs in inputs.entering(i)]
+                runs = _block_runs(block, prefix, adapter, quantize, scheme_for, quantized, options)
+                outputs = (_lockstep_pass if options.true_sequential else _two_pass)(block, runs, entering)
             outputs = blocks.finish(i, quantized, outputs)
             if inputs is not None and outputs is not None:
-                inputs = [(out, kwargs) for out, (_, kwargs) in zip(outputs, inputs)]
+                inputs.hidden = outputs
             progress.advance(task)
 
 
-def _lockstep_pass(block: nn.Module, run: _BlockRun, inputs: list[tuple[torch.Tensor, dict]]) -> list[torch.Tensor]:
+def _block_runs(block: nn.Module, prefix: str, adapter: ModelAdapter, quantize: LayerQuantizer,
+                scheme_for: SchemeFor, results: dict[str, QuantizedTensor],
+                options: EngineOptions) -> list[_GroupRun | _ExpertsRun]:
+    """The statistics hooks of ``block``: its dense groups, and its routed experts if it has them."""
+    runs: list[_GroupRun | _ExpertsRun] = [
+        _GroupRun(block, prefix, adapter.block_groups(block), quantize, scheme_for, results, options.weight_clip)]
+    if adapter.expert_count(block):
+        spec = adapter.experts
+        runs.append(_ExpertsRun(block.get_submodule(spec.path), f"{prefix}.{spec.path}", spec.linear_groups(),
+                                quantize, scheme_for, results, options))
+    return runs
+
+
+def _lockstep_pass(block: nn.Module, runs: list[_GroupRun | _ExpertsRun],
+                   inputs: list[tuple[torch.Tensor, dict]]) -> list[torch.Tensor]:
+    """One forward pass whose jobs meet at each group (and at the experts), quantized once all arrived."""
     lockstep = Lockstep()
-    handles = run.install(lockstep.job_index, lambda g: lockstep.rendezvous(lambda: run.quantize_group(g)))
+    handles = [handle for run in runs for handle in run.install(lockstep.job_index, lockstep.rendezvous)]
     try:
         return lockstep.run([lambda h=h, kw=kw: block_output(block(h, **kw)) for h, kw in inputs])
     finally:
@@ -312,26 +408,18 @@ def _lockstep_pass(block: nn.Module, run: _BlockRun, inputs: list[tuple[torch.Te
             handle.remove()
 
 
-def _two_pass(block: nn.Module, run: _BlockRun, inputs: list[tuple[torch.Tensor, dict]]) -> list[torch.Tensor]:
+def _two_pass(block: nn.Module, runs: list[_GroupRun | _ExpertsRun],
+              inputs: list[tuple[torch.Tensor, dict]]) -> list[torch.Tensor]:
+    """Statistics from the full-precision block, then quantize, then the quantized block's outputs."""
     current = {"job": 0}
-    last_group = len(run.groups) - 1
-
-    def on_group(g: int) -> None:
-        if g == last_group:
-            raise _StopForward
-
-    handles = run.install(lambda: current["job"], on_group)
+    handles = [handle for run in runs for handle in run.install(lambda: current["job"], lambda _action: None)]
     try:
         for job, (h, kw) in enumerate(inputs):
             current["job"] = job
-            try:
-                block(h, **kw)
-            except _StopForward:
-                pass
+            block(h, **kw)
     finally:
         for handle in handles:
             handle.remove()
-    run.seen.clear()
-    for g in range(len(run.groups)):
-        run.quantize_group(g)
+    for run in runs:
+        run.finish()
     return [block_output(block(h, **kw)) for h, kw in inputs]

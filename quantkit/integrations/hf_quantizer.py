@@ -22,6 +22,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from quantkit.errors import QuantkitError
 from quantkit.layouts.native import QUANT_METHOD
+from quantkit.models.architectures import adapter_for
+from quantkit.models.experts import stored_modules
 from quantkit.runtime.kernels import default_backend
 from quantkit.runtime.loader import CheckedCheckpoint, open_checked, replace_linear
 from quantkit.runtime.quant_linear import QuantLinear
@@ -62,12 +64,15 @@ class QuantkitHfQuantizer(HfQuantizer):
         if self._folder is not None:
             self._install(model, open_checked(self._folder))
             self._folder = None
-        return super().update_weight_conversions(weight_conversions, model)
+        # quantkit stores every tensor under the module's name (experts one by one, as the model now holds them):
+        # the architecture's own renames and expert stacking do not apply
+        return super().update_weight_conversions([], model)
 
     def _install(self, model: nn.Module, checked: CheckedCheckpoint) -> None:
         if type(model) is not type(checked.model):
             raise QuantkitError(f"a quantkit checkpoint loads as {type(checked.model).__name__} (with "
                                 f"AutoModelForCausalLM), not as {type(model).__name__}")
+        stored_modules(model, adapter_for(model.config.model_type))
         kernel = default_backend()
         self._layers = {layer: replace_linear(model, layer, plan.meta, kernel, checked)
                         for layer, plan in checked.plans.items()}

@@ -104,6 +104,11 @@ class Layout(ABC):
         groups), naming the runtime and the flag that fixes it; none by default."""
         return []
 
+    def refusing_moe_runtimes(self, scheme: QuantScheme) -> list[str]:
+        """One line for each known runtime that refuses routed experts of ``scheme`` in this layout; none by
+        default."""
+        return []
+
     def check_layer(self, name: str, scheme: QuantScheme, in_features: int) -> None:  # noqa: B027 (a hook: by default it accepts)
         """Refuse a layer of ``in_features`` inputs it cannot store with ``scheme``."""
 

@@ -13,6 +13,19 @@ from quantkit.layouts.base import SAFETENSORS_DTYPES, DecodedLayer, Headers
 from quantkit.schemes import QuantScheme
 
 VLLM_WEIGHT_BITS = (4, 8)  # the integer widths vLLM's CPU build (its CPUWNA16 kernel) serves
+
+
+def vllm_moe_refusals(scheme: QuantScheme) -> list[str]:
+    """What vLLM 0.32's CPU build refuses of routed experts quantized with ``scheme`` (GPTQ or compressed-tensors):
+    its int4 expert kernels need AMX, or AMD's zentorch (with int8 activations, symmetric weights only)."""
+    lines = []
+    if scheme.format == "int" and scheme.bits == 4:
+        lines.append("vLLM's CPU build serves 4-bit routed experts only on a CPU with AMX, or with AMD's zentorch "
+                     "installed and VLLM_CPU_INT4_W4A8=1 (int8 activations); elsewhere it refuses the model "
+                     "(\"No WNA16 MoE backend supports the deployment configuration\")")
+    if scheme.format == "int" and not scheme.symmetric:
+        lines.append("vLLM's zentorch MoE backend takes symmetric experts only: drop --asym")
+    return lines
 _BY_HEADER_NAME = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
 

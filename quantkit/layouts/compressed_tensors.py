@@ -35,6 +35,7 @@ from quantkit.layouts.common import (
     header_dtype,
     int_description,
     lossless_cast,
+    vllm_moe_refusals,
 )
 from quantkit.schemes import QuantScheme
 
@@ -178,6 +179,14 @@ def layer_tensors(quantized: dict[str, QuantizedTensor], scale_dtype: torch.dtyp
     return out
 
 
+def _matmul_weight(module: nn.Module) -> bool:
+    """Whether a module multiplies by a weight matrix of its own: a linear, or a linear by another class (an MoE
+    router, which vLLM builds as a linear and would otherwise take for a quantized one); not an embedding."""
+    weight = module._parameters.get("weight")
+    return isinstance(module, nn.Linear) or (weight is not None and weight.dim() == 2
+                                             and not isinstance(module, nn.Embedding))
+
+
 def build_config(quantized: dict[str, QuantizedTensor], model: nn.Module, quantkit_config: dict) -> dict:
     """The ``quantization_config``: one config group per distinct weights scheme, the other linears ignored."""
     layers = grid_layers(quantized, "compressed-tensors")
@@ -203,7 +212,7 @@ def build_config(quantized: dict[str, QuantizedTensor], model: nn.Module, quantk
         for i, (args, names) in enumerate(groups)
     }
     layouts = {group["format"] for group in config_groups.values()}
-    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers]
+    ignore = [n for n, m in model.named_modules() if _matmul_weight(m) and n not in layers]
     return {
         "quant_method": QUANT_METHOD,
         "format": layouts.pop() if len(layouts) == 1 else "mixed-precision",
@@ -371,6 +380,9 @@ class CompressedTensorsLayout(Layout):
             return [f"vLLM's CPU build serves 4- and 8-bit compressed-tensors weights (W4A16, W8A16) only, not "
                     f"{scheme.bits}-bit: use --bits 4 or --bits 8"]
         return []
+
+    def refusing_moe_runtimes(self, scheme: QuantScheme) -> list[str]:
+        return vllm_moe_refusals(scheme)
 
     def check_layer(self, name: str, scheme: QuantScheme, in_features: int) -> None:
         check_layer(name, scheme, in_features)

@@ -37,6 +37,7 @@ from quantkit.layouts.common import (
     int_description,
     lossless_cast,
     sequential_g_idx,
+    vllm_moe_refusals,
 )
 from quantkit.schemes import QuantScheme
 
@@ -301,6 +302,9 @@ class GPTQLayout(Layout):
         if scheme.bits not in VLLM_WEIGHT_BITS:
             lines.append(f"vLLM's CPU build serves 4- and 8-bit GPTQ only, not {scheme.bits}-bit: use --bits 4 or --bits 8")
         return lines
+
+    def refusing_moe_runtimes(self, scheme: QuantScheme) -> list[str]:
+        return vllm_moe_refusals(scheme)
 
     def encode(self, model: nn.Module, quantized: dict[str, QuantizedTensor], quantization_config: dict,
                dtype: torch.dtype) -> Encoded:

@@ -12,8 +12,10 @@ from torch import nn
 from quantkit.diskspace import size_text
 from quantkit.errors import OptionError, QuantkitError, one_line
 from quantkit.hub import MODELS_OFFLINE, cached_config, is_repo_id, unreachable
-from quantkit.models.adapters import ModelAdapter, adapter_for
+from quantkit.models.adapters import ModelAdapter
+from quantkit.models.architectures import adapter_for
 from quantkit.models.builtin import BUILTIN_MODELS, resolve_builtin
+from quantkit.models.experts import stored_modules
 from quantkit.models.gguf_cache import converted_gguf_dir
 from quantkit.models.skeleton import CheckedSource
 
@@ -141,6 +143,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code:
     except (OSError, ValueError) as exc:
         raise QuantkitError(f"cannot load model {spec!r}: {_first_line(exc)}") from None
     model.eval()
+    stored_modules(model, adapter)
     for p in model.parameters():
         p.requires_grad_(False)
     check_finite(model)

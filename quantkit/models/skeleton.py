@@ -15,7 +15,9 @@ from torch import nn
 from quantkit.config_fields import read_json
 from quantkit.errors import QuantkitError, one_line
 from quantkit.export.safetensors_io import INDEX_FILE, SINGLE_FILE, Headers, header_specs, shard_map
-from quantkit.models.adapters import ModelAdapter, adapter_for
+from quantkit.models.adapters import ModelAdapter
+from quantkit.models.architectures import adapter_for
+from quantkit.models.experts import stored_modules
 
 _BLOCK_INDEX = re.compile(r"\.layers\.(\d+)\.")
 _JSON_KINDS = ((bool, "true or false"), (int, "an integer"), (float, "a number"), (str, "a string"),
@@ -27,12 +29,15 @@ def _invalid_config(folder: Path, detail: str) -> QuantkitError:
     return QuantkitError(f"invalid model config in {folder}: {detail}")
 
 
-def _check_config_types(folder: Path, config_dict: dict, defaults: dict) -> None:
-    """Refuse a config field whose JSON type differs from the architecture's default for it (transformers
-    accepts any value and fails later, deep in a forward pass)."""
+def _check_config_types(folder: Path, config_dict: dict, config: object) -> None:
+    """Refuse a config field whose JSON type differs from the architecture's default for it in ``config`` (transformers
+    accepts any value and fails later, deep in a forward pass); None passes where the config class allows it."""
+    defaults = config.to_dict()
+    nullable = {key for cls in type(config).__mro__ for key, hint in getattr(cls, "__annotations__", {}).items()
+                if "None" in str(hint)}
     for key, value in config_dict.items():
         default = defaults.get(key)
-        if default is None or (value is None and key.endswith("_token_id")):  # models may lack a special token
+        if default is None or (value is None and (key in nullable or key.endswith("_token_id"))):
             continue
         kind, words = next((k, w) for k, w in _JSON_KINDS if isinstance(default, k))
         fits = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
@@ -61,7 +66,7 @@ def build_skeleton(folder: Path, config_dict: dict, headers: Headers,
 
     model_type = config_dict.get("model_type")
     adapter_for(str(model_type))
-    _check_config_types(folder, config_dict, AutoConfig.for_model(str(model_type)).to_dict())
+    _check_config_types(folder, config_dict, AutoConfig.for_model(str(model_type)))
     _check_depth(folder, config_dict, headers)
     try:
         config = AutoConfig.for_model(**config_dict)
@@ -77,6 +82,7 @@ def build_skeleton(folder: Path, config_dict: dict, headers: Headers,
     except Exception as exc:  # noqa: BLE001 - transformers validates configs with several exception types
         raise _invalid_config(folder, one_line(exc)) from None
     model.tie_weights()  # empty-weight construction skips tying; tied tensors are stored once
+    stored_modules(model, adapter_for(str(model_type)))
     return model
 
 

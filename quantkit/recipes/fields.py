@@ -127,6 +127,8 @@ FIELDS: tuple[RecipeField, ...] = (
     RecipeField("calibration", "seqlen", "seqlen", "int", minimum=2),
     RecipeField("calibration", "seed", "seed", "int", minimum=0, maximum=2**32 - 1, default=defaults.SEED),
     RecipeField("calibration", "data_dir", "data_dir", "str"),
+    RecipeField("calibration", "expert_min_tokens", "expert_min_tokens", "int", minimum=0,
+                default=defaults.EXPERT_MIN_TOKENS, note="a routed expert given fewer tokens is starved"),
     RecipeField("transform", "name", "transform", "str", allowed=tuple(TRANSFORMS), also=(OFF,),
                 note="none: no transform, over a recipe's"),
     RecipeField("transform", "budget", "transform_budget", "str", allowed=("cpu", "paper"), default="cpu"),

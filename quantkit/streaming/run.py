@@ -13,6 +13,7 @@ import torch
 from quantkit.allocation.costs import LayerCost
 from quantkit.diskspace import OutputError, check_space, write_errors
 from quantkit.engine import (
+    Calibrated,
     EngineOptions,
     block_devices,
     calibration_batch,
@@ -46,8 +47,9 @@ class StreamedBlocks:
     (its shard and the hidden states after it) and its weights are dropped."""
 
     def __init__(self, source: StreamedModel, state: RunState, placement: list[torch.device],
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, expert_tokens: dict[str, int]) -> None:
         self.source, self.state, self.placement, self.dtype = source, state, placement, dtype
+        self.expert_tokens = expert_tokens  # the engine's count of routed tokens, filled in block by block
 
     def __len__(self) -> int:
         return self.source.num_blocks
@@ -62,7 +64,8 @@ class StreamedBlocks:
         stored = {**plain_tensors(self.source.block(index), local, self.dtype), **layer_tensors(local)}
         tensors = {prefix + name: t.cpu() for name, t in stored.items()}
         last = index == len(self) - 1
-        self.state.commit_block(index, tensors, layer_records(quantized), None if last else outputs)
+        routed = {name: n for name, n in self.expert_tokens.items() if name.startswith(prefix)}
+        self.state.commit_block(index, tensors, layer_records(quantized), None if last else outputs, routed)
         self.source.release_block(index)
         return None if outputs is None or last else self.state.inputs()
 
@@ -133,8 +136,12 @@ def _quantize_and_publish(source: StreamedModel, tokenizer, run: StreamedRun, st
     source.load_outer()
     inputs = None if calib is None else _block_inputs(source, calib, run, state)
     torch.manual_seed(run.seed)
-    quantize_blocks(StreamedBlocks(source, state, block_devices(source.num_blocks, devices), run.dtype), source.adapter,
-                    run.quantizer, lambda _name: run.scheme, inputs, run.options, run.label, start=state.next_block)
+    run.options.expert_tokens.update(state.expert_tokens)  # of the blocks a resumed run finished before
+    blocks = StreamedBlocks(source, state, block_devices(source.num_blocks, devices), run.dtype,
+                            run.options.expert_tokens)
+    quantize_blocks(blocks, source.adapter, run.quantizer, lambda _name: run.scheme, inputs, run.options, run.label,
+                    start=state.next_block)
+    record["experts"] = run.options.experts_record()
     _publish(source, tokenizer, state, record, output, overwrite, run.dtype)
 
 
@@ -165,18 +172,18 @@ def _calibration(tokenizer, run: StreamedRun) -> torch.Tensor:
     return load_calibration(spec.source, tokenizer, spec.nsamples, spec.seqlen, run.seed, data_dir=spec.data_dir)
 
 
-def _block_inputs(source: StreamedModel, calib: torch.Tensor, run: StreamedRun,
-                  state: RunState) -> list[tuple[torch.Tensor, dict]]:
+def _block_inputs(source: StreamedModel, calib: torch.Tensor, run: StreamedRun, state: RunState) -> Calibrated:
     """The calibration batches entering block ``state.next_block``: hidden states (captured, or the spilled
-    ones of a resumed run) with the keyword arguments every block takes (masks, position embeddings)."""
+    ones of a resumed run) with the keyword arguments of every block (masks, position embeddings)."""
     with torch.no_grad():
         captured = capture_block_inputs(source.model, source.adapter, calib, calibration_batch(calib, run.options))
     if state.next_block == 0 or state.next_block == source.num_blocks:
         return captured
     hidden = state.inputs()
-    if len(hidden) != len(captured) or any(h.shape != c.shape for h, (c, _) in zip(hidden, captured)):
+    if len(hidden) != len(captured.hidden) or any(h.shape != c.shape for h, c in zip(hidden, captured.hidden)):
         raise QuantkitError(f"the spilled activations in {state.folder} do not match the calibration batches")
-    return [(h, kwargs) for h, (_, kwargs) in zip(hidden, captured)]
+    captured.hidden = hidden
+    return captured
 
 
 def _publish(source: StreamedModel, tokenizer, state: RunState, record: dict, output: Path,

@@ -65,6 +65,7 @@ class RunState:
         self.next_block: int = record.get("next_block", 0)
         self.calibration: str | None = record.get("calibration")
         self.layers: dict[str, dict] = record.get("layers", {})
+        self.expert_tokens: dict[str, int] = record.get("expert_tokens", {})  # calibration tokens routed to each
 
     @classmethod
     def open(cls, output: Path, arguments: dict) -> RunState:
@@ -115,21 +116,23 @@ class RunState:
         return [tensors[f"batch.{i}"] for i in range(len(tensors))]
 
     def commit_block(self, index: int, tensors: dict[str, torch.Tensor], layers: dict[str, dict],
-                     outputs: list[torch.Tensor] | None) -> None:
-        """Keep block ``index``'s shard, its layers' metadata and the hidden states entering the next block."""
+                     outputs: list[torch.Tensor] | None, expert_tokens: dict[str, int]) -> None:
+        """Keep block ``index``'s shard, its layers' metadata, the tokens routed to its experts and the hidden
+        states entering the next block."""
         write_part(tensors, self.checkpoint / block_part(index))
         if outputs is not None:
             write_part({f"batch.{i}": out.cpu() for i, out in enumerate(outputs)},
                        self.folder / _inputs_name(index + 1))
         self.next_block = index + 1
         self.layers.update(layers)
+        self.expert_tokens.update(expert_tokens)
         self._commit()
         (self.folder / _inputs_name(index)).unlink(missing_ok=True)
 
     def _commit(self) -> None:
         write_json(self.folder / STATE_FILE, {
             "version": STATE_VERSION, "arguments": self.arguments, "calibration": self.calibration,
-            "next_block": self.next_block, "layers": self.layers,
+            "next_block": self.next_block, "layers": self.layers, "expert_tokens": self.expert_tokens,
         })
 
     def discard(self) -> None:

@@ -79,6 +79,7 @@ class Transform(ABC):
 
     def apply(self, ctx: TransformContext) -> AppliedTransform:
         """Prepare the model, learn the rewrite, fuse it; the run-time remainder."""
+        ctx.adapter.transform_sites()  # refuses an architecture transforms do not apply to
         prepare(ctx.model, ctx.adapter)
         learned = self.learn(ctx)
         online = fuse(ctx.model, ctx.adapter, learned.rewrite)

@@ -96,8 +96,8 @@ class FlatBlock(nn.Module):
                  generator: torch.Generator) -> None:
         super().__init__()
         self.adapter = adapter
-        hidden = block.get_submodule(adapter.attention_inputs[0]).in_features
-        intermediate = block.get_submodule(adapter.down).in_features
+        hidden = block.get_submodule(adapter.sites.attention_inputs[0]).in_features
+        intermediate = block.get_submodule(adapter.sites.down).in_features
         self.attention = KronAffine(decompose_dim(hidden), generator)
         self.output = KronAffine((heads.heads, heads.head_dim), generator)
         self.mlp = KronAffine(decompose_dim(hidden), generator)
@@ -107,9 +107,9 @@ class FlatBlock(nn.Module):
             w_amax = torch.stack([block.get_submodule(r).weight.detach().abs().amax(dim=0) for r in readers]).amax(dim=0)
             return nn.Parameter(smooth_init(w_amax, ranges[range_of], alpha))
 
-        self.attention_scale = scale(adapter.attention_inputs, adapter.attention_inputs[0])
-        self.mlp_scale = scale(adapter.mlp_inputs, adapter.mlp_inputs[0])
-        self.up_scale = scale((adapter.down,), adapter.down)
+        self.attention_scale = scale(adapter.sites.attention_inputs, adapter.sites.attention_inputs[0])
+        self.mlp_scale = scale(adapter.sites.mlp_inputs, adapter.sites.mlp_inputs[0])
+        self.up_scale = scale((adapter.sites.down,), adapter.sites.down)
         self.weight_quant = nn.ModuleDict({
             _key(n): SimQuantizer(weight_scheme, rows=block.get_submodule(n).out_features) for n in adapter.linear_names()
         })
@@ -119,7 +119,7 @@ class FlatBlock(nn.Module):
 
     def input_groups(self) -> dict[str, str]:
         """Linear name → the name of the map on its input (shared by linears that read the same tensor)."""
-        a = self.adapter
+        a = self.adapter.sites
         groups = {n: "attention" for n in a.attention_inputs} | {a.attention_output: "output"}
         return groups | {n: "mlp" for n in a.mlp_inputs} | {a.down: "down"}
 
@@ -180,7 +180,7 @@ class FlatQuantTransform(Transform):
         steps = self.budget.steps
         learned = Learned(Rewrite(None, []))
         first, last = [], []
-        observed = (adapter.attention_inputs[0], adapter.mlp_inputs[0], adapter.down)
+        observed = (adapter.sites.attention_inputs[0], adapter.sites.mlp_inputs[0], adapter.sites.down)
         with progress_bar() as progress:
             task = progress.add_task("flatquant block 1", total=len(blocks) * steps)
 

@@ -57,7 +57,7 @@ class HadamardTransform(Transform):
         model, adapter = ctx.model, ctx.adapter
         hidden = model.get_submodule(adapter.embeddings).weight.shape[1]
         heads, _, head_dim = adapter.heads(model)
-        intermediate = adapter.get_blocks(model)[0].get_submodule(adapter.down).in_features
+        intermediate = adapter.get_blocks(model)[0].get_submodule(adapter.sites.down).in_features
         residual = orthonormal_hadamard(hidden, generator, randomized=True)
         head_rotation = orthonormal_hadamard(head_dim, generator)
         across_heads = None

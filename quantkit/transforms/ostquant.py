@@ -58,7 +58,7 @@ class OSTParams(nn.Module):
         super().__init__()
         hidden = model.get_submodule(adapter.embeddings).weight.shape[1]
         blocks = adapter.get_blocks(model)
-        intermediate = blocks[0].get_submodule(adapter.down).in_features
+        intermediate = blocks[0].get_submodule(adapter.sites.down).in_features
         self.residual = nn.Parameter(orthonormal_hadamard(hidden, generator, randomized=True).float())
         head = orthonormal_hadamard(heads.head_dim, generator).float()
         self.head_rotations = nn.ParameterList([nn.Parameter(head.clone()) for _ in blocks])
@@ -103,7 +103,7 @@ class OSTQuantTransform(Transform):
         generator = torch.Generator().manual_seed(ctx.seed)
         heads = Heads(*adapter.heads(model))
         blocks = adapter.get_blocks(model)
-        intermediate = blocks[0].get_submodule(adapter.down).in_features
+        intermediate = blocks[0].get_submodule(adapter.sites.down).in_features
         down = hadamard_kron(intermediate, generator).to(torch.float32) if self.online_hadamard else None
         params = OSTParams(model, adapter, heads, generator)
         calib = ctx.calibration(self.budget.nsamples, self.budget.seqlen)
@@ -164,7 +164,7 @@ class OSTQuantTransform(Transform):
         maps = {}
         for i in range(len(adapter.get_blocks(model))):
             for name in adapter.linear_names():
-                online = down if name == adapter.down else None
+                online = down if name == adapter.sites.down else None
                 maps[f"{adapter.blocks}.{i}.{name}"] = quantizers.input_map(online)
         return [rotate_in, rotate_out, *map_inputs(model, maps)]
 

@@ -36,8 +36,8 @@ def fold_norms(model: nn.Module, adapter: ModelAdapter) -> None:
     """Multiply each norm's weight into the columns of the linears reading it, then set the weight to ones."""
     with torch.no_grad():
         for i, block in enumerate(adapter.get_blocks(model)):
-            for norm, readers in ((adapter.attention_norm, adapter.attention_inputs),
-                                  (adapter.mlp_norm, adapter.mlp_inputs)):
+            for norm, readers in ((adapter.sites.attention_norm, adapter.sites.attention_inputs),
+                                  (adapter.sites.mlp_norm, adapter.sites.mlp_inputs)):
                 _fold(block.get_submodule(norm), [block.get_submodule(r) for r in readers], f"{adapter.blocks}.{i}.{norm}")
         _fold(model.get_submodule(adapter.final_norm), [model.get_submodule(adapter.lm_head)], adapter.final_norm)
 

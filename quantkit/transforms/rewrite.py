@@ -46,10 +46,10 @@ class BlockRewrite:
 
     def online(self, adapter: ModelAdapter) -> dict[str, Kron]:
         """Run-time input maps by linear name (relative to the block)."""
-        pairs = [(name, self.attention_online) for name in adapter.attention_inputs]
-        pairs += [(adapter.attention_output, self.output_online)]
-        pairs += [(name, self.mlp_online) for name in adapter.mlp_inputs]
-        pairs += [(adapter.down, self.down_online)]
+        pairs = [(name, self.attention_online) for name in adapter.sites.attention_inputs]
+        pairs += [(adapter.sites.attention_output, self.output_online)]
+        pairs += [(name, self.mlp_online) for name in adapter.sites.mlp_inputs]
+        pairs += [(adapter.sites.down, self.down_online)]
         return {name: kron for name, kron in pairs if kron is not None}
 
 
@@ -85,16 +85,16 @@ def block_parameters(params: dict[str, torch.Tensor], rewrite: BlockRewrite, res
                      adapter: ModelAdapter, heads: Heads) -> dict[str, torch.Tensor]:
     """The block's rewritten weights, biases and norm weights, from its prepared ``params`` (by parameter name)."""
     out: dict[str, torch.Tensor] = {}
-    for name in adapter.attention_inputs:
+    for name in adapter.sites.attention_inputs:
         out[f"{name}.weight"] = _reader(params[f"{name}.weight"], residual, rewrite.attention_scale, rewrite.attention_online)
-    for name in adapter.mlp_inputs:
+    for name in adapter.sites.mlp_inputs:
         out[f"{name}.weight"] = _reader(params[f"{name}.weight"], residual, rewrite.mlp_scale, rewrite.mlp_online)
     if rewrite.attention_scale is not None:
-        out[f"{adapter.attention_norm}.weight"] = rewrite.attention_scale
+        out[f"{adapter.sites.attention_norm}.weight"] = rewrite.attention_scale
     if rewrite.mlp_scale is not None:
-        out[f"{adapter.mlp_norm}.weight"] = rewrite.mlp_scale
+        out[f"{adapter.sites.mlp_norm}.weight"] = rewrite.mlp_scale
 
-    v, o = adapter.value, adapter.attention_output
+    v, o = adapter.sites.value, adapter.sites.attention_output
     value_side = [(f"{v}.weight", True), (f"{v}.bias", False)]
     for key, is_weight in value_side:
         if key not in params:
@@ -114,7 +114,7 @@ def block_parameters(params: dict[str, torch.Tensor], rewrite: BlockRewrite, res
         w_o = w_o / rewrite.value_scale.reshape(heads.kv_heads, -1).repeat_interleave(groups, dim=0).reshape(-1)
     out[f"{o}.weight"] = rewrite.output_online.fuse(w_o) if rewrite.output_online is not None else w_o
 
-    up, down = adapter.up, adapter.down
+    up, down = adapter.sites.up, adapter.sites.down
     if rewrite.up_scale is not None:
         out[f"{up}.weight"] = out[f"{up}.weight"] * rewrite.up_scale[:, None]
         if f"{up}.bias" in params:
