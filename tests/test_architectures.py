@@ -34,7 +34,7 @@ _MLA = dict(_MOE, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=
 FAMILIES: dict[str, dict] = {
     "llama": dict(head_dim=16), "mistral": dict(head_dim=16, sliding_window=8), "qwen2": dict(),
     "qwen3": dict(head_dim=16), "gemma2": dict(head_dim=16, sliding_window=8),
-    "gemma3_text": dict(head_dim=16, sliding_window=8), "phi3": dict(pad_token_id=0), "olmo2": dict(),
+    "gemma3_text": dict(head_dim=16, sliding_window=8), "phi3": dict(pad_token_id=0), "olmo2": dict(), "granite": dict(),
     "qwen3_moe": dict(_MOE, num_experts=4, head_dim=16),
     "qwen2_moe": dict(_MOE, num_experts=4, shared_expert_intermediate_size=48),
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48),
@@ -352,3 +352,25 @@ def test_vllm_cpu_refusals_of_moe_experts_are_warned_before_the_model_loads(fami
     err = capsys.readouterr().err
     assert err.count("serves 4-bit routed experts only on a CPU with AMX") == 1
     assert err.index("serves 4-bit routed experts") < err.index(f"loading {family_dirs['qwen3_moe']}")
+
+
+def test_mixed_bits_on_a_moe_model_give_each_expert_one_width(family_dirs: dict, calib_file: Path,
+                                                             tmp_path: Path) -> None:
+    """An allocation at group granularity over a MoE model: every expert's three linears share one width, the
+    written bits per weight meet the target, and the checkpoint loads back."""
+    from quantkit.allocation.options import AllocationOptions
+    from quantkit.allocation.search import SearchBudget
+
+    options = AllocationOptions(5.0, bit_choices=(2, 4, 8), granularity="group", kl_windows=2, kl_seqlen=32,
+                                search=SearchBudget(generations=2, offspring=3, survivors=(2, 1), windows=(1, 2)))
+    result = quantize(str(family_dirs["qwen3_moe"]), method="rtn", scheme=W4, output=tmp_path / "q",
+                      calibration=CalibrationSpec(str(calib_file), 4, 32), allocation=options)
+    bits = result.quantization_config["allocation"]["layer_bits"]
+    for block in range(2):
+        for expert in range(4):
+            widths = {bits[f"model.layers.{block}.mlp.experts.{expert}.{n}"] for n in ("gate_proj", "up_proj", "down_proj")}
+            assert len(widths) == 1
+    assert len(set(bits.values())) > 1
+    assert result.quantization_config["allocation"]["bits_per_weight"] <= 5.0
+    with torch.no_grad():
+        assert torch.isfinite(quantkit.load(tmp_path / "q")(_ids()).logits).all()

@@ -51,7 +51,6 @@ class EngineOptions:
     expert_min_tokens: int = defaults.EXPERT_MIN_TOKENS  # fewer routed tokens: the expert's statistics are forced
     expert_tokens: dict[str, int] = field(default_factory=dict)  # filled in: calibration tokens routed to each expert
 
-
     def experts_record(self) -> dict | None:
         """What a run records of the routed experts it quantized (None for a dense model): how many, the
         starvation threshold, and each starved expert with the calibration tokens routed to it."""

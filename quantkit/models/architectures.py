@@ -35,6 +35,7 @@ ADAPTERS: dict[str, ModelAdapter] = _declare(
     ModelAdapter("gemma2", _ATTENTION + _MLP),
     ModelAdapter("gemma3_text", _ATTENTION + _MLP),
     ModelAdapter("olmo2", _ATTENTION + _MLP),
+    ModelAdapter("granite", _ATTENTION + _MLP),  # Llama's linears; its scalar multipliers live in the config
     ModelAdapter("phi3", (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",))),
     # Qwen3-MoE's mlp_only_layers keep a dense MLP.
     ModelAdapter("qwen3_moe", _ATTENTION + _MLP, experts=ExpertsSpec()),
