@@ -215,28 +215,38 @@ def print_tables(models: dict, runs: dict, growth: dict, resume: dict, depths: l
         console.print(line, markup=False, highlight=False)
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """The calibration, model and output options this benchmark shares with others (``name``: its results folder)."""
+    parser.add_argument("--nsamples", type=int, help="calibration windows (default 16, quick 4)")
+    parser.add_argument("--seqlen", type=int, help="tokens per calibration window (default 512, quick 128)")
+    parser.add_argument("--data-dir", type=Path, default=DATA, help=f"holds {C4} (default ../shared/data)")
+    parser.add_argument("--models", type=Path, default=ROOT / "results" / name / "models",
+                        help="where the synthetic models are written (reused when their config matches)")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / name,
+                        help=f"{name}.json, logs/ and checkpoints/ go here")
+
+
+def run_settings(args: argparse.Namespace) -> tuple[int, int, Path, Path, Path]:
+    """Calibration windows, tokens per window, the C4 file (exits if absent), the logs and checkpoints folders."""
+    calib = args.data_dir / C4
+    if not calib.is_file():
+        sys.exit(f"calibration file {calib} not found (see --data-dir)")
+    logs = args.out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    return (args.nsamples or (4 if args.quick else 16), args.seqlen or (128 if args.quick else 512), calib, logs,
+            args.out / "checkpoints")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="256 wide, 1/4/16 blocks, 4 x 128 tokens")
     parser.add_argument("--base-blocks", type=int, help="base depth (default 2, quick 1); also 4x and 16x it")
-    parser.add_argument("--nsamples", type=int, help="calibration windows (default 16, quick 4)")
-    parser.add_argument("--seqlen", type=int, help="tokens per calibration window (default 512, quick 128)")
-    parser.add_argument("--data-dir", type=Path, default=DATA, help=f"holds {C4} (default ../shared/data)")
-    parser.add_argument("--models", type=Path, default=ROOT / "results" / "bench_streaming" / "models",
-                        help="where the synthetic models are written (reused when their config matches)")
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_streaming",
-                        help="bench_streaming.json, logs/ and checkpoints/ go here")
+    add_run_arguments(parser, "bench_streaming")
     args = parser.parse_args()
     width = dict(hidden_size=256, intermediate_size=704, num_attention_heads=4, num_key_value_heads=2,
                  vocab_size=1024) if args.quick else {}
     base = args.base_blocks or (1 if args.quick else 2)
-    nsamples = args.nsamples or (4 if args.quick else 16)
-    seqlen = args.seqlen or (128 if args.quick else 512)
-    calib = args.data_dir / C4
-    if not calib.is_file():
-        sys.exit(f"calibration file {calib} not found (see --data-dir)")
-    logs, checkpoints = args.out / "logs", args.out / "checkpoints"
-    logs.mkdir(parents=True, exist_ok=True)
+    nsamples, seqlen, calib, logs, checkpoints = run_settings(args)
     depths = [base * factor for factor in DEPTH_FACTORS]
     tag = "quick-" if args.quick else ""
     models = {d: synthetic_model(args.models / f"{tag}llama-{d}", SyntheticShape(d, **width)) for d in depths}
