@@ -22,7 +22,7 @@ checkpoint's config.json (`quantization_config.experts`: experts, starved ones).
     python scripts/bench_moe.py            # 1024 wide, 16 experts x 512 (top-2), 4/8 blocks, 16 x 512 tokens
     python scripts/bench_moe.py --quick    # 256 wide, 8 experts x 128 (top-2), 1/2 blocks, 4 x 128 tokens
 
-The default's largest MoE (8 blocks) holds 240M parameters. On 2 cores the whole run takes about 10 minutes
+The default's largest MoE (8 blocks) holds 240M parameters. On 2 cores the whole run takes about 8 minutes
 with the machine otherwise idle (the dense-equivalent's 8192-wide down projections take most of it) and two to
 six times that while other work competes for the cores; `--quick` under a minute, `--blocks 3` (184M) about 7
 minutes. Each run records the load average before it.
