@@ -272,8 +272,7 @@ def test_a_streamed_moe_run_resumed_after_a_crash_equals_the_resident_one(model_
                                                                            calib_file: Path, tmp_path: Path) -> None:
     """Streamed from disk over two devices, crashed at block 1 and resumed: the resident run's tensors and record
     (the starved experts of the block finished before the crash included)."""
-    from safetensors import safe_open
-    from test_streaming import _crash_at_block
+    from test_streaming import _crash_at_block, _tensors
 
     options = dict(method="gptq", scheme=W4, calibration=CalibrationSpec(str(calib_file), 4, 32, expert_min_tokens=60))
     quantize(str(family_dirs[model_type]), output=tmp_path / "resident", **options)
@@ -281,17 +280,7 @@ def test_a_streamed_moe_run_resumed_after_a_crash_equals_the_resident_one(model_
     with _crash_at_block(1), pytest.raises(RuntimeError, match="simulated crash"):
         quantize(str(family_dirs[model_type]), **streamed)
     quantize(str(family_dirs[model_type]), **streamed)
-
-    def tensors(folder: Path) -> dict[str, torch.Tensor]:
-        out = {}
-        for shard in folder.glob("*.safetensors"):
-            with safe_open(str(shard), framework="pt") as f:
-                out |= {key: f.get_tensor(key) for key in f.keys()}
-        return out
-
-    resident, resumed = tensors(tmp_path / "resident"), tensors(tmp_path / "streamed")
-    assert resident.keys() == resumed.keys()
-    assert all(torch.equal(resident[k], resumed[k]) for k in resident), model_type
+    assert _tensors(tmp_path / "resident") == _tensors(tmp_path / "streamed"), model_type
     records = [json.loads((tmp_path / name / "config.json").read_text())["quantization_config"]["experts"]
                for name in ("resident", "streamed")]
     assert records[0] == records[1] and records[0]["count"] == 8

@@ -249,9 +249,9 @@ class _ExpertsRun:
         self.routed.clear()
         for e, expert in enumerate(self.experts):
             chosen = (index == e).any(dim=-1)
-            prefix = f"{self.prefix}.{e}"
-            self.options.expert_tokens[prefix] = int(chosen.sum())
-            tokens = hidden if self.options.expert_tokens[prefix] < self.options.expert_min_tokens else hidden[chosen]
+            prefix, routed = f"{self.prefix}.{e}", int(chosen.sum())
+            self.options.expert_tokens[prefix] = routed
+            tokens = hidden if routed < self.options.expert_min_tokens else hidden[chosen]
             run = _GroupRun(expert, prefix, self.groups, self.quantize, self.scheme_for, self.results,
                             self.options.weight_clip)
             (_lockstep_pass if true_sequential else _two_pass)(expert, [run], [(tokens, {})])
