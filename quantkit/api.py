@@ -11,7 +11,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from quantkit import __version__, defaults
-from quantkit.actquant import attach_input_quantizers
+from quantkit.actcalib import calibrate_static_inputs
+from quantkit.actquant import StaticActivations, attach_input_quantizers
 from quantkit.allocation.allocate import plan_allocation
 from quantkit.allocation.costs import LayerCost, bits_per_weight, budget_bytes
 from quantkit.allocation.measure import feasible
@@ -20,6 +21,7 @@ from quantkit.allocation.plan import AllocationPlan, check_plan
 from quantkit.devices import resolve_devices
 from quantkit.diskspace import check_space, size_text
 from quantkit.engine import EngineOptions, linear_shapes, quantize_model
+from quantkit.engine.sequential import calibration_batch
 from quantkit.errors import QuantkitError
 from quantkit.export.atomic import check_output_dir, check_output_file
 from quantkit.export.save import model_dtype, save_checkpoint
@@ -88,14 +90,16 @@ def quantize(
     offload: str | None = None,
     devices: Sequence[str] | None = None,
     trust_remote_code: bool = False,
+    act_static: StaticActivations | None = None,
     **quantizer_options,
 ) -> QuantizeResult:
     """Quantize ``model`` (hub id, directory, GGUF file or built-in alias, or one already loaded); write a
     checkpoint to ``output``.
 
     ``scheme`` defaults to the method's usual one (:meth:`Quantizer.default_scheme`). ``act_scheme`` quantizes
-    the inputs of every quantized linear per token (fake quantization, see :mod:`quantkit.actquant`), in the
-    returned model and in the checkpoint. ``transform`` (see :mod:`quantkit.transforms`) rewrites the model
+    the inputs of every quantized linear (fake quantization, see :mod:`quantkit.actquant`), in the returned
+    model and in the checkpoint: per token, or with ``act_static`` by static scales calibrated on the
+    calibration windows once the weights are quantized (:mod:`quantkit.actcalib`). ``transform`` (see :mod:`quantkit.transforms`) rewrites the model
     first (or, given as an :class:`AppliedTransform`, was already fused into the loaded ``model``); its online
     input maps run in the returned model and are stored in the checkpoint. ``layout`` is
     ``native``, ``gptq`` (v1) or ``compressed-tensors``; a scheme the layout cannot express is refused before
@@ -112,7 +116,8 @@ def quantize(
     architecture from quantkit's adapters and never runs model code).
     """
     run = plan_run(method, scheme, calibration=calibration, seed=seed, true_sequential=true_sequential, layout=layout,
-                   dtype=dtype, act_scheme=act_scheme, transform=transform, allocation=allocation, **quantizer_options)
+                   dtype=dtype, act_scheme=act_scheme, transform=transform, allocation=allocation, act_static=act_static,
+                   **quantizer_options)
     return quantize_run(model, run, output, overwrite, offload, devices, trust_remote_code)
 
 
@@ -128,7 +133,7 @@ def quantize_run(model: str | LoadedModel, run: RunPlan, output: str | Path | No
         model, in_memory=offload is None, trust_remote_code=trust_remote_code)
     if (model.adapter if isinstance(model, LoadedModel) else adapter_for(checked[1].model_type)).experts is not None:
         warn_moe_runtimes(run.writer, schemes)
-    if _reads_calibration(quantizer, transform, allocation):
+    if _reads_calibration(run):
         calibration.check()
     if isinstance(transform, AppliedTransform) and not isinstance(model, LoadedModel):
         raise QuantkitError("an applied transform needs the loaded model it was fused into")
@@ -141,7 +146,7 @@ def quantize_run(model: str | LoadedModel, run: RunPlan, output: str | Path | No
                                                                           checked=checked)
     shapes = linear_shapes(loaded.model, loaded.adapter)
     _check_layers(run.writer, schemes, shapes)
-    _check_windows(loaded.model, quantizer, calibration, transform, allocation)
+    _check_windows(loaded.model, run)
     cost = LayerCost(run.layout, model_dtype(loaded.model))
     kept_dtype = unquantized_dtype(run.dtype, run.writer.auto_dtype or loaded.stored_dtype)
     if output is not None:  # a checkpoint that cannot fit, before any work
@@ -152,7 +157,7 @@ def quantize_run(model: str | LoadedModel, run: RunPlan, output: str | Path | No
     elif allocation is not None:
         check_plan(allocation, loaded.model, loaded.adapter, quantizer, scheme, cost, {})
     calib = None
-    if _calibrates(quantizer, allocation):
+    if _calibrates(run):
         with phase(f"calibration ({calibration.source}, {calibration.nsamples} × {calibration.seqlen} tokens)",
                    seconds, "calibration"):
             calib = _calibration(loaded, calibration, seed)
@@ -185,7 +190,12 @@ def quantize_run(model: str | LoadedModel, run: RunPlan, output: str | Path | No
             label=f"{run.method} {_scheme_label(scheme) if plan is None else f'mixed {plan.target_bits} bits'}",
         )
     allocation_record = _allocation_record(plan, quantized, cost, extra_bytes) if plan else None
-    if act_scheme is not None:
+    if run.act_static is not None:
+        with phase(f"static activation scales ({run.act_static.observer}, per {run.act_static.granularity})",
+                   seconds, "activation scales"):
+            _, hooks = calibrate_static_inputs(loaded.model, loaded.adapter, list(quantized), calib,
+                                               calibration_batch(calib, options), act_scheme, run.act_static, seed)
+    elif act_scheme is not None:
         hooks = attach_input_quantizers(loaded.model, quantized, act_scheme, applied.act_clip if applied else None)
     config = _quantization_record(run, loaded.source, mixed=plan is not None)
     config["transform"] = (
@@ -248,7 +258,7 @@ def _quantization_record(run: RunPlan, source: str, mixed: bool = False) -> dict
         "method": run.method,
         "quantizer": run.quantizer.options(scheme),
         "scheme": {**scheme.to_dict(), "bits": None} if mixed else scheme.to_dict(),
-        "input_activations": run.act_scheme.to_dict() if run.act_scheme is not None else None,
+        "input_activations": run.inputs.record() if run.inputs is not None else None,
         "calibration": (
             {"source": calibration.source, "nsamples": calibration.nsamples, "seqlen": calibration.seqlen,
              "true_sequential": run.true_sequential}
@@ -274,7 +284,8 @@ def _quantize_offloaded(model: str | LoadedModel, run: RunPlan, offload: str, ou
     refused = [(isinstance(model, LoadedModel), "an already loaded model"), (output is None, "no output directory"),
                (run.layout != "native", f"the {run.layout} layout (write native, then `quantkit export`)"),
                (run.transform is not None, "a transform (it rewrites the whole model at once)"),
-               (run.allocation is not None, "a bit allocation (it measures the whole model at once)")]
+               (run.allocation is not None, "a bit allocation (it measures the whole model at once)"),
+               (run.act_static is not None, "static activation scales (they are calibrated on the whole model)")]
     for condition, what in refused:
         if condition:
             raise QuantkitError(f"--offload disk cannot work with {what}")
@@ -306,14 +317,17 @@ def _quantize_offloaded(model: str | LoadedModel, run: RunPlan, offload: str, ou
                           source_bytes=stored_bytes(source.model, source_dtype), source_dtype=source_dtype)
 
 
-def _reads_calibration(quantizer, transform: Transform | AppliedTransform | None, allocation) -> bool:
-    """Whether the run reads calibration windows: the quantizer, a trained transform or the allocation."""
-    return _calibrates(quantizer, allocation) or _training_budget(transform) is not None
+def _reads_calibration(run: RunPlan) -> bool:
+    """Whether the run reads calibration windows: the quantizer, a transform, the allocation or static scales."""
+    return _calibrates(run) or _training_budget(run.transform) is not None
 
 
-def _calibrates(quantizer, allocation) -> bool:
-    """Whether quantizing or allocating bits reads calibration windows (of ``--nsamples × --seqlen``)."""
-    return quantizer.needs_calibration or (isinstance(allocation, AllocationOptions) and allocation.needs_calibration)
+def _calibrates(run: RunPlan) -> bool:
+    """Whether quantizing, allocating bits or calibrating static activation scales reads calibration windows
+    (of ``--nsamples × --seqlen``)."""
+    allocation = run.allocation
+    return (run.quantizer.needs_calibration or run.act_static is not None
+            or (isinstance(allocation, AllocationOptions) and allocation.needs_calibration))
 
 
 def _training_budget(transform: Transform | AppliedTransform | None):
@@ -321,12 +335,11 @@ def _training_budget(transform: Transform | AppliedTransform | None):
     return getattr(transform, "budget", None) if isinstance(transform, Transform) else None
 
 
-def _check_windows(model: nn.Module, quantizer, calibration: CalibrationSpec,
-                   transform: Transform | AppliedTransform | None, allocation) -> None:
+def _check_windows(model: nn.Module, run: RunPlan) -> None:
     """Calibration and training windows must fit in the model's context."""
-    if _calibrates(quantizer, allocation):
-        check_context(model, calibration.seqlen, "--seqlen")
-    budget = _training_budget(transform)
+    if _calibrates(run):
+        check_context(model, run.calibration.seqlen, "--seqlen")
+    budget = _training_budget(run.transform)
     if budget is not None:
         check_context(model, budget.seqlen, "--transform-seqlen")
 
@@ -421,8 +434,8 @@ def export(source: str | Path, output: str | Path, layout: str, overwrite: bool 
         return _export_float_gguf(str(source), Path(output), gguf_type or "f16", overwrite)
     checkpoint = open_checkpoint(Path(source))
     qc = checkpoint.quantization
-    writer.check(activations=qc.get("input_activations") is not None,
-                 online=bool((qc.get("transform") or {}).get("online")))
+    inputs = checkpoint.layout.input_quantization(qc)
+    writer.check(activations=inputs, online=bool((qc.get("transform") or {}).get("online")))
     metas = [plan.meta for plan in open_checked(Path(source)).plans.values()]
     if writer.single_file:
         _check_gguf_sources(str(source), metas, gguf_type)
@@ -438,7 +451,8 @@ def export(source: str | Path, output: str | Path, layout: str, overwrite: bool 
     if checkpoint.layout.name == "native":
         config = {k: v for k, v in qc.items() if k not in ("quant_method", "format", "format_version", "layers")}
     else:
-        config = {"method": checkpoint.layout.name, "source_quantization_config": qc}
+        config = {"method": checkpoint.layout.name, "source_quantization_config": qc,
+                  "input_activations": None if inputs is None else inputs.record()}
     save_checkpoint(layout, Path(output), model, tokenizer, quantized, config, overwrite=overwrite,
                     source_file=source_gguf(config.get("source")))
     if not writer.single_file:

@@ -7,6 +7,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from quantkit.actquant import INPUT_SCALE, StaticActivations
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import ROLES
 from quantkit.layouts.base import DTYPE_BYTES
@@ -81,7 +82,7 @@ class CheckpointInfo:
 def weight_label(meta: dict) -> str:
     """A short name of a weight scheme, such as ``int w4 g64 sym act-order`` or ``nvfp4 g16``."""
     group = "per-channel" if meta.get("group_size") == -1 else f"g{meta.get('group_size')}"
-    if meta.get("kind") == "e2m1":
+    if meta.get("kind") in ("e2m1", "fp8"):
         return f"{meta.get('format')} {group}"
     parts = [meta.get("kind", "?"), f"w{meta.get('bits')}", group, "sym" if meta.get("symmetric") else "asym"]
     if meta.get("kind") == "spqr":
@@ -91,17 +92,21 @@ def weight_label(meta: dict) -> str:
     return " ".join(parts)
 
 
-def activation_label(scheme: QuantScheme) -> str:
-    """A short name of a per-token activation scheme, such as ``a4 nvfp4 g16`` or ``a8 int per-token``."""
+def activation_label(scheme: QuantScheme, static: StaticActivations | None = None) -> str:
+    """A short name of an activation scheme, such as ``a4 nvfp4 g16``, ``a8 int per-token`` or ``a8 fp8 static
+    per-tensor``."""
+    if static is not None:
+        return f"a{scheme.bits} {scheme.format} static per-{static.granularity}"
     return f"a{scheme.bits} {scheme.format} {'per-token' if scheme.group_size == -1 else f'g{scheme.group_size}'}"
 
 
-def scheme_label(meta: dict, activations: QuantScheme | None = None, online_transform: str | None = None) -> str:
+def scheme_label(meta: dict, activations: QuantScheme | None = None, online_transform: str | None = None,
+                 static: StaticActivations | None = None) -> str:
     """What serves a layer: its weight scheme, then its activation scheme and online input transform, if any,
     e.g. ``int w4 per-channel sym + a4 int per-token + online hadamard``."""
     parts = [weight_label(meta)]
     if activations is not None:
-        parts.append(activation_label(activations))
+        parts.append(activation_label(activations, static))
     if online_transform is not None:
         parts.append(f"online {online_transform}")
     return " + ".join(parts)
@@ -150,10 +155,11 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     by_scheme: dict[str, SchemeSummary] = {}
     total = SchemeSummary("all quantized layers")
     for layer, plan in checked.plans.items():
-        roles = {**plan.roles, **dict.fromkeys(checked.online.expected(layer), "transform")}
-        stored = [*plan.specs, *checked.online.expected(layer)]
+        roles = {**plan.roles, **dict.fromkeys(checked.online.expected(layer), "transform"), INPUT_SCALE: "statistics"}
+        stored = checked.stored_names(layer)
         meta = plan.meta
-        label = scheme_label(meta, checked.input_scheme, transform if layer in checked.online.sizes else None)
+        label = scheme_label(meta, checked.input_scheme, transform if layer in checked.online.sizes else None,
+                             checked.input_static)
         summary = SchemeSummary(label, 1, math.prod(meta["shape"]), sum(nbytes[f"{layer}.{n}"] for n in stored),
                                 int(meta.get("outliers", 0)))
         for name in stored:
@@ -171,7 +177,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
         file_bytes=sum((checked.folder / f).stat().st_size for f in set(checked.files.values())),
         quantization_config={k: v for k, v in qc.items() if k != "layers"},
         layer_bits={layer: int(plan.meta.get("bits", 0)) for layer, plan in checked.plans.items()},
-        activations=None if checked.input_scheme is None else {**checked.input_scheme.to_dict(),
-                                                               "label": activation_label(checked.input_scheme)},
+        activations=None if checked.inputs is None else {**checked.inputs.record(),
+                                                         "label": activation_label(checked.input_scheme, checked.input_static)},
         online_transform=transform if checked.online.sizes else None,
     )

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from quantkit import defaults
+from quantkit.actquant import InputQuantization, StaticActivations
 from quantkit.allocation.options import AllocationOptions
 from quantkit.allocation.plan import AllocationPlan
 from quantkit.calib import check_source, default_windows
@@ -63,11 +64,17 @@ class RunPlan:
     act_scheme: QuantScheme | None
     transform: Transform | AppliedTransform | None
     allocation: Allocation
+    act_static: StaticActivations | None = None
 
     @property
     def writer(self) -> Layout:
         """The layout the checkpoint is written in."""
         return get_layout(self.layout)
+
+    @property
+    def inputs(self) -> InputQuantization | None:
+        """How the quantized linears' inputs are quantized (None: weight-only)."""
+        return None if self.act_scheme is None else InputQuantization(self.act_scheme, self.act_static)
 
 
 def warn_runtimes(writer: Layout, schemes: list[QuantScheme], column_groups: list[bool]) -> None:
@@ -118,13 +125,20 @@ def plan_run(
     act_scheme: QuantScheme | None = None,
     transform: Transform | AppliedTransform | None = None,
     allocation: Allocation = None,
+    act_static: StaticActivations | None = None,
     **quantizer_options,
 ) -> RunPlan:
     """The one way a run is resolved. ``scheme`` (else ``bits`` in ``number_format`` with the method's usual
     group size and symmetry where not given; an allocation's smallest width by default) and every scheme an
     allocation may choose are checked against the quantizer and the layout, with the activations and the
-    transform's online maps, before anything is loaded."""
+    transform's online maps, before anything is loaded. ``act_static`` calibrates static scales for
+    ``act_scheme`` (see :mod:`quantkit.actcalib`)."""
     quantizer = make_quantizer(method, **quantizer_options)
+    if act_static is not None:
+        if act_scheme is None:
+            raise OptionError("static activation scales need --act-bits")
+        act_static.check_scheme(act_scheme)
+    inputs = None if act_scheme is None else InputQuantization(act_scheme, act_static)
     if scheme is None:
         if bits is None and allocation is not None and number_format == "int":
             bits = allocation.bit_choices[0]
@@ -133,9 +147,9 @@ def plan_run(
     writer = get_layout(layout)
     for candidate in candidates:
         quantizer.check_scheme(candidate)
-        writer.check(quantizer.plan(candidate), activations=act_scheme is not None,
+        writer.check(quantizer.plan(candidate), activations=inputs,
                      online=transform is not None and transform.has_online())
     warn_runtimes(writer, candidates, [quantizer.plan(c).column_groups for c in candidates])
     unquantized_dtype(dtype, torch.float32)  # refused before any work
     return RunPlan(method, quantizer, scheme, tuple(candidates), calibration or CalibrationSpec(), seed,
-                   true_sequential, layout, dtype, act_scheme, transform, allocation)
+                   true_sequential, layout, dtype, act_scheme, transform, allocation, act_static)

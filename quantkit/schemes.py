@@ -13,6 +13,8 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 # over any group size, ``mxfp4`` an E8M0 power of two over 32 columns, ``nvfp4`` an E4M3 scale over 16
 # columns divided by one float32 scale per tensor.
 FLOAT_FORMATS = ("fp4", "mxfp4", "nvfp4")
+# FP8: E4M3 elements (max 448) with a float32 scale per group of columns (or output channel); 8 bits, symmetric.
+FP8_FORMAT = "fp8"
 # GGUF's block formats under llama.cpp's names, (bits, symmetric) fixed by each: blocks of 32 input columns with a
 # float16 scale (``q8_0``, ``q5_0``, ``q4_0``); ``q4_k`` also groups 8 blocks in a super-block of 256 columns
 # whose float16 scales quantize each block's scale and min to 6 bits. See :mod:`quantkit.formats.gguf`.
@@ -20,7 +22,7 @@ GGUF_FORMATS = {"q8_0": (8, True), "q5_0": (5, True), "q4_0": (4, True), "q4_k":
 K_SUPER_BLOCK = 256
 # The format a layer takes instead when its row length is no multiple of the super-block (llama.cpp's choice).
 GGUF_FALLBACK = {"q4_k": "q5_0"}
-SUPPORTED_FORMATS = ("int", *FLOAT_FORMATS, *GGUF_FORMATS)
+SUPPORTED_FORMATS = ("int", *FLOAT_FORMATS, FP8_FORMAT, *GGUF_FORMATS)
 FIXED_BLOCK = {"mxfp4": 32, "nvfp4": 16, **dict.fromkeys(GGUF_FORMATS, 32)}  # formats whose block size is part of the format
 FP4_DEFAULT_GROUP = 32
 CHECKPOINT_LAYOUTS = ("native", "gptq", "compressed-tensors", "gguf")
@@ -56,6 +58,9 @@ class QuantScheme:
             raise QuantkitError(f"unsupported bit width {self.bits}; supported: {', '.join(map(str, SUPPORTED_BITS))}")
         if self.group_size != -1 and self.group_size < 1:
             raise QuantkitError(f"group size must be a positive number of columns or -1, got {self.group_size}")
+        if self.format == FP8_FORMAT and (self.bits != 8 or not self.symmetric):
+            raise QuantkitError(f"fp8 has 8-bit symmetric (E4M3) elements; got {self.bits} bits, "
+                                f"{'sym' if self.symmetric else 'asym'}")
         if self.is_float:
             if self.bits != 4:
                 raise QuantkitError(f"{self.format} has 4-bit (E2M1) elements, not {self.bits}-bit")
@@ -71,6 +76,8 @@ class QuantScheme:
         """A scheme in number format ``fmt``; unset bits, group size and symmetry take the format's defaults,
         or the given ones (and :data:`defaults.BITS`) for ``int``."""
         default_bits = defaults.BITS
+        if fmt == FP8_FORMAT:
+            default_bits, default_symmetric = 8, True
         if fmt in FLOAT_FORMATS:
             default_group_size, default_symmetric = FIXED_BLOCK.get(fmt, FP4_DEFAULT_GROUP), True
         if fmt in GGUF_FORMATS:
@@ -86,6 +93,11 @@ class QuantScheme:
     def is_float(self) -> bool:
         """Whether elements are E2M1 floats rather than integer codes."""
         return self.format in FLOAT_FORMATS
+
+    @property
+    def is_fp8(self) -> bool:
+        """Whether elements are E4M3 floats."""
+        return self.format == FP8_FORMAT
 
     @property
     def is_gguf(self) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
@@ -72,6 +73,56 @@ def input_ranges(module: nn.Module, names: Iterable[str]) -> Iterator[dict[str, 
     handles = [module.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
     try:
         yield ranges
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class InputStatistics:
+    """What one submodule's inputs looked like over the calibration batches: per-channel sum and maximum of
+    ``|x|`` (float64), how many tokens, and a random sample of whole tokens (rows)."""
+
+    abs_sum: torch.Tensor
+    abs_max: torch.Tensor
+    tokens: int = 0
+    rows: list[torch.Tensor] = field(default_factory=list)
+
+    def mean_abs(self) -> torch.Tensor:
+        """Per-channel mean of ``|x|`` (float32)."""
+        return (self.abs_sum / max(self.tokens, 1)).float()
+
+    def sample(self) -> torch.Tensor:
+        """The sampled tokens, ``[rows, channels]`` float32."""
+        return torch.cat(self.rows)
+
+
+@contextmanager
+def input_statistics(module: nn.Module, names: Iterable[str], rows_per_call: int,
+                     generator: torch.Generator) -> Iterator[dict[str, InputStatistics]]:
+    """:class:`InputStatistics` of each named submodule's input, filled in by every forward in the block; each
+    call contributes ``rows_per_call`` tokens chosen at random (by ``generator``) to the sample."""
+    stats: dict[str, InputStatistics] = {}
+
+    def hook_for(name: str):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            absolute = x.abs()
+            entry = stats.get(name)
+            if entry is None:
+                zeros = torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device)
+                entry = stats[name] = InputStatistics(zeros, zeros.float())
+            entry.abs_sum += absolute.sum(dim=0, dtype=torch.float64)
+            entry.abs_max = torch.maximum(entry.abs_max, absolute.amax(dim=0))
+            entry.tokens += x.shape[0]
+            chosen = torch.randperm(x.shape[0], generator=generator)[:rows_per_call]
+            entry.rows.append(x[chosen.to(x.device)].clone())
+
+        return hook
+
+    handles = [module.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
+    try:
+        yield stats
     finally:
         for handle in handles:
             handle.remove()

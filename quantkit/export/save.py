@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quantkit.actquant import InputQuantization
 from quantkit.export.gguf_file import write_gguf
 from quantkit.export.writer import DEFAULT_MAX_SHARD_BYTES, model_config_dict, plain_tensors, write_checkpoint
 from quantkit.formats.base import QuantizedTensor
@@ -34,7 +35,8 @@ def save_checkpoint(layout: str, output: Path, model: nn.Module, tokenizer, quan
     ``layout``, atomically; refused before anything is written when the layout cannot hold it. ``source_file``:
     the GGUF file the model came from, whose tokenizer keys a GGUF file copies."""
     writer = get_layout(layout)
-    writer.check(activations=quantization_config.get("input_activations") is not None,
+    recorded = quantization_config.get("input_activations")
+    writer.check(activations=None if recorded is None else InputQuantization.from_record(recorded),
                  online=bool((quantization_config.get("transform") or {}).get("online")))
     writer.check(kinds=sorted({qt.kind for qt in quantized.values()}))
     encoded = writer.encode(model, quantized, quantization_config, dtype or writer.auto_dtype or model_dtype(model))

@@ -2,9 +2,10 @@
 
 from quantkit.formats.base import ROLES, QuantizedTensor, TensorPlan, tensor_class
 from quantkit.formats.floatgrid import FloatQuantizedTensor
+from quantkit.formats.fp8 import FP8QuantizedTensor
 from quantkit.formats.gguf import GGUFQuantizedTensor
 from quantkit.formats.intgrid import IntQuantizedTensor
 from quantkit.formats.spqr import SpQRQuantizedTensor
 
-__all__ = ["ROLES", "FloatQuantizedTensor", "GGUFQuantizedTensor", "IntQuantizedTensor", "QuantizedTensor", "SpQRQuantizedTensor", "TensorPlan",
+__all__ = ["ROLES", "FP8QuantizedTensor", "FloatQuantizedTensor", "GGUFQuantizedTensor", "IntQuantizedTensor", "QuantizedTensor", "SpQRQuantizedTensor", "TensorPlan",
            "tensor_class"]

@@ -85,6 +85,11 @@ class TensorPlan:
         return tensor_class(self.kind).planned_meta(self, shape)
 
 
+def tensor_kind(scheme: QuantScheme) -> str:
+    """The quantized tensor kind weights of ``scheme`` make (SpQR's outliers aside)."""
+    return "e2m1" if scheme.is_float else "fp8" if scheme.is_fp8 else "gguf" if scheme.is_gguf else "int"
+
+
 def tensor_class(kind: str) -> type[QuantizedTensor]:
     """The registered class for a ``kind`` name recorded in a checkpoint."""
     try:

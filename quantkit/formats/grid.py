@@ -20,6 +20,7 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.base import QuantizedTensor
 from quantkit.formats.e2m1 import SCALE_CODECS, TENSOR_SCALED, e2m1_decode, e2m1_encode, global_scale
 from quantkit.formats.floatgrid import FloatQuantizedTensor
+from quantkit.formats.fp8 import E4M3_MAX, FP8_DTYPE, FP8QuantizedTensor, e4m3_round
 from quantkit.formats.intgrid import SCALE_DTYPE, IntQuantizedTensor
 from quantkit.schemes import QuantScheme
 
@@ -180,6 +181,38 @@ class FloatGrid(Grid):
         return FloatQuantizedTensor(codes, params[0], self.scheme, global_scale)
 
 
+class FP8Grid(Grid):
+    """E4M3 elements times a float32 scale ``amax / 448`` per group (:mod:`quantkit.formats.fp8`); parameters
+    are ``(scale,)``. With ``mse`` every group takes the candidate scale (its maximum × 0.5…1.2) with the
+    smallest squared error."""
+
+    def _fit_one(self, amax: torch.Tensor) -> torch.Tensor:
+        return (amax / E4M3_MAX).clamp_min(_MIN_SCALE)
+
+    def fit(self, w: torch.Tensor, group: int | None = None) -> Params:
+        w = w.float()
+        amax = self.clipped(w).abs().amax(dim=-1)
+        scale = self._fit_one(amax)
+        if self.mse:
+            best = ((self.round(w, (scale,))[1] - w) ** 2).sum(dim=-1)
+            for factor in _FLOAT_SEARCH_FACTORS:
+                candidate = self._fit_one(amax * factor)
+                err = ((self.round(w, (candidate,))[1] - w) ** 2).sum(dim=-1)
+                better = err < best
+                best, scale = torch.where(better, err, best), torch.where(better, candidate, scale)
+        return (scale,)
+
+    def round(self, x: torch.Tensor, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = params[0][..., None]
+        values = e4m3_round(x / scale)
+        return values.view(torch.uint8), values.float() * scale
+
+    def tensor(self, codes: torch.Tensor, params: Params, g_idx: torch.Tensor | None = None) -> FP8QuantizedTensor:
+        if g_idx is not None:
+            raise QuantkitError("fp8 keeps its groups contiguous: no act-order groups")
+        return FP8QuantizedTensor(codes.view(FP8_DTYPE), params[0].float(), self.scheme)
+
+
 def make_grid(scheme: QuantScheme, w: torch.Tensor, mse: bool = False, per_row: bool = False,
               clip: torch.Tensor | float | None = None) -> Grid:
     """The grid for ``w [rows, cols]`` under ``scheme``; NVFP4's global scale from the whole tensor, or from
@@ -189,6 +222,8 @@ def make_grid(scheme: QuantScheme, w: torch.Tensor, mse: bool = False, per_row: 
         from quantkit.formats.gguf import GGUFGrid  # it builds on Grid: imported here, not at the top
 
         return GGUFGrid(scheme, mse, w, clip)
+    if scheme.is_fp8:
+        return FP8Grid(scheme, mse, clip)
     if not scheme.is_float:
         return IntGrid(scheme, mse, clip)
     tensor_scale = None

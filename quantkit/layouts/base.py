@@ -18,6 +18,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from quantkit.actquant import InputQuantization
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import QuantizedTensor, TensorPlan, TensorSpec
 from quantkit.schemes import QuantScheme
@@ -79,8 +80,8 @@ class Layout(ABC):
     single_file: ClassVar[bool] = False  # one file (GGUF) rather than a checkpoint directory
     auto_dtype: ClassVar[torch.dtype | None] = None  # what --dtype auto keeps unquantized tensors in (None: the source's)
 
-    def check(self, plan: TensorPlan | None = None, *, kinds: Iterable[str] = (), activations: bool = False,
-              online: bool = False) -> None:
+    def check(self, plan: TensorPlan | None = None, *, kinds: Iterable[str] = (),
+              activations: InputQuantization | None = None, online: bool = False) -> None:
         """Refuse, before any long work, what it cannot store: a tensor kind (``kinds``, or ``plan``'s), a
         scheme or act-order grouping (``plan``), activation quantization or a transform's online input maps."""
         if self.kinds is None:
@@ -88,13 +89,16 @@ class Layout(ABC):
         for kind in [*kinds, *([plan.kind] if plan is not None else [])]:
             if kind not in self.kinds:
                 raise QuantkitError(f"the {self.name} layout cannot hold {kind} layers; use --layout native")
-        if activations:
-            raise QuantkitError(f"the {self.name} layout cannot record quantkit's dynamic activation quantization; "
-                                "use --layout native")
+        if activations is not None:
+            self.check_activations(activations)
         if online:
             raise QuantkitError(f"the {self.name} layout cannot hold a transform's online input maps; use --layout native")
         if plan is not None:
             self.check_scheme(plan.scheme, plan.column_groups)
+
+    def check_activations(self, inputs: InputQuantization) -> None:
+        """Refuse activation quantization it cannot record (by default: any)."""
+        raise QuantkitError(f"the {self.name} layout cannot record quantkit's activation quantization; use --layout native")
 
     def check_scheme(self, scheme: QuantScheme, column_groups: bool = False) -> None:  # noqa: B027 (a hook: by default it accepts)
         """Refuse a scheme (with act-order grouping) it cannot store."""
@@ -124,6 +128,10 @@ class Layout(ABC):
     def plan(self, model: nn.Module, qc: dict, headers: Headers) -> dict[str, LayerPlan]:
         """The quantized linears of a stored checkpoint of ``model`` and their tensors, from its config and
         safetensors headers alone."""
+
+    def input_quantization(self, qc: dict) -> InputQuantization | None:
+        """How a stored checkpoint's quantized layers quantize their inputs (None: they do not)."""
+        return None
 
     def extra_specs(self, qc: dict, layers: Iterable[str]) -> dict[str, TensorSpec]:
         """Tensors it stores besides the layers' own and the model's plain ones (full names)."""

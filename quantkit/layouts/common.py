@@ -8,6 +8,7 @@ from torch import nn
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import QuantizedTensor
 from quantkit.formats.floatgrid import FloatQuantizedTensor
+from quantkit.formats.fp8 import FP8QuantizedTensor
 from quantkit.formats.intgrid import IntQuantizedTensor
 from quantkit.layouts.base import SAFETENSORS_DTYPES, DecodedLayer, Headers
 from quantkit.schemes import QuantScheme
@@ -30,11 +31,11 @@ _BY_HEADER_NAME = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
 
 def grid_layers(quantized: dict[str, QuantizedTensor], format_name: str, floats: bool = True) -> dict[str, QuantizedTensor]:
-    """The quantized layers, refusing any that is not on an integer grid (or an FP4 one, with ``floats``)."""
-    allowed = (IntQuantizedTensor, FloatQuantizedTensor) if floats else (IntQuantizedTensor,)
+    """The quantized layers, refusing any that is not on an integer grid (or an FP4 or FP8 one, with ``floats``)."""
+    allowed = (IntQuantizedTensor, FloatQuantizedTensor, FP8QuantizedTensor) if floats else (IntQuantizedTensor,)
     for name, qt in quantized.items():
         if not isinstance(qt, allowed):
-            what = "integer-grid or FP4" if floats else "integer-grid"
+            what = "integer-grid, FP4 or FP8" if floats else "integer-grid"
             raise QuantkitError(f"{format_name} export supports only {what} weights; {name} is {qt.meta()['kind']}")
     if not quantized:
         raise QuantkitError(f"nothing to export as {format_name}: the model has no quantized layers")

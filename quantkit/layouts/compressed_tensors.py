@@ -10,21 +10,36 @@ the shifted values stored are exactly ``c`` and ``z``, and symmetric (``z = 2**(
 FP4 layers use ``nvfp4-pack-quantized`` (E4M3 scales over 16 columns, ``strategy: tensor_group`` with a
 ``weight_global_scale``) or ``mxfp4-pack-quantized`` (E8M0 scales over 32 columns, ``strategy: group``), whose
 tensors are exactly quantkit's native ones (:mod:`quantkit.formats.floatgrid`).
+
+With quantized activations (W8A8, W4A8) integer weights are ``int-quantized``, as vLLM's W8A8 kernels read
+them: ``weight`` int8 ``[out, in]`` holding the signed values ``c - 2**(b-1)`` (symmetric only) and
+``weight_scale`` float32 ``[out, G]``. FP8 weights are ``float-quantized``: ``weight`` float8_e4m3fn ``[out, in]``
+and ``weight_scale`` float32 ``[out, G]``. Activations are a config group's ``input_activations``: static per
+tensor (``strategy: tensor``, ``dynamic: false``, each layer's float32 ``input_scale [1]``) or dynamic per token
+(``strategy: token``, ``dynamic: true``), int8 or FP8 (``type: float``).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
+from quantkit.actquant import (
+    OBSERVERS,
+    STATIC_FORMATS,
+    InputQuantization,
+    StaticActivations,
+    activation_scheme,
+)
 from quantkit.config_fields import optional_field
 from quantkit.errors import QuantkitError
-from quantkit.formats.base import QuantizedTensor, TensorSpec
+from quantkit.formats.base import QuantizedTensor, TensorSpec, tensor_kind
 from quantkit.formats.e2m1 import SCALE_CODECS
 from quantkit.formats.floatgrid import FloatQuantizedTensor
+from quantkit.formats.fp8 import FP8QuantizedTensor
 from quantkit.formats.intgrid import IntQuantizedTensor
 from quantkit.formats.packing import pack_columns, pack_rows, packed_width, unpack_columns, unpack_rows
 from quantkit.layouts.base import Encoded, Headers, LayerPlan, Layout, specs_bytes
@@ -37,10 +52,13 @@ from quantkit.layouts.common import (
     lossless_cast,
     vllm_moe_refusals,
 )
-from quantkit.schemes import QuantScheme
+from quantkit.schemes import FP8_FORMAT, QuantScheme
 
 FORMAT = "pack-quantized"
+INT_UNPACKED = "int-quantized"  # one int8 per weight: W8A8 (and W4A8) with quantized activations
+FP8_LAYOUT = "float-quantized"
 FLOAT_LAYOUTS = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
+FORMATS = (FORMAT, INT_UNPACKED, FP8_LAYOUT, *FLOAT_LAYOUTS.values())
 _FLOAT_STRATEGY = {"nvfp4": "tensor_group", "mxfp4": "group"}
 QUANT_METHOD = "compressed-tensors"
 # The compressed-tensors release whose layout this matches (dense packing; identical for 2/4/8 bits in all).
@@ -52,6 +70,18 @@ ACT_ORDER_GROUPS_REFUSED = (
     "compressed-tensors no longer reads act-order groups (actorder='group' with weight_g_idx was removed in "
     "compressed-tensors 0.20); quantize with --static-groups, or use --layout gptq or native"
 )
+
+
+def check_activations(inputs: InputQuantization) -> None:
+    """Refuse activation quantization compressed-tensors (as quantkit writes it) does not express: 8-bit int or
+    FP8, static per tensor or dynamic per token."""
+    scheme, static = inputs.scheme, inputs.static
+    if scheme.format not in STATIC_FORMATS or scheme.bits != 8 or scheme.group_size != -1:
+        raise QuantkitError(f"compressed-tensors export writes 8-bit int or fp8 activations per tensor or per token, "
+                            f"not {scheme.bits}-bit {scheme.format} with group size {scheme.group_size}; use --layout native")
+    if static is not None and static.granularity != "tensor":
+        raise QuantkitError("compressed-tensors export writes static activation scales per tensor (vLLM refuses "
+                            "per-channel ones); use --act-granularity tensor or --layout native")
 
 
 def check_scheme(scheme: QuantScheme, column_groups: bool = False) -> None:
@@ -80,14 +110,24 @@ def check_layer(name: str, scheme: QuantScheme, in_features: int) -> None:
         )
 
 
-def encode(qt: QuantizedTensor, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The tensors of one layer; integer scales in ``scale_dtype`` when that is lossless."""
+def encode(qt: QuantizedTensor, scale_dtype: torch.dtype, unpacked: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of one layer; integer scales in ``scale_dtype`` when that is lossless; ``unpacked``: integers
+    ``int-quantized``."""
     if isinstance(qt, FloatQuantizedTensor):
         return qt.to_tensors()
+    if isinstance(qt, FP8QuantizedTensor):
+        return {"weight": qt.values.contiguous(), "weight_scale": qt.scales.float().contiguous()}
     if not isinstance(qt, IntQuantizedTensor):
         raise QuantkitError(f"compressed-tensors export cannot hold {qt.meta()['kind']} layers")
     if qt.g_idx is not None:
         raise QuantkitError(ACT_ORDER_GROUPS_REFUSED)
+    if unpacked:
+        if not qt.scheme.symmetric:
+            raise QuantkitError("compressed-tensors int-quantized weights (with quantized activations) are symmetric; "
+                                "drop --asym")
+        middle = 2 ** (qt.scheme.bits - 1)
+        return {"weight": (qt.codes.to(torch.int16) - middle).to(torch.int8).contiguous(),
+                "weight_scale": qt.scales.float().contiguous()}
     bits = qt.scheme.bits
     scales = lossless_cast(qt.scales, scale_dtype)
     tensors = {
@@ -107,6 +147,9 @@ def expected_tensors(args: WeightArgs, shape: tuple[int, int], scale_dtype: torc
     if scheme.is_float:
         return FloatQuantizedTensor.expected_tensors(scheme.to_dict(), shape)
     groups = scheme.num_groups(in_features)
+    if args.layout in (INT_UNPACKED, FP8_LAYOUT):
+        return {"weight": ((out_features, in_features), torch.float8_e4m3fn if scheme.is_fp8 else torch.int8),
+                "weight_scale": ((out_features, groups), torch.float32)}
     specs: dict[str, TensorSpec] = {
         "weight_packed": ((out_features, packed_width(in_features, scheme.bits)), torch.int32),
         "weight_scale": ((out_features, groups), scale_dtype),
@@ -125,6 +168,17 @@ def decode(tensors: dict[str, torch.Tensor], args: WeightArgs, shape: tuple[int,
     scheme = args.scheme()
     if scheme.is_float:
         return FloatQuantizedTensor.from_tensors(tensors, scheme.to_dict(), shape)
+    if scheme.is_fp8:
+        return FP8QuantizedTensor.from_tensors({"weight_fp8": tensors["weight"], "weight_scale": tensors["weight_scale"]},
+                                               scheme.to_dict(), shape)
+    if args.layout == INT_UNPACKED:
+        middle = 2 ** (scheme.bits - 1)
+        signed = tensors["weight"].to(torch.int16)
+        if int(signed.min()) < -middle or int(signed.max()) >= middle:
+            raise QuantkitError(f"weight holds values outside the {scheme.bits}-bit range")
+        codes = (signed + middle).to(torch.uint8)
+        zeros = torch.full((out_features, scheme.num_groups(in_features)), middle, dtype=torch.uint8)
+        return IntQuantizedTensor(codes=codes, scales=tensors["weight_scale"].contiguous(), zeros=zeros, scheme=scheme)
     if tensors["weight_shape"].tolist() != [out_features, in_features]:
         raise QuantkitError(f"weight_shape {tensors['weight_shape'].tolist()} does not match the layer's {list(shape)}")
     groups = scheme.num_groups(in_features)
@@ -146,6 +200,10 @@ def decode(tensors: dict[str, torch.Tensor], args: WeightArgs, shape: tuple[int,
 
 def _weights_args(qt: QuantizedTensor, observer: str) -> dict:
     s = qt.scheme  # type: ignore[attr-defined]
+    if s.is_fp8:
+        return {"num_bits": 8, "type": "float", "symmetric": True,
+                "group_size": None if s.group_size == -1 else s.group_size,
+                "strategy": "channel" if s.group_size == -1 else "group", "dynamic": False, "observer": observer}
     if s.is_float:
         return {
             "num_bits": 4,
@@ -171,11 +229,26 @@ def _weights_args(qt: QuantizedTensor, observer: str) -> dict:
     }
 
 
-def layer_tensors(quantized: dict[str, QuantizedTensor], scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every quantized layer's pack-quantized tensors, keyed by full name (layers checked by :func:`build_config`)."""
+def _activations_args(inputs: InputQuantization) -> dict:
+    """A config group's ``input_activations`` entry."""
+    scheme, static = inputs.scheme, inputs.static
+    return {"num_bits": 8, "type": "float" if scheme.is_fp8 else "int", "symmetric": True, "group_size": None,
+            "strategy": "token" if static is None else "tensor", "dynamic": static is None,
+            "observer": None if static is None else static.observer}
+
+
+def _recorded_inputs(quantkit_config: dict) -> InputQuantization | None:
+    recorded = quantkit_config.get("input_activations")
+    return None if recorded is None else InputQuantization.from_record(recorded)
+
+
+def layer_tensors(quantized: dict[str, QuantizedTensor], scale_dtype: torch.dtype,
+                  unpacked: bool = False) -> dict[str, torch.Tensor]:
+    """Every quantized layer's tensors, keyed by full name (layers checked by :func:`build_config`); integers
+    ``int-quantized`` when ``unpacked``."""
     out = {}
     for layer, qt in quantized.items():
-        out.update({f"{layer}.{name}": t for name, t in encode(qt, scale_dtype).items()})  # type: ignore[arg-type]
+        out.update({f"{layer}.{name}": t for name, t in encode(qt, scale_dtype, unpacked).items()})  # type: ignore[arg-type]
     return out
 
 
@@ -191,6 +264,9 @@ def build_config(quantized: dict[str, QuantizedTensor], model: nn.Module, quantk
     """The ``quantization_config``: one config group per distinct weights scheme, the other linears ignored."""
     layers = grid_layers(quantized, "compressed-tensors")
     observer = "mse" if (quantkit_config.get("quantizer") or {}).get("mse") else "minmax"
+    inputs = _recorded_inputs(quantkit_config)
+    if inputs is not None:
+        check_activations(inputs)
     groups: list[tuple[dict, list[str]]] = []
     for name, qt in layers.items():
         check_layer(name, qt.scheme, qt.shape[1])
@@ -205,9 +281,9 @@ def build_config(quantized: dict[str, QuantizedTensor], model: nn.Module, quantk
         f"group_{i}": {
             "targets": ["Linear"] if len(groups) == 1 else names,
             "weights": args,
-            "input_activations": None,
+            "input_activations": None if inputs is None else _activations_args(inputs),
             "output_activations": None,
-            "format": _layout(args),
+            "format": _layout(args, inputs is not None),
         }
         for i, (args, names) in enumerate(groups)
     }
@@ -226,11 +302,13 @@ def build_config(quantized: dict[str, QuantizedTensor], model: nn.Module, quantk
     }
 
 
-def _layout(weights: dict) -> str:
-    """The compressed-tensors format of a config group's weights entry."""
+def _layout(weights: dict, activations: bool) -> str:
+    """The compressed-tensors format of a config group's weights entry (``activations``: quantized too)."""
     if weights["type"] == "float":
+        if weights["num_bits"] == 8:
+            return FP8_LAYOUT
         return FLOAT_LAYOUTS["nvfp4" if weights["strategy"] == "tensor_group" else "mxfp4"]
-    return FORMAT
+    return INT_UNPACKED if activations else FORMAT
 
 
 @dataclass(frozen=True)
@@ -242,6 +320,7 @@ class WeightArgs:
     symmetric: bool
     g_idx: bool
     format: str = "int"
+    layout: str = FORMAT  # the compressed-tensors format of its config group
 
     def scheme(self) -> QuantScheme:
         return QuantScheme(self.bits, self.group_size, self.symmetric, self.format)
@@ -279,7 +358,7 @@ def _weight_fields(weights: dict) -> _WeightFields:
     return _WeightFields(kind, bits, group_size, strategy, optional_field(weights, "symmetric", bool, True), actorder)
 
 
-def _parse_weights(name: str, weights: object) -> WeightArgs:
+def _parse_weights(name: str, weights: object, layout: str) -> WeightArgs:
     if not isinstance(weights, dict):
         raise QuantkitError(f"compressed-tensors config group {name} has no weights entry")
     if weights.get("dynamic") not in (None, False):
@@ -289,7 +368,7 @@ def _parse_weights(name: str, weights: object) -> WeightArgs:
     except QuantkitError as exc:
         raise QuantkitError(f"compressed-tensors config group {name}: weights {exc}") from None
     if fields.type == "float":
-        return _parse_float_weights(fields)
+        return replace(_parse_float_weights(fields), layout=layout)
     if fields.type != "int":
         raise QuantkitError(f"compressed-tensors weights of type {fields.type!r} are not supported")
     if fields.strategy not in ("group", "channel"):
@@ -297,23 +376,53 @@ def _parse_weights(name: str, weights: object) -> WeightArgs:
     if fields.bits == 3:
         raise QuantkitError("3-bit compressed-tensors checkpoints are not supported (packing differs between versions)")
     group_size = -1 if fields.strategy == "channel" else fields.group_size or 0
-    args = WeightArgs(fields.bits, group_size, fields.symmetric, fields.actorder in ("group", "dynamic", True))
+    args = WeightArgs(fields.bits, group_size, fields.symmetric, fields.actorder in ("group", "dynamic", True),
+                      layout=layout)
     args.scheme()  # validates bits and group size
+    if layout == INT_UNPACKED and not args.symmetric:
+        raise QuantkitError("asymmetric int-quantized compressed-tensors weights are not supported")
     return args
 
 
 def _parse_float_weights(fields: _WeightFields) -> WeightArgs:
-    """NVFP4 (4 bits, tensor_group of 16) or MXFP4 (4 bits, group of 32) weights; anything else is refused."""
+    """NVFP4 (4 bits, tensor_group of 16), MXFP4 (4 bits, group of 32) or FP8 (8 bits, per channel or group)
+    weights; anything else is refused."""
     shape = (fields.bits, fields.strategy, fields.group_size)
+    if fields.bits == 8 and fields.strategy in ("channel", "group"):
+        return WeightArgs(8, -1 if fields.strategy == "channel" else fields.group_size or 0, True, False, FP8_FORMAT)
     for fmt, expected in (("nvfp4", (4, "tensor_group", 16)), ("mxfp4", (4, "group", 32))):
         if shape == expected:
             return WeightArgs(4, expected[2], True, False, fmt)
     raise QuantkitError(f"compressed-tensors float weights with bits/strategy/group {shape} are not supported "
-                        "(NVFP4 or MXFP4 only)")
+                        "(NVFP4, MXFP4, or FP8 per channel or group)")
 
 
-def parse_config(qc: dict) -> tuple[list[ConfigGroup], list[str]]:
-    """Config groups and ignore list of a pack-quantized config; one-line errors for anything unsupported."""
+def _parse_activations(name: str, entry: object) -> InputQuantization:
+    """A config group's ``input_activations``: 8-bit int or FP8, static per tensor or dynamic per token."""
+    if not isinstance(entry, dict):
+        raise QuantkitError(f"compressed-tensors config group {name}: input_activations is not an object")
+    try:
+        kind = optional_field(entry, "type", str, "int")
+        bits = optional_field(entry, "num_bits", int, 8)
+        strategy = optional_field(entry, "strategy", str, "tensor")
+        dynamic = optional_field(entry, "dynamic", bool, False)
+        symmetric = optional_field(entry, "symmetric", bool, True)
+    except QuantkitError as exc:
+        raise QuantkitError(f"compressed-tensors config group {name}: input_activations {exc}") from None
+    if kind not in ("int", "float") or bits != 8 or not symmetric or (strategy, dynamic) not in (("tensor", False),
+                                                                                              ("token", True)):
+        raise QuantkitError(f"compressed-tensors activations {kind} {bits}-bit {strategy} "
+                            f"{'dynamic' if dynamic else 'static'}{'' if symmetric else ' asymmetric'} are not "
+                            "supported (8-bit int or float, symmetric, static per tensor or dynamic per token)")
+    scheme = activation_scheme(8, FP8_FORMAT if kind == "float" else "int")
+    observer = entry.get("observer")  # the calibration's name for it; any other tool's counts as minmax
+    return InputQuantization(scheme, None if dynamic else StaticActivations("tensor", observer if observer in OBSERVERS
+                                                                                  else "minmax"))
+
+
+def parse_config(qc: dict) -> tuple[list[ConfigGroup], list[str], InputQuantization | None]:
+    """Config groups, ignore list and activation quantization (one for all groups) of a config; one-line errors
+    for anything unsupported."""
     if qc.get("quantization_status", "compressed") != "compressed":
         raise QuantkitError(f"compressed-tensors checkpoint is not compressed (status {qc.get('quantization_status')!r})")
     if qc.get("sparsity_config") or qc.get("transform_config") or qc.get("kv_cache_scheme"):
@@ -321,27 +430,33 @@ def parse_config(qc: dict) -> tuple[list[ConfigGroup], list[str]]:
     groups = qc.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         raise QuantkitError("compressed-tensors quantization_config has no config_groups")
-    parsed = []
+    parsed, activations = [], set()
     for name, group in groups.items():
         if not isinstance(group, dict):
             raise QuantkitError(f"compressed-tensors config group {name} is not an object")
         fmt = group.get("format") or qc.get("format")
-        if fmt not in (FORMAT, *FLOAT_LAYOUTS.values()):
-            raise QuantkitError(f"compressed-tensors format {fmt!r} is not supported; quantkit reads "
-                                f"{', '.join((FORMAT, *FLOAT_LAYOUTS.values()))}")
-        if group.get("input_activations") or group.get("output_activations"):
-            raise QuantkitError("compressed-tensors activation quantization is not supported (weight-only)")
+        if fmt not in FORMATS:
+            raise QuantkitError(f"compressed-tensors format {fmt!r} is not supported; quantkit reads {', '.join(FORMATS)}")
+        if group.get("output_activations"):
+            raise QuantkitError("compressed-tensors output activation quantization is not supported")
+        entry = group.get("input_activations")
+        activations.add(None if not entry else _parse_activations(name, entry))
         targets = group.get("targets")
         if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
             raise QuantkitError(f"compressed-tensors config group {name} has no list of targets")
-        weights = _parse_weights(name, group.get("weights"))
-        if fmt != FLOAT_LAYOUTS.get(weights.format, FORMAT):
+        weights = _parse_weights(name, group.get("weights"), fmt)
+        expected = (FP8_LAYOUT,) if weights.format == FP8_FORMAT else (FLOAT_LAYOUTS[weights.format],) \
+            if weights.format in FLOAT_LAYOUTS else (FORMAT, INT_UNPACKED)
+        if fmt not in expected:
             raise QuantkitError(f"compressed-tensors config group {name}: format {fmt} does not match its weights")
         parsed.append(ConfigGroup(tuple(targets), weights))
+    if len(activations) > 1:
+        raise QuantkitError("compressed-tensors config groups quantize their input activations differently; "
+                            "quantkit reads one activation scheme for all")
     ignore = qc.get("ignore") or []
     if not isinstance(ignore, list) or not all(isinstance(i, str) for i in ignore):
         raise QuantkitError("compressed-tensors ignore entry is not a list of module names")
-    return parsed, ignore
+    return parsed, ignore, activations.pop()
 
 
 def matches(name: str, module: nn.Module, patterns) -> bool:
@@ -355,6 +470,7 @@ def matches(name: str, module: nn.Module, patterns) -> bool:
     return False
 
 
+UNPACKED_ROLES = {"weight": "codes", "weight_scale": "statistics"}
 INT_ROLES = {"weight_packed": "codes", "weight_scale": "statistics", "weight_zero_point": "statistics",
              "weight_g_idx": "permutation", "weight_shape": "other"}
 
@@ -370,7 +486,7 @@ class CompressedTensorsLayout(Layout):
 
     name = "compressed-tensors"
     quant_method = QUANT_METHOD
-    kinds = ("int", "e2m1")
+    kinds = ("int", "e2m1", "fp8")
 
     def check_scheme(self, scheme: QuantScheme, column_groups: bool = False) -> None:
         check_scheme(scheme, column_groups)
@@ -390,11 +506,11 @@ class CompressedTensorsLayout(Layout):
     def encode(self, model: nn.Module, quantized: dict[str, QuantizedTensor], quantization_config: dict,
                dtype: torch.dtype) -> Encoded:
         qc = build_config(quantized, model, quantization_config)
-        return Encoded(layer_tensors(quantized, dtype), qc)
+        return Encoded(layer_tensors(quantized, dtype, _recorded_inputs(quantization_config) is not None), qc)
 
     def plan(self, model: nn.Module, qc: dict, headers: Headers) -> dict[str, LayerPlan]:
         """The linears matched by a config group's targets and not ignored."""
-        groups, ignore = parse_config(qc)
+        groups, ignore, _ = parse_config(qc)
         plans = {}
         for name, module in model.named_modules():
             if not isinstance(module, nn.Linear) or matches(name, module, ignore):
@@ -409,18 +525,30 @@ class CompressedTensorsLayout(Layout):
             if w.format == "int":
                 meta = int_description(w.bits, w.group_size, w.symmetric, w.g_idx, shape)
             else:
-                meta = {"kind": "e2m1", **w.scheme().to_dict(), "shape": list(shape)}
-            plans[name] = LayerPlan(specs, meta, self.roles(meta),
+                meta = {"kind": tensor_kind(w.scheme()), **w.scheme().to_dict(), "shape": list(shape)}
+            roles = UNPACKED_ROLES if w.layout in (INT_UNPACKED, FP8_LAYOUT) else self.roles(meta)
+            plans[name] = LayerPlan(specs, meta, roles,
                                     lambda t, a=w, shape=shape: decoded(decode(t, a, shape)))
         if not plans:
             raise QuantkitError("compressed-tensors config targets no linear layer of this model")
         return plans
 
+    def input_quantization(self, qc: dict) -> InputQuantization | None:
+        return parse_config(qc)[2]
+
+    def check_activations(self, inputs: InputQuantization) -> None:
+        check_activations(inputs)
+
     def nbytes(self, meta: dict, shape: tuple[int, int], dtype: torch.dtype) -> int:
+        if meta["kind"] == "fp8":
+            return specs_bytes(expected_tensors(WeightArgs(8, int(meta["group_size"]), True, False, FP8_FORMAT,
+                                                           FP8_LAYOUT), shape, torch.float32))
         if meta["kind"] != "int":
             return specs_bytes(FloatQuantizedTensor.expected_tensors(meta, shape))
         args = WeightArgs(int(meta["bits"]), int(meta["group_size"]), bool(meta["symmetric"]), g_idx=False)
         return specs_bytes(expected_tensors(args, shape, _scale_dtype(dtype)))
 
     def roles(self, meta: dict) -> dict[str, str]:
+        if meta["kind"] == "fp8":
+            return UNPACKED_ROLES
         return INT_ROLES if meta["kind"] == "int" else FloatQuantizedTensor.roles

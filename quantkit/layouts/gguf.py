@@ -23,6 +23,7 @@ from gguf import (
 )
 from torch import nn
 
+from quantkit.actquant import InputQuantization
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import QuantizedTensor, TensorPlan
 from quantkit.formats.gguf import GGUFQuantizedTensor, exact_gguf_format, from_int
@@ -128,8 +129,8 @@ class GGUFLayout(Layout):
     single_file = True
     auto_dtype = torch.float16  # llama.cpp's own choice for the matrices it does not quantize
 
-    def check(self, plan: TensorPlan | None = None, *, kinds: Iterable[str] = (), activations: bool = False,
-              online: bool = False) -> None:
+    def check(self, plan: TensorPlan | None = None, *, kinds: Iterable[str] = (),
+              activations: InputQuantization | None = None, online: bool = False) -> None:
         if plan is not None:  # the scheme first: its refusal names the flag that fixes it
             self.check_scheme(plan.scheme)
         super().check(plan, kinds=kinds, activations=activations, online=online)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quantkit.actquant import InputQuantization
 from quantkit.config_fields import field
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import QuantizedTensor, TensorSpec, tensor_class
@@ -106,6 +107,17 @@ class NativeLayout(Layout):
                 raise QuantkitError(f"checkpoint entry for {name} is incomplete or invalid: {exc}") from None
             plans[name] = LayerPlan(specs, meta, self.roles(meta), _decoder(meta, shape))
         return plans
+
+    def input_quantization(self, qc: dict) -> InputQuantization | None:
+        recorded = qc.get("input_activations")
+        if recorded is None:
+            return None
+        if not isinstance(recorded, dict):
+            raise QuantkitError(f"corrupt input_activations in quantization_config: {recorded!r} is not an object")
+        try:
+            return InputQuantization.from_record(recorded)
+        except QuantkitError as exc:
+            raise QuantkitError(f"corrupt input_activations in quantization_config: {exc}") from None
 
     def extra_specs(self, qc: dict, layers: Iterable[str]) -> dict[str, TensorSpec]:
         return placeholder_specs(layers, qc["format_version"])

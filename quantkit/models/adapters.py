@@ -110,6 +110,16 @@ class ModelAdapter:
         return [tuple(f"{spec.path}.{e}.{name}" for group in spec.linear_groups() for name in group)
                 for e in range(self.expert_count(block))]
 
+    def input_groups(self, block: nn.Module) -> list[tuple[str, ...]]:
+        """The quantized linears of ``block`` grouped by the input tensor they read: the dense groups, then each
+        expert's groups."""
+        groups = list(self.block_groups(block))
+        if self.expert_count(block):
+            spec = self.experts
+            groups += [tuple(f"{spec.path}.{e}.{name}" for name in group)
+                       for e in range(self.expert_count(block)) for group in spec.linear_groups()]
+        return groups
+
     def block_linear_names(self, block: nn.Module) -> list[str]:
         """The linears of ``block`` the engine quantizes, relative to it: dense groups, then the experts."""
         names = [name for group in self.block_groups(block) for name in group]

@@ -10,7 +10,7 @@ import torch
 
 from quantkit import defaults
 from quantkit.errors import QuantkitError
-from quantkit.formats.base import QuantizedTensor, TensorPlan
+from quantkit.formats.base import QuantizedTensor, TensorPlan, tensor_kind
 from quantkit.schemes import QuantScheme
 
 
@@ -51,7 +51,7 @@ class Quantizer(ABC):
 
     def plan(self, scheme: QuantScheme) -> TensorPlan:
         """What it makes of any weight under ``scheme``, known before it sees one (what layouts check and count)."""
-        return TensorPlan("e2m1" if scheme.is_float else "gguf" if scheme.is_gguf else "int", scheme)
+        return TensorPlan(tensor_kind(scheme), scheme)
 
     def check_scheme(self, scheme: QuantScheme) -> None:
         """Refuse, before any work, a scheme this quantizer cannot use: a number format it does not round

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantkit.actquant import activation_scheme
+from quantkit.actquant import INPUT_SCALE, InputQuantization, StaticActivations
 from quantkit.config_fields import check_type, field, read_json
 from quantkit.errors import QuantkitError
 from quantkit.export.safetensors_io import TensorReader
@@ -98,18 +98,6 @@ def _native_record(checkpoint: CheckpointConfig, key: str, what: str) -> dict | 
     return record
 
 
-def _input_scheme(checkpoint: CheckpointConfig) -> QuantScheme | None:
-    """The activation quantization a native checkpoint records, validated."""
-    recorded = _native_record(checkpoint, "input_activations", "input_activations")
-    if recorded is None:
-        return None
-    try:
-        return activation_scheme(field(recorded, "bits", int), field(recorded, "format", str),
-                                 field(recorded, "group_size", int))
-    except QuantkitError as exc:
-        raise QuantkitError(f"corrupt input_activations in quantization_config: {exc}") from None
-
-
 @dataclass
 class OnlineInputs:
     """A transform's run-time part, per layer: online map factor sizes and activation clipping ratios."""
@@ -176,9 +164,27 @@ class CheckedCheckpoint:
     headers: Headers
     model: nn.Module  # the skeleton, parameters on the meta device
     plans: dict[str, LayerPlan]
-    input_scheme: QuantScheme | None
+    inputs: InputQuantization | None
     online: OnlineInputs
     plain: list[str]  # stored tensors kept as they are (embeddings, norms, biases, ...)
+
+    @property
+    def input_scheme(self) -> QuantScheme | None:
+        """The scheme the quantized layers' inputs are quantized with (None: weight-only)."""
+        return None if self.inputs is None else self.inputs.scheme
+
+    @property
+    def input_static(self) -> StaticActivations | None:
+        """The static activation scales' description (None: none stored)."""
+        return None if self.inputs is None else self.inputs.static
+
+    def layer_buffers(self, layer: str) -> dict[str, TensorSpec]:
+        """What ``layer`` stores besides its weight's tensors (relative names): its online map's factors and
+        its static activation scale."""
+        specs = self.online.expected(layer)
+        if self.input_static is not None:
+            specs[INPUT_SCALE] = (self.input_static.scale_shape(self.plans[layer].meta["shape"][1]), torch.float32)
+        return specs
 
     @staticmethod
     def check(name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -195,20 +201,23 @@ class CheckedCheckpoint:
 
     def stored_names(self, layer: str) -> list[str]:
         """The tensors stored for a quantized layer (relative names): its own and its online factors."""
-        return [*self.plans[layer].specs, *self.online.expected(layer)]
+        return [*self.plans[layer].specs, *self.layer_buffers(layer)]
 
     def decode(self, layer: str, stored: dict[str, torch.Tensor]) -> tuple[DecodedLayer, dict[str, torch.Tensor]]:
         """A quantized layer's ``stored`` tensors (:meth:`stored_names`) checked, then decoded once (which refuses
         invalid stored values) into the in-memory quantized tensor and a QuantLinear's meta and buffers; with
-        its online factors."""
+        its :meth:`layer_buffers`, a static scale checked positive."""
         stored = {name: self.check(f"{layer}.{name}", tensor) for name, tensor in stored.items()}
         plan = self.plans[layer]
         with _naming(layer):
             decoded = plan.decode({name: stored.pop(name) for name in plan.specs})
+        scale = stored.get(INPUT_SCALE)
+        if scale is not None and not (scale > 0).all():
+            raise QuantkitError(f"tensor {layer}.{INPUT_SCALE} holds a scale that is not positive")
         return decoded, stored
 
     def layers(self) -> Iterator[tuple[str, DecodedLayer, dict[str, torch.Tensor]]]:
-        """``(layer, decoded, online factors)`` of every quantized layer, one at a time, read and :meth:`decode`d."""
+        """``(layer, decoded, layer buffers)`` of every quantized layer, one at a time, read and :meth:`decode`d."""
         with TensorReader(self.folder, self.files) as read:
             for layer in self.plans:
                 yield layer, *self.decode(layer, {name: read(f"{layer}.{name}") for name in self.stored_names(layer)})
@@ -223,14 +232,15 @@ def open_checked(path: str | Path) -> CheckedCheckpoint:
     headers = stored_headers(folder, files)
     model = build_skeleton(folder, checkpoint.model, headers)
     plans = checkpoint.layout.plan(model, checkpoint.quantization, headers)
-    input_scheme = _input_scheme(checkpoint)
+    inputs = checkpoint.layout.input_quantization(checkpoint.quantization)
     online = _online_inputs(checkpoint, plans)
     plain = {n: (tuple(t.shape), t.dtype) for n, t in plain_tensors(model, plans).items()}
+    checked = CheckedCheckpoint(folder, checkpoint, files, headers, model, plans, inputs, online, list(plain))
     expected = {**plain, **checkpoint.layout.extra_specs(checkpoint.quantization, plans)}
     for layer, plan in plans.items():
-        expected.update({f"{layer}.{name}": spec for name, spec in {**plan.specs, **online.expected(layer)}.items()})
+        expected.update({f"{layer}.{name}": spec for name, spec in {**plan.specs, **checked.layer_buffers(layer)}.items()})
     _validate(expected, files, headers)
-    return CheckedCheckpoint(folder, checkpoint, files, headers, model, plans, input_scheme, online, list(plain))
+    return checked
 
 
 def verify(path: str | Path) -> CheckedCheckpoint:
@@ -253,7 +263,7 @@ def replace_linear(model: nn.Module, layer: str, meta: dict, kernel: str,
     linear = model.get_submodule(layer)
     quant = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, meta, linear.weight.dtype,
                         backend=kernel, input_scheme=checked.input_scheme, input_transform=checked.online.sizes.get(layer),
-                        input_clip=checked.online.clip.get(layer, 1.0))
+                        input_clip=checked.online.clip.get(layer, 1.0), input_static=checked.input_static)
     setattr(model.get_submodule(parent), child, quant)
     return quant, linear.weight.dtype
 

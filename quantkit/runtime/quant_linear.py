@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantkit.actquant import fake_quantize
+from quantkit.actquant import INPUT_SCALE, StaticActivations, fake_quantize, fake_quantize_static
 from quantkit.formats.base import QuantizedTensor, tensor_class
 from quantkit.formats.kron import TRANSFORM_BUFFERS, kron_apply
 from quantkit.runtime.kernels import Kernel, build_kernel, check_backend
@@ -35,9 +35,10 @@ class QuantLinear(nn.Module):
     reused. ``dequant`` (decode, then ``F.linear``) is the reference every faster kernel is tested against.
 
     Before the kernel, the input may go through a transform's online map ``x (L ⊗ R)`` (``input_transform``
-    gives the factor sizes; the factors are float32 buffers, applied in float32) and then per-token fake
-    quantization with ``input_scheme`` and a clipping ratio ``input_clip``
-    (:func:`quantkit.actquant.fake_quantize`).
+    gives the factor sizes; the factors are float32 buffers, applied in float32) and then fake quantization
+    with ``input_scheme``: per token with a clipping ratio ``input_clip``
+    (:func:`quantkit.actquant.fake_quantize`), or with ``input_static`` by the float32 ``input_scale`` buffer
+    (:func:`quantkit.actquant.fake_quantize_static`).
 
     The weight is frozen; with autograd on, any kernel gives the input the gradient of the dequantized weight,
     and the fake quantization is straight-through (its gradient is the identity).
@@ -45,10 +46,12 @@ class QuantLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, meta: dict, dtype: torch.dtype,
                  backend: str = "auto", input_scheme: QuantScheme | None = None,
-                 input_transform: tuple[int, int] | None = None, input_clip: float = 1.0) -> None:
+                 input_transform: tuple[int, int] | None = None, input_clip: float = 1.0,
+                 input_static: StaticActivations | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features, self.meta = in_features, out_features, meta
         self.input_scheme, self.input_transform, self.input_clip = input_scheme, input_transform, input_clip
+        self.input_static = input_static
         self.backend = check_backend(backend)
         self._kernels: dict[tuple[torch.device, torch.dtype], tuple[str, Kernel]] = {}
         self.tensor_class = tensor_class(meta["kind"])
@@ -61,6 +64,10 @@ class QuantLinear(nn.Module):
             for name, size in zip(TRANSFORM_BUFFERS, input_transform):
                 self.register_buffer(name, torch.empty((size, size), dtype=torch.float32, device="meta"))
             self.kept_dtypes += TRANSFORM_BUFFERS
+        if input_static is not None:
+            self.register_buffer(INPUT_SCALE, torch.empty(input_static.scale_shape(in_features), dtype=torch.float32,
+                                                          device="meta"))
+            self.kept_dtypes.append(INPUT_SCALE)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device="meta"), requires_grad=False) if bias else None
 
     @property
@@ -116,7 +123,9 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_transform is not None:
             x = kron_apply(x.float(), self.input_transform_left, self.input_transform_right).to(x.dtype)
-        if self.input_scheme is not None:
+        if self.input_static is not None:
+            x = fake_quantize_static(x, self.input_scheme, self.input_scale)
+        elif self.input_scheme is not None:
             x = fake_quantize(x, self.input_scheme, self.input_clip)
         kernel = self._kernel(x.device, x.dtype)[1]
         y = _FrozenWeightMatmul.apply(x, kernel, self) if torch.is_grad_enabled() and x.requires_grad else kernel(x)
@@ -124,6 +133,7 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         acts = "" if self.input_scheme is None else f", input={self.input_scheme.format}{self.input_scheme.bits}"
+        acts += "" if self.input_static is None else f" static per {self.input_static.granularity}"
         if self.input_transform is not None:
             acts += f", input_transform={self.input_transform[0]}x{self.input_transform[1]}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, kind={self.meta['kind']}, "

@@ -1,27 +1,35 @@
-"""Function-preserving model rewrites run before quantization: Hadamard (QuaRot), FlatQuant, OSTQuant."""
+"""Function-preserving model rewrites run before quantization: Hadamard (QuaRot), FlatQuant, OSTQuant, and the
+per-channel scalings AWQ and SmoothQuant."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
 from quantkit.errors import QuantkitError
-from quantkit.transforms import flatquant, ostquant
+from quantkit.transforms import awq, flatquant, ostquant, smoothquant
+from quantkit.transforms.awq import AWQTransform
 from quantkit.transforms.base import AppliedTransform, Transform, TransformContext
 from quantkit.transforms.budget import TrainingBudget
 from quantkit.transforms.flatquant import FlatQuantTransform
 from quantkit.transforms.hadamard import HadamardTransform
 from quantkit.transforms.ostquant import OSTQuantTransform
+from quantkit.transforms.smoothquant import SmoothQuantTransform
 
 TRANSFORMS: dict[str, type[Transform]] = {
     "hadamard": HadamardTransform,
     "flatquant": FlatQuantTransform,
     "ostquant": OSTQuantTransform,
+    "awq": AWQTransform,
+    "smoothquant": SmoothQuantTransform,
 }
-# Training budgets of the trained transforms: sized for minutes on a CPU, or the paper's.
+# Calibration budgets of the transforms that read calibration windows: sized for minutes on a CPU, or the paper's.
 BUDGETS = {
     "flatquant": {"cpu": flatquant.CPU_BUDGET, "paper": flatquant.PAPER_BUDGET},
     "ostquant": {"cpu": ostquant.CPU_BUDGET, "paper": ostquant.PAPER_BUDGET},
+    "awq": {"cpu": awq.CPU_BUDGET, "paper": awq.PAPER_BUDGET},
+    "smoothquant": {"cpu": smoothquant.BUDGET, "paper": smoothquant.BUDGET},
 }
+ONE_PASS = ("awq", "smoothquant")  # they read the windows once: no epochs
 
 
 def make_transform(name: str, budget: str = "cpu", **overrides: int | None) -> Transform:
@@ -39,6 +47,8 @@ def make_transform(name: str, budget: str = "cpu", **overrides: int | None) -> T
     unknown = sorted(set(overrides) - set(TrainingBudget.__dataclass_fields__))
     if unknown:
         raise QuantkitError(f"unknown training budget field {unknown[0]!r}")
+    if name in ONE_PASS and "epochs" in overrides:
+        raise QuantkitError(f"transform {name} reads its calibration windows once: it takes no epochs")
     return TRANSFORMS[name](budget=replace(BUDGETS[name][budget], **overrides))
 
 

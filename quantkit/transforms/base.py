@@ -1,9 +1,10 @@
 """The transform interface: learn (or build) a :class:`~quantkit.transforms.rewrite.Rewrite`, then fuse it.
 
 A transform runs on the full-precision model before any quantizer. It first prepares the model (untied
-embeddings, folded norms), decides its rewrite, and fuses it; what stays at run time is returned: the online
-input maps of some linears, and learned clipping ratios for weights (per output row) and activations (per
-layer) that the quantizer and the activation quantizer apply.
+embeddings, folded norms), decides its rewrite, and fuses it (then clamps weights to ranges it searched,
+AWQ's clipping); what stays at run time is returned: the online input maps of some linears, and learned
+clipping ratios for weights (per output row) and activations (per layer) that the quantizer and the
+activation quantizer apply.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from quantkit.formats.kron import Kron
 from quantkit.models.adapters import ModelAdapter
 from quantkit.schemes import QuantScheme
 from quantkit.transforms.prepare import prepare
-from quantkit.transforms.rewrite import Rewrite, fuse
+from quantkit.transforms.rewrite import Rewrite, clamp_ranges, fuse
 
 CalibrationLoader = Callable[[int, int], torch.Tensor]  # (windows, tokens per window) -> token ids
 
@@ -39,10 +40,13 @@ class TransformContext:
 
 @dataclass
 class Learned:
-    """A transform's decision: the rewrite and the clipping ratios it learned (by full layer name)."""
+    """A transform's decision: the rewrite, the clipping ratios it learned and the weight ranges it searched (by
+    full layer name)."""
 
     rewrite: Rewrite
     weight_clip: dict[str, torch.Tensor] = field(default_factory=dict)
+    # the largest |w| each group of columns keeps once the rewrite is fused: [rows, groups] of the weight scheme
+    weight_range: dict[str, torch.Tensor] = field(default_factory=dict)
     act_clip: dict[str, float] = field(default_factory=dict)
     stats: dict[str, float] = field(default_factory=dict)
 
@@ -77,11 +81,16 @@ class Transform(ABC):
         """The settings that reproduce it (recorded in checkpoints)."""
         return asdict(self)  # type: ignore[call-overload]
 
-    def apply(self, ctx: TransformContext) -> AppliedTransform:
-        """Prepare the model, learn the rewrite, fuse it; the run-time remainder."""
-        ctx.adapter.transform_sites()  # refuses an architecture transforms do not apply to
+    def prepare(self, ctx: TransformContext) -> None:
+        """Make the model what :meth:`learn` expects: untied embeddings and every norm folded, by default."""
         prepare(ctx.model, ctx.adapter)
+
+    def apply(self, ctx: TransformContext) -> AppliedTransform:
+        """Prepare the model, learn the rewrite, fuse it, clamp the searched ranges; the run-time remainder."""
+        ctx.adapter.transform_sites()  # refuses an architecture transforms do not apply to
+        self.prepare(ctx)
         learned = self.learn(ctx)
         online = fuse(ctx.model, ctx.adapter, learned.rewrite)
+        clamp_ranges(ctx.model, learned.weight_range, ctx.weight_scheme)
         record = {"name": self.name, "options": self.options(), **({"training": learned.stats} if learned.stats else {})}
         return AppliedTransform(online, learned.weight_clip, learned.act_clip, record)

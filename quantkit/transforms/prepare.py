@@ -32,13 +32,20 @@ def _fold(norm: nn.Module, linears: list[nn.Linear], name: str) -> None:
     weight.fill_(1.0)
 
 
-def fold_norms(model: nn.Module, adapter: ModelAdapter) -> None:
-    """Multiply each norm's weight into the columns of the linears reading it, then set the weight to ones."""
+def fold_block_norms(model: nn.Module, adapter: ModelAdapter) -> None:
+    """Multiply each decoder block's norm weights into the columns of the linears reading them, then set the
+    weights to ones (the final norm and the head are left alone: a tied head stays tied)."""
     with torch.no_grad():
         for i, block in enumerate(adapter.get_blocks(model)):
             for norm, readers in ((adapter.sites.attention_norm, adapter.sites.attention_inputs),
                                   (adapter.sites.mlp_norm, adapter.sites.mlp_inputs)):
                 _fold(block.get_submodule(norm), [block.get_submodule(r) for r in readers], f"{adapter.blocks}.{i}.{norm}")
+
+
+def fold_norms(model: nn.Module, adapter: ModelAdapter) -> None:
+    """Multiply each norm's weight into the columns of the linears reading it, then set the weight to ones."""
+    fold_block_norms(model, adapter)
+    with torch.no_grad():
         _fold(model.get_submodule(adapter.final_norm), [model.get_submodule(adapter.lm_head)], adapter.final_norm)
 
 

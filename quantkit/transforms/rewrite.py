@@ -28,6 +28,7 @@ from torch.utils.hooks import RemovableHandle
 
 from quantkit.formats.kron import TRANSFORM_BUFFERS, Kron, kron_apply
 from quantkit.models.adapters import ModelAdapter
+from quantkit.schemes import QuantScheme
 
 
 @dataclass
@@ -133,6 +134,22 @@ def block_parameters(params: dict[str, torch.Tensor], rewrite: BlockRewrite, res
 def block_params(block: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """A block's parameters by name, detached (optionally cast)."""
     return {n: (p.detach() if dtype is None else p.detach().to(dtype)) for n, p in block.named_parameters()}
+
+
+def group_bounds(bound: torch.Tensor, scheme: QuantScheme, in_features: int) -> torch.Tensor:
+    """A ``[rows, groups]`` bound per group of columns of ``scheme`` spread over the ``in_features`` columns."""
+    size = scheme.for_columns(in_features).group_columns(in_features)
+    return bound.repeat_interleave(size, dim=1)[:, :in_features]
+
+
+def clamp_ranges(model: nn.Module, ranges: dict[str, torch.Tensor], scheme: QuantScheme) -> None:
+    """Clamp each named linear's weight into ``[-bound, bound]``, one bound per output row and group of columns
+    of ``scheme`` (``ranges[name]``: ``[rows, groups]``)."""
+    with torch.no_grad():
+        for name, bound in ranges.items():
+            weight = model.get_submodule(name).weight
+            limit = group_bounds(bound, scheme, weight.shape[1]).to(weight.dtype)
+            weight.copy_(torch.maximum(torch.minimum(weight, limit), -limit))
 
 
 def fuse(model: nn.Module, adapter: ModelAdapter, rewrite: Rewrite) -> dict[str, Kron]:

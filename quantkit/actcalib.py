@@ -1,0 +1,103 @@
+"""Static activation scales calibrated on the calibration windows, block by block.
+
+Once the weights are quantized, the windows go through the blocks in order. In each block the inputs of its
+quantized linears are observed (linears reading the same tensor share one scale: vLLM fuses q/k/v and
+gate/up into one matmul with one input scale), the scales are fixed by the observer
+(:class:`~quantkit.actquant.StaticActivations`), the block's activation quantizers are switched on, and the
+block's quantized outputs feed the next block, so every scale sees the activations the served model gives it.
+
+Observers, on ``|x|`` per tensor or per input channel: ``minmax`` over every calibration token; ``percentile``
+and ``mse`` over a random sample of :data:`SAMPLE_TOKENS` tokens per input (``mse``: the maximum times
+0.3…1 with the least squared error of :func:`~quantkit.actquant.quantize_static`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from quantkit.actquant import StaticActivations, attach_input_quantizers, quantize_static, static_limit
+from quantkit.engine.passes import BlockInputs, InputStatistics, block_outputs, input_statistics, walk_blocks
+from quantkit.errors import QuantkitError
+from quantkit.models.adapters import ModelAdapter
+from quantkit.progress import progress_bar
+from quantkit.schemes import QuantScheme
+
+SAMPLE_TOKENS = 4096
+_MSE_FACTORS = torch.linspace(0.3, 1.0, 36).tolist()
+_MIN_SCALE = 2.0**-24
+
+
+def _percentile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """The ``q``-th percentile of ``values [tokens, channels]`` per channel (``k``-th smallest, no interpolation)."""
+    k = max(1, min(values.shape[0], round(q / 100 * values.shape[0])))
+    return values.kthvalue(k, dim=0).values
+
+
+def observed_bound(stats: InputStatistics, scheme: QuantScheme, static: StaticActivations) -> torch.Tensor:
+    """The largest ``|x|`` the static grid should reach, per tensor (``[1]``) or per channel (``[in]``)."""
+    per_channel = static.granularity == "channel"
+    if static.observer == "minmax":
+        return stats.abs_max if per_channel else stats.abs_max.amax().reshape(1)
+    sample = stats.sample().abs()
+    if not per_channel:
+        sample = sample.reshape(-1, 1)
+    if static.observer == "percentile":
+        return _percentile(sample, static.percentile)
+    maximum = sample.amax(dim=0)
+    limit = static_limit(scheme)
+    best, best_err = maximum, torch.full_like(maximum, float("inf"))
+    for factor in _MSE_FACTORS:
+        bound = maximum * factor
+        err = (quantize_static(sample, scheme, (bound / limit).clamp_min(_MIN_SCALE)) - sample).pow(2).sum(dim=0)
+        better = err < best_err
+        best, best_err = torch.where(better, bound, best), torch.where(better, err, best_err)
+    return best
+
+
+def static_scale(layer: str, stats: InputStatistics | None, scheme: QuantScheme,
+                 static: StaticActivations) -> torch.Tensor:
+    """The layer's ``input_scale`` from its observed inputs; a one-line error when there are none or they are
+    not finite."""
+    if stats is None or stats.tokens == 0:
+        raise QuantkitError(f"no calibration token reached the input of {layer}, so its static activation scale "
+                            "cannot be calibrated (a rarely routed expert?): use more calibration data or dynamic "
+                            "activations")
+    bound = observed_bound(stats, scheme, static)
+    if not torch.isfinite(bound).all():
+        raise QuantkitError(f"the calibration inputs of {layer} hold NaN or infinite values: no static scale")
+    return (bound / static_limit(scheme)).clamp_min(_MIN_SCALE).float()
+
+
+def calibrate_static_inputs(model: nn.Module, adapter: ModelAdapter, layers: list[str], calib: torch.Tensor,
+                            batch_size: int, scheme: QuantScheme, static: StaticActivations,
+                            seed: int = 0) -> tuple[dict[str, torch.Tensor], list[RemovableHandle]]:
+    """Calibrate the static input scale of every named (quantized) linear of ``model`` and switch its
+    activation quantizer on (see the module docstring); the scales by layer and the hook handles."""
+    static.check_scheme(scheme)
+    wanted = set(layers)
+    generator = torch.Generator().manual_seed(seed)
+    scales: dict[str, torch.Tensor] = {}
+    handles: list[RemovableHandle] = []
+    blocks = adapter.get_blocks(model)
+    with progress_bar() as progress:
+        task = progress.add_task("static activation scales", total=len(blocks))
+
+        def calibrate_block(index: int, block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
+            prefix = f"{adapter.blocks}.{index}"
+            shared = [group for group in adapter.input_groups(block) if f"{prefix}.{group[0]}" in wanted]
+            rows = -(-SAMPLE_TOKENS // len(inputs))
+            with input_statistics(block, [group[0] for group in shared], rows, generator) as stats:
+                block_outputs(block, inputs)
+            block_scales = {}
+            for group in shared:
+                scale = static_scale(f"{prefix}.{group[0]}", stats.get(group[0]), scheme, static)
+                block_scales.update({f"{prefix}.{name}": scale for name in group})
+            scales.update(block_scales)
+            handles.extend(attach_input_quantizers(model, block_scales, scheme, scales=block_scales))
+            progress.advance(task)
+            return block_outputs(block, inputs)
+
+        walk_blocks(model, adapter, calib, batch_size, calibrate_block)
+    return scales, handles
