@@ -402,7 +402,7 @@ def test_activation_scheme_shows_in_inspect(tiny_model_dir: Path, calib_file: Pa
     quantize(str(tiny_model_dir), method="rtn", scheme=NVFP4, act_scheme=activation_scheme(4, "nvfp4"), output=out)
     info = inspect_checkpoint(out).to_dict()
     assert [s["scheme"] for s in info["schemes"]] == ["nvfp4 g16 + a4 nvfp4 g16"]
-    assert info["activations"] == {"bits": 4, "group_size": 16, "symmetric": True, "format": "nvfp4",
+    assert info["activations"] == {"bits": 4, "group_size": 16, "symmetric": True, "format": "nvfp4", "static": None,
                                    "label": "a4 nvfp4 g16"}
     assert info["online_transform"] is None
     out8 = tmp_path / "w4a8-hadamard"

@@ -20,7 +20,7 @@ from test_export_formats import CALIB, _config, quantize_tiny
 
 import quantkit
 from helpers_tokenizer import tiny_tokenizer
-from quantkit.actquant import activation_scheme, attach_input_quantizers, fake_quantize
+from quantkit.actquant import InputQuantization, activation_scheme, attach_input_quantizers, fake_quantize
 from quantkit.checkpoint_info import inspect_checkpoint
 from quantkit.errors import QuantkitError
 from quantkit.export.save import save_checkpoint
@@ -297,7 +297,7 @@ def test_w4a4_checkpoint_keeps_its_activation_quantization(tmp_path: Path) -> No
         torch.testing.assert_close(loaded(CALIB).logits, fake, rtol=0, atol=1e-5)
     for layout in ("gptq", "compressed-tensors"):
         with pytest.raises(QuantkitError, match="activation"):
-            get_layout(layout).check(activations=True)
+            get_layout(layout).check(activations=InputQuantization(act))  # NVFP4 activations: native only
 
 
 @pytest.mark.parametrize("scheme", [NVFP4, MXFP4], ids=["nvfp4", "mxfp4"])
@@ -372,7 +372,7 @@ def test_cli_quantizes_fp4_with_activations_and_refuses_bad_combinations(tmp_pat
     w4a8 = tmp_path / "w4a8"
     assert run_cli("quantize", str(tiny_model_dir), "--method", "rtn", "--format", "nvfp4", "--act-bits", "8", "-o", str(w4a8)).returncode == 0
     acts = json.loads((w4a8 / "config.json").read_text())["quantization_config"]["input_activations"]
-    assert acts == {"bits": 8, "group_size": -1, "symmetric": True, "format": "int"}  # FP4 has no 8-bit variant
+    assert acts == {"bits": 8, "group_size": -1, "symmetric": True, "format": "int", "static": None}  # FP4 has no 8-bit variant
     weight_only = tmp_path / "w4a16"
     assert run_cli("quantize", str(tiny_model_dir), "--method", "rtn", "--format", "mxfp4", "-o", str(weight_only)).returncode == 0
     proc = run_cli("export", str(weight_only), "-o", str(tmp_path / "ct"), "--layout", "compressed-tensors")

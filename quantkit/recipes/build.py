@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from quantkit import defaults
 from quantkit.errors import OptionError
 from quantkit.recipes.fields import ALLOCATION_OPTIONS, BY_PARAM, QUANTIZER_OPTIONS, TRANSFORM_OPTIONS
-from quantkit.schemes import FLOAT_FORMATS, SUPPORTED_BITS
+from quantkit.schemes import FLOAT_FORMATS, FP8_FORMAT, SUPPORTED_BITS
 
 if TYPE_CHECKING:
     from quantkit.allocation.options import AllocationOptions
@@ -51,19 +51,26 @@ def _allocation(settings: dict[str, object]) -> tuple[AllocationOptions | Alloca
 
 def run_plan(settings: dict[str, object]) -> RunPlan:
     """The run ``settings`` describe."""
-    from quantkit.actquant import activation_scheme
+    from quantkit.actquant import StaticActivations, activation_scheme
     from quantkit.runplan import CalibrationSpec, plan_run
     from quantkit.transforms import make_transform
 
     allocation, bits = _allocation(settings)
-    act_scheme = None
+    act_scheme, act_static = None, None
     if settings["act_bits"] is not None:
-        float_weights = settings["number_format"] in FLOAT_FORMATS
-        default_format = settings["number_format"] if float_weights and settings["act_bits"] == 4 else "int"
-        act_scheme = activation_scheme(settings["act_bits"], settings["act_format"] or default_format,
+        weight_format = settings["number_format"]
+        same = (weight_format in FLOAT_FORMATS and settings["act_bits"] == 4) or (
+            weight_format == FP8_FORMAT and settings["act_bits"] == 8)
+        act_scheme = activation_scheme(settings["act_bits"], settings["act_format"] or (weight_format if same else "int"),
                                        settings["act_group_size"])
-    elif settings["act_format"] is not None or settings["act_group_size"] is not None:
-        raise OptionError("--act-format and --act-group-size need --act-bits")
+    elif settings["act_format"] is not None or settings["act_group_size"] is not None or settings["act_static"]:
+        raise OptionError("--act-format, --act-group-size and --act-static need --act-bits")
+    static_options = {"granularity": settings["act_granularity"], "observer": settings["act_observer"],
+                      "percentile": settings["act_percentile"]}
+    if settings["act_static"]:
+        act_static = StaticActivations(**{k: v for k, v in static_options.items() if v is not None})
+    elif any(v is not None for v in static_options.values()):
+        raise OptionError("--act-granularity, --act-observer and --act-percentile need --act-static")
     budget = {name.removeprefix("transform_"): settings[name] for name in TRANSFORM_OPTIONS[1:]}
     transform = None
     if settings["transform"] is not None:
@@ -83,6 +90,7 @@ def run_plan(settings: dict[str, object]) -> RunPlan:
         layout=settings["layout"],
         dtype=settings["dtype"],
         act_scheme=act_scheme,
+        act_static=act_static,
         transform=transform,
         allocation=allocation,
         **{name: settings[name] for name in QUANTIZER_OPTIONS},

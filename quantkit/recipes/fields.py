@@ -6,7 +6,8 @@ import math
 from dataclasses import dataclass
 
 from quantkit import defaults
-from quantkit.actquant import ACT_BITS
+from quantkit.actquant import ACT_BITS, OBSERVERS
+from quantkit.actquant import GRANULARITIES as ACT_GRANULARITIES
 from quantkit.allocation.options import SCORES, STRATEGIES
 from quantkit.allocation.units import GRANULARITIES
 from quantkit.quantizers import QUANTIZERS
@@ -121,6 +122,10 @@ FIELDS: tuple[RecipeField, ...] = (
     RecipeField("activations", "format", "act_format", "str", allowed=SUPPORTED_FORMATS),
     RecipeField("activations", "group_size", "act_group_size", "int", minimum=1, also=(-1,),
                 note="or -1 for one scale per token"),
+    RecipeField("activations", "static", "act_static", "bool", note="calibrated static scales instead of per token"),
+    RecipeField("activations", "granularity", "act_granularity", "str", allowed=ACT_GRANULARITIES),
+    RecipeField("activations", "observer", "act_observer", "str", allowed=OBSERVERS),
+    RecipeField("activations", "percentile", "act_percentile", "float", minimum=0.0, maximum=100.0),
     RecipeField("calibration", "source", "calib", "str", default=defaults.CALIBRATION,
            note="c4, wikitext2, synthetic, or a local file or directory"),
     RecipeField("calibration", "nsamples", "nsamples", "int", minimum=1),  # default: the source's

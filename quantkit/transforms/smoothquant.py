@@ -41,7 +41,7 @@ class SmoothQuantTransform(ScalingTransform):
         blocks = adapter.get_blocks(model)
         rewrite = Rewrite(None, [])
         with progress_bar() as progress:
-            task = progress.add_task("smoothquant", total=len(blocks))
+            task = progress.add_task(self.name, total=len(blocks))
 
             def smooth_block(_index: int, block: torch.nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
                 with input_ranges(block, [site.observed for site in sites]) as ranges:
@@ -58,3 +58,4 @@ class SmoothQuantTransform(ScalingTransform):
 
             walk_blocks(model, adapter, calib, self.budget.batch_size, smooth_block)
         return Learned(rewrite)
+

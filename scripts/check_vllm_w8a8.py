@@ -1,0 +1,90 @@
+#!/usr/bin/env python
+"""Does vLLM's CPU build serve quantkit's compressed-tensors W8A8 checkpoints? SmolLM2-135M quantized by quantkit
+(RTN, 8-bit weights per output channel) with int8 and FP8 activations, static per tensor and dynamic per token,
+written with ``--layout compressed-tensors``; vLLM (in its own venv, see runtime_envs.py; float32, eager) and
+quantkit.load score the same WikiText-2 windows. Each row: both perplexities and their ratio, or the one line
+vLLM refused the checkpoint with. Static scales are calibrated on 128 x 512 tokens of the C4 validation parquet.
+
+    python scripts/check_vllm_w8a8.py [--windows 4] [--out results/check_vllm_w8a8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from check_vllm_moe import cpu  # noqa: E402
+from runtime_envs import RunnerError, ensure, run_runner  # noqa: E402
+
+from quantkit.actquant import StaticActivations, activation_scheme  # noqa: E402
+from quantkit.api import CalibrationSpec, quantize  # noqa: E402
+from quantkit.eval.perplexity import tokenize_stream  # noqa: E402
+from quantkit.models.loading import load_model  # noqa: E402
+from quantkit.schemes import QuantScheme  # noqa: E402
+from quantkit.textsources import load_eval_text  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+C4 = DATA / "c4" / "c4_validation_2k.parquet"
+WIKITEXT = DATA / "wikitext-2-raw" / "wiki.test.raw"
+console = Console(width=160)
+STATIC = StaticActivations("tensor", "minmax")
+CHECKPOINTS = {  # name -> (weights, activations, static)
+    "int8-static": (QuantScheme(8, -1, True), activation_scheme(8, "int"), STATIC),
+    "int8-dynamic": (QuantScheme(8, -1, True), activation_scheme(8, "int"), None),
+    "fp8-dynamic": (QuantScheme(8, -1, True, "fp8"), activation_scheme(8, "fp8"), None),
+    "fp8-static": (QuantScheme(8, -1, True, "fp8"), activation_scheme(8, "fp8"), STATIC),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--windows", type=int, default=4, help="WikiText-2 windows of 2048 tokens")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "check_vllm_w8a8")
+    args = parser.parse_args()
+    console.print(f"CPU: {cpu()}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    base = load_model("smollm2-135m")
+    text, _ = load_eval_text(str(WIKITEXT))
+    stream = tokenize_stream(text, base.tokenizer)
+    windows = [stream[i * 2048:(i + 1) * 2048].tolist() for i in range(args.windows)]
+    request = {"windows": windows, "prompt": windows[0][:16], "new_tokens": 4, "threads": 2,
+               "options": {"dtype": "float32", "enforce_eager": True, "max_num_seqs": 2}}
+    vllm = ensure("vllm", log=console.print)
+    results = {"cpu": cpu(), "windows": args.windows, "checkpoints": {}}
+    table = Table(title="quantkit compressed-tensors W8A8 checkpoints in vLLM CPU (float32)")
+    for column in ("checkpoint", "quantkit.load ppl", "vLLM ppl", "vLLM / quantkit", "vLLM"):
+        table.add_column(column)
+    for name, (weights, acts, static) in CHECKPOINTS.items():
+        folder = args.out / name
+        if not (folder / "config.json").is_file():
+            quantize("smollm2-135m", method="rtn", scheme=weights, act_scheme=acts, act_static=static,
+                     layout="compressed-tensors", output=folder, overwrite=True,
+                     calibration=CalibrationSpec(str(C4), 128, 512))
+        mine = run_runner({**request, "runtime": "quantkit", "model": str(folder)})
+        row = {"quantkit_ppl": math.exp(sum(mine["window_nlls"]) / len(windows))}
+        try:
+            served = run_runner({**request, "runtime": "vllm", "model": str(folder)}, vllm, log=folder / "vllm.log",
+                                env={"VLLM_CPU_KVCACHE_SPACE": "2"})
+            row |= {"vllm_ppl": math.exp(sum(served["window_nlls"]) / len(windows)), "vllm": "served",
+                    "settings": served.get("settings")}
+            row["ratio"] = row["vllm_ppl"] / row["quantkit_ppl"]
+        except RunnerError as error:
+            row |= {"vllm_ppl": None, "ratio": None, "vllm": f"refused: {str(error).lstrip(': ')}"}
+        results["checkpoints"][name] = row
+        table.add_row(name, f"{row['quantkit_ppl']:.3f}", "-" if row["vllm_ppl"] is None else f"{row['vllm_ppl']:.3f}",
+                      "-" if row["ratio"] is None else f"{row['ratio']:.4f}", row["vllm"][:80])
+        (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    console.print(table)
+    console.print(f"saved {args.out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()

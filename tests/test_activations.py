@@ -1,0 +1,346 @@
+"""Activation-aware and static-activation methods: AWQ and SmoothQuant preserve the float function, AWQ's searches
+pick what they claim, static scales match independent computations, FP8 rounds as torch's float8 does, and
+static scales survive every layout (quantkit.load gives the fake-quantized model's logits)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from quantkit import api
+from quantkit.actcalib import observed_bound, static_scale
+from quantkit.actquant import InputQuantization, StaticActivations, activation_scheme, quantize_static
+from quantkit.engine.passes import InputStatistics
+from quantkit.errors import QuantkitError
+from quantkit.formats.fp8 import FP8QuantizedTensor
+from quantkit.formats.grid import make_grid, quantize_groups
+from quantkit.layouts import get_layout
+from quantkit.models.architectures import adapter_for
+from quantkit.quantizers.base import LayerStats
+from quantkit.quantizers.gptq import GPTQQuantizer
+from quantkit.quantizers.rtn import RTNQuantizer
+from quantkit.schemes import QuantScheme
+from quantkit.transforms import make_transform
+from quantkit.transforms.awq import candidate_scales, search_clip, search_scale
+from quantkit.transforms.base import TransformContext
+from quantkit.transforms.prepare import fold_block_norms
+from quantkit.transforms.rewrite import fuse
+from quantkit.transforms.scaling import fake_quantize_weight
+from test_cli import assert_one_line_error, run_cli
+from test_transforms import _calibration, _logits, _model
+
+ADAPTER = adapter_for("llama")
+W4G16 = QuantScheme(4, 16, True)
+W8 = QuantScheme(8, -1, True)
+FP8 = QuantScheme(8, -1, True, "fp8")
+INT8, FP8_ACT = activation_scheme(8, "int"), activation_scheme(8, "fp8")
+TINY = {"nsamples": 4, "seqlen": 32, "batch_size": 2}
+OTHER_SIZES = {"intermediate_size": 168, "num_attention_heads": 3, "num_key_value_heads": 1, "hidden_size": 48}
+
+
+# --- AWQ and SmoothQuant --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["awq", "smoothquant"])
+@pytest.mark.parametrize("config", [{}, OTHER_SIZES], ids=["gqa-2", "gqa-3-to-1"])
+def test_folded_scales_preserve_the_float_function(name, config):
+    """Learned in float32, the scales fused into a float64 copy give the same logits (before any clipping or
+    quantization), and they are not the identity."""
+    model = _model(**config)
+    reference = copy.deepcopy(model).double()
+    expected = _logits(reference)
+    fold_block_norms(model, ADAPTER)
+    learned = make_transform(name, **TINY).learn(TransformContext(model, ADAPTER, W4G16, None, _calibration()))
+    fold_block_norms(reference, ADAPTER)
+    assert fuse(reference, ADAPTER, learned.rewrite) == {}  # nothing left at run time
+    torch.testing.assert_close(_logits(reference), expected, rtol=0, atol=1e-9)
+    block = learned.rewrite.blocks[0]
+    assert block.value_scale.numel() == reference.model.layers[0].self_attn.v_proj.out_features  # per kv channel
+    for scale in (block.attention_scale, block.value_scale, block.mlp_scale, block.up_scale):
+        assert (scale > 0).all() and not torch.allclose(scale, torch.ones_like(scale))
+
+
+def test_awq_apply_keeps_the_head_tied_and_clamps_all_but_query_and_key():
+    model = _model()
+    before = copy.deepcopy(model)
+    applied = make_transform("awq", **TINY).apply(TransformContext(model, ADAPTER, W4G16, None, _calibration()))
+    assert not applied.has_online() and applied.record["name"] == "awq"
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # scaling transforms leave the head alone
+    assert torch.equal(model.model.norm.weight, before.model.norm.weight)
+    for name in ("q_proj", "k_proj"):  # scaled (their norm moved), never clamped: the same function as before
+        scaled = model.model.layers[0].self_attn.get_submodule(name).weight
+        original = before.model.layers[0].self_attn.get_submodule(name).weight * before.model.layers[0].input_layernorm.weight
+        norm = model.model.layers[0].input_layernorm.weight
+        torch.testing.assert_close(scaled * norm, original, rtol=1e-5, atol=1e-6)
+    clipped = 0
+    for name in ("self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+        for i in range(2):
+            new, old = (m.model.layers[i].get_submodule(name).weight for m in (model, before))
+            clipped += int((new.abs().amax(dim=1) < old.abs().amax(dim=1) * 0.999).sum())
+    assert clipped > 0, "the clipping search shrank some ranges"
+
+
+def test_awq_scale_search_never_loses_to_no_scaling():
+    """The identity is a candidate: the chosen scale's output error is at most the unscaled one's (an
+    independent evaluation of both)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=generator)
+    x[:, :4] *= 20  # salient channels: scaling their weights up pays
+    w = torch.randn(32, 64, generator=generator)
+
+    def output(weights):
+        return x @ weights[0].T
+
+    def error(s):
+        return (output([fake_quantize_weight(w * s, W4G16) / s]) - output([w])).pow(2).mean()
+
+    s = search_scale(x.abs().mean(0), w.abs().mean(0), [w], output, lambda v: v, W4G16, 20)
+    assert error(s) <= error(torch.ones(64)) * (1 + 1e-6)
+    assert error(s) < error(torch.ones(64)) * 0.75
+    assert len(candidate_scales(torch.rand(8) + 0.1, torch.rand(8) + 0.1, 20)) == 21
+
+
+def test_awq_clip_search_lowers_each_groups_output_error():
+    generator = torch.Generator().manual_seed(1)
+    w = torch.randn(16, 48, generator=generator)
+    w[:, 5] *= 6  # an outlier column: clipping it pays
+    x = torch.randn(128, 48, generator=generator)
+    bound = search_clip(w, x, W4G16, 20)
+    amax = w.abs().reshape(16, 3, 16).amax(-1)
+    assert bound.shape == (16, 3) and (bound <= amax).all() and (bound >= amax * 0.5).all()
+
+    def group_error(weight):
+        delta = (fake_quantize_weight(weight, W4G16) - w).reshape(16, 3, 16)
+        return torch.einsum("tgc,ogc->ogt", x.reshape(128, 3, 16), delta).pow(2).mean(-1)
+
+    limit = bound.repeat_interleave(16, dim=1)
+    assert (group_error(w.clamp(-limit, limit)) <= group_error(w) + 1e-6).all()
+    assert (bound < amax).any()
+
+
+def test_transforms_reading_windows_once_refuse_epochs():
+    with pytest.raises(QuantkitError, match="reads its calibration windows once"):
+        make_transform("awq", epochs=2)
+
+
+# --- static scales ------------------------------------------------------------------------------------------------
+
+
+def _statistics(x: torch.Tensor) -> InputStatistics:
+    a = x.abs()
+    return InputStatistics(a.sum(0, dtype=torch.float64), a.amax(0), x.shape[0], [x])
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_observers_match_independent_computations(granularity):
+    x = torch.randn(1000, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64).float()
+    x[3, 2] = 40.0  # one outlier token
+    stats = _statistics(x)
+    per_channel = granularity == "channel"
+    minmax = observed_bound(stats, INT8, StaticActivations(granularity, "minmax"))
+    torch.testing.assert_close(minmax, x.abs().amax(0) if per_channel else x.abs().amax().reshape(1))
+    pct = observed_bound(stats, INT8, StaticActivations(granularity, "percentile", 99.0))
+    values = x.abs().double().numpy() if per_channel else x.abs().double().reshape(-1, 1).numpy()
+    import numpy as np
+
+    expected = torch.from_numpy(np.percentile(values, 99.0, axis=0, method="inverted_cdf")).float()
+    torch.testing.assert_close(pct, expected)
+    mse = observed_bound(stats, INT8, StaticActivations(granularity, "mse"))
+
+    def err(bound):
+        return (quantize_static(x, INT8, bound / 127) - x).pow(2).sum()
+
+    assert err(mse) <= err(minmax) and (mse <= minmax).all()
+    scale = static_scale("layer", stats, INT8, StaticActivations(granularity, "minmax"))
+    torch.testing.assert_close(scale, minmax / 127)
+
+
+def test_static_quantization_matches_the_float64_and_float8_references():
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(3)) * 3
+    scale = torch.tensor([0.02])
+    reference = (x.double() / 0.02).round().clamp(-128, 127) * 0.02
+    torch.testing.assert_close(quantize_static(x, INT8, scale).double(), reference, rtol=1e-6, atol=1e-7)
+    fp8 = (x / 0.02).clamp(-448, 448).to(torch.float8_e4m3fn).float() * 0.02
+    assert torch.equal(quantize_static(x, FP8_ACT, scale), fp8)
+    int4 = quantize_static(x, activation_scheme(4, "int"), torch.tensor([1.0]))
+    assert int4.min() >= -8 and int4.max() <= 7
+
+
+def test_missing_or_non_finite_statistics_are_one_line_errors():
+    with pytest.raises(QuantkitError, match="no calibration token reached the input of L"):
+        static_scale("L", None, INT8, StaticActivations())
+    x = torch.ones(4, 3)
+    x[1, 1] = float("nan")
+    with pytest.raises(QuantkitError, match="inputs of L hold NaN or infinite values"):
+        static_scale("L", _statistics(x), INT8, StaticActivations())
+    with pytest.raises(QuantkitError, match="static activation scales are for int or fp8"):
+        StaticActivations().check_scheme(activation_scheme(4, "nvfp4"))
+
+
+# --- FP8 weights ----------------------------------------------------------------------------------------------------
+
+
+def test_fp8_grid_rounds_as_torchs_float8_cast_and_gptq_beats_rtn():
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(4))
+    qt = RTNQuantizer().quantize(w, LayerStats(), FP8)
+    assert isinstance(qt, FP8QuantizedTensor)
+    scale = w.abs().amax(1, keepdim=True) / 448
+    torch.testing.assert_close(qt.dequantize(), (w / scale).to(torch.float8_e4m3fn).float() * scale)
+    x = torch.randn(512, 64, generator=torch.Generator().manual_seed(5)) @ torch.randn(64, 64,
+                                                                                       generator=torch.Generator().manual_seed(6))
+    hessian = (2 * x.T.double() @ x.double() / 512)
+    stats = LayerStats(hessian=hessian, tokens=512)
+    gptq = GPTQQuantizer().quantize(w, stats, FP8).dequantize()
+
+    def out_error(q):
+        return (x @ (q - w).T).pow(2).mean()
+
+    assert out_error(gptq) < out_error(qt.dequantize())
+    params = make_grid(FP8, w).fit(w.reshape(24, 1, 64))
+    torch.testing.assert_close(params[0].reshape(24, 1), scale)
+    assert torch.equal(quantize_groups(make_grid(FP8, w), w)[2], qt.dequantize())
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------------------
+
+
+def _tokens() -> torch.Tensor:
+    return torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(7))
+
+
+def _quantize(tiny_model_dir, calib_file, out, scheme, act, static, layout="native", method="rtn", transform=None):
+    return api.quantize(str(tiny_model_dir), method=method, scheme=scheme, output=out, layout=layout, act_scheme=act,
+                        act_static=static, calibration=api.CalibrationSpec(str(calib_file), 4, 32),
+                        transform=None if transform is None else make_transform(transform, **TINY))
+
+
+CASES = [  # (layout, weights, activations, static, method, transform)
+    ("native", W8, INT8, StaticActivations("tensor", "minmax"), "rtn", None),
+    ("native", W4G16, INT8, StaticActivations("channel", "percentile"), "gptq", None),
+    ("native", FP8, FP8_ACT, StaticActivations("tensor", "mse"), "gptq", None),
+    ("native", QuantScheme(4, -1, True), activation_scheme(4, "int"), StaticActivations("channel", "mse"), "rtn", None),
+    ("compressed-tensors", W8, INT8, StaticActivations("tensor", "minmax"), "gptq", "smoothquant"),
+    ("compressed-tensors", W8, INT8, None, "rtn", None),
+    ("compressed-tensors", FP8, FP8_ACT, StaticActivations("tensor", "percentile"), "rtn", None),
+    ("compressed-tensors", FP8, FP8_ACT, None, "gptq", None),
+    ("compressed-tensors", W4G16, INT8, StaticActivations("tensor", "minmax"), "gptq", "awq"),
+]
+
+
+@pytest.mark.parametrize(("layout", "scheme", "act", "static", "method", "transform"), CASES,
+                         ids=[f"{c[0]}-{c[1].format}{c[1].bits}-a{c[2].format}-{c[3].granularity if c[3] else 'dynamic'}"
+                              f"-{c[4]}{'-' + c[5] if c[5] else ''}" for c in CASES])
+def test_static_scales_round_trip_and_load_as_the_fake_quantized_model(tiny_model_dir, calib_file, tmp_path, layout,
+                                                                       scheme, act, static, method, transform):
+    out = tmp_path / "ckpt"
+    result = _quantize(tiny_model_dir, calib_file, out, scheme, act, static, layout, method, transform)
+    with torch.no_grad():
+        expected = result.model(input_ids=_tokens()).logits
+        for handle in result.input_quantizers:
+            handle.remove()
+        weight_only = result.model(input_ids=_tokens()).logits
+    assert not torch.allclose(expected, weight_only, atol=1e-4), "the activations really are quantized"
+    loaded = api.load(out)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=_tokens()).logits, expected, rtol=0, atol=1e-5)
+    layer = loaded.get_submodule("model.layers.1.mlp.down_proj")
+    assert layer.input_static == static
+    if static is not None:
+        stored = load_file(out / "model.safetensors")
+        assert torch.equal(stored["model.layers.1.mlp.down_proj.input_scale"], layer.input_scale)
+        assert torch.equal(stored["model.layers.0.self_attn.q_proj.input_scale"],
+                           stored["model.layers.0.self_attn.k_proj.input_scale"])  # one input, one scale
+    assert get_layout(layout).input_quantization(
+        json.loads((out / "config.json").read_text())["quantization_config"]) == InputQuantization(act, static)
+    native = tmp_path / "native"
+    api.export(out, native, "native")
+    with torch.no_grad():
+        torch.testing.assert_close(api.load(native)(input_ids=_tokens()).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_compressed_tensors_w8a8_config_is_what_vllm_reads(tiny_model_dir, calib_file, tmp_path):
+    out = tmp_path / "ct"
+    _quantize(tiny_model_dir, calib_file, out, W8, INT8, StaticActivations(), "compressed-tensors")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    group = qc["config_groups"]["group_0"]
+    assert group["format"] == "int-quantized" and group["input_activations"] == {
+        "num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "tensor", "dynamic": False,
+        "observer": "minmax"}
+    stored = load_file(out / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj"
+    assert stored[f"{name}.weight"].dtype == torch.int8 and stored[f"{name}.weight_scale"].shape == (64, 1)
+    assert stored[f"{name}.input_scale"].shape == (1,) and stored[f"{name}.input_scale"].dtype == torch.float32
+
+
+@pytest.mark.parametrize(("layout", "act", "static", "message"), [
+    ("gptq", INT8, StaticActivations(), "the gptq layout cannot record"),
+    ("compressed-tensors", INT8, StaticActivations("channel"), r"per tensor \(vLLM refuses per-channel"),
+    ("compressed-tensors", activation_scheme(4, "int"), None, "8-bit int or fp8 activations"),
+])
+def test_layouts_refuse_activations_they_cannot_record_before_work(tiny_model_dir, tmp_path, layout, act, static, message):
+    with pytest.raises(QuantkitError, match=message):
+        api.plan_run("rtn", W8, layout=layout, act_scheme=act, act_static=static)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda t: t.__setitem__("model.layers.0.mlp.up_proj.input_scale", torch.tensor([float("nan")])), "contains NaN"),
+    (lambda t: t.__setitem__("model.layers.0.mlp.up_proj.input_scale", torch.tensor([-1.0])), "not positive"),
+    (lambda t: t.pop("model.layers.0.mlp.up_proj.input_scale"), "missing 1 tensor"),
+    (lambda t: t.__setitem__("model.layers.0.mlp.up_proj.input_scale", torch.ones(2)), "has shape [2]"),
+])
+def test_bad_static_scales_in_a_checkpoint_are_refused(tiny_model_dir, calib_file, tmp_path, edit, message):
+    out = tmp_path / "ckpt"
+    _quantize(tiny_model_dir, calib_file, out, W8, INT8, StaticActivations())
+    tensors = load_file(out / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    assert_one_line_error(run_cli("inspect", str(out)), message)
+
+
+def test_cli_static_w8a8_and_its_refusals(tiny_model_dir, calib_file, tmp_path):
+    out = tmp_path / "w8a8"
+    proc = run_cli("quantize", str(tiny_model_dir), "--method", "rtn", "--bits", "8", "--group-size", "-1",
+                   "--act-bits", "8", "--act-static", "--act-observer", "percentile", "--act-percentile", "99.9",
+                   "--transform", "smoothquant", "--transform-nsamples", "4", "--transform-seqlen", "32",
+                   "--calib", str(calib_file), "--nsamples", "4", "--seqlen", "32", "--layout", "compressed-tensors",
+                   "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "a8 int static per-tensor" in proc.stdout
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["config_groups"]["group_0"]["input_activations"]["observer"] == "percentile"
+    for args, message in [
+        (["--act-observer", "mse"], "need --act-static"),
+        (["--act-static"], "need --act-bits"),
+        (["--act-bits", "8", "--act-static", "--act-granularity", "channel", "--layout", "compressed-tensors"],
+         "per tensor"),
+        (["--act-bits", "8", "--act-static", "--act-observer", "median"], "--act-observer 'median' is not allowed"),
+    ]:
+        bad = run_cli("quantize", str(tiny_model_dir), "--method", "rtn", "--bits", "8", "-o", str(tmp_path / "bad"),
+                      *args)
+        assert_one_line_error(bad, message)
+        assert not (tmp_path / "bad").exists()
+
+
+def test_static_activations_refuse_streaming(tiny_model_dir, tmp_path):
+    with pytest.raises(QuantkitError, match="--offload disk cannot work with static activation scales"):
+        api.quantize(str(tiny_model_dir), method="rtn", scheme=W8, act_scheme=INT8, act_static=StaticActivations(),
+                     output=tmp_path / "s", offload="disk", calibration=api.CalibrationSpec("synthetic", 2, 16))
+
+
+def test_native_record_round_trips_and_old_records_read_as_dynamic():
+    inputs = InputQuantization(FP8_ACT, StaticActivations("channel", "mse", 99.5))
+    assert InputQuantization.from_record(json.loads(json.dumps(inputs.record()))) == inputs
+    old = {"bits": 4, "group_size": -1, "symmetric": True, "format": "int"}  # before static scales existed
+    assert InputQuantization.from_record(old) == InputQuantization(activation_scheme(4, "int"))
+    with pytest.raises(QuantkitError, match="unknown activation observer"):
+        InputQuantization.from_record({**old, "bits": 8, "static": {"granularity": "tensor", "observer": "median"}})
+
+
+def test_fp8_weight_checkpoint_is_refused_by_gptq_layout(tmp_path: Path):
+    with pytest.raises(QuantkitError, match="the gptq layout cannot hold fp8 layers|holds only integer-grid"):
+        api.plan_run("rtn", FP8, layout="gptq")
