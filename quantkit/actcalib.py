@@ -1,10 +1,13 @@
 """Static activation scales calibrated on the calibration windows, block by block.
 
-Once the weights are quantized, the windows go through the blocks in order. In each block the inputs of its
-quantized linears are observed (linears reading the same tensor share one scale: vLLM fuses q/k/v and
-gate/up into one matmul with one input scale), the scales are fixed by the observer
-(:class:`~quantkit.actquant.StaticActivations`), the block's activation quantizers are switched on, and the
-block's quantized outputs feed the next block, so every scale sees the activations the served model gives it.
+Once the weights are quantized, the windows go through the blocks in order, one forward pass per block with
+the batches in lockstep (:func:`~quantkit.engine.passes.lockstep_outputs`). At each input of the block's
+quantized linears (linears reading the same tensor share one scale: vLLM fuses q/k/v and gate/up into one
+matmul with one input scale) the batches stop until all have been observed; the observer
+(:class:`~quantkit.actquant.StaticActivations`) fixes the scale, the input's quantizer is switched on, and the
+batches go on with quantized inputs, so every scale sees the activations the served model gives it, and the
+block's quantized outputs feed the next block. Routed experts, which not every batch reaches, are observed over
+the whole pass instead; a block with experts then runs once more with their quantizers on.
 
 Observers, on ``|x|`` per tensor or per input channel: ``minmax`` over every calibration token; ``percentile``
 and ``mse`` over a random sample of :data:`SAMPLE_TOKENS` tokens per input (``mse``: the maximum times
@@ -17,8 +20,21 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from quantkit.actquant import StaticActivations, attach_input_quantizers, quantize_static, static_limit
-from quantkit.engine.passes import BlockInputs, InputStatistics, block_outputs, input_statistics, walk_blocks
+from quantkit.actquant import (
+    StaticActivations,
+    attach_input_quantizers,
+    fake_quantize_static,
+    quantize_static,
+    static_limit,
+)
+from quantkit.engine.passes import (
+    BlockInputs,
+    InputStatistics,
+    block_outputs,
+    input_statistics,
+    lockstep_outputs,
+    walk_blocks,
+)
 from quantkit.errors import QuantkitError
 from quantkit.models.adapters import ModelAdapter
 from quantkit.progress import progress_bar
@@ -87,17 +103,36 @@ def calibrate_static_inputs(model: nn.Module, adapter: ModelAdapter, layers: lis
         def calibrate_block(index: int, block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
             prefix = f"{adapter.blocks}.{index}"
             shared = [group for group in adapter.input_groups(block) if f"{prefix}.{group[0]}" in wanted]
+            routed = {name for expert in adapter.expert_groups(block) for name in expert}
+            dense = [group for group in shared if group[0] not in routed]
             rows = -(-SAMPLE_TOKENS // len(inputs))
-            with input_statistics(block, [group[0] for group in shared], rows, generator) as stats:
-                block_outputs(block, inputs)
-            block_scales = {}
-            for group in shared:
+
+            def settle(group: tuple[str, ...], stats: dict[str, InputStatistics], rest: tuple[str, ...]) -> None:
+                """Fix the group's scale and switch its quantizers on (``rest``: the linears it is attached to now)."""
                 scale = static_scale(f"{prefix}.{group[0]}", stats.get(group[0]), scheme, static)
-                block_scales.update({f"{prefix}.{name}": scale for name in group})
-            scales.update(block_scales)
-            handles.extend(attach_input_quantizers(model, block_scales, scheme, scales=block_scales))
+                scales.update({f"{prefix}.{name}": scale for name in group})
+                handles.extend(attach_input_quantizers(model, [f"{prefix}.{n}" for n in rest], scheme, scales=scales))
+
+            def install(rendezvous) -> list:
+                """At each dense group's first linear: wait for every batch, settle, go on quantized."""
+                def hook_for(group: tuple[str, ...]):
+                    def hook(_module: nn.Module, args: tuple) -> tuple:
+                        rendezvous(lambda: settle(group, stats, group[1:]))
+                        return (fake_quantize_static(args[0], scheme, scales[f"{prefix}.{group[0]}"]), *args[1:])
+
+                    return hook
+
+                return [block.get_submodule(group[0]).register_forward_pre_hook(hook_for(group)) for group in dense]
+
+            with input_statistics(block, [group[0] for group in shared], rows, generator) as stats:
+                outputs = lockstep_outputs(block, inputs, install)
+            for group in dense:
+                handles.extend(attach_input_quantizers(model, [f"{prefix}.{group[0]}"], scheme, scales=scales))
+            late = [group for group in shared if group[0] in routed]
+            for group in late:
+                settle(group, stats, group)
             progress.advance(task)
-            return block_outputs(block, inputs)
+            return block_outputs(block, inputs) if late else outputs
 
         walk_blocks(model, adapter, calib, batch_size, calibrate_block)
     return scales, handles

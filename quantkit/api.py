@@ -27,6 +27,8 @@ from quantkit.export.atomic import check_output_dir, check_output_file
 from quantkit.export.save import model_dtype, save_checkpoint
 from quantkit.export.writer import estimated_bytes
 from quantkit.formats.base import QuantizedTensor
+from quantkit.kvcache import KVCacheQuantization
+from quantkit.kvcache import calibrate as calibrate_kv_cache
 from quantkit.layouts import Layout, get_layout
 from quantkit.layouts.native import FORMAT_VERSION as NATIVE_FORMAT_VERSION
 from quantkit.models.architectures import adapter_for
@@ -91,6 +93,7 @@ def quantize(
     devices: Sequence[str] | None = None,
     trust_remote_code: bool = False,
     act_static: StaticActivations | None = None,
+    kv_cache: KVCacheQuantization | None = None,
     **quantizer_options,
 ) -> QuantizeResult:
     """Quantize ``model`` (hub id, directory, GGUF file or built-in alias, or one already loaded); write a
@@ -99,7 +102,8 @@ def quantize(
     ``scheme`` defaults to the method's usual one (:meth:`Quantizer.default_scheme`). ``act_scheme`` quantizes
     the inputs of every quantized linear (fake quantization, see :mod:`quantkit.actquant`), in the returned
     model and in the checkpoint: per token, or with ``act_static`` by static scales calibrated on the
-    calibration windows once the weights are quantized (:mod:`quantkit.actcalib`). ``transform`` (see :mod:`quantkit.transforms`) rewrites the model
+    calibration windows once the weights are quantized (:mod:`quantkit.actcalib`). ``kv_cache`` rounds keys and
+    values with static scales calibrated last, on the model as served (:mod:`quantkit.kvcache`). ``transform`` (see :mod:`quantkit.transforms`) rewrites the model
     first (or, given as an :class:`AppliedTransform`, was already fused into the loaded ``model``); its online
     input maps run in the returned model and are stored in the checkpoint. ``layout`` is
     ``native``, ``gptq`` (v1) or ``compressed-tensors``; a scheme the layout cannot express is refused before
@@ -117,7 +121,7 @@ def quantize(
     """
     run = plan_run(method, scheme, calibration=calibration, seed=seed, true_sequential=true_sequential, layout=layout,
                    dtype=dtype, act_scheme=act_scheme, transform=transform, allocation=allocation, act_static=act_static,
-                   **quantizer_options)
+                   kv_cache=kv_cache, **quantizer_options)
     return quantize_run(model, run, output, overwrite, offload, devices, trust_remote_code)
 
 
@@ -197,6 +201,9 @@ def quantize_run(model: str | LoadedModel, run: RunPlan, output: str | Path | No
                                                calibration_batch(calib, options), act_scheme, run.act_static, seed)
     elif act_scheme is not None:
         hooks = attach_input_quantizers(loaded.model, quantized, act_scheme, applied.act_clip if applied else None)
+    if run.kv_cache is not None:
+        with phase(f"KV-cache scales ({run.kv_cache.format}, per {run.kv_cache.granularity})", seconds, "kv cache"):
+            calibrate_kv_cache(loaded.model, loaded.adapter, run.kv_cache, calib, calibration_batch(calib, options))
     config = _quantization_record(run, loaded.source, mixed=plan is not None)
     config["transform"] = (
         {**applied.record, "online": {layer: list(k.sizes) for layer, k in applied.online.items()},
@@ -259,6 +266,7 @@ def _quantization_record(run: RunPlan, source: str, mixed: bool = False) -> dict
         "quantizer": run.quantizer.options(scheme),
         "scheme": {**scheme.to_dict(), "bits": None} if mixed else scheme.to_dict(),
         "input_activations": run.inputs.record() if run.inputs is not None else None,
+        "kv_cache": run.kv_cache.record() if run.kv_cache is not None else None,
         "calibration": (
             {"source": calibration.source, "nsamples": calibration.nsamples, "seqlen": calibration.seqlen,
              "true_sequential": run.true_sequential}
@@ -285,7 +293,8 @@ def _quantize_offloaded(model: str | LoadedModel, run: RunPlan, offload: str, ou
                (run.layout != "native", f"the {run.layout} layout (write native, then `quantkit export`)"),
                (run.transform is not None, "a transform (it rewrites the whole model at once)"),
                (run.allocation is not None, "a bit allocation (it measures the whole model at once)"),
-               (run.act_static is not None, "static activation scales (they are calibrated on the whole model)")]
+               (run.act_static is not None, "static activation scales (they are calibrated on the whole model)"),
+               (run.kv_cache is not None, "KV-cache quantization (it is calibrated on the whole model)")]
     for condition, what in refused:
         if condition:
             raise QuantkitError(f"--offload disk cannot work with {what}")
@@ -326,7 +335,7 @@ def _calibrates(run: RunPlan) -> bool:
     """Whether quantizing, allocating bits or calibrating static activation scales reads calibration windows
     (of ``--nsamples × --seqlen``)."""
     allocation = run.allocation
-    return (run.quantizer.needs_calibration or run.act_static is not None
+    return (run.quantizer.needs_calibration or run.act_static is not None or run.kv_cache is not None
             or (isinstance(allocation, AllocationOptions) and allocation.needs_calibration))
 
 
@@ -451,8 +460,10 @@ def export(source: str | Path, output: str | Path, layout: str, overwrite: bool 
     if checkpoint.layout.name == "native":
         config = {k: v for k, v in qc.items() if k not in ("quant_method", "format", "format_version", "layers")}
     else:
+        kv = checkpoint.layout.kv_cache(qc)
         config = {"method": checkpoint.layout.name, "source_quantization_config": qc,
-                  "input_activations": None if inputs is None else inputs.record()}
+                  "input_activations": None if inputs is None else inputs.record(),
+                  "kv_cache": None if kv is None else kv.record()}
     save_checkpoint(layout, Path(output), model, tokenizer, quantized, config, overwrite=overwrite,
                     source_file=source_gguf(config.get("source")))
     if not writer.single_file:

@@ -155,6 +155,8 @@ def quantize(
     act_granularity: Annotated[str | None, typer.Option(metavar=_choices("act_granularity"), help="Static activation scales per tensor (default; what vLLM serves) or per input channel.")] = None,
     act_observer: Annotated[str | None, typer.Option(metavar=_choices("act_observer"), help="How static scales are calibrated: minmax (default), percentile of |x|, or mse (the clipping with the least error).")] = None,
     act_percentile: Annotated[float | None, typer.Option(help="The percentile of |x| that --act-observer percentile maps to the grid's largest value (default 99.99).")] = None,
+    kv_format: Annotated[str | None, typer.Option(metavar=_choices("kv_format"), help="Quantize the KV cache to 8 bits: int or fp8 (E4M3), keys after RoPE and values, with static scales calibrated on the calibration windows (default: float KV cache).")] = None,
+    kv_granularity: Annotated[str | None, typer.Option(metavar=_choices("kv_granularity"), help="KV-cache scales per layer (tensor, default; what compressed-tensors and vLLM hold) or per key/value head.")] = None,
     outlier_threshold: Annotated[float | None, typer.Option(help="SpQR: relative outlier threshold; higher keeps fewer outliers, inf none (default 0.2).")] = None,
     simplified_outliers: Annotated[bool | None, typer.Option("--simplified-outliers/--loo-outliers", help="SpQR: skip the leave-one-out pre-detection (faster, usually a little worse).")] = None,
     stat_bits: Annotated[int | None, typer.Option(help="SpQR: bits of the quantized scales and zero points (default 3).")] = None,

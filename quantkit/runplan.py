@@ -13,6 +13,7 @@ from quantkit.allocation.options import AllocationOptions
 from quantkit.allocation.plan import AllocationPlan
 from quantkit.calib import check_source, default_windows
 from quantkit.errors import OptionError, QuantkitError
+from quantkit.kvcache import KVCacheQuantization
 from quantkit.layouts import Layout, get_layout
 from quantkit.progress import warn
 from quantkit.quantizers import make_quantizer
@@ -65,6 +66,7 @@ class RunPlan:
     transform: Transform | AppliedTransform | None
     allocation: Allocation
     act_static: StaticActivations | None = None
+    kv_cache: KVCacheQuantization | None = None
 
     @property
     def writer(self) -> Layout:
@@ -126,13 +128,15 @@ def plan_run(
     transform: Transform | AppliedTransform | None = None,
     allocation: Allocation = None,
     act_static: StaticActivations | None = None,
+    kv_cache: KVCacheQuantization | None = None,
     **quantizer_options,
 ) -> RunPlan:
     """The one way a run is resolved. ``scheme`` (else ``bits`` in ``number_format`` with the method's usual
     group size and symmetry where not given; an allocation's smallest width by default) and every scheme an
     allocation may choose are checked against the quantizer and the layout, with the activations and the
     transform's online maps, before anything is loaded. ``act_static`` calibrates static scales for
-    ``act_scheme`` (see :mod:`quantkit.actcalib`)."""
+    ``act_scheme`` (see :mod:`quantkit.actcalib`); ``kv_cache`` calibrates static KV-cache scales
+    (:mod:`quantkit.kvcache`)."""
     quantizer = make_quantizer(method, **quantizer_options)
     if act_static is not None:
         if act_scheme is None:
@@ -149,7 +153,9 @@ def plan_run(
         quantizer.check_scheme(candidate)
         writer.check(quantizer.plan(candidate), activations=inputs,
                      online=transform is not None and transform.has_online())
+    if kv_cache is not None:
+        writer.check_kv_cache(kv_cache)
     warn_runtimes(writer, candidates, [quantizer.plan(c).column_groups for c in candidates])
     unquantized_dtype(dtype, torch.float32)  # refused before any work
     return RunPlan(method, quantizer, scheme, tuple(candidates), calibration or CalibrationSpec(), seed,
-                   true_sequential, layout, dtype, act_scheme, transform, allocation, act_static)
+                   true_sequential, layout, dtype, act_scheme, transform, allocation, act_static, kv_cache)

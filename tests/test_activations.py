@@ -18,6 +18,7 @@ from quantkit.actquant import InputQuantization, StaticActivations, activation_s
 from quantkit.engine.passes import InputStatistics
 from quantkit.errors import QuantkitError
 from quantkit.formats.fp8 import FP8QuantizedTensor
+from quantkit.kvcache import KVCacheQuantization
 from quantkit.formats.grid import make_grid, quantize_groups
 from quantkit.layouts import get_layout
 from quantkit.models.architectures import adapter_for
@@ -344,3 +345,71 @@ def test_native_record_round_trips_and_old_records_read_as_dynamic():
 def test_fp8_weight_checkpoint_is_refused_by_gptq_layout(tmp_path: Path):
     with pytest.raises(QuantkitError, match="the gptq layout cannot hold fp8 layers|holds only integer-grid"):
         api.plan_run("rtn", FP8, layout="gptq")
+
+
+# --- KV cache ---------------------------------------------------------------------------------------------------------
+
+
+KV_CASES = [("native", KVCacheQuantization("int", "head")), ("native", KVCacheQuantization("fp8", "tensor")),
+            ("compressed-tensors", KVCacheQuantization("fp8", "tensor"))]
+
+
+@pytest.mark.parametrize(("layout", "kv"), KV_CASES, ids=[f"{c[0]}-{c[1].format}-{c[1].granularity}" for c in KV_CASES])
+def test_kv_cache_scales_round_trip_and_serve_generation(tiny_model_dir, calib_file, tmp_path, layout, kv):
+    out = tmp_path / "kv"
+    act = INT8 if layout == "compressed-tensors" else None
+    result = api.quantize(str(tiny_model_dir), method="rtn", scheme=W8, output=out, layout=layout, kv_cache=kv,
+                          act_scheme=act, calibration=api.CalibrationSpec(str(calib_file), 4, 32))
+    model = result.model
+    with torch.no_grad():
+        expected = model(input_ids=_tokens()).logits
+    attention = model.model.layers[0].self_attn
+    kv_heads = model.config.num_key_value_heads
+    assert attention.k_scale.shape == ((kv_heads,) if kv.granularity == "head" else (1,))
+    stored = load_file(out / "model.safetensors")
+    assert stored["model.layers.1.self_attn.v_scale"].dtype == torch.float32
+    loaded = api.load(out)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=_tokens()).logits, expected, rtol=0, atol=1e-5)
+        # the cached path (one token at a time) reads the same rounded keys and values as the full forward
+        prompt = _tokens()[:1, :12]
+        generated = loaded.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False)
+        full = loaded(input_ids=generated[:, :-1]).logits[0, -4:].argmax(-1)
+        assert torch.equal(full, generated[0, -4:])
+    # the scale maps the largest |key| the calibration windows give (recomputed here) onto the grid's extreme
+    from quantkit.calib import load_calibration
+    from quantkit.kvcache import _wrap
+
+    peaks = []
+
+    def record(module, key, value):
+        if module is attention:
+            peaks.append(key.abs().amax(dim=(0, 2, 3)))
+        return key, value
+
+    windows = load_calibration(str(calib_file), result.tokenizer, 4, 32, 0, model=model)
+    model.set_attn_implementation(_wrap("sdpa", record))
+    with torch.no_grad():
+        model(input_ids=windows, use_cache=False)
+    peak = torch.stack(peaks).amax(0)
+    peak = peak if kv.granularity == "head" else peak.amax().reshape(1)
+    torch.testing.assert_close(attention.k_scale, peak / (448.0 if kv.format == "fp8" else 127.0))
+
+
+def test_kv_cache_quantization_changes_attention_and_refusals(tiny_model_dir, calib_file, tmp_path):
+    calibration = api.CalibrationSpec(str(calib_file), 4, 32)
+    plain = api.quantize(str(tiny_model_dir), method="rtn", scheme=W8, calibration=calibration)
+    quantized = api.quantize(str(tiny_model_dir), method="rtn", scheme=W8, calibration=calibration,
+                             kv_cache=KVCacheQuantization("int", "tensor"))
+    with torch.no_grad():
+        assert not torch.allclose(plain.model(input_ids=_tokens()).logits,
+                                  quantized.model(input_ids=_tokens()).logits, atol=1e-5)
+    with pytest.raises(QuantkitError, match="the gptq layout cannot record KV-cache quantization"):
+        api.plan_run("rtn", W8, layout="gptq", kv_cache=KVCacheQuantization())
+    with pytest.raises(QuantkitError, match="one KV-cache scale per layer"):
+        api.plan_run("rtn", W8, layout="compressed-tensors", kv_cache=KVCacheQuantization("fp8", "head"))
+    with pytest.raises(QuantkitError, match="unknown KV-cache format 'int4'"):
+        KVCacheQuantization("int4")
+    bad = run_cli("quantize", str(tiny_model_dir), "--method", "rtn", "--kv-granularity", "head", "-o",
+                  str(tmp_path / "bad"))
+    assert_one_line_error(bad, "--kv-granularity needs --kv-format")

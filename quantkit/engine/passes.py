@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from quantkit.engine.sequential import block_output, capture_block_inputs
+from quantkit.lockstep import Lockstep
 from quantkit.models.adapters import ModelAdapter
 
 BlockInputs = list[tuple[torch.Tensor, dict]]  # per batch: hidden states and the block's keyword arguments
@@ -37,6 +38,22 @@ def walk_blocks(model: nn.Module, adapter: ModelAdapter, calib: torch.Tensor, ba
     for i, block in enumerate(adapter.get_blocks(model)):
         calibrated.hidden = visit(i, block, calibrated.entering(i))
     return calibrated.hidden
+
+
+def lockstep_outputs(block: nn.Module, inputs: BlockInputs,
+                     install: Callable[[Callable[[Callable[[], None]], None]], list]) -> list[torch.Tensor]:
+    """The block's outputs per batch, without gradients, the batches advancing in lockstep (one greenlet each,
+    :class:`~quantkit.lockstep.Lockstep`): ``install(rendezvous)`` registers hooks that may call
+    ``rendezvous(action)`` to pause until every batch got there, ``action`` then running once (the handles it
+    returns are removed afterwards)."""
+    lockstep = Lockstep()
+    handles = install(lockstep.rendezvous)
+    try:
+        with torch.no_grad():
+            return lockstep.run([lambda h=h, kw=kw: block_output(block(h, **kw)) for h, kw in inputs])
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def model_outputs(model: nn.Module, batches: Iterable[torch.Tensor],

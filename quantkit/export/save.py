@@ -11,6 +11,7 @@ from quantkit.actquant import InputQuantization
 from quantkit.export.gguf_file import write_gguf
 from quantkit.export.writer import DEFAULT_MAX_SHARD_BYTES, model_config_dict, plain_tensors, write_checkpoint
 from quantkit.formats.base import QuantizedTensor
+from quantkit.kvcache import KVCacheQuantization
 from quantkit.layouts import get_layout
 from quantkit.layouts.gguf_vocab import tokenizer_fields
 
@@ -39,6 +40,8 @@ def save_checkpoint(layout: str, output: Path, model: nn.Module, tokenizer, quan
     writer.check(activations=None if recorded is None else InputQuantization.from_record(recorded),
                  online=bool((quantization_config.get("transform") or {}).get("online")))
     writer.check(kinds=sorted({qt.kind for qt in quantized.values()}))
+    if quantization_config.get("kv_cache") is not None:
+        writer.check_kv_cache(KVCacheQuantization.from_record(quantization_config["kv_cache"]))
     encoded = writer.encode(model, quantized, quantization_config, dtype or writer.auto_dtype or model_dtype(model))
     if writer.single_file:
         write_gguf(output, encoded, tokenizer_fields(tokenizer, source_file), overwrite)

@@ -12,24 +12,27 @@ from quantkit.actquant import INPUT_SCALE
 from quantkit.export.atomic import atomic_directory
 from quantkit.export.safetensors_io import write_shards
 from quantkit.formats.kron import TRANSFORM_BUFFERS
+from quantkit.kvcache import KV_SCALES
 from quantkit.layouts.common import unique_state
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 # What a quantized layer stores besides its weight's tensors and its bias, always in float32: the online input
 # map's factors and the static activation scale.
 LAYER_BUFFERS = (*TRANSFORM_BUFFERS, INPUT_SCALE)
+FLOAT32_BUFFERS = (*LAYER_BUFFERS, *KV_SCALES)  # never cast to the checkpoint's dtype
 
 
 def plain_tensors(model: nn.Module, quantized_layers, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Every stored tensor that is not part of a quantized layer's weight (a quantized layer keeps its bias and
-    its :data:`LAYER_BUFFERS`); float ones in ``dtype`` when given, except the layer buffers, which stay float32."""
+    its :data:`LAYER_BUFFERS`); float ones in ``dtype`` when given, except :data:`FLOAT32_BUFFERS` (the layer
+    buffers and the KV-cache scales)."""
     layers = set(quantized_layers)
     tensors = {}
     for name, tensor in unique_state(model).items():
         module, _, leaf = name.rpartition(".")
         if module in layers and leaf != "bias" and leaf not in LAYER_BUFFERS:
             continue
-        cast = dtype is not None and tensor.is_floating_point() and leaf not in LAYER_BUFFERS
+        cast = dtype is not None and tensor.is_floating_point() and leaf not in FLOAT32_BUFFERS
         tensors[name] = tensor.detach().to(dtype) if cast else tensor.detach()
     return tensors
 

@@ -21,6 +21,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from quantkit.errors import QuantkitError
+from quantkit.kvcache import install as install_kv_cache
 from quantkit.layouts.native import QUANT_METHOD
 from quantkit.models.architectures import adapter_for
 from quantkit.models.experts import stored_modules
@@ -72,7 +73,10 @@ class QuantkitHfQuantizer(HfQuantizer):
         if type(model) is not type(checked.model):
             raise QuantkitError(f"a quantkit checkpoint loads as {type(checked.model).__name__} (with "
                                 f"AutoModelForCausalLM), not as {type(model).__name__}")
-        stored_modules(model, adapter_for(model.config.model_type))
+        adapter = adapter_for(model.config.model_type)
+        stored_modules(model, adapter)
+        if checked.kv_cache is not None:
+            install_kv_cache(model, adapter, checked.kv_cache)
         kernel = default_backend()
         self._layers = {layer: replace_linear(model, layer, plan.meta, kernel, checked)
                         for layer, plan in checked.plans.items()}

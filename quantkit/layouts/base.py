@@ -21,6 +21,7 @@ from torch import nn
 from quantkit.actquant import InputQuantization
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import QuantizedTensor, TensorPlan, TensorSpec
+from quantkit.kvcache import KVCacheQuantization
 from quantkit.schemes import QuantScheme
 
 # torch dtype -> the dtype name a safetensors header uses
@@ -95,6 +96,15 @@ class Layout(ABC):
             raise QuantkitError(f"the {self.name} layout cannot hold a transform's online input maps; use --layout native")
         if plan is not None:
             self.check_scheme(plan.scheme, plan.column_groups)
+
+    def check_kv_cache(self, kv: KVCacheQuantization) -> None:
+        """Refuse KV-cache quantization it cannot record (by default: any, unless it holds everything)."""
+        if self.kinds is not None:
+            raise QuantkitError(f"the {self.name} layout cannot record KV-cache quantization; use --layout native")
+
+    def kv_cache(self, qc: dict) -> KVCacheQuantization | None:
+        """The KV-cache quantization a stored checkpoint records (None: none)."""
+        return None
 
     def check_activations(self, inputs: InputQuantization) -> None:
         """Refuse activation quantization it cannot record (by default: any)."""

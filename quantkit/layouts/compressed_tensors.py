@@ -42,6 +42,7 @@ from quantkit.formats.floatgrid import FloatQuantizedTensor
 from quantkit.formats.fp8 import FP8QuantizedTensor
 from quantkit.formats.intgrid import IntQuantizedTensor
 from quantkit.formats.packing import pack_columns, pack_rows, packed_width, unpack_columns, unpack_rows
+from quantkit.kvcache import KVCacheQuantization
 from quantkit.layouts.base import Encoded, Headers, LayerPlan, Layout, specs_bytes
 from quantkit.layouts.common import (
     VLLM_WEIGHT_BITS,
@@ -295,11 +296,50 @@ def build_config(quantized: dict[str, QuantizedTensor], model: nn.Module, quantk
         "version": CT_VERSION,
         "config_groups": config_groups,
         "ignore": ignore,
-        "kv_cache_scheme": None,
+        "kv_cache_scheme": _kv_cache_scheme(quantkit_config),
         "quantization_status": "compressed",
         "sparsity_config": {},
         "global_compression_ratio": None,
     }
+
+
+def _kv_cache_scheme(quantkit_config: dict) -> dict | None:
+    """The ``kv_cache_scheme`` of a run's KV-cache quantization (per tensor: ``k_scale``/``v_scale [1]`` on each
+    attention module)."""
+    recorded = quantkit_config.get("kv_cache")
+    if recorded is None:
+        return None
+    kv = KVCacheQuantization.from_record(recorded)
+    check_kv_cache(kv)
+    return {"num_bits": 8, "type": "float" if kv.format == FP8_FORMAT else "int", "symmetric": True,
+            "strategy": "tensor", "dynamic": False, "group_size": None}
+
+
+def check_kv_cache(kv: KVCacheQuantization) -> None:
+    """compressed-tensors' kv_cache_scheme as quantkit writes it holds one scale per layer."""
+    if kv.granularity != "tensor":
+        raise QuantkitError("compressed-tensors export writes one KV-cache scale per layer; use --kv-granularity "
+                            "tensor or --layout native")
+
+
+def parse_kv_cache(qc: dict) -> KVCacheQuantization | None:
+    """The KV-cache quantization of a config: 8-bit int or float, static, one scale per layer."""
+    entry = qc.get("kv_cache_scheme")
+    if not entry:
+        return None
+    if not isinstance(entry, dict):
+        raise QuantkitError("compressed-tensors kv_cache_scheme is not an object")
+    try:
+        kind = optional_field(entry, "type", str, "float")
+        bits = optional_field(entry, "num_bits", int, 8)
+        strategy = optional_field(entry, "strategy", str, "tensor")
+        dynamic = optional_field(entry, "dynamic", bool, False)
+    except QuantkitError as exc:
+        raise QuantkitError(f"compressed-tensors kv_cache_scheme {exc}") from None
+    if kind not in ("int", "float") or bits != 8 or strategy != "tensor" or dynamic:
+        raise QuantkitError(f"compressed-tensors kv_cache_scheme {kind} {bits}-bit {strategy}"
+                            f"{' dynamic' if dynamic else ''} is not supported (8-bit, static, per tensor)")
+    return KVCacheQuantization(FP8_FORMAT if kind == "float" else "int", "tensor")
 
 
 def _layout(weights: dict, activations: bool) -> str:
@@ -425,8 +465,8 @@ def parse_config(qc: dict) -> tuple[list[ConfigGroup], list[str], InputQuantizat
     for anything unsupported."""
     if qc.get("quantization_status", "compressed") != "compressed":
         raise QuantkitError(f"compressed-tensors checkpoint is not compressed (status {qc.get('quantization_status')!r})")
-    if qc.get("sparsity_config") or qc.get("transform_config") or qc.get("kv_cache_scheme"):
-        raise QuantkitError("compressed-tensors sparsity, transforms and kv-cache quantization are not supported")
+    if qc.get("sparsity_config") or qc.get("transform_config"):
+        raise QuantkitError("compressed-tensors sparsity and transforms are not supported")
     groups = qc.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         raise QuantkitError("compressed-tensors quantization_config has no config_groups")
@@ -538,6 +578,12 @@ class CompressedTensorsLayout(Layout):
 
     def check_activations(self, inputs: InputQuantization) -> None:
         check_activations(inputs)
+
+    def check_kv_cache(self, kv: KVCacheQuantization) -> None:
+        check_kv_cache(kv)
+
+    def kv_cache(self, qc: dict) -> KVCacheQuantization | None:
+        return parse_kv_cache(qc)
 
     def nbytes(self, meta: dict, shape: tuple[int, int], dtype: torch.dtype) -> int:
         if meta["kind"] == "fp8":

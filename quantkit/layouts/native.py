@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from quantkit.actquant import InputQuantization
-from quantkit.config_fields import field
+from quantkit.config_fields import check_type, field
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import QuantizedTensor, TensorSpec, tensor_class
+from quantkit.kvcache import KVCacheQuantization
 from quantkit.layouts.base import DecodedLayer, Encoded, Headers, LayerPlan, Layout, specs_bytes
 from quantkit.layouts.common import model_linear
 
@@ -118,6 +119,15 @@ class NativeLayout(Layout):
             return InputQuantization.from_record(recorded)
         except QuantkitError as exc:
             raise QuantkitError(f"corrupt input_activations in quantization_config: {exc}") from None
+
+    def kv_cache(self, qc: dict) -> KVCacheQuantization | None:
+        recorded = qc.get("kv_cache")
+        if recorded is None:
+            return None
+        try:
+            return KVCacheQuantization.from_record(check_type(recorded, dict, "kv_cache"))
+        except QuantkitError as exc:
+            raise QuantkitError(f"corrupt kv_cache in quantization_config: {exc}") from None
 
     def extra_specs(self, qc: dict, layers: Iterable[str]) -> dict[str, TensorSpec]:
         return placeholder_specs(layers, qc["format_version"])

@@ -52,6 +52,7 @@ def _allocation(settings: dict[str, object]) -> tuple[AllocationOptions | Alloca
 def run_plan(settings: dict[str, object]) -> RunPlan:
     """The run ``settings`` describe."""
     from quantkit.actquant import StaticActivations, activation_scheme
+    from quantkit.kvcache import KVCacheQuantization
     from quantkit.runplan import CalibrationSpec, plan_run
     from quantkit.transforms import make_transform
 
@@ -67,6 +68,11 @@ def run_plan(settings: dict[str, object]) -> RunPlan:
         raise OptionError("--act-format, --act-group-size and --act-static need --act-bits")
     static_options = {"granularity": settings["act_granularity"], "observer": settings["act_observer"],
                       "percentile": settings["act_percentile"]}
+    kv_cache = None
+    if settings["kv_format"] is not None:
+        kv_cache = KVCacheQuantization(settings["kv_format"], settings["kv_granularity"] or "tensor")
+    elif settings["kv_granularity"] is not None:
+        raise OptionError("--kv-granularity needs --kv-format")
     if settings["act_static"]:
         act_static = StaticActivations(**{k: v for k, v in static_options.items() if v is not None})
     elif any(v is not None for v in static_options.values()):
@@ -91,6 +97,7 @@ def run_plan(settings: dict[str, object]) -> RunPlan:
         dtype=settings["dtype"],
         act_scheme=act_scheme,
         act_static=act_static,
+        kv_cache=kv_cache,
         transform=transform,
         allocation=allocation,
         **{name: settings[name] for name in QUANTIZER_OPTIONS},

@@ -6,10 +6,11 @@ import math
 from dataclasses import dataclass
 
 from quantkit import defaults
-from quantkit.actquant import ACT_BITS, OBSERVERS
+from quantkit.actquant import ACT_BITS, OBSERVERS, STATIC_FORMATS
 from quantkit.actquant import GRANULARITIES as ACT_GRANULARITIES
 from quantkit.allocation.options import SCORES, STRATEGIES
 from quantkit.allocation.units import GRANULARITIES
+from quantkit.kvcache import KV_GRANULARITIES
 from quantkit.quantizers import QUANTIZERS
 from quantkit.schemes import CHECKPOINT_LAYOUTS, SUPPORTED_BITS, SUPPORTED_FORMATS, UNQUANTIZED_DTYPES
 from quantkit.transforms import TRANSFORMS
@@ -126,6 +127,8 @@ FIELDS: tuple[RecipeField, ...] = (
     RecipeField("activations", "granularity", "act_granularity", "str", allowed=ACT_GRANULARITIES),
     RecipeField("activations", "observer", "act_observer", "str", allowed=OBSERVERS),
     RecipeField("activations", "percentile", "act_percentile", "float", minimum=0.0, maximum=100.0),
+    RecipeField("kv_cache", "format", "kv_format", "str", allowed=STATIC_FORMATS, note="8-bit keys and values"),
+    RecipeField("kv_cache", "granularity", "kv_granularity", "str", allowed=KV_GRANULARITIES),
     RecipeField("calibration", "source", "calib", "str", default=defaults.CALIBRATION,
            note="c4, wikitext2, synthetic, or a local file or directory"),
     RecipeField("calibration", "nsamples", "nsamples", "int", minimum=1),  # default: the source's

@@ -25,9 +25,12 @@ from quantkit.export.safetensors_io import TensorReader
 from quantkit.export.writer import plain_tensors
 from quantkit.formats.base import TensorSpec
 from quantkit.formats.kron import TRANSFORM_BUFFERS
+from quantkit.kvcache import KVCacheQuantization
+from quantkit.kvcache import install as install_kv_cache
 from quantkit.layouts import Layout, stored_layout
 from quantkit.layouts.base import SAFETENSORS_DTYPES, DecodedLayer, Headers, LayerPlan
 from quantkit.layouts.gptq import CONFIG_FILE as GPTQ_CONFIG_FILE
+from quantkit.models.architectures import adapter_for
 from quantkit.models.skeleton import build_skeleton, checked_shard_map, stored_headers
 from quantkit.runtime.kernels import check_backend, default_backend
 from quantkit.runtime.quant_linear import QuantLinear
@@ -166,7 +169,8 @@ class CheckedCheckpoint:
     plans: dict[str, LayerPlan]
     inputs: InputQuantization | None
     online: OnlineInputs
-    plain: list[str]  # stored tensors kept as they are (embeddings, norms, biases, ...)
+    plain: list[str]  # stored tensors kept as they are (embeddings, norms, biases, KV-cache scales, ...)
+    kv_cache: KVCacheQuantization | None = None
 
     @property
     def input_scheme(self) -> QuantScheme | None:
@@ -232,10 +236,13 @@ def open_checked(path: str | Path) -> CheckedCheckpoint:
     headers = stored_headers(folder, files)
     model = build_skeleton(folder, checkpoint.model, headers)
     plans = checkpoint.layout.plan(model, checkpoint.quantization, headers)
+    kv = checkpoint.layout.kv_cache(checkpoint.quantization)
+    if kv is not None:  # the attention modules' scale buffers become plain tensors the checkpoint must hold
+        install_kv_cache(model, adapter_for(str(checkpoint.model.get("model_type"))), kv)
     inputs = checkpoint.layout.input_quantization(checkpoint.quantization)
     online = _online_inputs(checkpoint, plans)
     plain = {n: (tuple(t.shape), t.dtype) for n, t in plain_tensors(model, plans).items()}
-    checked = CheckedCheckpoint(folder, checkpoint, files, headers, model, plans, inputs, online, list(plain))
+    checked = CheckedCheckpoint(folder, checkpoint, files, headers, model, plans, inputs, online, list(plain), kv)
     expected = {**plain, **checkpoint.layout.extra_specs(checkpoint.quantization, plans)}
     for layer, plan in plans.items():
         expected.update({f"{layer}.{name}": spec for name, spec in {**plan.specs, **checked.layer_buffers(layer)}.items()})
