@@ -9,7 +9,7 @@ perplexity on the first 16 windows x 2048 tokens of WikiText-2 test. Weights are
 and the W4A4 rows are per output channel. A transform is applied once per setting and shared by RTN and GPTQ.
 Everything runs in this process; the report is saved after every row (``--resume`` keeps the rows saved).
 
-    python scripts/bench_activations.py                 # the full table (about 45 minutes on 2 cores)
+    python scripts/bench_activations.py                 # the full table (about an hour on 2 cores)
     python scripts/bench_activations.py --quick         # tiny budgets, one window: a smoke run of the same code
     python scripts/bench_activations.py --rows awq-rtn,awq-gptq
 """
@@ -65,7 +65,6 @@ ROWS = {row.label: row for row in (
     Row("W4A16 g64", "awq-gptq", "gptq", W4G64, "awq"),
     Row("W8A8 int8", "int8-dynamic", "rtn", W8, None, INT8),
     Row("W8A8 int8", "int8-static", "rtn", W8, None, INT8, TENSOR),
-    Row("W8A8 int8", "int8-static-mse", "rtn", W8, None, INT8, StaticActivations("tensor", "mse")),
     Row("W8A8 int8", "smoothquant-int8-static", "rtn", W8, "smoothquant", INT8, TENSOR),
     Row("W8A8 fp8", "fp8-dynamic", "rtn", FP8, None, FP8_ACT),
     Row("W8A8 fp8", "fp8-static", "rtn", FP8, None, FP8_ACT, TENSOR),

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_cli import assert_one_line_error, run_cli
+from test_transforms import _calibration, _logits, _model
 
 from quantkit import api
 from quantkit.actcalib import observed_bound, static_scale
@@ -18,8 +20,8 @@ from quantkit.actquant import InputQuantization, StaticActivations, activation_s
 from quantkit.engine.passes import InputStatistics
 from quantkit.errors import QuantkitError
 from quantkit.formats.fp8 import FP8QuantizedTensor
-from quantkit.kvcache import KVCacheQuantization
 from quantkit.formats.grid import make_grid, quantize_groups
+from quantkit.kvcache import KVCacheQuantization
 from quantkit.layouts import get_layout
 from quantkit.models.architectures import adapter_for
 from quantkit.quantizers.base import LayerStats
@@ -32,8 +34,6 @@ from quantkit.transforms.base import TransformContext
 from quantkit.transforms.prepare import fold_block_norms
 from quantkit.transforms.rewrite import fuse
 from quantkit.transforms.scaling import fake_quantize_weight
-from test_cli import assert_one_line_error, run_cli
-from test_transforms import _calibration, _logits, _model
 
 ADAPTER = adapter_for("llama")
 W4G16 = QuantScheme(4, 16, True)
@@ -413,3 +413,18 @@ def test_kv_cache_quantization_changes_attention_and_refusals(tiny_model_dir, ca
     bad = run_cli("quantize", str(tiny_model_dir), "--method", "rtn", "--kv-granularity", "head", "-o",
                   str(tmp_path / "bad"))
     assert_one_line_error(bad, "--kv-granularity needs --kv-format")
+
+
+@pytest.mark.parametrize(("method", "scheme", "layout"), [
+    ("spqr", QuantScheme(3, 16, False), "native"),
+    ("rtn", QuantScheme.for_format("nvfp4", 4, None, None, 16, True), "compressed-tensors"),
+    ("gptq", QuantScheme(4, 16, True), "gptq"),
+], ids=["spqr", "rtn-nvfp4", "gptq-gptq-layout"])
+def test_awq_composes_with_every_method_format_and_layout(tiny_model_dir, calib_file, tmp_path, method, scheme, layout):
+    out = tmp_path / "awq"
+    result = _quantize(tiny_model_dir, calib_file, out, scheme, None, None, layout, method, "awq")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert layout != "native" or qc["transform"]["name"] == "awq"
+    with torch.no_grad():
+        torch.testing.assert_close(api.load(out)(input_ids=_tokens()).logits,
+                                   result.model(input_ids=_tokens()).logits, rtol=0, atol=1e-5)

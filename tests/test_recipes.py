@@ -43,8 +43,8 @@ def test_the_shipped_recipes_cover_every_method_format_transform_and_layout() ->
     recipes = [Recipe.load(shipped_recipes()[name]) for name in SHIPPED]
     seen = {key: {r.values.get(key) for r in recipes} for key in ("method", "number_format", "transform", "layout")}
     assert seen["method"] >= {"rtn", "gptq", "spqr"}
-    assert seen["number_format"] >= {"int", "mxfp4", "nvfp4"}
-    assert seen["transform"] >= {"hadamard", "flatquant", "ostquant"}
+    assert seen["number_format"] >= {"int", "mxfp4", "nvfp4", "fp8"}
+    assert seen["transform"] >= {"hadamard", "flatquant", "ostquant", "awq", "smoothquant"}
     assert seen["layout"] >= {"native", "gptq", "compressed-tensors"}
     assert any(r.values.get("allocation") for r in recipes) and any(r.values.get("act_bits") for r in recipes)
     for name, recipe in zip(SHIPPED, recipes):
@@ -68,6 +68,8 @@ def _small(recipe: Recipe, calib_file: Path) -> dict[str, object]:
         small["group_size"] = 16
     if recipe.values.get("transform") in ("flatquant", "ostquant"):
         small |= {"transform_nsamples": 2, "transform_seqlen": 16, "transform_epochs": 1, "transform_batch_size": 1}
+    if recipe.values.get("transform") in ("awq", "smoothquant"):
+        small |= {"transform_nsamples": 4, "transform_seqlen": 32}
     if recipe.values.get("allocation"):
         small |= {"allocation": "solver", "score": "error"}  # KL and the search need 8 × 256 tokens
     return small

@@ -132,8 +132,9 @@ class QuantLinear(nn.Module):
         return y + self.bias.to(y.dtype) if self.bias is not None else y
 
     def extra_repr(self) -> str:
-        acts = "" if self.input_scheme is None else f", input={self.input_scheme.format}{self.input_scheme.bits}"
-        acts += "" if self.input_static is None else f" static per {self.input_static.granularity}"
+        scheme, static = self.input_scheme, self.input_static
+        acts = "" if scheme is None else f", input={scheme.format}{'' if scheme.is_fp8 else scheme.bits}"
+        acts += "" if static is None else f" static per {static.granularity}"
         if self.input_transform is not None:
             acts += f", input_transform={self.input_transform[0]}x{self.input_transform[1]}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, kind={self.meta['kind']}, "
