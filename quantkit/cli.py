@@ -248,6 +248,8 @@ def _print_summary(title: str, info: CheckpointInfo, record: dict, seconds: dict
     table.add_row("scheme", ", ".join(s.scheme for s in info.schemes))
     if record["transform"] is not None:
         table.add_row("transform", f"{record['transform']['name']}, {len(record['transform']['online'])} online input maps")
+    if record.get("kv_cache") is not None:
+        table.add_row("KV cache", f"{record['kv_cache']['format']} 8-bit, static scales per {record['kv_cache']['granularity']}")
     allocation_record = record["allocation"]
     if allocation_record is not None:
         table.add_row("allocation", f"{allocation_record['strategy']} (score {allocation_record['score']}), "

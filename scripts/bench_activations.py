@@ -6,7 +6,7 @@ static W4A4 (per-channel static int4 scales) against dynamic per-token W4A4.
 Protocol (the README's): calibration on 128 windows x 512 tokens of the C4 validation parquet (seed 0) for
 GPTQ, the static scales and the transforms (AWQ: 64 x 512, its cpu budget; SmoothQuant: 128 x 512);
 perplexity on the first 16 windows x 2048 tokens of WikiText-2 test. Weights are symmetric; W8 and FP8 weights
-and the W4A4 rows are per output channel. A transform is applied once per setting and shared by RTN and GPTQ.
+and the W4A4 rows are per output channel (W4A4 with RTN, as the transforms benchmark's rows). A transform is applied once per setting and shared by RTN and GPTQ.
 Everything runs in this process; the report is saved after every row (``--resume`` keeps the rows saved).
 
     python scripts/bench_activations.py                 # the full table (about an hour on 2 cores)
@@ -68,8 +68,9 @@ ROWS = {row.label: row for row in (
     Row("W8A8 int8", "smoothquant-int8-static", "rtn", W8, "smoothquant", INT8, TENSOR),
     Row("W8A8 fp8", "fp8-dynamic", "rtn", FP8, None, FP8_ACT),
     Row("W8A8 fp8", "fp8-static", "rtn", FP8, None, FP8_ACT, TENSOR),
-    Row("W4A4 int4", "w4a4-dynamic-gptq", "gptq", W4, None, INT4),
-    Row("W4A4 int4", "w4a4-static-channel-gptq", "gptq", W4, None, INT4, StaticActivations("channel", "mse")),
+    Row("W4A4 int4", "w4a4-dynamic-rtn", "rtn", W4, None, INT4),
+    Row("W4A4 int4", "w4a4-static-channel-rtn", "rtn", W4, None, INT4, StaticActivations("channel", "mse")),
+    Row("W4A4 int4", "w4a4-static-tensor-rtn", "rtn", W4, None, INT4, StaticActivations("tensor", "mse")),
 )}
 
 

@@ -309,11 +309,12 @@ def test_cli_static_w8a8_and_its_refusals(tiny_model_dir, calib_file, tmp_path):
                    "--act-bits", "8", "--act-static", "--act-observer", "percentile", "--act-percentile", "99.9",
                    "--transform", "smoothquant", "--transform-nsamples", "4", "--transform-seqlen", "32",
                    "--calib", str(calib_file), "--nsamples", "4", "--seqlen", "32", "--layout", "compressed-tensors",
-                   "-o", str(out))
+                   "--kv-format", "fp8", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert "a8 int static per-tensor" in proc.stdout
+    assert "a8 int static per-tensor" in proc.stdout and "fp8 8-bit, static scales per tensor" in proc.stdout
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["config_groups"]["group_0"]["input_activations"]["observer"] == "percentile"
+    assert qc["kv_cache_scheme"]["type"] == "float"
     for args, message in [
         (["--act-observer", "mse"], "need --act-static"),
         (["--act-static"], "need --act-bits"),
@@ -427,4 +428,17 @@ def test_awq_composes_with_every_method_format_and_layout(tiny_model_dir, calib_
     assert layout != "native" or qc["transform"]["name"] == "awq"
     with torch.no_grad():
         torch.testing.assert_close(api.load(out)(input_ids=_tokens()).logits,
+                                   result.model(input_ids=_tokens()).logits, rtol=0, atol=1e-5)
+
+
+def test_transformers_from_pretrained_serves_static_scales_and_kv_cache(tiny_model_dir, calib_file, tmp_path):
+    import quantkit  # noqa: F401  (registers the quantizer with transformers)
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "hf"
+    result = api.quantize(str(tiny_model_dir), method="rtn", scheme=W8, output=out, act_scheme=INT8,
+                          act_static=StaticActivations(), kv_cache=KVCacheQuantization("fp8", "head"),
+                          calibration=api.CalibrationSpec(str(calib_file), 4, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(out)(input_ids=_tokens()).logits,
                                    result.model(input_ids=_tokens()).logits, rtol=0, atol=1e-5)
