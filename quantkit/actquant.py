@@ -17,7 +17,7 @@ pre-hooks) and in :class:`~quantkit.runtime.quant_linear.QuantLinear` after load
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -122,38 +122,30 @@ class _StraightThrough(torch.autograd.Function):
     """Rounds in the forward pass; the backward pass hands the gradient on unchanged (clipped values too)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scheme: QuantScheme, clip: float) -> torch.Tensor:  # type: ignore[override]
-        rows = x.reshape(-1, x.shape[-1]).float()
-        grid = make_grid(scheme, rows, per_row=True, clip=None if clip == 1.0 else clip)
-        return quantize_groups(grid, rows)[2].reshape(x.shape).to(x.dtype)
+    def forward(ctx, x: torch.Tensor, rounding: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
+        return rounding(x).to(x.dtype)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
-        return grad, None, None
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad, None
 
 
-class _StaticStraightThrough(torch.autograd.Function):
-    """Static rounding in the forward pass; the gradient passes unchanged."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, scheme: QuantScheme, scale: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return quantize_static(x, scheme, scale.to(x.device)).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
-        return grad, None, None
+def _per_token(x: torch.Tensor, scheme: QuantScheme, clip: float) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1]).float()
+    grid = make_grid(scheme, rows, per_row=True, clip=None if clip == 1.0 else clip)
+    return quantize_groups(grid, rows)[2].reshape(x.shape)
 
 
 def fake_quantize_static(x: torch.Tensor, scheme: QuantScheme, scale: torch.Tensor) -> torch.Tensor:
     """``x`` quantized and dequantized with the static ``scale`` (straight-through gradient), in ``x.dtype``."""
-    return _StaticStraightThrough.apply(x, scheme, scale)
+    return _StraightThrough.apply(x, lambda t: quantize_static(t, scheme, scale.to(t.device)))
 
 
 def fake_quantize(x: torch.Tensor, scheme: QuantScheme, clip: float = 1.0) -> torch.Tensor:
     """``x [..., K]`` quantized and dequantized token by token under ``scheme``, in ``x.dtype``; ``clip`` < 1
     shrinks each token's range (a learned clipping ratio). Its gradient is the straight-through estimator:
     ``d fake_quantize(x) / dx`` is taken as the identity."""
-    return _StraightThrough.apply(x, scheme, clip)
+    return _StraightThrough.apply(x, lambda t: _per_token(t, scheme, clip))
 
 
 def attach_input_quantizers(model: nn.Module, layers: Iterable[str], scheme: QuantScheme,
