@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Activation-aware and static-activation methods on SmolLM2-135M: WikiText-2 perplexity of AWQ against RTN and
 GPTQ at W4 g64, W8A8 int8 static against dynamic (with and without SmoothQuant), FP8 W8A8 static and dynamic, and
-static W4A4 (per-channel static int4 scales) against dynamic per-token W4A4.
+static W4A4 (per-channel static int4 scales) against dynamic per-token W4A4, and an int8/FP8 KV cache (static
+per-layer scales) against a float one under 8-bit weights.
 
 Protocol (the README's): calibration on 128 windows x 512 tokens of the C4 validation parquet (seed 0) for
 GPTQ, the static scales and the transforms (AWQ: 64 x 512, its cpu budget; SmoothQuant: 128 x 512);
@@ -30,6 +31,7 @@ from rich.table import Table
 from quantkit.actquant import StaticActivations, activation_scheme
 from quantkit.api import CalibrationSpec, apply_transform, quantize
 from quantkit.eval.perplexity import perplexity, tokenize_stream
+from quantkit.kvcache import KVCacheQuantization
 from quantkit.models.loading import LoadedModel, load_model
 from quantkit.schemes import QuantScheme
 from quantkit.textsources import load_eval_text
@@ -56,6 +58,7 @@ class Row:
     transform: str | None = None
     act: QuantScheme | None = None
     static: StaticActivations | None = None
+    kv: KVCacheQuantization | None = None
 
 
 ROWS = {row.label: row for row in (
@@ -68,6 +71,9 @@ ROWS = {row.label: row for row in (
     Row("W8A8 int8", "smoothquant-int8-static", "rtn", W8, "smoothquant", INT8, TENSOR),
     Row("W8A8 fp8", "fp8-dynamic", "rtn", FP8, None, FP8_ACT),
     Row("W8A8 fp8", "fp8-static", "rtn", FP8, None, FP8_ACT, TENSOR),
+    Row("KV cache", "w8-float-kv", "rtn", W8),
+    Row("KV cache", "w8-kv-int8", "rtn", W8, kv=KVCacheQuantization("int", "tensor")),
+    Row("KV cache", "w8-kv-fp8", "rtn", W8, kv=KVCacheQuantization("fp8", "tensor")),
     Row("W4A4 int4", "w4a4-dynamic-rtn", "rtn", W4, None, INT4),
     Row("W4A4 int4", "w4a4-static-channel-rtn", "rtn", W4, None, INT4, StaticActivations("channel", "mse")),
     Row("W4A4 int4", "w4a4-static-tensor-rtn", "rtn", W4, None, INT4, StaticActivations("tensor", "mse")),
@@ -125,11 +131,12 @@ def main() -> None:
             source, applied, transform_s = transformed[key]
             loaded = replace(source, model=copy.deepcopy(source.model))
         result = quantize(loaded, method=row.method, scheme=row.scheme, calibration=calibration, act_scheme=row.act,
-                          act_static=row.static, transform=applied)
+                          act_static=row.static, kv_cache=row.kv, transform=applied)
         ppl = perplexity(result.model, tokens, seqlen=2048, max_windows=windows).perplexity
         results[label] = {"setting": row.setting, "method": row.method, "transform": row.transform,
                           "activations": None if row.act is None else row.act.to_dict(),
-                          "static": None if row.static is None else row.static.to_dict(), "perplexity": ppl,
+                          "static": None if row.static is None else row.static.to_dict(),
+                          "kv_cache": None if row.kv is None else row.kv.record(), "perplexity": ppl,
                           "transform_s": transform_s, "total_s": time.perf_counter() - started}
         console.print(f"{label}: perplexity {ppl:.2f} ({results[label]['total_s']:.0f} s)")
         save()
