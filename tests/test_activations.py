@@ -432,8 +432,9 @@ def test_awq_composes_with_every_method_format_and_layout(tiny_model_dir, calib_
 
 
 def test_transformers_from_pretrained_serves_static_scales_and_kv_cache(tiny_model_dir, calib_file, tmp_path):
-    import quantkit  # noqa: F401  (registers the quantizer with transformers)
     from transformers import AutoModelForCausalLM
+
+    import quantkit  # noqa: F401  (registers the quantizer with transformers)
 
     out = tmp_path / "hf"
     result = api.quantize(str(tiny_model_dir), method="rtn", scheme=W8, output=out, act_scheme=INT8,
