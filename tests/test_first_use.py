@@ -93,7 +93,7 @@ def test_version_and_help(cli: Callable[..., Result]) -> None:
     quantize_help = cli("quantize", "-h")
     assert quantize_help.returncode == 0
     assert all(choice in quantize_help.stdout for choice in
-               ("<rtn|gptq|spqr>", "<int|fp4|mxfp4|nvfp4|q8_0|q5_0|q4_0|q4_k>", "<native|gptq|compressed-tensors|gguf>",
+               ("<rtn|gptq|spqr>", "<int|fp4|mxfp4|nvfp4|fp8|q8_0|q5_0|q4_0|q4_k>", "<native|gptq|compressed-tensors|gguf>",
              "<4|8>"))
     assert "<auto|dequant|cpu|aten|triton>" in cli("eval", "--help").stdout
     assert cli("inspect").returncode == 2  # a missing argument is a usage error
@@ -101,7 +101,7 @@ def test_version_and_help(cli: Callable[..., Result]) -> None:
 
 # (arguments, what the one error line says); {model}, {calib}, {tmp} are filled in. Exit code 2: usage errors.
 USAGE_ERRORS = [
-    (["quantize", "{model}", "-o", "{tmp}/o", "--format", "int5"], "--format 'int5' is not allowed; allowed: int, fp4, mxfp4, nvfp4, q8_0, q5_0, q4_0, q4_k (gptq and"),
+    (["quantize", "{model}", "-o", "{tmp}/o", "--format", "int5"], "--format 'int5' is not allowed; allowed: int, fp4, mxfp4, nvfp4, fp8, q8_0, q5_0, q4_0, q4_k (gptq and"),
     (["quantize", "{model}", "-o", "{tmp}/o", "--frobnicate"], "No such option: --frobnicate"),
     (["quantize", "{model}", "-o", "{tmp}/o", "--bits", "five"], "'--bits': Input should be a valid number"),
     (["quantize", "{model}", "-o", "{tmp}/o", "--outlier-threshold", "0.5"],
@@ -113,7 +113,7 @@ USAGE_ERRORS = [
      "--seqlen 4096 is longer than the model's context of 256 tokens"),
     (["quantize", "{model}", "-o", "{tmp}/o", "--offload", "ram"], "'--offload': 'ram' is not one of 'disk'"),
     (["quantize", "{model}", "-o", "{tmp}/o", "--bit-choices", "2,x"], "--bit-choices must be a comma list"),
-    (["quantize", "{model}", "-o", "{tmp}/o", "--act-format", "nvfp4"], "--act-format and --act-group-size need --act-bits"),
+    (["quantize", "{model}", "-o", "{tmp}/o", "--act-format", "nvfp4"], "--act-format, --act-group-size and --act-static need --act-bits"),
     (["eval", "{model}", "--ppl", "{calib}", "--seqlen", "1"], "'--seqlen': Input should be greater than or equal to 2"),
     (["eval", "{model}", "--ppl", "{calib}", "--seqlen", "4096"], "--seqlen 4096 is longer than the model's context"),
     (["eval", "{model}", "--ppl", "{calib}", "--kernel", "fast"], "'--kernel': 'fast' is not one of"),
