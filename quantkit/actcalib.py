@@ -36,13 +36,13 @@ from quantkit.engine.passes import (
     walk_blocks,
 )
 from quantkit.errors import QuantkitError
+from quantkit.formats.grid import MIN_SCALE
 from quantkit.models.adapters import ModelAdapter
 from quantkit.progress import progress_bar
 from quantkit.schemes import QuantScheme
 
 SAMPLE_TOKENS = 4096
 _MSE_FACTORS = torch.linspace(0.3, 1.0, 36).tolist()
-_MIN_SCALE = 2.0**-24
 
 
 def _percentile(values: torch.Tensor, q: float) -> torch.Tensor:
@@ -61,12 +61,18 @@ def observed_bound(stats: InputStatistics, scheme: QuantScheme, static: StaticAc
         sample = sample.reshape(-1, 1)
     if static.observer == "percentile":
         return _percentile(sample, static.percentile)
+    return mse_bound(sample, scheme)
+
+
+def mse_bound(sample: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """Per column of ``sample [tokens, columns]`` (``|x|``), the clipped maximum (0.3…1 times it) whose static
+    grid rounds the column with the least squared error."""
     maximum = sample.amax(dim=0)
     limit = static_limit(scheme)
     best, best_err = maximum, torch.full_like(maximum, float("inf"))
     for factor in _MSE_FACTORS:
         bound = maximum * factor
-        err = (quantize_static(sample, scheme, (bound / limit).clamp_min(_MIN_SCALE)) - sample).pow(2).sum(dim=0)
+        err = (quantize_static(sample, scheme, (bound / limit).clamp_min(MIN_SCALE)) - sample).pow(2).sum(dim=0)
         better = err < best_err
         best, best_err = torch.where(better, bound, best), torch.where(better, err, best_err)
     return best
@@ -83,7 +89,7 @@ def static_scale(layer: str, stats: InputStatistics | None, scheme: QuantScheme,
     bound = observed_bound(stats, scheme, static)
     if not torch.isfinite(bound).all():
         raise QuantkitError(f"the calibration inputs of {layer} hold NaN or infinite values: no static scale")
-    return (bound / static_limit(scheme)).clamp_min(_MIN_SCALE).float()
+    return (bound / static_limit(scheme)).clamp_min(MIN_SCALE).float()
 
 
 def calibrate_static_inputs(model: nn.Module, adapter: ModelAdapter, layers: list[str], calib: torch.Tensor,

@@ -8,7 +8,9 @@ taken per token too, where hardware uses one calibrated scale per tensor).
 Static: one calibrated float32 scale per tensor (``[1]``) or per input channel (``[in]``), stored with the
 layer as ``input_scale`` (:mod:`quantkit.actcalib` calibrates it): symmetric integers
 ``clamp(round(x / scale), -2**(b-1), 2**(b-1) - 1) · scale`` (vLLM's static int8), or ``fp8``
-``e4m3(x / scale) · scale``.
+``e4m3(x / scale) · scale``. NVFP4's static part is its second-level scale: the 16-element blocks still take
+their E4M3 scales on the fly, relative to the calibrated per-tensor ``1 / scale`` (compressed-tensors'
+``input_global_scale``), so ``scale · 448 · 6`` is the largest ``|x|`` it reaches.
 
 The values are quantized and immediately dequantized, so any kernel serves them, and gradients pass through
 the rounding unchanged (straight-through); the same functions run in the freshly quantized model (as forward
@@ -26,8 +28,9 @@ from torch.utils.hooks import RemovableHandle
 
 from quantkit.config_fields import field, optional_field
 from quantkit.errors import QuantkitError
+from quantkit.formats.e2m1 import E2M1_MAX, TENSOR_SCALED
 from quantkit.formats.fp8 import E4M3_MAX, e4m3_round
-from quantkit.formats.grid import make_grid, quantize_groups
+from quantkit.formats.grid import FloatGrid, make_grid, quantize_groups
 from quantkit.schemes import FIXED_BLOCK, FP8_FORMAT, GGUF_FORMATS, QuantScheme
 
 ACT_BITS = (4, 8)
@@ -66,7 +69,13 @@ class StaticActivations:
             raise QuantkitError(f"activation percentile must be in (0, 100], got {self.percentile}")
 
     def check_scheme(self, scheme: QuantScheme) -> None:
-        """Refuse a scheme that has no static form: static scales are for whole rows of int or fp8."""
+        """Refuse a scheme that has no static form: static scales are for whole rows of int or fp8, or NVFP4's
+        per-tensor second-level scale."""
+        if scheme.format in TENSOR_SCALED:
+            if self.granularity != "tensor" or self.observer == "mse":
+                raise QuantkitError(f"{scheme.format} activations take one static scale per tensor from the minmax "
+                                    f"or percentile observer, not {self.granularity} {self.observer}")
+            return
         if scheme.format not in STATIC_FORMATS or scheme.group_size != -1:
             raise QuantkitError(f"static activation scales are for int or fp8 activations without groups, not "
                                 f"{scheme.format} with group size {scheme.group_size}")
@@ -105,12 +114,18 @@ class InputQuantization:
 
 
 def static_limit(scheme: QuantScheme) -> float:
-    """The largest magnitude a static scale maps onto: ``2**(b-1) - 1`` integer steps, or E4M3's 448."""
+    """The largest magnitude a static scale maps onto: ``2**(b-1) - 1`` integer steps, E4M3's 448, or NVFP4's
+    448 · 6."""
+    if scheme.format in TENSOR_SCALED:
+        return E4M3_MAX * E2M1_MAX
     return E4M3_MAX if scheme.format == FP8_FORMAT else float(2 ** (scheme.bits - 1) - 1)
 
 
 def quantize_static(x: torch.Tensor, scheme: QuantScheme, scale: torch.Tensor) -> torch.Tensor:
     """``x`` rounded onto the static grid of ``scale`` (``[1]`` or ``[x.shape[-1]]``), in float32."""
+    if scheme.format in TENSOR_SCALED:
+        rows = x.reshape(-1, x.shape[-1]).float()
+        return quantize_groups(FloatGrid(scheme, False, 1 / scale.float()), rows)[2].reshape(x.shape)
     scaled = x.float() / scale
     if scheme.format == FP8_FORMAT:
         return e4m3_round(scaled).float() * scale

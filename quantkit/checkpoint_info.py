@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from quantkit.actquant import INPUT_SCALE, StaticActivations
+from quantkit.actquant import StaticActivations
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import ROLES
 from quantkit.layouts.base import DTYPE_BYTES
@@ -155,7 +155,8 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     by_scheme: dict[str, SchemeSummary] = {}
     total = SchemeSummary("all quantized layers")
     for layer, plan in checked.plans.items():
-        roles = {**plan.roles, **dict.fromkeys(checked.online.expected(layer), "transform"), INPUT_SCALE: "statistics"}
+        roles = {**plan.roles, **dict.fromkeys(checked.online.expected(layer), "transform"),
+                 **dict.fromkeys(checked.layer_buffers(layer).keys() - checked.online.expected(layer), "statistics")}
         stored = checked.stored_names(layer)
         meta = plan.meta
         label = scheme_label(meta, checked.input_scheme, transform if layer in checked.online.sizes else None,

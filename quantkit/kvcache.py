@@ -24,6 +24,7 @@ from torch import nn
 from quantkit.actquant import STATIC_FORMATS, activation_scheme, quantize_static, static_limit
 from quantkit.config_fields import field
 from quantkit.errors import QuantkitError
+from quantkit.formats.grid import MIN_SCALE
 from quantkit.schemes import QuantScheme
 
 if TYPE_CHECKING:  # the declarations are passed in: this module (which layouts and the writer read) imports no model code
@@ -32,7 +33,6 @@ if TYPE_CHECKING:  # the declarations are passed in: this module (which layouts 
 KV_SCALES = ("k_scale", "v_scale")
 KV_GRANULARITIES = ("tensor", "head")
 _PREFIX = "quantkit_kv_"
-_MIN_SCALE = 2.0**-24
 
 
 @dataclass(frozen=True)
@@ -155,6 +155,6 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, kv: KVCacheQuantization, 
             raise QuantkitError(f"the calibration keys and values of {adapter.blocks}.{i} are missing or not finite: "
                                 "no KV-cache scale")
         pair = [a if kv.granularity == "head" else a.amax().reshape(1) for a in seen[i]]
-        scales[i] = tuple((a / limit).clamp_min(_MIN_SCALE) for a in pair)
+        scales[i] = tuple((a / limit).clamp_min(MIN_SCALE) for a in pair)
     install(model, adapter, kv, scales)
     return scales

@@ -44,7 +44,7 @@ def test_the_shipped_recipes_cover_every_method_format_transform_and_layout() ->
     seen = {key: {r.values.get(key) for r in recipes} for key in ("method", "number_format", "transform", "layout")}
     assert seen["method"] >= {"rtn", "gptq", "spqr"}
     assert seen["number_format"] >= {"int", "mxfp4", "nvfp4", "fp8"}
-    assert seen["transform"] >= {"hadamard", "flatquant", "ostquant", "awq", "smoothquant"}
+    assert seen["transform"] >= {"hadamard", "flatquant", "ostquant", "awq", "smoothquant", "mergequant"}
     assert seen["layout"] >= {"native", "gptq", "compressed-tensors"}
     assert any(r.values.get("allocation") for r in recipes) and any(r.values.get("act_bits") for r in recipes)
     for name, recipe in zip(SHIPPED, recipes):
@@ -68,7 +68,7 @@ def _small(recipe: Recipe, calib_file: Path) -> dict[str, object]:
         small["group_size"] = 16
     if recipe.values.get("transform") in ("flatquant", "ostquant"):
         small |= {"transform_nsamples": 2, "transform_seqlen": 16, "transform_epochs": 1, "transform_batch_size": 1}
-    if recipe.values.get("transform") in ("awq", "smoothquant"):
+    if recipe.values.get("transform") in ("awq", "smoothquant", "mergequant"):
         small |= {"transform_nsamples": 4, "transform_seqlen": 32}
     if recipe.values.get("allocation"):
         small |= {"allocation": "solver", "score": "error"}  # KL and the search need 8 × 256 tokens
@@ -158,7 +158,7 @@ def test_settings_without_a_switch_leave_their_section_out() -> None:
         ("activations:\n  bits: 6\n", ["activations.bits = 6", "allowed: 4, 8"]),
         ("allocation:\n  strategy: greedy\n", ["allocation.strategy = 'greedy'", "or a .json file"]),
         ("allocation:\n  bit_choices: 4\n", ["allocation.bit_choices = 4", "a list of integers"]),
-        ("transform:\n  name: spinquant\n", ["transform.name = 'spinquant'", "hadamard, flatquant, ostquant, awq, smoothquant"]),
+        ("transform:\n  name: spinquant\n", ["transform.name = 'spinquant'", "hadamard, flatquant, ostquant, awq, smoothquant, mergequant"]),
         ("export:\n  layout: awq\n", ["export.layout = 'awq'", "native, gptq, compressed-tensors"]),
         ("weights: 4\n", ["section weights must be a mapping"]),
         ("- a\n- b\n", ["expected a mapping of sections"]),

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantkit.actquant import InputQuantization
+from quantkit.actquant import INPUT_SCALE, InputQuantization
 from quantkit.export.gguf_file import write_gguf
 from quantkit.export.writer import DEFAULT_MAX_SHARD_BYTES, model_config_dict, plain_tensors, write_checkpoint
 from quantkit.formats.base import QuantizedTensor
@@ -37,8 +37,8 @@ def save_checkpoint(layout: str, output: Path, model: nn.Module, tokenizer, quan
     the GGUF file the model came from, whose tokenizer keys a GGUF file copies."""
     writer = get_layout(layout)
     recorded = quantization_config.get("input_activations")
-    writer.check(activations=None if recorded is None else InputQuantization.from_record(recorded),
-                 online=bool((quantization_config.get("transform") or {}).get("online")))
+    inputs = None if recorded is None else InputQuantization.from_record(recorded)
+    writer.check(activations=inputs, online=bool((quantization_config.get("transform") or {}).get("online")))
     writer.check(kinds=sorted({qt.kind for qt in quantized.values()}))
     if quantization_config.get("kv_cache") is not None:
         writer.check_kv_cache(KVCacheQuantization.from_record(quantization_config["kv_cache"]))
@@ -47,5 +47,19 @@ def save_checkpoint(layout: str, output: Path, model: nn.Module, tokenizer, quan
         write_gguf(output, encoded, tokenizer_fields(tokenizer, source_file), overwrite)
         return
     tensors = {**plain_tensors(model, quantized, dtype), **encoded.tensors}
+    if inputs is not None and inputs.static is not None:
+        tensors = stored_input_scales(tensors, *writer.stored_input_scale(inputs))
     write_checkpoint(output, model, tokenizer, tensors, checkpoint_config(model, encoded.quantization_config, dtype),
                      overwrite, max_shard_bytes, encoded.extra_json)
+
+
+def stored_input_scales(tensors: dict[str, torch.Tensor], name: str, reciprocal: bool) -> dict[str, torch.Tensor]:
+    """``tensors`` with every layer's static ``input_scale`` stored as the layout's ``name`` (its reciprocal
+    when the layout stores a divisor)."""
+    stored = {}
+    for key, tensor in tensors.items():
+        layer, _, leaf = key.rpartition(".")
+        if leaf == INPUT_SCALE:
+            key, tensor = f"{layer}.{name}", (1 / tensor if reciprocal else tensor)
+        stored[key] = tensor
+    return stored

@@ -24,7 +24,7 @@ from quantkit.formats.fp8 import E4M3_MAX, FP8_DTYPE, FP8QuantizedTensor, e4m3_r
 from quantkit.formats.intgrid import SCALE_DTYPE, IntQuantizedTensor
 from quantkit.schemes import QuantScheme
 
-_MIN_SCALE = 2.0**-24  # smallest positive float16; keeps every stored scale non-zero
+MIN_SCALE = 2.0**-24  # smallest positive float16; keeps every stored scale non-zero
 
 # GPTQ's MSE clipping search: shrink the range by 1 - i/grid for i < maxshrink*grid, error norm 2.4.
 _MSE_GRID, _MSE_MAXSHRINK, _MSE_NORM = 100, 0.8, 2.4
@@ -49,7 +49,7 @@ def _grid_from_range(
     degenerate = (xmin == 0) & (xmax == 0)
     xmin = torch.where(degenerate, -1.0, xmin)
     xmax = torch.where(degenerate, 1.0, xmax)
-    scale = ((xmax - xmin) / maxq).clamp_min(_MIN_SCALE).to(SCALE_DTYPE).float()
+    scale = ((xmax - xmin) / maxq).clamp_min(MIN_SCALE).to(SCALE_DTYPE).float()
     if scheme.symmetric:
         zero = torch.full_like(scale, float((maxq + 1) // 2))
     else:
@@ -187,7 +187,7 @@ class FP8Grid(Grid):
     smallest squared error."""
 
     def _fit_one(self, amax: torch.Tensor) -> torch.Tensor:
-        return (amax / E4M3_MAX).clamp_min(_MIN_SCALE)
+        return (amax / E4M3_MAX).clamp_min(MIN_SCALE)
 
     def fit(self, w: torch.Tensor, group: int | None = None) -> Params:
         w = w.float()

@@ -23,11 +23,11 @@ import torch
 from quantkit.config_fields import field
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import QuantizedTensor, TensorPlan, TensorSpec
+from quantkit.formats.grid import MIN_SCALE
 from quantkit.formats.packing import pack_rows, packed_width, unpack_rows
 from quantkit.schemes import QuantScheme
 
 STAT_DTYPE = torch.float16
-MIN_SCALE = 2.0**-24
 MAX_COLUMNS = 2**16  # column indices and the permutation are stored in 16 bits
 # A block of statistics whose spread is this small against its magnitude is stored as a constant.
 _FLAT_RATIO = 2.0**12

@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from quantkit.actquant import InputQuantization
+from quantkit.actquant import INPUT_SCALE, InputQuantization
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import QuantizedTensor, TensorPlan, TensorSpec
 from quantkit.kvcache import KVCacheQuantization
@@ -142,6 +142,11 @@ class Layout(ABC):
     def input_quantization(self, qc: dict) -> InputQuantization | None:
         """How a stored checkpoint's quantized layers quantize their inputs (None: they do not)."""
         return None
+
+    def stored_input_scale(self, inputs: InputQuantization) -> tuple[str, bool]:
+        """The name a layer's static activation scale is stored under, and whether it holds the reciprocal of
+        quantkit's ``input_scale`` (a divisor); by default ``input_scale`` itself."""
+        return INPUT_SCALE, False
 
     def extra_specs(self, qc: dict, layers: Iterable[str]) -> dict[str, TensorSpec]:
         """Tensors it stores besides the layers' own and the model's plain ones (full names)."""

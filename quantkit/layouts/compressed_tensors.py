@@ -16,7 +16,10 @@ them: ``weight`` int8 ``[out, in]`` holding the signed values ``c - 2**(b-1)`` (
 ``weight_scale`` float32 ``[out, G]``. FP8 weights are ``float-quantized``: ``weight`` float8_e4m3fn ``[out, in]``
 and ``weight_scale`` float32 ``[out, G]``. Activations are a config group's ``input_activations``: static per
 tensor (``strategy: tensor``, ``dynamic: false``, each layer's float32 ``input_scale [1]``) or dynamic per token
-(``strategy: token``, ``dynamic: true``), int8 or FP8 (``type: float``).
+(``strategy: token``, ``dynamic: true``), int8 or FP8 (``type: float``). NVFP4 activations (W4A4) are
+``strategy: tensor_group`` over 16 elements with ``dynamic: local``: the blocks' scales are computed at run time
+against the layer's calibrated float32 ``input_global_scale [1]`` (the reciprocal of quantkit's static
+``input_scale``).
 """
 
 from __future__ import annotations
@@ -73,10 +76,19 @@ ACT_ORDER_GROUPS_REFUSED = (
 )
 
 
+NVFP4_GROUP = 16
+INPUT_GLOBAL_SCALE = "input_global_scale"  # NVFP4 activations' calibrated divisor, 1 / input_scale
+
+
 def check_activations(inputs: InputQuantization) -> None:
     """Refuse activation quantization compressed-tensors (as quantkit writes it) does not express: 8-bit int or
-    FP8, static per tensor or dynamic per token."""
+    FP8, static per tensor or dynamic per token; NVFP4 with a static global scale."""
     scheme, static = inputs.scheme, inputs.static
+    if scheme.format == "nvfp4":
+        if static is None:
+            raise QuantkitError("compressed-tensors NVFP4 activations need a calibrated global scale: add --act-static "
+                                "(or use --layout native for per-token global scales)")
+        return
     if scheme.format not in STATIC_FORMATS or scheme.bits != 8 or scheme.group_size != -1:
         raise QuantkitError(f"compressed-tensors export writes 8-bit int or fp8 activations per tensor or per token, "
                             f"not {scheme.bits}-bit {scheme.format} with group size {scheme.group_size}; use --layout native")
@@ -233,6 +245,9 @@ def _weights_args(qt: QuantizedTensor, observer: str) -> dict:
 def _activations_args(inputs: InputQuantization) -> dict:
     """A config group's ``input_activations`` entry."""
     scheme, static = inputs.scheme, inputs.static
+    if scheme.format == "nvfp4":
+        return {"num_bits": 4, "type": "float", "symmetric": True, "group_size": NVFP4_GROUP,
+                "strategy": "tensor_group", "dynamic": "local", "observer": static.observer}
     return {"num_bits": 8, "type": "float" if scheme.is_fp8 else "int", "symmetric": True, "group_size": None,
             "strategy": "token" if static is None else "tensor", "dynamic": static is None,
             "observer": None if static is None else static.observer}
@@ -441,6 +456,12 @@ def _parse_activations(name: str, entry: object) -> InputQuantization:
     """A config group's ``input_activations``: 8-bit int or FP8, static per tensor or dynamic per token."""
     if not isinstance(entry, dict):
         raise QuantkitError(f"compressed-tensors config group {name}: input_activations is not an object")
+    observer = entry.get("observer")  # the calibration's name for it; any other tool's counts as minmax
+    observer = observer if observer in OBSERVERS else "minmax"
+    nvfp4 = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": NVFP4_GROUP, "dynamic": "local"}
+    if all(entry.get(key) == value for key, value in nvfp4.items()) and entry.get("symmetric", True) is True:
+        return InputQuantization(activation_scheme(4, "nvfp4"),
+                                 StaticActivations("tensor", "minmax" if observer == "mse" else observer))
     try:
         kind = optional_field(entry, "type", str, "int")
         bits = optional_field(entry, "num_bits", int, 8)
@@ -455,9 +476,7 @@ def _parse_activations(name: str, entry: object) -> InputQuantization:
                             f"{'dynamic' if dynamic else 'static'}{'' if symmetric else ' asymmetric'} are not "
                             "supported (8-bit int or float, symmetric, static per tensor or dynamic per token)")
     scheme = activation_scheme(8, FP8_FORMAT if kind == "float" else "int")
-    observer = entry.get("observer")  # the calibration's name for it; any other tool's counts as minmax
-    return InputQuantization(scheme, None if dynamic else StaticActivations("tensor", observer if observer in OBSERVERS
-                                                                                  else "minmax"))
+    return InputQuantization(scheme, None if dynamic else StaticActivations("tensor", observer))
 
 
 def parse_config(qc: dict) -> tuple[list[ConfigGroup], list[str], InputQuantization | None]:
@@ -578,6 +597,9 @@ class CompressedTensorsLayout(Layout):
 
     def check_activations(self, inputs: InputQuantization) -> None:
         check_activations(inputs)
+
+    def stored_input_scale(self, inputs: InputQuantization) -> tuple[str, bool]:
+        return (INPUT_GLOBAL_SCALE, True) if inputs.scheme.format == "nvfp4" else super().stored_input_scale(inputs)
 
     def check_kv_cache(self, kv: KVCacheQuantization) -> None:
         check_kv_cache(kv)

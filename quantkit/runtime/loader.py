@@ -187,7 +187,8 @@ class CheckedCheckpoint:
         its static activation scale."""
         specs = self.online.expected(layer)
         if self.input_static is not None:
-            specs[INPUT_SCALE] = (self.input_static.scale_shape(self.plans[layer].meta["shape"][1]), torch.float32)
+            name, _ = self.config.layout.stored_input_scale(self.inputs)
+            specs[name] = (self.input_static.scale_shape(self.plans[layer].meta["shape"][1]), torch.float32)
         return specs
 
     @staticmethod
@@ -215,9 +216,12 @@ class CheckedCheckpoint:
         plan = self.plans[layer]
         with _naming(layer):
             decoded = plan.decode({name: stored.pop(name) for name in plan.specs})
-        scale = stored.get(INPUT_SCALE)
-        if scale is not None and not (scale > 0).all():
-            raise QuantkitError(f"tensor {layer}.{INPUT_SCALE} holds a scale that is not positive")
+        if self.input_static is not None:
+            name, reciprocal = self.config.layout.stored_input_scale(self.inputs)
+            scale = stored.pop(name)
+            if not (scale > 0).all():
+                raise QuantkitError(f"tensor {layer}.{name} holds a scale that is not positive")
+            stored[INPUT_SCALE] = 1 / scale if reciprocal else scale
         return decoded, stored
 
     def layers(self) -> Iterator[tuple[str, DecodedLayer, dict[str, torch.Tensor]]]:

@@ -1,17 +1,18 @@
 """Function-preserving model rewrites run before quantization: Hadamard (QuaRot), FlatQuant, OSTQuant, and the
-per-channel scalings AWQ and SmoothQuant."""
+per-channel scalings AWQ, SmoothQuant and MergeQuant-style merged static activation steps."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
 from quantkit.errors import QuantkitError
-from quantkit.transforms import awq, flatquant, ostquant, smoothquant
+from quantkit.transforms import awq, flatquant, mergequant, ostquant, smoothquant
 from quantkit.transforms.awq import AWQTransform
 from quantkit.transforms.base import AppliedTransform, Transform, TransformContext
 from quantkit.transforms.budget import TrainingBudget
 from quantkit.transforms.flatquant import FlatQuantTransform
 from quantkit.transforms.hadamard import HadamardTransform
+from quantkit.transforms.mergequant import MergeQuantTransform
 from quantkit.transforms.ostquant import OSTQuantTransform
 from quantkit.transforms.smoothquant import SmoothQuantTransform
 
@@ -21,6 +22,7 @@ TRANSFORMS: dict[str, type[Transform]] = {
     "ostquant": OSTQuantTransform,
     "awq": AWQTransform,
     "smoothquant": SmoothQuantTransform,
+    "mergequant": MergeQuantTransform,
 }
 # Calibration budgets of the transforms that read calibration windows: sized for minutes on a CPU, or the paper's.
 BUDGETS = {
@@ -28,8 +30,9 @@ BUDGETS = {
     "ostquant": {"cpu": ostquant.CPU_BUDGET, "paper": ostquant.PAPER_BUDGET},
     "awq": {"cpu": awq.CPU_BUDGET, "paper": awq.PAPER_BUDGET},
     "smoothquant": {"cpu": smoothquant.BUDGET, "paper": smoothquant.BUDGET},
+    "mergequant": {"cpu": mergequant.BUDGET, "paper": awq.PAPER_BUDGET},
 }
-ONE_PASS = ("awq", "smoothquant")  # they read the windows once: no epochs
+ONE_PASS = ("awq", "smoothquant", "mergequant")  # they read the windows once: no epochs
 
 
 def make_transform(name: str, budget: str = "cpu", **overrides: int | None) -> Transform:

@@ -78,18 +78,27 @@ def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, grid: int) -> l
     return [*candidates, torch.ones_like(x_mean)]
 
 
+def best_scale(candidates: list[torch.Tensor], loss: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The candidate scale with the least ``loss`` (the first of equals)."""
+    best, best_loss = candidates[0], float("inf")
+    for s in candidates:
+        value = float(loss(s))
+        if value < best_loss:
+            best, best_loss = s, value
+    return best
+
+
 def search_scale(x_mean: torch.Tensor, w_mean: torch.Tensor, weights: list[torch.Tensor], output: Output,
                  spread: Callable[[torch.Tensor], torch.Tensor], scheme: QuantScheme, grid: int) -> torch.Tensor:
     """AWQ's ``s`` (weights × s) among :func:`candidate_scales` whose ``Q(W·s)/s`` output is nearest to the
     full-precision one; ``spread`` maps a scale onto the weights' columns."""
     reference = output(weights)
-    best, best_loss = None, float("inf")
-    for s in candidate_scales(x_mean, w_mean, grid):
+
+    def loss(s: torch.Tensor) -> torch.Tensor:
         columns = spread(s)
-        loss = (output([fake_quantize_weight(w * columns, scheme) / columns for w in weights]) - reference).pow(2).mean()
-        if float(loss) < best_loss:
-            best, best_loss = s, float(loss)
-    return best
+        return (output([fake_quantize_weight(w * columns, scheme) / columns for w in weights]) - reference).pow(2).mean()
+
+    return best_scale(candidate_scales(x_mean, w_mean, grid), loss)
 
 
 def search_clip(weight: torch.Tensor, x: torch.Tensor, scheme: QuantScheme, grid: int) -> torch.Tensor:
@@ -135,15 +144,15 @@ class AWQTransform(ScalingTransform):
         blocks = adapter.get_blocks(model)
         learned = Learned(Rewrite(None, []))
         with progress_bar() as progress:
-            task = progress.add_task("awq", total=len(blocks))
+            task = progress.add_task(self.name, total=len(blocks))
 
             def search_block(index: int, block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
-                progress.update(task, description=f"awq block {index + 1}/{len(blocks)}")
+                progress.update(task, description=f"{self.name} block {index + 1}/{len(blocks)}")
                 rows = -(-self.search_tokens // len(inputs))
                 with input_statistics(block, [site.observed for site in sites], rows, generator) as stats:
                     outputs = block_outputs(block, inputs)
                 params = block_params(block, torch.float32)
-                scales = {site.field: 1 / self._scale(block, params, site, stats[site.observed], heads, ctx.weight_scheme)
+                scales = {site.field: 1 / self._scale(block, params, site, stats[site.observed], heads, ctx)
                           for site in sites}
                 rewrite = BlockRewrite(**scales)
                 learned.rewrite.blocks.append(rewrite)
@@ -161,8 +170,9 @@ class AWQTransform(ScalingTransform):
         return learned
 
     def _scale(self, block: nn.Module, params: dict[str, torch.Tensor], site: ScaleSite, stats: InputStatistics,
-               heads: Heads, scheme: QuantScheme) -> torch.Tensor:
+               heads: Heads, ctx: TransformContext) -> torch.Tensor:
         """AWQ's ``s`` for one site of ``block``."""
+        scheme = ctx.weight_scheme
         weights = [params[f"{name}.weight"] for name in site.readers]
         x_mean = site_statistic(stats.mean_abs(), site, heads, "mean")
         w_mean = site_statistic(weight_mean(torch.cat(weights), scheme), site, heads, "mean")
