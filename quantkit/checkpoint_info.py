@@ -80,8 +80,13 @@ class CheckpointInfo:
 
 
 def weight_label(meta: dict) -> str:
-    """A short name of a weight scheme, such as ``int w4 g64 sym act-order`` or ``nvfp4 g16``."""
+    """A short name of a weight scheme, such as ``int w4 g64 sym act-order``, ``nvfp4 g16`` or ``fp8 128x128 blocks``."""
     group = "per-channel" if meta.get("group_size") == -1 else f"g{meta.get('group_size')}"
+    rows = meta.get("block_rows", 1)
+    if rows == -1:
+        group = "per-tensor" if meta.get("group_size") == -1 else f"{group} over all rows"
+    elif rows != 1:
+        group = f"{rows}x{'row' if meta.get('group_size') == -1 else meta.get('group_size')} blocks"
     if meta.get("kind") in ("e2m1", "fp8"):
         return f"{meta.get('format')} {group}"
     parts = [meta.get("kind", "?"), f"w{meta.get('bits')}", group, "sym" if meta.get("symmetric") else "asym"]

@@ -117,6 +117,7 @@ def plan_run(
     *,
     bits: int | None = None,
     group_size: int | None = None,
+    block_rows: int | None = None,
     symmetric: bool | None = None,
     number_format: str = defaults.NUMBER_FORMAT,
     calibration: CalibrationSpec | None = None,
@@ -132,7 +133,7 @@ def plan_run(
     **quantizer_options,
 ) -> RunPlan:
     """The one way a run is resolved. ``scheme`` (else ``bits`` in ``number_format`` with the method's usual
-    group size and symmetry where not given; an allocation's smallest width by default) and every scheme an
+    group size and symmetry where not given, ``block_rows`` output rows sharing a scale; an allocation's smallest width by default) and every scheme an
     allocation may choose are checked against the quantizer and the layout, with the activations and the
     transform's online maps, before anything is loaded. ``act_static`` calibrates static scales for
     ``act_scheme`` (see :mod:`quantkit.actcalib`); ``kv_cache`` calibrates static KV-cache scales
@@ -143,10 +144,12 @@ def plan_run(
             raise OptionError("static activation scales need --act-bits")
         act_static.check_scheme(act_scheme)
     inputs = None if act_scheme is None else InputQuantization(act_scheme, act_static)
+    if isinstance(transform, Transform):
+        transform.check(act_scheme)
     if scheme is None:
         if bits is None and allocation is not None and number_format == "int":
             bits = allocation.bit_choices[0]
-        scheme = quantizer.default_scheme(bits, group_size, symmetric, number_format)
+        scheme = quantizer.default_scheme(bits, group_size, symmetric, number_format, block_rows or 1)
     candidates = candidate_schemes(scheme, allocation)
     writer = get_layout(layout)
     for candidate in candidates:

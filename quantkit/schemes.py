@@ -13,7 +13,8 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 # over any group size, ``mxfp4`` an E8M0 power of two over 32 columns, ``nvfp4`` an E4M3 scale over 16
 # columns divided by one float32 scale per tensor.
 FLOAT_FORMATS = ("fp4", "mxfp4", "nvfp4")
-# FP8: E4M3 elements (max 448) with a float32 scale per group of columns (or output channel); 8 bits, symmetric.
+# FP8: E4M3 elements (max 448) with a float32 scale per group of columns (or output channel), optionally shared by
+# a block of output rows (2-D blocks such as 128x128, or one scale per tensor); 8 bits, symmetric.
 FP8_FORMAT = "fp8"
 # GGUF's block formats under llama.cpp's names, (bits, symmetric) fixed by each: blocks of 32 input columns with a
 # float16 scale (``q8_0``, ``q5_0``, ``q4_0``); ``q4_k`` also groups 8 blocks in a super-block of 256 columns
@@ -35,7 +36,9 @@ class QuantScheme:
     """A number format for weights (or activations) and how its scales are shared.
 
     ``group_size`` counts input columns that share one scale (and, for ``int``, a zero point); -1 means one
-    group per row (per-channel, or per-token for activations). ``symmetric`` follows GPTQ's convention for
+    group per row (per-channel, or per-token for activations). ``block_rows`` counts output rows that share it
+    (fp8 only): 1 (each row its own), a block height (128 with group size 128: 128x128 blocks), or -1 (every
+    row: with group size -1, one scale per tensor). ``symmetric`` follows GPTQ's convention for
     ``int``: an unsigned grid whose zero point is fixed at the middle code, 2**(bits-1). Float formats are
     4-bit and symmetric by construction (a sign bit).
     """
@@ -44,6 +47,7 @@ class QuantScheme:
     group_size: int = 128
     symmetric: bool = True
     format: str = defaults.NUMBER_FORMAT
+    block_rows: int = 1
 
     def __post_init__(self) -> None:
         if self.format not in SUPPORTED_FORMATS:
@@ -58,6 +62,12 @@ class QuantScheme:
             raise QuantkitError(f"unsupported bit width {self.bits}; supported: {', '.join(map(str, SUPPORTED_BITS))}")
         if self.group_size != -1 and self.group_size < 1:
             raise QuantkitError(f"group size must be a positive number of columns or -1, got {self.group_size}")
+        if self.block_rows != 1:
+            if self.format != FP8_FORMAT:
+                raise QuantkitError(f"output rows share weight scales (block rows {self.block_rows}) in fp8 only, "
+                                    f"not {self.format}")
+            if self.block_rows < -1 or self.block_rows == 0:
+                raise QuantkitError(f"block rows must be a positive number of rows or -1, got {self.block_rows}")
         if self.format == FP8_FORMAT and (self.bits != 8 or not self.symmetric):
             raise QuantkitError(f"fp8 has 8-bit symmetric (E4M3) elements; got {self.bits} bits, "
                                 f"{'sym' if self.symmetric else 'asym'}")
@@ -72,7 +82,7 @@ class QuantScheme:
 
     @classmethod
     def for_format(cls, fmt: str, bits: int | None, group_size: int | None, symmetric: bool | None,
-                   default_group_size: int, default_symmetric: bool) -> QuantScheme:
+                   default_group_size: int, default_symmetric: bool, block_rows: int = 1) -> QuantScheme:
         """A scheme in number format ``fmt``; unset bits, group size and symmetry take the format's defaults,
         or the given ones (and :data:`defaults.BITS`) for ``int``."""
         default_bits = defaults.BITS
@@ -87,6 +97,7 @@ class QuantScheme:
             group_size=default_group_size if group_size is None else group_size,
             symmetric=default_symmetric if symmetric is None else symmetric,
             format=fmt,
+            block_rows=block_rows,
         )
 
     @property
@@ -124,6 +135,14 @@ class QuantScheme:
         """How many groups of columns a row of ``in_features`` weights has (the last may be partial)."""
         return -(-in_features // self.group_columns(in_features))
 
+    def row_block(self, out_features: int) -> int:
+        """Output rows sharing one scale in a tensor of ``out_features`` rows (all of them with ``block_rows -1``)."""
+        return out_features if self.block_rows == -1 else self.block_rows
+
+    def num_row_blocks(self, out_features: int) -> int:
+        """How many blocks of rows share scales (the last may be partial): the scale tensor's first dimension."""
+        return -(-out_features // self.row_block(out_features))
+
     def group_slices(self, in_features: int) -> list[slice]:
         """Column ranges of consecutive groups; the last one may be partial."""
         size = self.group_columns(in_features)
@@ -141,9 +160,14 @@ class QuantScheme:
             )
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Its fields; ``block_rows`` only where rows share scales, so row-wise records stay as they were."""
+        record = asdict(self)
+        if self.block_rows == 1:
+            del record["block_rows"]
+        return record
 
     @classmethod
     def from_dict(cls, record: dict) -> QuantScheme:
         """The scheme a :meth:`to_dict` record (or a layer meta holding its keys) describes."""
-        return cls(**{key: record[key] for key in ("bits", "group_size", "symmetric", "format") if key in record})
+        keys = ("bits", "group_size", "symmetric", "format", "block_rows")
+        return cls(**{key: record[key] for key in keys if key in record})

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Activation-aware and static-activation methods on SmolLM2-135M: WikiText-2 perplexity of AWQ against RTN and
-GPTQ at W4 g64, W8A8 int8 static against dynamic (with and without SmoothQuant), FP8 W8A8 static and dynamic,
+GPTQ at W4 g64 (and of AWQ searched after the Hadamard rotation, ``hadamard+awq``, against the rotation alone), W8A8 int8 static against dynamic (with and without SmoothQuant), FP8 W8A8 static and dynamic,
 static W4A4 (per-channel static int4 scales, and MergeQuant-style merged ones) against dynamic per-token W4A4
 (with and without FlatQuant), and an int8/FP8 KV cache (static per-layer scales) against a float one under
 8-bit weights.
@@ -8,7 +8,7 @@ static W4A4 (per-channel static int4 scales, and MergeQuant-style merged ones) a
 Protocol (the README's): calibration on 128 windows x 512 tokens of the C4 validation parquet (seed 0) for
 GPTQ, the static scales and the transforms (AWQ: 64 x 512, its cpu budget; SmoothQuant: 128 x 512);
 perplexity on the first 16 windows x 2048 tokens of WikiText-2 test. Weights are symmetric; W8 and FP8 weights
-and the W4A4 rows are per output channel (W4A4 with RTN, as the transforms benchmark's rows). A transform is applied once per setting and shared by RTN and GPTQ.
+and the W4A4 rows are per output channel (FP8 also per tensor, and in 128 x 128 blocks) (W4A4 with RTN, as the transforms benchmark's rows). A transform is applied once per setting and shared by RTN and GPTQ.
 Everything runs in this process; the report is saved after every row (``--resume`` keeps the rows saved).
 
     python scripts/bench_activations.py                 # the full table (about an hour on 2 cores)
@@ -36,7 +36,7 @@ from quantkit.kvcache import KVCacheQuantization
 from quantkit.models.loading import LoadedModel, load_model
 from quantkit.schemes import QuantScheme
 from quantkit.textsources import load_eval_text
-from quantkit.transforms import make_transform
+from quantkit.transforms import BUDGETS, SEPARATOR, make_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -46,6 +46,9 @@ W4G64 = QuantScheme(4, 64, True)
 W4 = QuantScheme(4, -1, True)
 W8 = QuantScheme(8, -1, True)
 FP8 = QuantScheme(8, -1, True, "fp8")
+FP8_PER_TENSOR = QuantScheme(8, -1, True, "fp8", block_rows=-1)  # llm-compressor's FP8 preset, with static inputs
+FP8_BLOCK = QuantScheme(8, 128, True, "fp8", block_rows=128)  # FP8_BLOCK: 128x128 weight blocks
+FP8_GROUP_ACT = activation_scheme(8, "fp8", 128)  # ... and dynamic inputs per token and 128 columns
 INT8, FP8_ACT, INT4 = activation_scheme(8, "int"), activation_scheme(8, "fp8"), activation_scheme(4, "int")
 TENSOR = StaticActivations("tensor", "minmax")
 
@@ -67,11 +70,17 @@ ROWS = {row.label: row for row in (
     Row("W4A16 g64", "gptq", "gptq", W4G64),
     Row("W4A16 g64", "awq-rtn", "rtn", W4G64, "awq"),
     Row("W4A16 g64", "awq-gptq", "gptq", W4G64, "awq"),
+    Row("W4A16 g64", "hadamard-rtn", "rtn", W4G64, "hadamard"),
+    Row("W4A16 g64", "hadamard-gptq", "gptq", W4G64, "hadamard"),
+    Row("W4A16 g64", "hadamard-awq-rtn", "rtn", W4G64, "hadamard+awq"),
+    Row("W4A16 g64", "hadamard-awq-gptq", "gptq", W4G64, "hadamard+awq"),
     Row("W8A8 int8", "int8-dynamic", "rtn", W8, None, INT8),
     Row("W8A8 int8", "int8-static", "rtn", W8, None, INT8, TENSOR),
     Row("W8A8 int8", "smoothquant-int8-static", "rtn", W8, "smoothquant", INT8, TENSOR),
     Row("W8A8 fp8", "fp8-dynamic", "rtn", FP8, None, FP8_ACT),
     Row("W8A8 fp8", "fp8-static", "rtn", FP8, None, FP8_ACT, TENSOR),
+    Row("W8A8 fp8", "fp8-tensor-static", "rtn", FP8_PER_TENSOR, None, FP8_ACT, TENSOR),
+    Row("W8A8 fp8", "fp8-block-dynamic", "rtn", FP8_BLOCK, None, FP8_GROUP_ACT),
     Row("KV cache", "w8-float-kv", "rtn", W8),
     Row("KV cache", "w8-kv-int8", "rtn", W8, kv=KVCacheQuantization("int", "tensor")),
     Row("KV cache", "w8-kv-fp8", "rtn", W8, kv=KVCacheQuantization("fp8", "tensor")),
@@ -130,7 +139,9 @@ def main() -> None:
             if key not in transformed:
                 work = replace(base, model=copy.deepcopy(base.model))
                 t0 = time.perf_counter()
-                done = apply_transform(work, make_transform(row.transform, **budget), row.scheme, row.act, calibration)
+                calibrated = any(step in BUDGETS for step in row.transform.split(SEPARATOR))
+                transform = make_transform(row.transform, **(budget if calibrated else {}))
+                done = apply_transform(work, transform, row.scheme, row.act, calibration)
                 transformed[key] = (work, done, time.perf_counter() - t0)
             source, applied, transform_s = transformed[key]
             loaded = replace(source, model=copy.deepcopy(source.model))

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Does vLLM's CPU build serve quantkit's compressed-tensors W8A8 checkpoints? SmolLM2-135M quantized by quantkit
 (RTN, 8-bit weights per output channel) with int8 and FP8 activations, static per tensor and dynamic per token
-(and int8 static after SmoothQuant),
+(and int8 static after SmoothQuant), and FP8 weights per tensor (static per-tensor inputs: llm-compressor's FP8
+preset) and in 128x128 (and 64x64) blocks (dynamic inputs per token and group of columns: FP8_BLOCK),
 written with ``--layout compressed-tensors``; vLLM (in its own venv, see runtime_envs.py; float32, eager) and
 quantkit.load score the same WikiText-2 windows. Each row: both perplexities and their ratio, or the one line
 vLLM refused the checkpoint with. Static scales are calibrated on 128 x 512 tokens of the C4 validation parquet.
@@ -44,6 +45,10 @@ CHECKPOINTS = {  # name -> (weights, activations, static, transform)
     "fp8-dynamic": (QuantScheme(8, -1, True, "fp8"), activation_scheme(8, "fp8"), None, None),
     "fp8-static": (QuantScheme(8, -1, True, "fp8"), activation_scheme(8, "fp8"), STATIC, None),
     "smoothquant-int8-static": (QuantScheme(8, -1, True), activation_scheme(8, "int"), STATIC, "smoothquant"),
+    "fp8-tensor-static": (QuantScheme(8, -1, True, "fp8", -1), activation_scheme(8, "fp8"), STATIC, None),
+    "fp8-block-dynamic": (QuantScheme(8, 128, True, "fp8", 128), activation_scheme(8, "fp8", 128), None, None),
+    # 576 hidden is no multiple of 128: 64x64 blocks tile every SmolLM2 layer
+    "fp8-block64-dynamic": (QuantScheme(8, 64, True, "fp8", 64), activation_scheme(8, "fp8", 64), None, None),
 }
 
 

@@ -33,7 +33,7 @@ from quantkit.transforms import make_transform
 from quantkit.transforms.awq import candidate_scales, search_clip, search_scale
 from quantkit.transforms.base import TransformContext
 from quantkit.transforms.prepare import fold_block_norms
-from quantkit.transforms.rewrite import fuse
+from quantkit.transforms.rewrite import attach_online, fuse
 from quantkit.transforms.scaling import fake_quantize_weight
 
 ADAPTER = adapter_for("llama")
@@ -41,6 +41,9 @@ W4G16 = QuantScheme(4, 16, True)
 W8 = QuantScheme(8, -1, True)
 W4 = QuantScheme(4, -1, True)
 FP8 = QuantScheme(8, -1, True, "fp8")
+FP8_TENSOR = QuantScheme(8, -1, True, "fp8", block_rows=-1)
+FP8_BLOCK = QuantScheme(8, 32, True, "fp8", block_rows=32)  # the tiny model's 128x128
+FP8_GROUP_ACT = activation_scheme(8, "fp8", 32)  # dynamic per token and group, as beside block weights
 INT8, FP8_ACT, INT4 = activation_scheme(8, "int"), activation_scheme(8, "fp8"), activation_scheme(4, "int")
 NVFP4 = QuantScheme.for_format("nvfp4", 4, None, None, 16, True)
 NVFP4_ACT = activation_scheme(4, "nvfp4")
@@ -68,6 +71,38 @@ def test_folded_scales_preserve_the_float_function(name, config):
     assert block.value_scale.numel() == reference.model.layers[0].self_attn.v_proj.out_features  # per kv channel
     for scale in (block.attention_scale, block.value_scale, block.mlp_scale, block.up_scale):
         assert (scale > 0).all() and not torch.allclose(scale, torch.ones_like(scale))
+
+
+@pytest.mark.parametrize("name", ["hadamard+smoothquant", "smoothquant+hadamard"])
+def test_composed_transforms_preserve_the_float_function_and_skip_inputs_with_online_maps(name):
+    """Each step fused in turn (in float64) gives the same logits with the online maps running; a scaling step
+    after the rotation leaves down's input (which has an online Hadamard) alone."""
+    model = _model().double()
+    expected = _logits(model)
+    rotated = copy.deepcopy(model)
+    alone = make_transform("hadamard").apply(TransformContext(rotated, ADAPTER, W4G16, INT4, _calibration()))
+    applied = make_transform(name, **TINY).apply(TransformContext(model, ADAPTER, W4G16, INT4, _calibration()))
+    assert applied.record["name"] == name and [step["name"] for step in applied.record["steps"]] == name.split("+")
+    assert set(applied.online) == set(alone.online) and applied.has_online()
+    attach_online(model, applied.online)
+    torch.testing.assert_close(_logits(model), expected, rtol=0, atol=1e-6)  # as the Hadamard transform alone
+    rotated_first = name.startswith("hadamard")
+    for i in range(2):
+        block, reference = model.model.layers[i], rotated.model.layers[i]
+        # scaled after the rotation: q/k/v's input (on rotated channels), never down's (its online map); scaled
+        # before it: down's input (SmoothRot), while q/k/v's scale went into the norm the rotation folds back
+        same = {"q_proj": torch.allclose(block.self_attn.q_proj.weight, reference.self_attn.q_proj.weight, atol=1e-12),
+                "down_proj": torch.allclose(block.mlp.down_proj.weight, reference.mlp.down_proj.weight, atol=1e-12)}
+        assert same == {"q_proj": not rotated_first, "down_proj": rotated_first}
+
+
+def test_composed_transforms_refuse_two_rotations_or_two_calibrated_steps():
+    for name, message in [("hadamard+flatquant", "both rotate"), ("awq+smoothquant", "both read calibration"),
+                          ("awq+awq", "different transforms"), ("hadamard+median", "unknown transform 'median'")]:
+        with pytest.raises(QuantkitError, match=message):
+            make_transform(name)
+    with pytest.raises(QuantkitError, match="takes no training budget"):
+        make_transform("hadamard", nsamples=4)
 
 
 def test_awq_apply_keeps_the_head_tied_and_clamps_all_but_query_and_key():
@@ -137,6 +172,9 @@ def test_transforms_reading_windows_once_refuse_epochs():
 def test_mergequant_needs_int_or_fp8_activations(act):
     with pytest.raises(QuantkitError, match=r"transform mergequant merges static activation steps .* int or fp8"):
         make_transform("mergequant", **TINY).learn(TransformContext(_model(), ADAPTER, W4G16, act, _calibration()))
+    for name in ("mergequant", "hadamard+mergequant"):  # refused when the run is planned, before any loading
+        with pytest.raises(QuantkitError, match="transform mergequant merges static activation steps"):
+            api.plan_run("rtn", W4G16, act_scheme=act, transform=make_transform(name))
 
 
 def test_mergequant_beats_plain_static_w4a4_on_outlier_channels(tiny_model_dir, calib_file, tmp_path):
@@ -261,6 +299,54 @@ def test_fp8_grid_rounds_as_torchs_float8_cast_and_gptq_beats_rtn():
     assert torch.equal(quantize_groups(make_grid(FP8, w), w)[2], qt.dequantize())
 
 
+def _fp8_reference(w: torch.Tensor, rows: int, columns: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block scales (amax / 448 over each ``rows x columns`` block, in float64) and the weights they round to,
+    block by block with torch's float8 cast."""
+    out, n = w.shape
+    scales = torch.empty(-(-out // rows), -(-n // columns), dtype=torch.float64)
+    values = torch.empty_like(w)
+    for i in range(scales.shape[0]):
+        for j in range(scales.shape[1]):
+            block = w[i * rows:(i + 1) * rows, j * columns:(j + 1) * columns].double()
+            scales[i, j] = block.abs().max() / 448
+            values[i * rows:(i + 1) * rows, j * columns:(j + 1) * columns] = (
+                (block / scales[i, j]).float().to(torch.float8_e4m3fn).double() * scales[i, j]).float()
+    return scales, values
+
+
+@pytest.mark.parametrize(("scheme", "rows", "columns"), [(QuantScheme(8, 128, True, "fp8", 128), 128, 128),
+                                                        (QuantScheme(8, -1, True, "fp8", -1), 300, 256),
+                                                        (QuantScheme(8, 64, True, "fp8", -1), 300, 64)],
+                         ids=["block-128x128", "tensor", "group-over-all-rows"])
+def test_fp8_block_and_tensor_scales_match_a_float64_reference(scheme, rows, columns):
+    w = torch.randn(300, 256, generator=torch.Generator().manual_seed(8))  # 300 rows: a partial last row block
+    w[7, 3] = 40.0  # one block's maximum
+    qt = RTNQuantizer().quantize(w, LayerStats(), scheme)
+    scales, values = _fp8_reference(w, rows, columns)
+    assert qt.scales.shape == scales.shape == _scale_shape(scheme, w.shape)
+    torch.testing.assert_close(qt.scales.double(), scales, rtol=1e-6, atol=0)
+    torch.testing.assert_close(qt.dequantize(), values, rtol=1e-6, atol=1e-7)
+    x = torch.randn(512, 256, generator=torch.Generator().manual_seed(9))
+    stats = LayerStats(hessian=2 * x.T.double() @ x.double() / 512, tokens=512)
+    gptq = GPTQQuantizer().quantize(w, stats, scheme)
+    assert gptq.scales.shape == scales.shape
+    codes = gptq.dequantize() / gptq.column_scales()  # every weight is an E4M3 value times its block's scale
+    torch.testing.assert_close(codes, codes.to(torch.float8_e4m3fn).float(), rtol=1e-5, atol=1e-6)
+
+
+def _scale_shape(scheme: QuantScheme, shape: tuple[int, int]) -> tuple[int, int]:
+    return scheme.num_row_blocks(shape[0]), scheme.num_groups(shape[1])
+
+
+def test_rows_share_scales_in_fp8_only_and_compressed_tensors_refuses_other_geometries():
+    with pytest.raises(QuantkitError, match="in fp8 only"):
+        QuantScheme(4, 128, True, "int", block_rows=128)
+    with pytest.raises(QuantkitError, match="block rows must be"):
+        QuantScheme(8, 128, True, "fp8", block_rows=0)
+    with pytest.raises(QuantkitError, match="per tensor, channel, group or 2-D block"):
+        api.plan_run("rtn", QuantScheme(8, 32, True, "fp8", block_rows=-1), layout="compressed-tensors")
+
+
 # --- checkpoints ----------------------------------------------------------------------------------------------------
 
 
@@ -284,6 +370,9 @@ CASES = [  # (layout, weights, activations, static, method, transform)
     ("compressed-tensors", W8, INT8, None, "rtn", None),
     ("compressed-tensors", FP8, FP8_ACT, StaticActivations("tensor", "percentile"), "rtn", None),
     ("compressed-tensors", FP8, FP8_ACT, None, "gptq", None),
+    ("compressed-tensors", FP8_TENSOR, FP8_ACT, StaticActivations("tensor", "minmax"), "gptq", None),
+    ("compressed-tensors", FP8_BLOCK, FP8_GROUP_ACT, None, "rtn", None),
+    ("native", FP8_BLOCK, FP8_ACT, StaticActivations("tensor", "minmax"), "gptq", None),
     ("compressed-tensors", W4G16, INT8, StaticActivations("tensor", "minmax"), "gptq", "awq"),
     ("native", NVFP4, NVFP4_ACT, StaticActivations("tensor", "percentile"), "rtn", None),
     ("compressed-tensors", NVFP4, NVFP4_ACT, StaticActivations("tensor", "minmax"), "gptq", None),
@@ -291,7 +380,7 @@ CASES = [  # (layout, weights, activations, static, method, transform)
 
 
 @pytest.mark.parametrize(("layout", "scheme", "act", "static", "method", "transform"), CASES,
-                         ids=[f"{c[0]}-{c[1].format}{c[1].bits}-a{c[2].format}-{c[3].granularity if c[3] else 'dynamic'}"
+                         ids=[f"{c[0]}-{c[1].format}{c[1].bits}{'' if c[1].block_rows == 1 else f'x{c[1].block_rows}'}-a{c[2].format}-{c[3].granularity if c[3] else 'dynamic'}"
                               f"-{c[4]}{'-' + c[5] if c[5] else ''}" for c in CASES])
 def test_static_scales_round_trip_and_load_as_the_fake_quantized_model(tiny_model_dir, calib_file, tmp_path, layout,
                                                                        scheme, act, static, method, transform):
@@ -336,6 +425,25 @@ def test_compressed_tensors_w8a8_config_is_what_vllm_reads(tiny_model_dir, calib
     name = "model.layers.0.mlp.down_proj"
     assert stored[f"{name}.weight"].dtype == torch.int8 and stored[f"{name}.weight_scale"].shape == (64, 1)
     assert stored[f"{name}.input_scale"].shape == (1,) and stored[f"{name}.input_scale"].dtype == torch.float32
+
+
+@pytest.mark.parametrize(("scheme", "act", "static", "weights", "inputs", "scale_shape"), [
+    (FP8_TENSOR, FP8_ACT, StaticActivations(), {"strategy": "tensor", "group_size": None, "block_structure": None},
+     {"strategy": "tensor", "dynamic": False, "group_size": None}, (1,)),
+    (FP8_BLOCK, FP8_GROUP_ACT, None, {"strategy": "block", "group_size": None, "block_structure": [32, 32]},
+     {"strategy": "group", "dynamic": True, "group_size": 32}, (5, 2)),
+], ids=["tensor", "block"])
+def test_compressed_tensors_fp8_tensor_and_block_configs_are_llm_compressors_presets(
+        tiny_model_dir, calib_file, tmp_path, scheme, act, static, weights, inputs, scale_shape):
+    out = tmp_path / "ct"
+    _quantize(tiny_model_dir, calib_file, out, scheme, act, static, "compressed-tensors")
+    group = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    assert group["format"] == "float-quantized" and group["weights"]["type"] == "float"
+    assert {key: group["weights"][key] for key in weights} == weights
+    assert {key: group["input_activations"][key] for key in inputs} == {**inputs}
+    stored = load_file(out / "model.safetensors")
+    up = "model.layers.0.mlp.up_proj"  # [160, 64]
+    assert stored[f"{up}.weight"].dtype == torch.float8_e4m3fn and stored[f"{up}.weight_scale"].shape == scale_shape
 
 
 def test_compressed_tensors_nvfp4_w4a4_config_is_llm_compressors_preset(tiny_model_dir, calib_file, tmp_path):
@@ -401,6 +509,22 @@ def test_cli_static_w8a8_and_its_refusals(tiny_model_dir, calib_file, tmp_path):
     ]:
         bad = run_cli("quantize", str(tiny_model_dir), "--method", "rtn", "--bits", "8", "-o", str(tmp_path / "bad"),
                       *args)
+        assert_one_line_error(bad, message)
+        assert not (tmp_path / "bad").exists()
+
+
+def test_cli_fp8_block_weights_and_their_refusals(tiny_model_dir, calib_file, tmp_path):
+    out = tmp_path / "fp8-block"
+    common = ("--method", "rtn", "--calib", str(calib_file), "--nsamples", "4", "--seqlen", "32")
+    proc = run_cli("quantize", str(tiny_model_dir), *common, "--format", "fp8", "--group-size", "32", "--block-rows",
+                   "32", "--act-bits", "8", "--act-group-size", "32", "--layout", "compressed-tensors", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "fp8 32x32 blocks + a8 fp8 g32" in proc.stdout
+    assert "32x32 blocks" in run_cli("inspect", str(out)).stdout
+    for args, message in [(["--block-rows", "32"], "in fp8 only"),
+                          (["--format", "fp8", "--block-rows", "-1", "--group-size", "32", "--layout",
+                            "compressed-tensors"], "per tensor, channel, group or 2-D block")]:
+        bad = run_cli("quantize", str(tiny_model_dir), *common, *args, "-o", str(tmp_path / "bad"))
         assert_one_line_error(bad, message)
         assert not (tmp_path / "bad").exists()
 
@@ -493,16 +617,18 @@ def test_kv_cache_quantization_changes_attention_and_refusals(tiny_model_dir, ca
     assert_one_line_error(bad, "--kv-granularity needs --kv-format")
 
 
-@pytest.mark.parametrize(("method", "scheme", "layout"), [
-    ("spqr", QuantScheme(3, 16, False), "native"),
-    ("rtn", QuantScheme.for_format("nvfp4", 4, None, None, 16, True), "compressed-tensors"),
-    ("gptq", QuantScheme(4, 16, True), "gptq"),
-], ids=["spqr", "rtn-nvfp4", "gptq-gptq-layout"])
-def test_awq_composes_with_every_method_format_and_layout(tiny_model_dir, calib_file, tmp_path, method, scheme, layout):
+@pytest.mark.parametrize(("method", "scheme", "layout", "transform"), [
+    ("spqr", QuantScheme(3, 16, False), "native", "awq"),
+    ("rtn", QuantScheme.for_format("nvfp4", 4, None, None, 16, True), "compressed-tensors", "awq"),
+    ("gptq", QuantScheme(4, 16, True), "gptq", "awq"),
+    ("gptq", QuantScheme(4, 16, True), "native", "hadamard+awq"),
+], ids=["spqr", "rtn-nvfp4", "gptq-gptq-layout", "gptq-hadamard+awq"])
+def test_awq_composes_with_every_method_format_and_layout(tiny_model_dir, calib_file, tmp_path, method, scheme, layout,
+                                                         transform):
     out = tmp_path / "awq"
-    result = _quantize(tiny_model_dir, calib_file, out, scheme, None, None, layout, method, "awq")
+    result = _quantize(tiny_model_dir, calib_file, out, scheme, None, None, layout, method, transform)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert layout != "native" or qc["transform"]["name"] == "awq"
+    assert layout != "native" or qc["transform"]["name"] == transform
     with torch.no_grad():
         torch.testing.assert_close(api.load(out)(input_ids=_tokens()).logits,
                                    result.model(input_ids=_tokens()).logits, rtol=0, atol=1e-5)

@@ -64,8 +64,12 @@ def test_recipe_round_trips_through_yaml(name: str, tmp_path: Path) -> None:
 def _small(recipe: Recipe, calib_file: Path) -> dict[str, object]:
     """Flags that shrink a shipped recipe to the tiny model (64 hidden, 160 intermediate) and a few seconds."""
     small: dict[str, object] = {"calib": str(calib_file), "nsamples": 4, "seqlen": 32}
-    if recipe.values.get("number_format", "int") == "int" and recipe.values.get("group_size", 16) != -1:
+    if recipe.values.get("number_format", "int") in ("int", "fp8") and recipe.values.get("group_size", 16) != -1:
         small["group_size"] = 16
+    if recipe.values.get("block_rows", 1) > 1:
+        small["block_rows"] = 16
+    if recipe.values.get("act_group_size", -1) > 0:
+        small["act_group_size"] = 16
     if recipe.values.get("transform") in ("flatquant", "ostquant"):
         small |= {"transform_nsamples": 2, "transform_seqlen": 16, "transform_epochs": 1, "transform_batch_size": 1}
     if recipe.values.get("transform") in ("awq", "smoothquant", "mergequant"):
@@ -145,7 +149,7 @@ def test_settings_without_a_switch_leave_their_section_out() -> None:
     "text,fragments",
     [
         ("quantizer:\n  method: awq\n", ["quantizer.method = 'awq' is not allowed", "allowed: rtn, gptq, spqr"]),
-        ("weights:\n  bitz: 4\n", ["unknown field weights.bitz", "allowed in weights: bits, format, group_size, sym"]),
+        ("weights:\n  bitz: 4\n", ["unknown field weights.bitz", "allowed in weights: bits, format, group_size, block_rows, sym"]),
         ("scheme:\n  bits: 4\n", ["unknown section 'scheme'", "allowed:", "quantizer"]),
         ("calibration:\n  nsamples: many\n", ["calibration.nsamples = 'many' is not allowed", "an integer ≥ 1"]),
         ("calibration:\n  nsamples: 2.5\n", ["calibration.nsamples = 2.5"]),
@@ -159,6 +163,7 @@ def test_settings_without_a_switch_leave_their_section_out() -> None:
         ("allocation:\n  strategy: greedy\n", ["allocation.strategy = 'greedy'", "or a .json file"]),
         ("allocation:\n  bit_choices: 4\n", ["allocation.bit_choices = 4", "a list of integers"]),
         ("transform:\n  name: spinquant\n", ["transform.name = 'spinquant'", "hadamard, flatquant, ostquant, awq, smoothquant, mergequant"]),
+        ("transform:\n  name: hadamard+spinquant\n", ["transform.name = 'hadamard+spinquant'", "or several joined by +"]),
         ("export:\n  layout: awq\n", ["export.layout = 'awq'", "native, gptq, compressed-tensors"]),
         ("weights: 4\n", ["section weights must be a mapping"]),
         ("- a\n- b\n", ["expected a mapping of sections"]),

@@ -183,21 +183,40 @@ class FloatGrid(Grid):
 
 class FP8Grid(Grid):
     """E4M3 elements times a float32 scale ``amax / 448`` per group (:mod:`quantkit.formats.fp8`); parameters
-    are ``(scale,)``. With ``mse`` every group takes the candidate scale (its maximum × 0.5…1.2) with the
-    smallest squared error."""
+    are ``(scale,)``, one per row of each group even where blocks of ``block_rows`` rows share it (every row of a
+    block holds the block's scale; :meth:`tensor` keeps one per block). With ``mse`` every group (or block) takes
+    the candidate scale (its maximum × 0.5…1.2) with the smallest squared error.
+
+    Blocks of rows are pooled along the first dimension of what :meth:`fit` is given, so it must be given every
+    row of the tensor (as RTN and GPTQ do)."""
+
+    def _pooled(self, per_row: torch.Tensor, reduce: str) -> torch.Tensor:
+        """``per_row [rows, ...]`` reduced (``amax`` or ``sum``) over each block of rows, repeated back per row."""
+        rows = per_row.shape[0]
+        size = self.scheme.row_block(rows)
+        if size == 1:
+            return per_row
+        blocks = -(-rows // size)
+        padded = torch.nn.functional.pad(per_row.movedim(0, -1), (0, blocks * size - rows)).movedim(-1, 0)
+        stacked = padded.reshape(blocks, size, *per_row.shape[1:])
+        pooled = stacked.amax(dim=1) if reduce == "amax" else stacked.sum(dim=1)
+        return pooled.repeat_interleave(size, dim=0)[:rows]
 
     def _fit_one(self, amax: torch.Tensor) -> torch.Tensor:
         return (amax / E4M3_MAX).clamp_min(MIN_SCALE)
 
+    def _error(self, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self._pooled(((self.round(w, (scale,))[1] - w) ** 2).sum(dim=-1), "sum")
+
     def fit(self, w: torch.Tensor, group: int | None = None) -> Params:
         w = w.float()
-        amax = self.clipped(w).abs().amax(dim=-1)
+        amax = self._pooled(self.clipped(w).abs().amax(dim=-1), "amax")
         scale = self._fit_one(amax)
         if self.mse:
-            best = ((self.round(w, (scale,))[1] - w) ** 2).sum(dim=-1)
+            best = self._error(w, scale)
             for factor in _FLOAT_SEARCH_FACTORS:
                 candidate = self._fit_one(amax * factor)
-                err = ((self.round(w, (candidate,))[1] - w) ** 2).sum(dim=-1)
+                err = self._error(w, candidate)
                 better = err < best
                 best, scale = torch.where(better, err, best), torch.where(better, candidate, scale)
         return (scale,)
@@ -210,7 +229,8 @@ class FP8Grid(Grid):
     def tensor(self, codes: torch.Tensor, params: Params, g_idx: torch.Tensor | None = None) -> FP8QuantizedTensor:
         if g_idx is not None:
             raise QuantkitError("fp8 keeps its groups contiguous: no act-order groups")
-        return FP8QuantizedTensor(codes.view(FP8_DTYPE), params[0].float(), self.scheme)
+        per_block = params[0][::self.scheme.row_block(codes.shape[0])]
+        return FP8QuantizedTensor(codes.view(FP8_DTYPE), per_block.float().contiguous(), self.scheme)
 
 
 def make_grid(scheme: QuantScheme, w: torch.Tensor, mse: bool = False, per_row: bool = False,

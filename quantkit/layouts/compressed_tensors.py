@@ -14,9 +14,11 @@ tensors are exactly quantkit's native ones (:mod:`quantkit.formats.floatgrid`).
 With quantized activations (W8A8, W4A8) integer weights are ``int-quantized``, as vLLM's W8A8 kernels read
 them: ``weight`` int8 ``[out, in]`` holding the signed values ``c - 2**(b-1)`` (symmetric only) and
 ``weight_scale`` float32 ``[out, G]``. FP8 weights are ``float-quantized``: ``weight`` float8_e4m3fn ``[out, in]``
-and ``weight_scale`` float32 ``[out, G]``. Activations are a config group's ``input_activations``: static per
-tensor (``strategy: tensor``, ``dynamic: false``, each layer's float32 ``input_scale [1]``) or dynamic per token
-(``strategy: token``, ``dynamic: true``), int8 or FP8 (``type: float``). NVFP4 activations (W4A4) are
+and ``weight_scale`` float32 ``[out, G]`` (``strategy: channel`` or ``group``), ``[1]`` (``tensor``) or
+``[ceil(out/r), in/c]`` (``block`` with ``block_structure: [r, c]``). Activations are a config group's
+``input_activations``: static per tensor (``strategy: tensor``, ``dynamic: false``, each layer's float32
+``input_scale [1]``) or dynamic per token (``strategy: token``, ``dynamic: true``), int8 or FP8 (``type: float``);
+FP8 also dynamic per group of columns of each token (``strategy: group``, as beside block weights). NVFP4 activations (W4A4) are
 ``strategy: tensor_group`` over 16 elements with ``dynamic: local``: the blocks' scales are computed at run time
 against the layer's calibrated float32 ``input_global_scale [1]`` (the reciprocal of quantkit's static
 ``input_scale``).
@@ -82,16 +84,18 @@ INPUT_GLOBAL_SCALE = "input_global_scale"  # NVFP4 activations' calibrated divis
 
 def check_activations(inputs: InputQuantization) -> None:
     """Refuse activation quantization compressed-tensors (as quantkit writes it) does not express: 8-bit int or
-    FP8, static per tensor or dynamic per token; NVFP4 with a static global scale."""
+    FP8, static per tensor or dynamic per token (FP8 also per group); NVFP4 with a static global scale."""
     scheme, static = inputs.scheme, inputs.static
     if scheme.format == "nvfp4":
         if static is None:
             raise QuantkitError("compressed-tensors NVFP4 activations need a calibrated global scale: add --act-static "
                                 "(or use --layout native for per-token global scales)")
         return
-    if scheme.format not in STATIC_FORMATS or scheme.bits != 8 or scheme.group_size != -1:
-        raise QuantkitError(f"compressed-tensors export writes 8-bit int or fp8 activations per tensor or per token, "
-                            f"not {scheme.bits}-bit {scheme.format} with group size {scheme.group_size}; use --layout native")
+    dynamic_fp8_groups = scheme.is_fp8 and static is None
+    if scheme.format not in STATIC_FORMATS or scheme.bits != 8 or (scheme.group_size != -1 and not dynamic_fp8_groups):
+        raise QuantkitError(f"compressed-tensors export writes 8-bit int or fp8 activations per tensor or per token "
+                            f"(fp8 also dynamic per group), not {scheme.bits}-bit {scheme.format} with group size "
+                            f"{scheme.group_size}{' static' if static else ''}; use --layout native")
     if static is not None and static.granularity != "tensor":
         raise QuantkitError("compressed-tensors export writes static activation scales per tensor (vLLM refuses "
                             "per-channel ones); use --act-granularity tensor or --layout native")
@@ -101,6 +105,9 @@ def check_scheme(scheme: QuantScheme, column_groups: bool = False) -> None:
     """Refuse, before any work, a scheme (and act-order grouping) that this exporter will not write."""
     if column_groups:
         raise QuantkitError(ACT_ORDER_GROUPS_REFUSED)
+    if scheme.is_fp8 and fp8_strategy(scheme) is None:
+        raise QuantkitError(f"compressed-tensors holds fp8 weight scales per tensor, channel, group or 2-D block, not "
+                            f"{scheme.block_rows} rows x group size {scheme.group_size}; use --layout native")
     if scheme.is_float and scheme.format not in FLOAT_LAYOUTS:
         raise QuantkitError(
             f"compressed-tensors has no layout for {scheme.format} (float16 block scales); use mxfp4 or nvfp4, "
@@ -113,10 +120,21 @@ def check_scheme(scheme: QuantScheme, column_groups: bool = False) -> None:
         )
 
 
+def fp8_strategy(scheme: QuantScheme) -> str | None:
+    """The compressed-tensors strategy of fp8 weight scales (None: none holds them)."""
+    per_row, whole_row = scheme.block_rows == 1, scheme.group_size == -1
+    if scheme.block_rows == -1:
+        return "tensor" if whole_row else None
+    if per_row:
+        return "channel" if whole_row else "group"
+    return None if whole_row else "block"
+
+
 def check_layer(name: str, scheme: QuantScheme, in_features: int) -> None:
-    """compressed-tensors groups (FP4 blocks too) must tile the row exactly."""
+    """compressed-tensors groups (FP4 blocks too) must tile the row exactly; fp8's 2-D blocks may end partial."""
     check_scheme(scheme)
-    if scheme.group_size != -1 and in_features % scheme.group_size:
+    partial_blocks = scheme.is_fp8 and fp8_strategy(scheme) == "block"
+    if scheme.group_size != -1 and in_features % scheme.group_size and not partial_blocks:
         raise QuantkitError(
             f"compressed-tensors needs in_features divisible by the group size; {name} has {in_features} "
             f"columns and group size {scheme.group_size}"
@@ -129,7 +147,8 @@ def encode(qt: QuantizedTensor, scale_dtype: torch.dtype, unpacked: bool = False
     if isinstance(qt, FloatQuantizedTensor):
         return qt.to_tensors()
     if isinstance(qt, FP8QuantizedTensor):
-        return {"weight": qt.values.contiguous(), "weight_scale": qt.scales.float().contiguous()}
+        scales = qt.scales.float().reshape(1) if fp8_strategy(qt.scheme) == "tensor" else qt.scales.float()
+        return {"weight": qt.values.contiguous(), "weight_scale": scales.contiguous()}
     if not isinstance(qt, IntQuantizedTensor):
         raise QuantkitError(f"compressed-tensors export cannot hold {qt.meta()['kind']} layers")
     if qt.g_idx is not None:
@@ -160,8 +179,11 @@ def expected_tensors(args: WeightArgs, shape: tuple[int, int], scale_dtype: torc
     if scheme.is_float:
         return FloatQuantizedTensor.expected_tensors(scheme.to_dict(), shape)
     groups = scheme.num_groups(in_features)
-    if args.layout in (INT_UNPACKED, FP8_LAYOUT):
-        return {"weight": ((out_features, in_features), torch.float8_e4m3fn if scheme.is_fp8 else torch.int8),
+    if scheme.is_fp8:
+        scales = (1,) if fp8_strategy(scheme) == "tensor" else (scheme.num_row_blocks(out_features), groups)
+        return {"weight": ((out_features, in_features), torch.float8_e4m3fn), "weight_scale": (scales, torch.float32)}
+    if args.layout == INT_UNPACKED:
+        return {"weight": ((out_features, in_features), torch.int8),
                 "weight_scale": ((out_features, groups), torch.float32)}
     specs: dict[str, TensorSpec] = {
         "weight_packed": ((out_features, packed_width(in_features, scheme.bits)), torch.int32),
@@ -182,7 +204,8 @@ def decode(tensors: dict[str, torch.Tensor], args: WeightArgs, shape: tuple[int,
     if scheme.is_float:
         return FloatQuantizedTensor.from_tensors(tensors, scheme.to_dict(), shape)
     if scheme.is_fp8:
-        return FP8QuantizedTensor.from_tensors({"weight_fp8": tensors["weight"], "weight_scale": tensors["weight_scale"]},
+        scales = tensors["weight_scale"].reshape(scheme.num_row_blocks(out_features), scheme.num_groups(in_features))
+        return FP8QuantizedTensor.from_tensors({"weight_fp8": tensors["weight"], "weight_scale": scales},
                                                scheme.to_dict(), shape)
     if args.layout == INT_UNPACKED:
         middle = 2 ** (scheme.bits - 1)
@@ -214,9 +237,11 @@ def decode(tensors: dict[str, torch.Tensor], args: WeightArgs, shape: tuple[int,
 def _weights_args(qt: QuantizedTensor, observer: str) -> dict:
     s = qt.scheme  # type: ignore[attr-defined]
     if s.is_fp8:
+        strategy = fp8_strategy(s)
         return {"num_bits": 8, "type": "float", "symmetric": True,
-                "group_size": None if s.group_size == -1 else s.group_size,
-                "strategy": "channel" if s.group_size == -1 else "group", "dynamic": False, "observer": observer}
+                "group_size": s.group_size if strategy == "group" else None, "strategy": strategy,
+                "block_structure": [s.block_rows, s.group_size] if strategy == "block" else None,
+                "dynamic": False, "observer": observer}
     if s.is_float:
         return {
             "num_bits": 4,
@@ -248,8 +273,10 @@ def _activations_args(inputs: InputQuantization) -> dict:
     if scheme.format == "nvfp4":
         return {"num_bits": 4, "type": "float", "symmetric": True, "group_size": NVFP4_GROUP,
                 "strategy": "tensor_group", "dynamic": "local", "observer": static.observer}
-    return {"num_bits": 8, "type": "float" if scheme.is_fp8 else "int", "symmetric": True, "group_size": None,
-            "strategy": "token" if static is None else "tensor", "dynamic": static is None,
+    grouped = scheme.group_size != -1
+    return {"num_bits": 8, "type": "float" if scheme.is_fp8 else "int", "symmetric": True,
+            "group_size": scheme.group_size if grouped else None,
+            "strategy": "tensor" if static is not None else "group" if grouped else "token", "dynamic": static is None,
             "observer": None if static is None else static.observer}
 
 
@@ -376,9 +403,10 @@ class WeightArgs:
     g_idx: bool
     format: str = "int"
     layout: str = FORMAT  # the compressed-tensors format of its config group
+    block_rows: int = 1
 
     def scheme(self) -> QuantScheme:
-        return QuantScheme(self.bits, self.group_size, self.symmetric, self.format)
+        return QuantScheme(self.bits, self.group_size, self.symmetric, self.format, self.block_rows)
 
 
 @dataclass(frozen=True)
@@ -400,6 +428,7 @@ class _WeightFields:
     strategy: str
     symmetric: bool
     actorder: bool | str | None
+    block_structure: tuple[int, int] | None
 
 
 def _weight_fields(weights: dict) -> _WeightFields:
@@ -410,7 +439,12 @@ def _weight_fields(weights: dict) -> _WeightFields:
     actorder = weights.get("actorder")
     if not (actorder is None or type(actorder) is bool or (isinstance(actorder, str) and actorder in _ACTORDERS)):
         raise QuantkitError(f"unknown actorder {actorder!r}")
-    return _WeightFields(kind, bits, group_size, strategy, optional_field(weights, "symmetric", bool, True), actorder)
+    block = weights.get("block_structure")
+    if block is not None and not (isinstance(block, list) and len(block) == 2
+                                  and all(type(v) is int and v > 0 for v in block)):
+        raise QuantkitError(f"block_structure {block!r} is not two positive integers")
+    return _WeightFields(kind, bits, group_size, strategy, optional_field(weights, "symmetric", bool, True), actorder,
+                         None if block is None else (block[0], block[1]))
 
 
 def _parse_weights(name: str, weights: object, layout: str) -> WeightArgs:
@@ -440,20 +474,27 @@ def _parse_weights(name: str, weights: object, layout: str) -> WeightArgs:
 
 
 def _parse_float_weights(fields: _WeightFields) -> WeightArgs:
-    """NVFP4 (4 bits, tensor_group of 16), MXFP4 (4 bits, group of 32) or FP8 (8 bits, per channel or group)
-    weights; anything else is refused."""
+    """NVFP4 (4 bits, tensor_group of 16), MXFP4 (4 bits, group of 32) or FP8 (8 bits, per tensor, channel, group or
+    2-D block) weights; anything else is refused."""
     shape = (fields.bits, fields.strategy, fields.group_size)
-    if fields.bits == 8 and fields.strategy in ("channel", "group"):
-        return WeightArgs(8, -1 if fields.strategy == "channel" else fields.group_size or 0, True, False, FP8_FORMAT)
+    if fields.bits == 8 and fields.strategy in ("channel", "group", "tensor"):
+        return WeightArgs(8, fields.group_size or 0 if fields.strategy == "group" else -1, True, False, FP8_FORMAT,
+                          block_rows=-1 if fields.strategy == "tensor" else 1)
+    if fields.bits == 8 and fields.strategy == "block":
+        if fields.block_structure is None:
+            raise QuantkitError("compressed-tensors fp8 block weights have no block_structure")
+        rows, columns = fields.block_structure
+        return WeightArgs(8, columns, True, False, FP8_FORMAT, block_rows=rows)
     for fmt, expected in (("nvfp4", (4, "tensor_group", 16)), ("mxfp4", (4, "group", 32))):
         if shape == expected:
             return WeightArgs(4, expected[2], True, False, fmt)
     raise QuantkitError(f"compressed-tensors float weights with bits/strategy/group {shape} are not supported "
-                        "(NVFP4, MXFP4, or FP8 per channel or group)")
+                        "(NVFP4, MXFP4, or FP8 per tensor, channel, group or block)")
 
 
 def _parse_activations(name: str, entry: object) -> InputQuantization:
-    """A config group's ``input_activations``: 8-bit int or FP8, static per tensor or dynamic per token."""
+    """A config group's ``input_activations``: 8-bit int or FP8, static per tensor or dynamic per token (FP8 also
+    dynamic per group)."""
     if not isinstance(entry, dict):
         raise QuantkitError(f"compressed-tensors config group {name}: input_activations is not an object")
     observer = entry.get("observer")  # the calibration's name for it; any other tool's counts as minmax
@@ -468,14 +509,18 @@ def _parse_activations(name: str, entry: object) -> InputQuantization:
         strategy = optional_field(entry, "strategy", str, "tensor")
         dynamic = optional_field(entry, "dynamic", bool, False)
         symmetric = optional_field(entry, "symmetric", bool, True)
+        group_size = optional_field(entry, "group_size", int, None) if strategy == "group" else None
     except QuantkitError as exc:
         raise QuantkitError(f"compressed-tensors config group {name}: input_activations {exc}") from None
-    if kind not in ("int", "float") or bits != 8 or not symmetric or (strategy, dynamic) not in (("tensor", False),
-                                                                                              ("token", True)):
+    supported = (("tensor", False), ("token", True)) + ((("group", True),) if kind == "float" else ())
+    if kind not in ("int", "float") or bits != 8 or not symmetric or (strategy, dynamic) not in supported:
         raise QuantkitError(f"compressed-tensors activations {kind} {bits}-bit {strategy} "
                             f"{'dynamic' if dynamic else 'static'}{'' if symmetric else ' asymmetric'} are not "
-                            "supported (8-bit int or float, symmetric, static per tensor or dynamic per token)")
-    scheme = activation_scheme(8, FP8_FORMAT if kind == "float" else "int")
+                            "supported (8-bit int or float, symmetric, static per tensor or dynamic per token; float "
+                            "also dynamic per group)")
+    if strategy == "group" and (group_size is None or group_size < 1):
+        raise QuantkitError(f"compressed-tensors config group {name}: group activations need a positive group_size")
+    scheme = activation_scheme(8, FP8_FORMAT if kind == "float" else "int", group_size)
     return InputQuantization(scheme, None if dynamic else StaticActivations("tensor", observer))
 
 
@@ -610,7 +655,8 @@ class CompressedTensorsLayout(Layout):
     def nbytes(self, meta: dict, shape: tuple[int, int], dtype: torch.dtype) -> int:
         if meta["kind"] == "fp8":
             return specs_bytes(expected_tensors(WeightArgs(8, int(meta["group_size"]), True, False, FP8_FORMAT,
-                                                           FP8_LAYOUT), shape, torch.float32))
+                                                           FP8_LAYOUT, int(meta.get("block_rows", 1))),
+                                                shape, torch.float32))
         if meta["kind"] != "int":
             return specs_bytes(FloatQuantizedTensor.expected_tensors(meta, shape))
         args = WeightArgs(int(meta["bits"]), int(meta["group_size"]), bool(meta["symmetric"]), g_idx=False)

@@ -44,10 +44,11 @@ class Quantizer(ABC):
         """Quantize one weight matrix under ``scheme``."""
 
     def default_scheme(self, bits: int | None = None, group_size: int | None = None, symmetric: bool | None = None,
-                       fmt: str = defaults.NUMBER_FORMAT) -> QuantScheme:
+                       fmt: str = defaults.NUMBER_FORMAT, block_rows: int = 1) -> QuantScheme:
         """``bits`` in number format ``fmt``, with this quantizer's (or the format's) usual group size and
         symmetry, and the format's usual width, where they are not given."""
-        return QuantScheme.for_format(fmt, bits, group_size, symmetric, self.default_group_size, self.default_symmetric)
+        return QuantScheme.for_format(fmt, bits, group_size, symmetric, self.default_group_size, self.default_symmetric,
+                                      block_rows)
 
     def plan(self, scheme: QuantScheme) -> TensorPlan:
         """What it makes of any weight under ``scheme``, known before it sees one (what layouts check and count)."""

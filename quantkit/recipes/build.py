@@ -28,7 +28,8 @@ def allocation_options(bits: float, settings: dict[str, object], strategy: str) 
 
 
 def _allocation(settings: dict[str, object]) -> tuple[AllocationOptions | AllocationPlan | None, int | None]:
-    """The allocation (none, options, or a plan file) and, without one, the width of the scheme."""
+    """The allocation (none, options, or a plan file) and, without one, the width of the scheme (None: the number
+    format's usual width)."""
     from quantkit.allocation.plan import AllocationPlan
 
     allocation, bits = settings["allocation"], settings["bits"]
@@ -42,7 +43,8 @@ def _allocation(settings: dict[str, object]) -> tuple[AllocationOptions | Alloca
         return allocation_options(defaults.BITS if bits is None else bits, settings, str(allocation)), None
     if given:
         raise OptionError(f"{given[0]} needs --allocation")
-    bits = defaults.BITS if bits is None else bits
+    if bits is None:
+        return None, None
     if bits not in SUPPORTED_BITS:
         raise OptionError(f"--bits {bits:g} is not allowed; allowed: {', '.join(map(str, SUPPORTED_BITS))} "
                           "(an average such as 3.5 needs --allocation)")
@@ -87,6 +89,7 @@ def run_plan(settings: dict[str, object]) -> RunPlan:
         settings["method"],
         bits=bits,
         group_size=settings["group_size"],
+        block_rows=settings["block_rows"],
         symmetric=settings["sym"],
         number_format=settings["number_format"],
         calibration=CalibrationSpec(settings["calib"], settings["nsamples"], settings["seqlen"], settings["data_dir"],
@@ -111,7 +114,7 @@ def pinned_settings(settings: dict[str, object], run: RunPlan) -> dict[str, obje
     from quantkit.allocation.options import AllocationOptions
 
     scheme, allocation, transform, calibration = run.scheme, run.allocation, run.transform, run.calibration
-    pinned = dict(settings, group_size=scheme.group_size, sym=scheme.symmetric, nsamples=calibration.nsamples,
+    pinned = dict(settings, group_size=scheme.group_size, block_rows=scheme.block_rows, sym=scheme.symmetric, nsamples=calibration.nsamples,
                   seqlen=calibration.seqlen)
     if allocation is None:
         pinned["bits"] = scheme.bits

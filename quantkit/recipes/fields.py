@@ -13,7 +13,7 @@ from quantkit.allocation.units import GRANULARITIES
 from quantkit.kvcache import KV_GRANULARITIES
 from quantkit.quantizers import QUANTIZERS
 from quantkit.schemes import CHECKPOINT_LAYOUTS, SUPPORTED_BITS, SUPPORTED_FORMATS, UNQUANTIZED_DTYPES
-from quantkit.transforms import TRANSFORMS
+from quantkit.transforms import SEPARATOR, TRANSFORMS
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class RecipeField:
     also: tuple = ()  # values allowed besides the range (group size -1, "none" for a section switch)
     infinite: bool = False  # a "float" field that also takes inf
     suffix: str = ""  # a "str" field also takes a file name with this suffix (an allocation plan)
+    joined: str = ""  # a "str" field also takes several allowed values joined by this (composed transforms)
     note: str = ""  # what else is allowed, for the error message
     option: str = ""  # the command-line flag, when it is not ``--param``
 
@@ -47,6 +48,7 @@ class RecipeField:
         if self.allowed:
             text = ", ".join(map(str, self.allowed))
             text += f", or a {self.suffix} file" if self.suffix else ""
+            text += f", or several joined by {self.joined}" if self.joined else ""
         elif self.kind == "bool":
             text = "true or false"
         elif self.kind == "int_list":
@@ -72,7 +74,9 @@ class RecipeField:
                 raise ValueError
             if value in self.also:
                 return value
-            if self.allowed and value not in self.allowed and not (self.suffix and value.endswith(self.suffix)):
+            parts = value.split(self.joined) if self.joined else [value]
+            if self.allowed and any(part not in self.allowed for part in parts) and not (
+                    self.suffix and value.endswith(self.suffix)):
                 raise ValueError
             return value
         if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
@@ -118,6 +122,8 @@ FIELDS: tuple[RecipeField, ...] = (
                 note="gptq and compressed-tensors are checkpoint layouts: --layout, export.layout", option="--format"),
     RecipeField("weights", "group_size", "group_size", "int", minimum=1, also=(-1,),
            note="or -1 for one group per output channel"),
+    RecipeField("weights", "block_rows", "block_rows", "int", minimum=1, also=(-1,),
+                note="fp8: output rows sharing a scale, or -1 for all (per tensor with group_size -1)"),
     RecipeField("weights", "sym", "sym", "bool"),
     RecipeField("activations", "bits", "act_bits", "int", allowed=ACT_BITS),
     RecipeField("activations", "format", "act_format", "str", allowed=SUPPORTED_FORMATS),
@@ -137,7 +143,7 @@ FIELDS: tuple[RecipeField, ...] = (
     RecipeField("calibration", "data_dir", "data_dir", "str"),
     RecipeField("calibration", "expert_min_tokens", "expert_min_tokens", "int", minimum=0,
                 default=defaults.EXPERT_MIN_TOKENS, note="a routed expert given fewer tokens is starved"),
-    RecipeField("transform", "name", "transform", "str", allowed=tuple(TRANSFORMS), also=(OFF,),
+    RecipeField("transform", "name", "transform", "str", allowed=tuple(TRANSFORMS), also=(OFF,), joined=SEPARATOR,
                 note="none: no transform, over a recipe's"),
     RecipeField("transform", "budget", "transform_budget", "str", allowed=("cpu", "paper"), default="cpu"),
     RecipeField("transform", "nsamples", "transform_nsamples", "int", minimum=1),
@@ -167,7 +173,7 @@ ALLOCATION_OPTIONS = ("bit_choices", "score", "granularity", "search_generations
 # A flag that changes one of these replaces the recipe's fields that only make sense with the recipe's value.
 DEPENDENTS: dict[str, tuple[str, ...]] = {
     "method": QUANTIZER_OPTIONS,
-    "number_format": ("bits", "group_size", "sym"),
+    "number_format": ("bits", "group_size", "block_rows", "sym"),
     "transform": TRANSFORM_OPTIONS,
     "allocation": ("bits", *ALLOCATION_OPTIONS),
 }

@@ -80,6 +80,8 @@ class Recipe:
         """One line naming the pipeline: transform, method, weights, activations, allocation, calibration, layout."""
         v = {spec.param: self.values.get(spec.param, spec.default) for spec in FIELDS}
         weights = f"{v['number_format']} w{v['bits'] or 4}" + {None: "", -1: " per-channel"}.get(v["group_size"], f" g{v['group_size']}")
+        if v["block_rows"] not in (None, 1):
+            weights += " all rows" if v["block_rows"] == -1 else f" x{v['block_rows']} rows"
         if v["sym"] is not None:
             weights += " sym" if v["sym"] else " asym"
         parts = [v["transform"], v["method"], weights,

@@ -1,5 +1,6 @@
 """Function-preserving model rewrites run before quantization: Hadamard (QuaRot), FlatQuant, OSTQuant, and the
-per-channel scalings AWQ, SmoothQuant and MergeQuant-style merged static activation steps."""
+per-channel scalings AWQ, SmoothQuant and MergeQuant-style merged static activation steps; ``a+b`` applies two in
+order (:mod:`quantkit.transforms.compose`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from quantkit.transforms import awq, flatquant, mergequant, ostquant, smoothquan
 from quantkit.transforms.awq import AWQTransform
 from quantkit.transforms.base import AppliedTransform, Transform, TransformContext
 from quantkit.transforms.budget import TrainingBudget
+from quantkit.transforms.compose import SEPARATOR, ComposedTransform
 from quantkit.transforms.flatquant import FlatQuantTransform
 from quantkit.transforms.hadamard import HadamardTransform
 from quantkit.transforms.mergequant import MergeQuantTransform
@@ -36,8 +38,17 @@ ONE_PASS = ("awq", "smoothquant", "mergequant")  # they read the windows once: n
 
 
 def make_transform(name: str, budget: str = "cpu", **overrides: int | None) -> Transform:
-    """The transform called ``name``; trained ones take a ``budget`` preset whose fields (``nsamples``,
-    ``seqlen``, ``epochs``, ``batch_size``) ``overrides`` may replace."""
+    """The transform called ``name`` (or the steps ``a+b`` name, in order); trained ones take a ``budget`` preset
+    whose fields (``nsamples``, ``seqlen``, ``epochs``, ``batch_size``) ``overrides`` may replace."""
+    if SEPARATOR in name:
+        names = name.split(SEPARATOR)
+        for step in names:
+            if step not in TRANSFORMS:
+                raise QuantkitError(f"unknown transform {step!r} in {name!r}; choose among {', '.join(TRANSFORMS)}")
+        if not any(step in BUDGETS for step in names) and (budget != "cpu" or any(v is not None for v in overrides.values())):
+            raise QuantkitError(f"transform {name} reads no calibration windows: it takes no training budget")
+        return ComposedTransform(tuple(make_transform(step, budget, **overrides) if step in BUDGETS
+                                       else make_transform(step) for step in names))
     if name not in TRANSFORMS:
         raise QuantkitError(f"unknown transform {name!r}; choose one of {', '.join(TRANSFORMS)}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -55,4 +66,4 @@ def make_transform(name: str, budget: str = "cpu", **overrides: int | None) -> T
     return TRANSFORMS[name](budget=replace(BUDGETS[name][budget], **overrides))
 
 
-__all__ = ["TRANSFORMS", "AppliedTransform", "Transform", "TransformContext", "make_transform"]
+__all__ = ["BUDGETS", "SEPARATOR", "TRANSFORMS", "AppliedTransform", "Transform", "TransformContext", "make_transform"]

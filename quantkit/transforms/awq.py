@@ -33,9 +33,7 @@ from quantkit.engine.passes import (
     block_outputs,
     input_statistics,
     swapped_weights,
-    walk_blocks,
 )
-from quantkit.progress import progress_bar
 from quantkit.schemes import QuantScheme
 from quantkit.transforms.base import Learned, TransformContext
 from quantkit.transforms.budget import TrainingBudget
@@ -45,7 +43,6 @@ from quantkit.transforms.scaling import (
     ScalingTransform,
     fake_quantize_weight,
     input_scale,
-    scale_sites,
     site_statistic,
 )
 
@@ -136,37 +133,30 @@ class AWQTransform(ScalingTransform):
     search_tokens: int = 2048
 
     def learn(self, ctx: TransformContext) -> Learned:
-        model, adapter = ctx.model, ctx.adapter
-        heads = Heads(*adapter.heads(model))
-        sites = scale_sites(adapter)
+        adapter = ctx.adapter
+        heads = Heads(*adapter.heads(ctx.model))
         generator = torch.Generator().manual_seed(ctx.seed)
-        calib = ctx.calibration(self.budget.nsamples, self.budget.seqlen)
-        blocks = adapter.get_blocks(model)
         learned = Learned(Rewrite(None, []))
-        with progress_bar() as progress:
-            task = progress.add_task(self.name, total=len(blocks))
 
-            def search_block(index: int, block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
-                progress.update(task, description=f"{self.name} block {index + 1}/{len(blocks)}")
-                rows = -(-self.search_tokens // len(inputs))
-                with input_statistics(block, [site.observed for site in sites], rows, generator) as stats:
-                    outputs = block_outputs(block, inputs)
-                params = block_params(block, torch.float32)
-                scales = {site.field: 1 / self._scale(block, params, site, stats[site.observed], heads, ctx)
-                          for site in sites}
-                rewrite = BlockRewrite(**scales)
-                learned.rewrite.blocks.append(rewrite)
-                if self.clip:
-                    scaled = block_parameters(params, rewrite, None, adapter, heads)
-                    for site in sites:
-                        x = stats[site.observed].sample()[:CLIP_TOKENS] * input_scale(scales[site.field], site, heads)
-                        for name in clipped_readers(site, adapter.sites.value):
-                            learned.weight_range[f"{adapter.blocks}.{index}.{name}"] = search_clip(
-                                scaled[f"{name}.weight"], x, ctx.weight_scheme, self.grid)
-                progress.advance(task)
-                return outputs
+        def search_block(index: int, block: nn.Module, inputs: BlockInputs, sites: list[ScaleSite]) -> list[torch.Tensor]:
+            rows = -(-self.search_tokens // len(inputs))
+            with input_statistics(block, [site.observed for site in sites], rows, generator) as stats:
+                outputs = block_outputs(block, inputs)
+            params = block_params(block, torch.float32)
+            scales = {site.field: 1 / self._scale(block, params, site, stats[site.observed], heads, ctx)
+                      for site in sites}
+            rewrite = BlockRewrite(**scales)
+            learned.rewrite.blocks.append(rewrite)
+            if self.clip:
+                scaled = block_parameters(params, rewrite, None, adapter, heads)
+                for site in sites:
+                    x = stats[site.observed].sample()[:CLIP_TOKENS] * input_scale(scales[site.field], site, heads)
+                    for name in clipped_readers(site, adapter.sites.value):
+                        learned.weight_range[f"{adapter.blocks}.{index}.{name}"] = search_clip(
+                            scaled[f"{name}.weight"], x, ctx.weight_scheme, self.grid)
+            return outputs
 
-            walk_blocks(model, adapter, calib, self.budget.batch_size, search_block)
+        self.walk(ctx, search_block)
         return learned
 
     def _scale(self, block: nn.Module, params: dict[str, torch.Tensor], site: ScaleSite, stats: InputStatistics,

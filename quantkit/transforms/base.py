@@ -36,6 +36,7 @@ class TransformContext:
     act_scheme: QuantScheme | None
     calibration: CalibrationLoader
     seed: int = 0
+    online: frozenset[str] = frozenset()  # linears (full names) an earlier transform gave an online input map
 
 
 @dataclass
@@ -69,10 +70,6 @@ class Transform(ABC):
 
     name: ClassVar[str]
 
-    @abstractmethod
-    def learn(self, ctx: TransformContext) -> Learned:
-        """Decide the rewrite of the prepared model in ``ctx`` (which it must leave unchanged)."""
-
     def has_online(self) -> bool:
         """Whether it leaves online input maps (which only the native checkpoint layout stores)."""
         return True
@@ -80,6 +77,21 @@ class Transform(ABC):
     def options(self) -> dict:
         """The settings that reproduce it (recorded in checkpoints)."""
         return asdict(self)  # type: ignore[call-overload]
+
+    def check(self, act_scheme: QuantScheme | None) -> None:  # noqa: B027 (an optional hook)
+        """Refuse, before any work, activations it cannot prepare for (one-line error); any, by default."""
+
+    @abstractmethod
+    def apply(self, ctx: TransformContext) -> AppliedTransform:
+        """Rewrite the model in ``ctx`` in place; what stays at run time."""
+
+
+class RewriteTransform(Transform):
+    """A transform that decides one :class:`Rewrite` of the prepared model and fuses it."""
+
+    @abstractmethod
+    def learn(self, ctx: TransformContext) -> Learned:
+        """Decide the rewrite of the prepared model in ``ctx`` (which it must leave unchanged)."""
 
     def prepare(self, ctx: TransformContext) -> None:
         """Make the model what :meth:`learn` expects: untied embeddings and every norm folded, by default."""

@@ -33,7 +33,7 @@ from quantkit.formats.kron import Kron, decompose_dim
 from quantkit.models.adapters import ModelAdapter
 from quantkit.progress import progress_bar
 from quantkit.schemes import QuantScheme
-from quantkit.transforms.base import Learned, Transform, TransformContext
+from quantkit.transforms.base import Learned, RewriteTransform, TransformContext
 from quantkit.transforms.budget import TrainingBudget
 from quantkit.transforms.orthogonal import random_orthogonal
 from quantkit.transforms.rewrite import (
@@ -160,7 +160,7 @@ PAPER_BUDGET = TrainingBudget(nsamples=128, seqlen=2048, epochs=15, batch_size=4
 
 
 @dataclass
-class FlatQuantTransform(Transform):
+class FlatQuantTransform(RewriteTransform):
     """FlatQuant (Sun et al. 2024), trained block by block; see the module docstring."""
 
     name = "flatquant"

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from quantkit.formats.kron import Kron, decompose_dim
-from quantkit.transforms.base import Learned, Transform, TransformContext
+from quantkit.transforms.base import Learned, RewriteTransform, TransformContext
 from quantkit.transforms.hadamard_matrix import hadamard_factors, hadamard_matrix
 from quantkit.transforms.orthogonal import random_orthogonal
 from quantkit.transforms.rewrite import BlockRewrite, Rewrite
@@ -47,7 +47,7 @@ def hadamard_kron(n: int, generator: torch.Generator) -> Kron:
 
 
 @dataclass
-class HadamardTransform(Transform):
+class HadamardTransform(RewriteTransform):
     """QuaRot: randomized Hadamard on the residual stream, per-head on V/O, online before down_proj."""
 
     name = "hadamard"

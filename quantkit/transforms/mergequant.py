@@ -28,14 +28,15 @@ from quantkit.actquant import STATIC_FORMATS, quantize_static, static_limit
 from quantkit.engine.passes import InputStatistics
 from quantkit.errors import QuantkitError
 from quantkit.formats.grid import MIN_SCALE
+from quantkit.schemes import QuantScheme
 from quantkit.transforms.awq import CPU_BUDGET, AWQTransform, best_scale, candidate_scales, site_output
-from quantkit.transforms.base import TransformContext
+from quantkit.transforms.base import Learned, TransformContext
 from quantkit.transforms.budget import TrainingBudget
 from quantkit.transforms.rewrite import Heads
 from quantkit.transforms.scaling import ScaleSite, fake_quantize_weight, input_scale, site_statistic
 
 BUDGET = CPU_BUDGET
-SCALE_TOKENS = 512  # tokens whose merged input chooses each candidate's static scale in the search
+SCALE_TOKENS = 128  # tokens whose merged input chooses each candidate's static scale in the search
 
 
 @dataclass
@@ -46,11 +47,13 @@ class MergeQuantTransform(AWQTransform):
 
     budget: TrainingBudget = BUDGET
 
-    def learn(self, ctx: TransformContext):
-        act = ctx.act_scheme
-        if act is None or act.format not in STATIC_FORMATS or act.group_size != -1:
+    def check(self, act_scheme: QuantScheme | None) -> None:
+        if act_scheme is None or act_scheme.format not in STATIC_FORMATS or act_scheme.group_size != -1:
             raise QuantkitError("transform mergequant merges static activation steps into the weights: it needs "
                                 "int or fp8 activations without groups (--act-bits with --act-static)")
+
+    def learn(self, ctx: TransformContext) -> Learned:
+        self.check(ctx.act_scheme)
         return super().learn(ctx)
 
     def _scale(self, block: nn.Module, params: dict[str, torch.Tensor], site: ScaleSite, stats: InputStatistics,

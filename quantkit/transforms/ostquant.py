@@ -32,7 +32,7 @@ from quantkit.formats.kron import Kron
 from quantkit.models.adapters import ModelAdapter
 from quantkit.progress import progress_bar
 from quantkit.schemes import QuantScheme
-from quantkit.transforms.base import Learned, Transform, TransformContext
+from quantkit.transforms.base import Learned, RewriteTransform, TransformContext
 from quantkit.transforms.budget import TrainingBudget
 from quantkit.transforms.hadamard import hadamard_kron, orthonormal_hadamard
 from quantkit.transforms.orthogonal import RiemannianAdam
@@ -82,7 +82,7 @@ class OSTParams(nn.Module):
 
 
 @dataclass
-class OSTQuantTransform(Transform):
+class OSTQuantTransform(RewriteTransform):
     """OSTQuant (Hu et al., ICLR 2025), trained end to end; see the module docstring."""
 
     name = "ostquant"

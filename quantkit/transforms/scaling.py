@@ -13,14 +13,19 @@ Rewrite convention (:mod:`quantkit.transforms.rewrite`): the input becomes ``x �
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
+from quantkit.engine.passes import BlockInputs, walk_blocks
 from quantkit.formats.grid import make_grid, quantize_groups
 from quantkit.models.adapters import ModelAdapter
+from quantkit.progress import progress_bar
 from quantkit.schemes import QuantScheme
-from quantkit.transforms.base import Transform, TransformContext
+from quantkit.transforms.base import RewriteTransform, TransformContext
+from quantkit.transforms.budget import TrainingBudget
 from quantkit.transforms.prepare import fold_block_norms
 from quantkit.transforms.rewrite import Heads
 
@@ -53,6 +58,13 @@ def scale_sites(adapter: ModelAdapter) -> list[ScaleSite]:
             ScaleSite("up_scale", (sites.down,))]
 
 
+def free_sites(sites: list[ScaleSite], ctx: TransformContext, index: int) -> list[ScaleSite]:
+    """The sites of block ``index`` whose readers have no online input map from an earlier transform: a scale
+    folded in front of one would be mixed by it."""
+    prefix = f"{ctx.adapter.blocks}.{index}."
+    return [site for site in sites if not any(prefix + reader in ctx.online for reader in site.readers)]
+
+
 def per_kv_head(channels: torch.Tensor, heads: Heads, reduce: str) -> torch.Tensor:
     """``[heads·head_dim]`` per-channel values reduced (``mean`` or ``amax``) over the query heads sharing each
     key/value head: ``[kv_heads·head_dim]``."""
@@ -82,8 +94,31 @@ def fake_quantize_weight(weight: torch.Tensor, scheme: QuantScheme) -> torch.Ten
     return quantize_groups(make_grid(scheme, weight.float()), weight.float())[2]
 
 
-class ScalingTransform(Transform):
+BlockVisit = Callable[[int, nn.Module, BlockInputs, list[ScaleSite]], list[torch.Tensor]]
+
+
+class ScalingTransform(RewriteTransform):
     """A transform that only scales input channels (:func:`scale_sites`): nothing is left at run time."""
+
+    budget: TrainingBudget
+
+    def walk(self, ctx: TransformContext, visit: BlockVisit) -> None:
+        """``visit(index, block, inputs, sites)`` every decoder block in turn, on its full-precision inputs from
+        the budget's calibration windows, with the sites it may scale (:func:`free_sites`); a visit returns the
+        block's outputs."""
+        sites = scale_sites(ctx.adapter)
+        calib = ctx.calibration(self.budget.nsamples, self.budget.seqlen)
+        blocks = ctx.adapter.get_blocks(ctx.model)
+        with progress_bar() as progress:
+            task = progress.add_task(self.name, total=len(blocks))
+
+            def step(index: int, block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
+                progress.update(task, description=f"{self.name} block {index + 1}/{len(blocks)}")
+                outputs = visit(index, block, inputs, free_sites(sites, ctx, index))
+                progress.advance(task)
+                return outputs
+
+            walk_blocks(ctx.model, ctx.adapter, calib, self.budget.batch_size, step)
 
     def has_online(self) -> bool:
         return False

@@ -13,12 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from quantkit.engine.passes import BlockInputs, block_outputs, input_ranges, walk_blocks
-from quantkit.progress import progress_bar
+from quantkit.engine.passes import BlockInputs, block_outputs, input_ranges
 from quantkit.transforms.base import Learned, TransformContext
 from quantkit.transforms.budget import TrainingBudget
 from quantkit.transforms.rewrite import BlockRewrite, Heads, Rewrite
-from quantkit.transforms.scaling import ScalingTransform, scale_sites, site_statistic
+from quantkit.transforms.scaling import ScaleSite, ScalingTransform, site_statistic
 from quantkit.transforms.training import smooth_init
 
 BUDGET = TrainingBudget(nsamples=128, seqlen=512, epochs=1, batch_size=8)  # SmoothQuant's 512 × 512 pile tokens, fewer
@@ -34,28 +33,22 @@ class SmoothQuantTransform(ScalingTransform):
     alpha: float = 0.5
 
     def learn(self, ctx: TransformContext) -> Learned:
-        model, adapter = ctx.model, ctx.adapter
-        heads = Heads(*adapter.heads(model))
-        sites = scale_sites(adapter)
-        calib = ctx.calibration(self.budget.nsamples, self.budget.seqlen)
-        blocks = adapter.get_blocks(model)
+        heads = Heads(*ctx.adapter.heads(ctx.model))
         rewrite = Rewrite(None, [])
-        with progress_bar() as progress:
-            task = progress.add_task(self.name, total=len(blocks))
 
-            def smooth_block(_index: int, block: torch.nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
-                with input_ranges(block, [site.observed for site in sites]) as ranges:
-                    outputs = block_outputs(block, inputs)
-                scales = {}
-                for site in sites:
-                    weights = torch.cat([block.get_submodule(r).weight.detach().float() for r in site.readers])
-                    w_amax = site_statistic(weights.abs().amax(dim=0), site, heads, "amax")
-                    x_amax = site_statistic(ranges[site.observed], site, heads, "amax")
-                    scales[site.field] = smooth_init(w_amax, x_amax, self.alpha)
-                rewrite.blocks.append(BlockRewrite(**scales))
-                progress.advance(task)
-                return outputs
+        def smooth_block(_index: int, block: torch.nn.Module, inputs: BlockInputs,
+                         sites: list[ScaleSite]) -> list[torch.Tensor]:
+            with input_ranges(block, [site.observed for site in sites]) as ranges:
+                outputs = block_outputs(block, inputs)
+            scales = {}
+            for site in sites:
+                weights = torch.cat([block.get_submodule(r).weight.detach().float() for r in site.readers])
+                w_amax = site_statistic(weights.abs().amax(dim=0), site, heads, "amax")
+                x_amax = site_statistic(ranges[site.observed], site, heads, "amax")
+                scales[site.field] = smooth_init(w_amax, x_amax, self.alpha)
+            rewrite.blocks.append(BlockRewrite(**scales))
+            return outputs
 
-            walk_blocks(model, adapter, calib, self.budget.batch_size, smooth_block)
+        self.walk(ctx, smooth_block)
         return Learned(rewrite)
 
