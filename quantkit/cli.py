@@ -178,6 +178,7 @@ def quantize(
     transform_seqlen: Annotated[int | None, typer.Option(help="Tokens per transform training window (overrides the budget).")] = None,
     transform_epochs: Annotated[int | None, typer.Option(help="Passes over the transform training windows (overrides the budget).")] = None,
     transform_batch_size: Annotated[int | None, typer.Option(help="Transform training windows per step (overrides the budget).")] = None,
+    transform_alpha: Annotated[float | None, typer.Option(help="SmoothQuant's migration strength α in [0, 1] (default 0.5): larger moves more of each input channel's range into the weights.")] = None,
     allocation: Annotated[str | None, typer.Option(metavar=_choices("allocation"), help="Mixed bits: auto (solver, then evolutionary search), solver (exact knapsack), ranked (layer-wise paper), random, or a plan file from `quantkit allocate`; none switches off a recipe's. Default: one width everywhere.")] = None,
     bit_choices: BitChoicesOpt = None,
     score: ScoreOpt = None,

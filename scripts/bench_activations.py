@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Activation-aware and static-activation methods on SmolLM2-135M: WikiText-2 perplexity of AWQ against RTN and
 GPTQ at W4 g64 (and of AWQ searched after the Hadamard rotation, ``hadamard+awq``, against the rotation alone), W8A8 int8 static against dynamic (with and without SmoothQuant), FP8 W8A8 static and dynamic,
-static W4A4 (per-channel static int4 scales, and MergeQuant-style merged ones) against dynamic per-token W4A4
-(with and without FlatQuant), and an int8/FP8 KV cache (static per-layer scales) against a float one under
+static W4A4 (per-channel static int4 scales, and MergeQuant-style merged ones, alone and after the Hadamard rotation) against dynamic per-token W4A4
+(with and without FlatQuant or the Hadamard rotation), and an int8/FP8 KV cache (static per-layer scales) against a float one under
 8-bit weights.
 
 Protocol (the README's): calibration on 128 windows x 512 tokens of the C4 validation parquet (seed 0) for
@@ -88,8 +88,13 @@ ROWS = {row.label: row for row in (
     Row("W4A4 int4", "w4a4-static-channel-rtn", "rtn", W4, None, INT4, StaticActivations("channel", "mse")),
     Row("W4A4 int4", "w4a4-static-tensor-rtn", "rtn", W4, None, INT4, StaticActivations("tensor", "mse")),
     Row("W4A4 int4", "w4a4-dynamic-flatquant-rtn", "rtn", W4, "flatquant", INT4),
+    Row("W4A4 int4", "w4a4-dynamic-hadamard-rtn", "rtn", W4, "hadamard", INT4),
     Row("W4A4 int4", "w4a4-static-mergequant-rtn", "rtn", W4, "mergequant", INT4, StaticActivations("tensor", "mse")),
     Row("W4A4 int4", "w4a4-static-mergequant-gptq", "gptq", W4, "mergequant", INT4, StaticActivations("tensor", "mse")),
+    Row("W4A4 int4", "w4a4-static-hadamard-mergequant-rtn", "rtn", W4, "hadamard+mergequant", INT4,
+        StaticActivations("tensor", "mse")),
+    Row("W4A4 int4", "w4a4-static-hadamard-mergequant-gptq", "gptq", W4, "hadamard+mergequant", INT4,
+        StaticActivations("tensor", "mse")),
 )}
 
 

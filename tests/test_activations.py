@@ -96,6 +96,26 @@ def test_composed_transforms_preserve_the_float_function_and_skip_inputs_with_on
         assert same == {"q_proj": not rotated_first, "down_proj": rotated_first}
 
 
+def test_smoothquant_alpha_reaches_the_scales_and_belongs_to_smoothquant():
+    """SmoothQuant's input scale is ``max|W|^(1-α) / max|X|^α`` per channel: the α = 0.3 scale and the weights
+    fix ``max|X|``, from which the α = 0.8 scale follows (block 0's attention input)."""
+    model = _model()
+    fold_block_norms(model, ADAPTER)
+    ctx = TransformContext(model, ADAPTER, W4G16, INT8, _calibration())
+    low, high = (make_transform("smoothquant", alpha=a, **TINY).learn(ctx).rewrite.blocks[0].attention_scale.double()
+                 for a in (0.3, 0.8))
+    attention = model.model.layers[0].self_attn
+    w_max = torch.cat([attention.get_submodule(n).weight for n in ("q_proj", "k_proj", "v_proj")]).abs().amax(0)
+    log_w = w_max.double().log()
+    log_x = (0.7 * log_w - low.log()) / 0.3
+    torch.testing.assert_close(high.log(), 0.2 * log_w - 0.8 * log_x, rtol=0, atol=1e-4)
+    assert not torch.allclose(low, high)
+    assert make_transform("hadamard+smoothquant", alpha=0.7).steps[1].alpha == 0.7
+    for name in ("awq", "hadamard+awq"):
+        with pytest.raises(QuantkitError, match="--transform-alpha is SmoothQuant's migration strength"):
+            make_transform(name, alpha=0.7)
+
+
 def test_composed_transforms_refuse_two_rotations_or_two_calibrated_steps():
     for name, message in [("hadamard+flatquant", "both rotate"), ("awq+smoothquant", "both read calibration"),
                           ("awq+awq", "different transforms"), ("hadamard+median", "unknown transform 'median'")]:
@@ -493,6 +513,7 @@ def test_cli_static_w8a8_and_its_refusals(tiny_model_dir, calib_file, tmp_path):
     proc = run_cli("quantize", str(tiny_model_dir), "--method", "rtn", "--bits", "8", "--group-size", "-1",
                    "--act-bits", "8", "--act-static", "--act-observer", "percentile", "--act-percentile", "99.9",
                    "--transform", "smoothquant", "--transform-nsamples", "4", "--transform-seqlen", "32",
+                   "--transform-alpha", "0.6",
                    "--calib", str(calib_file), "--nsamples", "4", "--seqlen", "32", "--layout", "compressed-tensors",
                    "--kv-format", "fp8", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
@@ -502,6 +523,9 @@ def test_cli_static_w8a8_and_its_refusals(tiny_model_dir, calib_file, tmp_path):
     assert qc["kv_cache_scheme"]["type"] == "float"
     for args, message in [
         (["--act-observer", "mse"], "need --act-static"),
+        (["--transform-alpha", "0.6"], "need --transform"),
+        (["--transform", "awq", "--transform-alpha", "0.6"], "SmoothQuant's migration strength"),
+        (["--transform", "smoothquant", "--transform-alpha", "1.5"], "--transform-alpha 1.5 is not allowed"),
         (["--act-static"], "need --act-bits"),
         (["--act-bits", "8", "--act-static", "--act-granularity", "channel", "--layout", "compressed-tensors"],
          "per tensor"),

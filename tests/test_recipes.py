@@ -70,9 +70,10 @@ def _small(recipe: Recipe, calib_file: Path) -> dict[str, object]:
         small["block_rows"] = 16
     if recipe.values.get("act_group_size", -1) > 0:
         small["act_group_size"] = 16
-    if recipe.values.get("transform") in ("flatquant", "ostquant"):
+    steps = set(str(recipe.values.get("transform")).split("+"))
+    if steps & {"flatquant", "ostquant"}:
         small |= {"transform_nsamples": 2, "transform_seqlen": 16, "transform_epochs": 1, "transform_batch_size": 1}
-    if recipe.values.get("transform") in ("awq", "smoothquant", "mergequant"):
+    if steps & {"awq", "smoothquant", "mergequant"}:
         small |= {"transform_nsamples": 4, "transform_seqlen": 32}
     if recipe.values.get("allocation"):
         small |= {"allocation": "solver", "score": "error"}  # KL and the search need 8 × 256 tokens

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from quantkit import defaults
 from quantkit.errors import OptionError
-from quantkit.recipes.fields import ALLOCATION_OPTIONS, BY_PARAM, QUANTIZER_OPTIONS, TRANSFORM_OPTIONS
+from quantkit.recipes.fields import ALLOCATION_OPTIONS, BY_PARAM, QUANTIZER_OPTIONS, TRANSFORM_BUDGET_OPTIONS
 from quantkit.schemes import FLOAT_FORMATS, FP8_FORMAT, SUPPORTED_BITS
 
 if TYPE_CHECKING:
@@ -79,12 +79,15 @@ def run_plan(settings: dict[str, object]) -> RunPlan:
         act_static = StaticActivations(**{k: v for k, v in static_options.items() if v is not None})
     elif any(v is not None for v in static_options.values()):
         raise OptionError("--act-granularity, --act-observer and --act-percentile need --act-static")
-    budget = {name.removeprefix("transform_"): settings[name] for name in TRANSFORM_OPTIONS[1:]}
+    budget = {name.removeprefix("transform_"): settings[name] for name in TRANSFORM_BUDGET_OPTIONS}
     transform = None
     if settings["transform"] is not None:
-        transform = make_transform(settings["transform"], settings["transform_budget"], **budget)
-    elif settings["transform_budget"] != "cpu" or any(v is not None for v in budget.values()):
-        raise OptionError("--transform-budget and the --transform-* training options need --transform")
+        transform = make_transform(settings["transform"], settings["transform_budget"], settings["transform_alpha"],
+                                   **budget)
+    elif settings["transform_budget"] != "cpu" or any(v is not None for v in (*budget.values(),
+                                                                              settings["transform_alpha"])):
+        raise OptionError("--transform-budget, --transform-alpha and the --transform-* training options need "
+                          "--transform")
     return plan_run(
         settings["method"],
         bits=bits,

@@ -150,6 +150,8 @@ FIELDS: tuple[RecipeField, ...] = (
     RecipeField("transform", "seqlen", "transform_seqlen", "int", minimum=1),
     RecipeField("transform", "epochs", "transform_epochs", "int", minimum=1),
     RecipeField("transform", "batch_size", "transform_batch_size", "int", minimum=1),
+    RecipeField("transform", "alpha", "transform_alpha", "float", minimum=0.0, maximum=1.0,
+                note="SmoothQuant's migration strength"),
     RecipeField("allocation", "strategy", "allocation", "str", allowed=STRATEGIES, suffix=".json", also=(OFF,),
                 note="none: one width everywhere, over a recipe's"),
     RecipeField("allocation", "bit_choices", "bit_choices", "int_list"),
@@ -167,8 +169,8 @@ for _f in FIELDS:
 
 QUANTIZER_OPTIONS = ("damp", "act_order", "static_groups", "g_idx", "mse", "outlier_threshold", "simplified_outliers",
                      "stat_bits", "stat_group_size")
-TRANSFORM_OPTIONS = ("transform_budget", "transform_nsamples", "transform_seqlen", "transform_epochs",
-                     "transform_batch_size")
+TRANSFORM_BUDGET_OPTIONS = ("transform_nsamples", "transform_seqlen", "transform_epochs", "transform_batch_size")
+TRANSFORM_OPTIONS = ("transform_budget", *TRANSFORM_BUDGET_OPTIONS, "transform_alpha")
 ALLOCATION_OPTIONS = ("bit_choices", "score", "granularity", "search_generations", "search_offspring")
 # A flag that changes one of these replaces the recipe's fields that only make sense with the recipe's value.
 DEPENDENTS: dict[str, tuple[str, ...]] = {

@@ -34,12 +34,14 @@ BUDGETS = {
     "smoothquant": {"cpu": smoothquant.BUDGET, "paper": smoothquant.BUDGET},
     "mergequant": {"cpu": mergequant.BUDGET, "paper": awq.PAPER_BUDGET},
 }
-ONE_PASS = ("awq", "smoothquant", "mergequant")  # they read the windows once: no epochs
+ONE_PASS = ("awq", "smoothquant", "mergequant")
+SMOOTHQUANT = "smoothquant"  # they read the windows once: no epochs
 
 
-def make_transform(name: str, budget: str = "cpu", **overrides: int | None) -> Transform:
+def make_transform(name: str, budget: str = "cpu", alpha: float | None = None, **overrides: int | None) -> Transform:
     """The transform called ``name`` (or the steps ``a+b`` name, in order); trained ones take a ``budget`` preset
-    whose fields (``nsamples``, ``seqlen``, ``epochs``, ``batch_size``) ``overrides`` may replace."""
+    whose fields (``nsamples``, ``seqlen``, ``epochs``, ``batch_size``) ``overrides`` may replace; ``alpha`` is
+    SmoothQuant's migration strength."""
     if SEPARATOR in name:
         names = name.split(SEPARATOR)
         for step in names:
@@ -47,8 +49,13 @@ def make_transform(name: str, budget: str = "cpu", **overrides: int | None) -> T
                 raise QuantkitError(f"unknown transform {step!r} in {name!r}; choose among {', '.join(TRANSFORMS)}")
         if not any(step in BUDGETS for step in names) and (budget != "cpu" or any(v is not None for v in overrides.values())):
             raise QuantkitError(f"transform {name} reads no calibration windows: it takes no training budget")
-        return ComposedTransform(tuple(make_transform(step, budget, **overrides) if step in BUDGETS
+        if alpha is not None and SMOOTHQUANT not in names:
+            raise QuantkitError(f"--transform-alpha is SmoothQuant's migration strength; transform {name} has no "
+                                f"{SMOOTHQUANT} step")
+        return ComposedTransform(tuple(make_transform(step, budget, alpha, **overrides) if step in BUDGETS
                                        else make_transform(step) for step in names))
+    if alpha is not None and name != SMOOTHQUANT:
+        raise QuantkitError(f"--transform-alpha is SmoothQuant's migration strength, not an option of {name}")
     if name not in TRANSFORMS:
         raise QuantkitError(f"unknown transform {name!r}; choose one of {', '.join(TRANSFORMS)}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -63,7 +70,8 @@ def make_transform(name: str, budget: str = "cpu", **overrides: int | None) -> T
         raise QuantkitError(f"unknown training budget field {unknown[0]!r}")
     if name in ONE_PASS and "epochs" in overrides:
         raise QuantkitError(f"transform {name} reads its calibration windows once: it takes no epochs")
-    return TRANSFORMS[name](budget=replace(BUDGETS[name][budget], **overrides))
+    made = TRANSFORMS[name](budget=replace(BUDGETS[name][budget], **overrides))
+    return made if alpha is None else replace(made, alpha=alpha)
 
 
 __all__ = ["BUDGETS", "SEPARATOR", "TRANSFORMS", "AppliedTransform", "Transform", "TransformContext", "make_transform"]
