@@ -89,6 +89,7 @@ ROWS = {row.label: row for row in (
     Row("W4A4 int4", "w4a4-static-tensor-rtn", "rtn", W4, None, INT4, StaticActivations("tensor", "mse")),
     Row("W4A4 int4", "w4a4-dynamic-flatquant-rtn", "rtn", W4, "flatquant", INT4),
     Row("W4A4 int4", "w4a4-dynamic-hadamard-rtn", "rtn", W4, "hadamard", INT4),
+    Row("W4A4 int4", "w4a4-dynamic-hadamard-gptq", "gptq", W4, "hadamard", INT4),
     Row("W4A4 int4", "w4a4-static-mergequant-rtn", "rtn", W4, "mergequant", INT4, StaticActivations("tensor", "mse")),
     Row("W4A4 int4", "w4a4-static-mergequant-gptq", "gptq", W4, "mergequant", INT4, StaticActivations("tensor", "mse")),
     Row("W4A4 int4", "w4a4-static-hadamard-mergequant-rtn", "rtn", W4, "hadamard+mergequant", INT4,
