@@ -34,8 +34,8 @@ BUDGETS = {
     "smoothquant": {"cpu": smoothquant.BUDGET, "paper": smoothquant.BUDGET},
     "mergequant": {"cpu": mergequant.BUDGET, "paper": awq.PAPER_BUDGET},
 }
-ONE_PASS = ("awq", "smoothquant", "mergequant")
-SMOOTHQUANT = "smoothquant"  # they read the windows once: no epochs
+ONE_PASS = ("awq", "smoothquant", "mergequant")  # they read the windows once: no epochs
+SMOOTHQUANT = "smoothquant"  # the one transform --transform-alpha belongs to
 
 
 def make_transform(name: str, budget: str = "cpu", alpha: float | None = None, **overrides: int | None) -> Transform:
