@@ -27,6 +27,7 @@ from quantkit.export.atomic import check_output_dir, check_output_file
 from quantkit.export.save import model_dtype, save_checkpoint
 from quantkit.export.writer import estimated_bytes
 from quantkit.formats.base import QuantizedTensor
+from quantkit.head import quantize_head
 from quantkit.kvcache import KVCacheQuantization
 from quantkit.kvcache import calibrate as calibrate_kv_cache
 from quantkit.layouts import Layout, get_layout
@@ -94,6 +95,7 @@ def quantize(
     trust_remote_code: bool = False,
     act_static: StaticActivations | None = None,
     kv_cache: KVCacheQuantization | None = None,
+    quantize_head: str | None = None,
     **quantizer_options,
 ) -> QuantizeResult:
     """Quantize ``model`` (hub id, directory, GGUF file or built-in alias, or one already loaded); write a
@@ -103,7 +105,8 @@ def quantize(
     the inputs of every quantized linear (fake quantization, see :mod:`quantkit.actquant`), in the returned
     model and in the checkpoint: per token, or with ``act_static`` by static scales calibrated on the
     calibration windows once the weights are quantized (:mod:`quantkit.actcalib`). ``kv_cache`` rounds keys and
-    values with static scales calibrated last, on the model as served (:mod:`quantkit.kvcache`). ``transform`` (see :mod:`quantkit.transforms`) rewrites the model
+    values with static scales calibrated last, on the model as served (:mod:`quantkit.kvcache`).
+    ``quantize_head`` (``int8`` or ``int4``) quantizes the output head too (:mod:`quantkit.head`). ``transform`` (see :mod:`quantkit.transforms`) rewrites the model
     first (or, given as an :class:`AppliedTransform`, was already fused into the loaded ``model``); its online
     input maps run in the returned model and are stored in the checkpoint. ``layout`` is
     ``native``, ``gptq`` (v1) or ``compressed-tensors``; a scheme the layout cannot express is refused before
@@ -121,7 +124,7 @@ def quantize(
     """
     run = plan_run(method, scheme, calibration=calibration, seed=seed, true_sequential=true_sequential, layout=layout,
                    dtype=dtype, act_scheme=act_scheme, transform=transform, allocation=allocation, act_static=act_static,
-                   kv_cache=kv_cache, **quantizer_options)
+                   kv_cache=kv_cache, quantize_head=quantize_head, **quantizer_options)
     return quantize_run(model, run, output, overwrite, offload, devices, trust_remote_code)
 
 
@@ -148,6 +151,7 @@ def quantize_run(model: str | LoadedModel, run: RunPlan, output: str | Path | No
     with phase(f"loading {_model_name(model)}", seconds, "load"):
         loaded = model if isinstance(model, LoadedModel) else load_model(model, trust_remote_code=trust_remote_code,
                                                                           checked=checked)
+    source_bytes = loaded.stored_bytes  # before a transform or the head untie the embeddings
     shapes = linear_shapes(loaded.model, loaded.adapter)
     _check_layers(run.writer, schemes, shapes)
     _check_windows(loaded.model, run)
@@ -193,6 +197,9 @@ def quantize_run(model: str | LoadedModel, run: RunPlan, output: str | Path | No
             calib, options,
             label=f"{run.method} {_scheme_label(scheme) if plan is None else f'mixed {plan.target_bits} bits'}",
         )
+    if run.head is not None:
+        with phase(f"quantizing the output head ({_scheme_label(run.head)} RTN)", seconds, "head"):
+            quantized[loaded.adapter.lm_head] = quantize_head(loaded.model, loaded.adapter, run.head)
     allocation_record = _allocation_record(plan, quantized, cost, extra_bytes) if plan else None
     if run.act_static is not None:
         with phase(f"static activation scales ({run.act_static.observer}, per {run.act_static.granularity})",
@@ -219,7 +226,7 @@ def quantize_run(model: str | LoadedModel, run: RunPlan, output: str | Path | No
         if not run.writer.single_file:
             remove_dead_state(Path(output))  # what a killed --offload disk run writing the same output left
     return QuantizeResult(loaded.model, loaded.tokenizer, quantized, config, seconds, hooks, online_hooks,
-                          loaded.stored_bytes, loaded.stored_dtype)
+                          source_bytes, loaded.stored_dtype)
 
 
 def allocate(
@@ -267,6 +274,7 @@ def _quantization_record(run: RunPlan, source: str, mixed: bool = False) -> dict
         "scheme": {**scheme.to_dict(), "bits": None} if mixed else scheme.to_dict(),
         "input_activations": run.inputs.record() if run.inputs is not None else None,
         "kv_cache": run.kv_cache.record() if run.kv_cache is not None else None,
+        "head": run.head.to_dict() if run.head is not None else None,
         "calibration": (
             {"source": calibration.source, "nsamples": calibration.nsamples, "seqlen": calibration.seqlen,
              "true_sequential": run.true_sequential}
@@ -292,6 +300,7 @@ def _quantize_offloaded(model: str | LoadedModel, run: RunPlan, offload: str, ou
     refused = [(isinstance(model, LoadedModel), "an already loaded model"), (output is None, "no output directory"),
                (run.layout != "native", f"the {run.layout} layout (write native, then `quantkit export`)"),
                (run.transform is not None, "a transform (it rewrites the whole model at once)"),
+               (run.head is not None, "--quantize-head (quantize the head of the streamed checkpoint with a full run)"),
                (run.allocation is not None, "a bit allocation (it measures the whole model at once)"),
                (run.act_static is not None, "static activation scales (they are calibrated on the whole model)"),
                (run.kv_cache is not None, "KV-cache quantization (it is calibrated on the whole model)")]

@@ -157,6 +157,7 @@ def quantize(
     act_observer: Annotated[str | None, typer.Option(metavar=_choices("act_observer"), help="How static scales are calibrated: minmax (default), percentile of |x|, or mse (the clipping with the least error).")] = None,
     act_percentile: Annotated[float | None, typer.Option(help="The percentile of |x| that --act-observer percentile maps to the grid's largest value (default 99.99).")] = None,
     kv_format: Annotated[str | None, typer.Option(metavar=_choices("kv_format"), help="Quantize the KV cache to 8 bits: int or fp8 (E4M3), keys after RoPE and values, with static scales calibrated on the calibration windows (default: float KV cache).")] = None,
+    quantize_head: Annotated[str | None, typer.Option(metavar=_choices("quantize_head"), help="Quantize the output head (lm_head) too, round-to-nearest: int8 per row or int4 in the run's groups (g128 for per-channel runs); a head tied to the embeddings is untied, the embeddings stay float. Weight-only runs. Default: float head.")] = None,
     kv_granularity: Annotated[str | None, typer.Option(metavar=_choices("kv_granularity"), help="KV-cache scales per layer (tensor, default; what compressed-tensors and vLLM hold) or per key/value head.")] = None,
     outlier_threshold: Annotated[float | None, typer.Option(help="SpQR: relative outlier threshold; higher keeps fewer outliers, inf none (default 0.2).")] = None,
     simplified_outliers: Annotated[bool | None, typer.Option("--simplified-outliers/--loo-outliers", help="SpQR: skip the leave-one-out pre-detection (faster, usually a little worse).")] = None,
@@ -250,6 +251,10 @@ def _print_summary(title: str, info: CheckpointInfo, record: dict, seconds: dict
     table.add_row("scheme", ", ".join(s.scheme for s in info.schemes))
     if record["transform"] is not None:
         table.add_row("transform", f"{record['transform']['name']}, {len(record['transform']['online'])} online input maps")
+    if record.get("head") is not None:
+        head = record["head"]
+        groups = "per row" if head["group_size"] == -1 else f"g{head['group_size']}"
+        table.add_row("output head", f"int{head['bits']} {groups}, round-to-nearest")
     if record.get("kv_cache") is not None:
         table.add_row("KV cache", f"{record['kv_cache']['format']} 8-bit, static scales per {record['kv_cache']['granularity']}")
     allocation_record = record["allocation"]
@@ -336,6 +341,34 @@ def allocate(
     console.print(table)
     console.print(bits_heatmap(plan.layer_bits))
     console.print(f"plan: {report}")
+
+
+@command("env")
+def env(
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write what is shown to this JSON file.")] = None,
+) -> None:
+    """This machine as quantkit's kernels see it: the CPU, its flags, the kernel build chosen and why."""
+    import torch
+
+    from quantkit.runtime.kernels import default_backend, describe_machine
+
+    facts = {**describe_machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+             "cuda": torch.cuda.is_available(), "backend": default_backend()}
+    table = Table(title="quantkit env")
+    table.add_column("item")
+    table.add_column("value")
+    table.add_row("CPU", f"{facts['model']} ({facts['cores']} cores, torch uses {facts['threads']} threads)")
+    table.add_row("flags", " ".join(facts["flags"]) or "none of interest")
+    table.add_row("kernel builds this CPU runs", ", ".join(facts["builds"]))
+    table.add_row("C kernel build", f"{facts['isa']} ($QUANTKIT_CPU_ISA to choose another)")
+    table.add_row("prefill GEMM", f"{facts['prefill']} ($QUANTKIT_CPU_PREFILL=bf16|fp32)")
+    table.add_row("kernel backend", f"{facts['backend']} ($QUANTKIT_KERNEL; cpu-int8 rounds decode activations to int8)")
+    table.add_row("torch", f"{facts['torch']}, CUDA {'available' if facts['cuda'] else 'not available'}")
+    console.print(table)
+    if json_out is not None:
+        from quantkit.export.atomic import write_json
+
+        write_json(json_out, facts)
 
 
 @command("recipes")

@@ -67,6 +67,7 @@ class RunPlan:
     allocation: Allocation
     act_static: StaticActivations | None = None
     kv_cache: KVCacheQuantization | None = None
+    head: QuantScheme | None = None  # the output head's scheme when it is quantized (see quantkit.head)
 
     @property
     def writer(self) -> Layout:
@@ -130,6 +131,7 @@ def plan_run(
     allocation: Allocation = None,
     act_static: StaticActivations | None = None,
     kv_cache: KVCacheQuantization | None = None,
+    quantize_head: str | None = None,
     **quantizer_options,
 ) -> RunPlan:
     """The one way a run is resolved. ``scheme`` (else ``bits`` in ``number_format`` with the method's usual
@@ -137,7 +139,8 @@ def plan_run(
     allocation may choose are checked against the quantizer and the layout, with the activations and the
     transform's online maps, before anything is loaded. ``act_static`` calibrates static scales for
     ``act_scheme`` (see :mod:`quantkit.actcalib`); ``kv_cache`` calibrates static KV-cache scales
-    (:mod:`quantkit.kvcache`)."""
+    (:mod:`quantkit.kvcache`); ``quantize_head`` (int8 or int4) quantizes the output head too
+    (:mod:`quantkit.head`)."""
     quantizer = make_quantizer(method, **quantizer_options)
     if act_static is not None:
         if act_scheme is None:
@@ -158,7 +161,24 @@ def plan_run(
                      online=transform is not None and transform.has_online())
     if kv_cache is not None:
         writer.check_kv_cache(kv_cache)
+    head = None
+    if quantize_head is not None:
+        head = _head_plan(quantize_head, scheme, act_scheme, writer)
     warn_runtimes(writer, candidates, [quantizer.plan(c).column_groups for c in candidates])
     unquantized_dtype(dtype, torch.float32)  # refused before any work
     return RunPlan(method, quantizer, scheme, tuple(candidates), calibration or CalibrationSpec(), seed,
-                   true_sequential, layout, dtype, act_scheme, transform, allocation, act_static, kv_cache)
+                   true_sequential, layout, dtype, act_scheme, transform, allocation, act_static, kv_cache, head)
+
+
+def _head_plan(name: str, scheme: QuantScheme, act_scheme: QuantScheme | None, writer: Layout) -> QuantScheme:
+    """The output head's scheme for ``--quantize-head name``, refused where the run or the layout cannot carry it."""
+    from quantkit.head import HEAD_FORMATS, HEAD_METHOD, head_scheme
+
+    if name not in HEAD_FORMATS:
+        raise OptionError(f"--quantize-head takes {' or '.join(HEAD_FORMATS)}, not {name!r}")
+    if act_scheme is not None:
+        raise OptionError("--quantize-head is weight-only: it cannot be combined with --act-bits (the head's input "
+                          "would be quantized too)")
+    head = head_scheme(name, scheme)
+    writer.check(make_quantizer(HEAD_METHOD).plan(head))
+    return head

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shlex
 import subprocess
@@ -30,26 +29,16 @@ from rich.console import Console
 from rich.table import Table
 
 from quantkit.export.atomic import write_json
+from quantkit_kernels.cpu_isa import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 PHASE = re.compile(r"^(?P<name>.+?): (?:done|[\d./]+) in (?P<seconds>[\d.]+) s$")
-FLAGS_OF_INTEREST = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
 
 
 def cpu_description() -> dict:
-    """The CPU model, core count and the vector flags the kernels care about."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
-    return {"model": model, "cores": os.cpu_count(), "flags": [f for f in FLAGS_OF_INTEREST if f in flags]}
+    """The CPU model, core count, the vector flags the kernels care about and the kernel build chosen."""
+    return describe()
 
 
 def main_job_steps() -> list[list[str]]:

@@ -1,158 +1,185 @@
 #!/usr/bin/env python
-"""Generation benchmark: greedy tokens/s and resident memory of SmolLM2-135M fp32 vs loaded W4 and W8.
+"""Generation benchmark: greedy decode tokens/s of SmolLM2-135M in fp32 and bf16, quantkit's serving paths on
+W4/W8/SpQR checkpoints (and quantized heads), torch's int4 op, vLLM's CPU engine and llama.cpp on the same W4
+weights, all in one run on this machine.
 
-Checkpoints: RTN W4 g64 symmetric and W8 per-channel symmetric (made once under results/, reused; pass
-``--method gptq`` for GPTQ checkpoints). Every model runs in its own process: the prompt is the first 128
-tokens of WikiText-2 test, generation is greedy with exactly 128 new tokens. Prefill time is a 1-token
-generate; decode tokens/s = 127 / (full generate - prefill). Memory: resident set after loading minus the
-process's resident set before (torch and transformers imported), and the peak. The loaded W4 model's tokens
-are checked against the fake-quantized float model (dequantized weights in an ordinary model).
+Checkpoints (made once under results/bench_generate/, reused): RTN W4 g64 symmetric (with a float head, an int8
+head and an int4 head: ``--quantize-head``), RTN W8 per-channel symmetric, SpQR W3 g16 (C4 calibration 128 x
+512). vLLM serves the W4 checkpoints' GPTQ exports (its CPU default for int4: int8 activations), llama.cpp their
+GGUF exports (q4_0 blocks; the int8 head as q8_0). Every row runs scripts/runtime_runner.py in its own process
+(the runtime's own venv for vLLM and llama.cpp, see runtime_envs.py; a row that cannot run is one line in the
+table): the prompt is the first 128 tokens of WikiText-2 test, greedy decode of --new-tokens tokens after a
+warm-up, perplexity on one 512-token window as an accuracy check. quantkit rows also report where decode time
+goes: per token inside the linears and outside them (norms, attention, cache, Python), from a second generate
+with every linear timed. The exact W4 row's greedy tokens are checked against the fake-quantized model's.
 
-    python scripts/bench_generate.py           # the full run
-    python scripts/bench_generate.py --quick   # 16 new tokens
+    python scripts/bench_generate.py            # the full run (vLLM and llama.cpp environments built once)
+    python scripts/bench_generate.py --quick    # 16 new tokens, quantkit rows only
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_first_use import cpu_description  # noqa: E402
+from bench_runtimes import quantkit_cli  # noqa: E402
+from runtime_envs import RunnerError, RuntimeUnavailable, ensure, run_runner  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 C4 = ROOT.parent / "shared" / "data" / "c4" / "c4_validation_2k.parquet"
-CHECKPOINTS = {"w4": ["--bits", "4", "--group-size", "64", "--sym"], "w8": ["--bits", "8", "--group-size", "-1", "--sym"]}
-PROMPT_TOKENS = 128
+MODEL = "smollm2-135m"
+W4 = ["--method", "rtn", "--bits", "4", "--group-size", "64", "--sym"]
+CHECKPOINTS = {
+    "w4": W4,
+    "w4-head8": [*W4, "--quantize-head", "int8"],
+    "w4-head4": [*W4, "--quantize-head", "int4"],
+    "w8": ["--method", "rtn", "--bits", "8", "--group-size", "-1", "--sym"],
+    "spqr-w3": ["--method", "spqr", "--bits", "3", "--group-size", "16"],
+}
+EXPORTS = {"w4-gptq": ("w4", "gptq"), "w4-head4-gptq": ("w4-head4", "gptq"), "w4.gguf": ("w4", "gguf"),
+           "w4-head8.gguf": ("w4-head8", "gguf")}
+PROMPT_TOKENS, WINDOW_TOKENS = 128, 512
+console = Console(width=170)
 
 
-def rss_mib() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+@dataclass(frozen=True)
+class Row:
+    """One model in one runtime: runtime_runner's runtime name, the venv (None: the project's), the model (a
+    checkpoint or export key, or the built-in model's name) and the runner's options."""
+
+    label: str
+    runtime: str
+    venv: str | None
+    model: str
+    options: dict = field(default_factory=dict)
 
 
-def fake_quantized(checkpoint: str):
-    """The float model with every quantized linear's weight replaced by its dequantized value."""
-    import torch
-
-    import quantkit
-    from quantkit.models.loading import load_model
-    from quantkit.runtime.quant_linear import QuantLinear
-
-    model = load_model("smollm2-135m").model
-    for name, layer in quantkit.load(checkpoint).named_modules():
-        if isinstance(layer, QuantLinear):
-            model.get_submodule(name).weight.data = layer.quantized().dequantize(torch.float32)
-    return model
-
-
-def worker(kind: str, checkpoint: str | None, new_tokens: int, backend: str) -> dict:
-    """Load one model, generate, and report timings, memory and the tokens (runs in its own process)."""
-    import torch
-    import transformers  # noqa: F401 - imported before the baseline so that it counts as overhead
-
-    import quantkit
-    from quantkit.models.loading import load_model
-    from quantkit.runtime.quant_linear import set_backend
-
-    before = rss_mib()
-    start = time.perf_counter()
-    if kind == "fp32":
-        loaded = load_model("smollm2-135m")
-        model, tokenizer = loaded.model, loaded.tokenizer
-    elif kind == "fake-quant":
-        model, tokenizer = fake_quantized(checkpoint), quantkit.load_tokenizer(checkpoint)
-    else:
-        model, tokenizer = quantkit.load(checkpoint), quantkit.load_tokenizer(checkpoint)
-        set_backend(model, backend)
-    load_seconds = time.perf_counter() - start
-    ids = tokenizer(WIKITEXT.read_text()[:4000], return_tensors="pt").input_ids[:, :PROMPT_TOKENS]
-
-    def generate(count: int) -> tuple[float, list[int]]:
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=count, min_new_tokens=count, do_sample=False,
-                                 attention_mask=torch.ones_like(ids), pad_token_id=tokenizer.eos_token_id)
-        return time.perf_counter() - t0, out[0, ids.shape[1]:].tolist()
-
-    generate(4)  # warm-up: kernels are built on the first call
-    loaded_rss = rss_mib()
-    prefill, _ = generate(1)
-    total, tokens = generate(new_tokens)
-    return {"model": kind, "load_s": load_seconds, "prefill_s": prefill, "generate_s": total,
-            "decode_tokens_per_s": (new_tokens - 1) / (total - prefill), "tokens_per_s": new_tokens / total,
-            "rss_model_mib": loaded_rss - before, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "tokens": tokens}
+TIMED = {"time_linears": True}
+INT8 = {"backend": "cpu-int8", **TIMED}
+ROWS = [
+    Row("fp32", "quantkit-eval", None, MODEL, TIMED),
+    Row("bf16", "quantkit-eval", None, MODEL, {"dtype": "bfloat16", **TIMED}),
+    Row("W4 fake-quant (float weights)", "quantkit-fake", None, "w4"),
+    Row("W4 g64, quantkit cpu (exact, the default)", "quantkit", None, "w4", TIMED),
+    Row("W4 g64, quantkit cpu-int8", "quantkit", None, "w4", INT8),
+    Row("W4 g64, torch int4 op (aten, bf16 model)", "quantkit", None, "w4", {"backend": "aten", "dtype": "bfloat16"}),
+    Row("W4 g64 + int8 head, quantkit cpu", "quantkit", None, "w4-head8", TIMED),
+    Row("W4 g64 + int8 head, quantkit cpu-int8", "quantkit", None, "w4-head8", INT8),
+    Row("W4 g64 + int4 head, quantkit cpu-int8", "quantkit", None, "w4-head4", INT8),
+    Row("W8 per-channel, quantkit cpu-int8", "quantkit", None, "w8", INT8),
+    Row("SpQR W3 g16, quantkit cpu", "quantkit", None, "spqr-w3", TIMED),
+    Row("SpQR W3 g16, quantkit cpu-int8", "quantkit", None, "spqr-w3", INT8),
+    Row("vLLM CPU, W4 GPTQ export", "vllm", "vllm", "w4-gptq"),
+    Row("vLLM CPU, W4 + int4 head GPTQ export", "vllm", "vllm", "w4-head4-gptq"),
+    Row("llama.cpp, W4 GGUF export (q4_0, f32 head)", "llama.cpp", "llama.cpp", "w4.gguf"),
+    Row("llama.cpp, W4 + int8 head GGUF export (q4_0, q8_0 head)", "llama.cpp", "llama.cpp", "w4-head8.gguf"),
+]
+QUICK = {"fp32", "W4 fake-quant (float weights)", "W4 g64, quantkit cpu (exact, the default)", "W4 g64, quantkit cpu-int8",
+         "W4 g64 + int8 head, quantkit cpu-int8"}
 
 
-def ensure_checkpoint(name: str, method: str, folder: Path) -> Path:
-    target = folder / f"{method}-{name}"
+def ensure_checkpoint(name: str, folder: Path) -> Path:
+    """The checkpoint ``name`` of :data:`CHECKPOINTS` under ``folder`` (quantized once)."""
+    target = folder / name
     if not (target / "config.json").is_file():
-        command = [sys.executable, "-m", "quantkit", "quantize", "smollm2-135m", "--method", method, *CHECKPOINTS[name],
-                   "--calib", str(C4), "--nsamples", "128", "--seqlen", "512", "--seed", "0", "-o", str(target),
-                   "--overwrite"]
-        subprocess.run(command, check=True)
+        console.log(f"quantizing {name}: {' '.join(CHECKPOINTS[name])}")
+        quantkit_cli("quantize", MODEL, *CHECKPOINTS[name], "--calib", str(C4), "--nsamples", "128", "--seqlen", "512",
+                     "--seed", "0", "-o", str(target), "--overwrite", log=folder / f"{name}.log")
     return target
 
 
-def run_worker(kind: str, checkpoint: Path | None, new_tokens: int, backend: str) -> dict:
-    command = [sys.executable, __file__, "--worker", kind, "--new-tokens", str(new_tokens), "--backend", backend]
-    if checkpoint is not None:
-        command += ["--checkpoint", str(checkpoint)]
-    proc = subprocess.run(command, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{kind} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def ensure_export(name: str, folder: Path) -> Path:
+    source, layout = EXPORTS[name]
+    target = folder / name
+    if not target.exists():
+        quantkit_cli("export", str(ensure_checkpoint(source, folder)), "-o", str(target), "--layout", layout,
+                     log=folder / f"{name}.log")
+    return target
+
+
+def model_path(row: Row, folder: Path) -> str:
+    if row.model in CHECKPOINTS:
+        return str(ensure_checkpoint(row.model, folder))
+    if row.model in EXPORTS:
+        return str(ensure_export(row.model, folder))
+    return row.model
+
+
+def tokens() -> tuple[list[int], list[int]]:
+    """The prompt and the perplexity window: WikiText-2 test through SmolLM2's tokenizer."""
+    from quantkit.eval.perplexity import tokenize_stream
+    from quantkit.models.loading import load_model
+
+    ids = tokenize_stream(WIKITEXT.read_text()[:20000], load_model(MODEL).tokenizer).tolist()
+    return ids[:PROMPT_TOKENS], ids[:WINDOW_TOKENS]
+
+
+def run_row(row: Row, folder: Path, prompt: list[int], window: list[int], new_tokens: int, threads: int) -> dict:
+    runtime = ensure(row.venv, log=console.log) if row.venv else None
+    request = {"runtime": row.runtime, "model": model_path(row, folder), "windows": [window], "prompt": prompt,
+               "new_tokens": new_tokens, "threads": threads, "options": row.options}
+    slug = "".join(c if c.isalnum() else "-" for c in row.label.lower())
+    return run_runner(request, runtime, timeout=3600, log=folder / f"runner-{slug}.log")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--method", default="rtn", choices=["rtn", "gptq"])
-    parser.add_argument("--backend", default="auto", help="kernel backend of the loaded checkpoints")
+    parser.add_argument("--rows", help="row labels to run, separated by semicolons (default: all)")
+    parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_generate")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
-    parser.add_argument("--new-tokens", type=int, default=128, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args.worker, args.checkpoint, args.new_tokens, args.backend)))
-        return
-    new_tokens = 16 if args.quick else 128
-    console = Console(width=150)
-    checkpoints = {name: ensure_checkpoint(name, args.method, args.out) for name in CHECKPOINTS}
-    runs = [("fp32", None), ("fake-quant", checkpoints["w4"]), ("w4", checkpoints["w4"]), ("w8", checkpoints["w8"])]
-    results = {}
-    for kind, checkpoint in runs:
-        results[kind] = run_worker(kind, checkpoint, new_tokens, args.backend)
-        console.log(f"{kind}: {results[kind]['decode_tokens_per_s']:.1f} tok/s")
-    same = results["w4"]["tokens"] == results["fake-quant"]["tokens"]
-    table = Table(title=f"SmolLM2-135M greedy generation, prompt {PROMPT_TOKENS}, {new_tokens} new tokens "
-                        f"({args.method}, backend {args.backend})")
-    for column in ("model", "decode tok/s", "overall tok/s", "prefill s", "model RSS MiB", "peak RSS MiB", "vs fp32"):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    base = results["fp32"]["decode_tokens_per_s"]
-    for kind, r in results.items():
-        table.add_row(kind, f"{r['decode_tokens_per_s']:.1f}", f"{r['tokens_per_s']:.1f}", f"{r['prefill_s']:.3f}",
-                      f"{r['rss_model_mib']:.0f}", f"{r['peak_rss_mib']:.0f}", f"{r['decode_tokens_per_s'] / base:.2f}x")
-    console.print(table)
-    console.print(f"W4 greedy tokens identical to the fake-quantized model: {same}")
+    import torch
+
+    cpu, threads = cpu_description(), torch.get_num_threads()
+    console.log(f"CPU: {cpu['model']}, {cpu['cores']} cores, flags: {' '.join(cpu['flags'])}; C kernel build "
+                f"{cpu['isa']}, prefill {cpu['prefill']}; {threads} threads")
+    new_tokens = 16 if args.quick else args.new_tokens
+    rows = [r for r in ROWS if (not args.quick or r.label in QUICK) and (not args.rows or r.label in args.rows.split(";"))]
     args.out.mkdir(parents=True, exist_ok=True)
+    prompt, window = tokens()
+    results: dict[str, dict] = {}
+    for row in rows:
+        try:
+            results[row.label] = run_row(row, args.out, prompt, window, new_tokens, threads)
+            console.log(f"{row.label}: {results[row.label]['decode_tokens_per_s']:.1f} tok/s")
+        except (RunnerError, RuntimeUnavailable, RuntimeError) as exc:
+            results[row.label] = {"error": str(exc).splitlines()[0][:300]}
+            console.log(f"{row.label}: failed: {results[row.label]['error']}")
+    render(results, new_tokens, cpu)
+    exact, fake = results.get("W4 g64, quantkit cpu (exact, the default)", {}), results.get("W4 fake-quant (float weights)", {})
+    same = exact.get("generated") is not None and exact.get("generated") == fake.get("generated")
+    console.print(f"exact W4 greedy tokens identical to the fake-quantized model's: {same}")
     path = args.out / "bench_generate.json"
-    path.write_text(json.dumps({"new_tokens": new_tokens, "method": args.method, "backend": args.backend,
-                                "w4_tokens_match_fake_quant": same, "results": results}, indent=2) + "\n")
+    path.write_text(json.dumps({"cpu": cpu, "threads": threads, "new_tokens": new_tokens, "prompt_tokens": PROMPT_TOKENS,
+                                "exact_w4_tokens_match_fake_quant": same, "results": results}, indent=2) + "\n")
     console.log(f"saved {path}")
-    if not same:
-        raise SystemExit("W4 greedy tokens differ from the fake-quantized model")
+
+
+def render(results: dict[str, dict], new_tokens: int, cpu: dict) -> None:
+    table = Table(title=f"SmolLM2-135M greedy decode, prompt {PROMPT_TOKENS}, {new_tokens} new tokens; {cpu['model']} "
+                        f"({' '.join(cpu['flags'])}), build {cpu['isa']}")
+    for column in ("row", "decode tok/s", "vs fp32", "prefill s", "ppl (512)", "ms/token in linears", "outside"):
+        table.add_column(column, justify="left" if column == "row" else "right")
+    base = (results.get("fp32") or {}).get("decode_tokens_per_s")
+    for label, r in results.items():
+        if "error" in r:
+            table.add_row(label, "failed", "", "", "", "", r["error"][:60])
+            continue
+        speed, split = r["decode_tokens_per_s"], r.get("time_split") or {}
+        table.add_row(label, f"{speed:.1f}", f"{speed / base:.2f}x" if base else "", f"{r['prefill_s']:.3f}",
+                      f"{r['perplexity']:.2f}", f"{split['linear_ms_per_token']:.1f}" if split else "",
+                      f"{split['outside_linears_ms_per_token']:.1f}" if split else "")
+    console.print(table)
 
 
 if __name__ == "__main__":

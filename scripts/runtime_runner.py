@@ -7,8 +7,10 @@ file to the python of each runtime's virtual environment (vLLM, llama-cpp-python
 
     python runtime_runner.py REQUEST.json RESULT.json
 
-REQUEST: {"runtime": "quantkit" | "quantkit-eval" | "transformers" | "vllm" | "llama.cpp", "model": PATH,
-"windows": [[ids]], "prompt": [ids], "new_tokens": N, "threads": N, "options": {...}}. RESULT: perplexity,
+REQUEST: {"runtime": "quantkit" | "quantkit-eval" | "quantkit-fake" | "transformers" | "vllm" | "llama.cpp", "model":
+PATH, "windows": [[ids]], "prompt": [ids], "new_tokens": N, "threads": N, "options": {...}}; Hugging Face options:
+"backend" (quantkit.load's kernel), "dtype" (the model cast to it), "time_linears" (decode time inside and
+outside the linears). RESULT: perplexity,
 mean NLL, per-window NLLs, timings (load, perplexity, prefill, decode), the greedy tokens and the versions of
 the packages involved. Prefill is the time to the first generated token; decode tokens/s counts the other
 ``new_tokens - 1`` tokens over the time after it.
@@ -61,11 +63,13 @@ def decode_figures(generate: Callable[[int], tuple[float, list[int]]], new_token
 # --- Hugging Face models in the project's environment (quantkit.load, transformers, quantkit eval) ---------
 
 
-def _hf_model(runtime: str, path: str):
+def _hf_model(runtime: str, path: str, options: dict):
     import quantkit  # registers quantkit's checkpoints with transformers (once that exists)
 
     if runtime == "quantkit":
-        return quantkit.load(path)
+        return quantkit.load(path, options.get("backend"))
+    if runtime == "quantkit-fake":  # the checkpoint's weights dequantized into ordinary linears (fake quantization)
+        return _fake_quantized(quantkit.load(path))
     if runtime == "quantkit-eval":  # what `quantkit eval PATH` scores: a GGUF file is dequantized to float
         from quantkit.eval.models import load_target
 
@@ -75,11 +79,63 @@ def _hf_model(runtime: str, path: str):
     return AutoModelForCausalLM.from_pretrained(path)
 
 
+def _fake_quantized(model):
+    import torch
+
+    from quantkit.runtime.quant_linear import QuantLinear
+
+    for name, layer in list(model.named_modules()):
+        if isinstance(layer, QuantLinear):
+            dense = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+            dense.weight.data = layer.quantized().dequantize(torch.float32)
+            if layer.bias is not None:
+                dense.bias.data = layer.bias.data.float()
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, dense)
+    return model
+
+
+def linear_seconds(model, generate: Callable[[int], tuple[float, list[int]]], new_tokens: int) -> dict:
+    """Where decode time goes: a generate of ``new_tokens`` with every linear timed (hooks), less a 1-token
+    one, per token: inside the linears and outside them (norms, attention, cache, Python dispatch)."""
+    linears = [m for m in model.modules() if type(m).__name__ in ("Linear", "QuantLinear")]
+    spent = [0.0]
+
+    def before(module, _inputs) -> None:
+        module._started = time.perf_counter()
+
+    def after(module, _inputs, _output) -> None:
+        spent[0] += time.perf_counter() - module._started
+
+    hooks = [h for m in linears for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    try:
+        one_s, _ = generate(1)
+        one_linear, spent[0] = spent[0], 0.0
+        total_s, _ = generate(new_tokens)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    decode_s, linear_s = total_s - one_s, spent[0] - one_linear
+    return {"decode_ms_per_token": 1e3 * decode_s / (new_tokens - 1),
+            "linear_ms_per_token": 1e3 * linear_s / (new_tokens - 1),
+            "outside_linears_ms_per_token": 1e3 * (decode_s - linear_s) / (new_tokens - 1)}
+
+
+def _kernel_summary(kernel) -> str:
+    """A QuantLinear kernel's class, with its build, decode activations and prefill dtype where it has them."""
+    inner = getattr(kernel, "fused", None) or kernel
+    paths = f" ({inner.isa}, decode {inner.decode}, prefill {inner.prefill})" if hasattr(inner, "isa") else ""
+    return type(kernel).__name__ + paths
+
+
 def run_hf(request: dict) -> dict:
     import torch
 
+    options = request.get("options", {})
     torch.set_num_threads(request["threads"])
-    load_s, model = timed(lambda: _hf_model(request["runtime"], request["model"]).eval())
+    load_s, model = timed(lambda: _hf_model(request["runtime"], request["model"], options).eval())
+    if options.get("dtype"):
+        model = model.to(getattr(torch, options["dtype"]))
 
     def window_nll(window: Sequence[int]) -> float:  # quantkit.eval.perplexity.window_nll
         ids = torch.tensor(window)[None]
@@ -97,7 +153,10 @@ def run_hf(request: dict) -> dict:
     with torch.inference_mode():
         ppl_s, nlls = timed(lambda: [window_nll(w) for w in request["windows"]])
         figures = decode_figures(generate, request["new_tokens"])
-    return {"load_s": load_s, "ppl_s": ppl_s, "window_nlls": nlls, **figures,
+        if options.get("time_linears"):
+            figures["time_split"] = linear_seconds(model, generate, request["new_tokens"])
+    kernels = sorted({_kernel_summary(kernel) for m in model.modules() for _, kernel in getattr(m, "_kernels", {}).values()})
+    return {"load_s": load_s, "ppl_s": ppl_s, "window_nlls": nlls, **figures, "kernels": kernels,
             "versions": versions("torch", "transformers", "quantkit")}
 
 
@@ -203,7 +262,7 @@ def run_llama_cpp(request: dict) -> dict:
 
 
 RUNNERS: dict[str, Callable[[dict], dict]] = {
-    "quantkit": run_hf, "quantkit-eval": run_hf, "transformers": run_hf, "vllm": run_vllm, "llama.cpp": run_llama_cpp,
+    "quantkit": run_hf, "quantkit-eval": run_hf, "quantkit-fake": run_hf, "transformers": run_hf, "vllm": run_vllm, "llama.cpp": run_llama_cpp,
 }
 
 

@@ -11,6 +11,7 @@ from quantkit.formats.packing import pack_rows
 from quantkit.runtime.kernels import build_kernel, contiguous_groups
 from quantkit.runtime.quant_linear import QuantLinear
 from quantkit.schemes import QuantScheme
+from quantkit_kernels.cpu_isa import BY_NAME, ISA_ENV, ISAS, PREFILL_ENV, supported
 
 TOLERANCE = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -61,18 +62,98 @@ def assert_matches_reference(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, 
 SCHEMES = [
     QuantScheme(4, 32, True), QuantScheme(4, 64, False), QuantScheme(4, 128, True), QuantScheme(4, -1, False),
     QuantScheme(8, 64, True), QuantScheme(8, -1, False), QuantScheme(3, 64, False), QuantScheme(2, 32, True),
+    QuantScheme(4, 16, False), QuantScheme(8, 16, True), QuantScheme(4, 96, False),
 ]
+SCHEME_ID = lambda s: f"w{s.bits}g{s.group_size}{'s' if s.symmetric else 'a'}"  # noqa: E731
 
 
-@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"w{s.bits}g{s.group_size}{'s' if s.symmetric else 'a'}")
+@pytest.fixture(params=[isa.name for isa in ISAS])
+def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each kernel build this CPU can run (the portable one always), chosen through $QUANTKIT_CPU_ISA, with
+    float32 prefill."""
+    if BY_NAME[request.param] not in supported():
+        pytest.skip(f"this CPU cannot run the {request.param} build")
+    monkeypatch.setenv(ISA_ENV, request.param)
+    monkeypatch.setenv(PREFILL_ENV, "fp32")
+    return request.param
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_ID)
 @pytest.mark.parametrize("act_order", [False, True], ids=["seq", "actorder"])
 @pytest.mark.parametrize("rows", [1, 3, 16, 17, 70])
-def test_cpu_kernel_matches_float64_reference(scheme: QuantScheme, act_order: bool, rows: int) -> None:
-    qt = random_weight(72, 256, scheme, act_order, seed=rows)
+def test_cpu_kernel_matches_float64_reference(isa: str, scheme: QuantScheme, act_order: bool, rows: int) -> None:
+    in_features = 416 if rows % 2 else 384  # an odd and an even number of 32-column blocks
+    qt = random_weight(72, in_features, scheme, act_order, seed=rows)
     layer = quant_linear(qt, "cpu")
-    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows + 1))
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows + 1))
     assert layer.kernel_name(x.device, x.dtype) == "cpu"
+    assert f"isa={isa}," in repr(layer._kernel(x.device, x.dtype)[1])
     assert_matches_reference(layer(x), x, reference_weight(qt), torch.float32)
+
+
+def int8_blocks(x: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
+    """``x`` as the int8 decode path sees it: in the kernel's position order, each block of 32 rounded to
+    ``d * round(x * (127 / amax))`` with ``d = amax / 127`` (float32 arithmetic), back in column order, float64."""
+    positions = x[:, columns] if columns is not None else x
+    blocks = positions.reshape(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(dim=2, keepdim=True)
+    inverse = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    rounded = (torch.round(blocks * inverse).double() * (amax / 127).double()).reshape(x.shape[0], -1)
+    out = torch.empty_like(rounded)
+    out[:, columns if columns is not None else slice(None)] = rounded
+    return out
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_ID)
+@pytest.mark.parametrize("act_order", [False, True], ids=["seq", "actorder"])
+@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("in_features", [384, 416])  # an even and an odd number of 32-column blocks
+def test_int8_activation_decode_matches_its_float64_reference(isa: str, scheme: QuantScheme, act_order: bool,
+                                                               rows: int, in_features: int) -> None:
+    """The integer dot products compute exactly the product of the block-rounded activations."""
+    qt = random_weight(40, in_features, scheme, act_order, seed=rows)
+    layer = quant_linear(qt, "cpu-int8")
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows + 2))
+    x[0, :32] = 0.0  # an all-zero block: scale 0, no division by zero
+    kernel = layer._kernel(x.device, x.dtype)[1]
+    assert "decode=int8" in repr(kernel) and f"isa={isa}," in repr(kernel)
+    assert_matches_reference(layer(x), int8_blocks(x, kernel.gemv_columns), reference_weight(qt), torch.float32)
+
+
+def test_bf16_prefill_rounds_the_dequantized_slab_to_nearest_even(isa: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefill in bfloat16: the C kernels write the slab as torch rounds float32 to bfloat16, and the product
+    stays within bfloat16's precision of the float64 reference."""
+    monkeypatch.setenv(PREFILL_ENV, "bf16")
+    for scheme in (QuantScheme(4, 64, False), QuantScheme(8, -1, True), QuantScheme(4, 16, True)):
+        qt = random_weight(48, 256, scheme, act_order=True, seed=4)
+        kernel = quant_linear(qt, "cpu")._kernel(torch.device("cpu"), torch.float32)[1]
+        assert "prefill=bfloat16" in repr(kernel)
+        exact = torch.empty(48, 256)
+        rounded = torch.empty(48, 256, dtype=torch.bfloat16)
+        assert kernel.run_dequant(0, 48, exact) == 0 and kernel.run_dequant(0, 48, rounded) == 0
+        assert torch.equal(rounded, exact.to(torch.bfloat16))
+        x = torch.randn(40, 256, generator=torch.Generator().manual_seed(1))
+        assert_matches_reference(kernel(x).to(torch.bfloat16), x, reference_weight(qt), torch.bfloat16)
+
+
+def test_isa_choice_is_the_best_this_cpu_has_and_can_be_overridden(monkeypatch: pytest.MonkeyPatch) -> None:
+    from quantkit_kernels.cpu_isa import chosen_isa
+
+    monkeypatch.delenv(ISA_ENV, raising=False)
+    assert chosen_isa() == supported()[-1]
+    monkeypatch.setenv(ISA_ENV, "portable")
+    assert chosen_isa().name == "portable"
+    monkeypatch.setenv(ISA_ENV, "sse9")
+    with pytest.raises(ValueError, match="not a kernel build"):
+        chosen_isa()
+    layer = quant_linear(random_weight(16, 64, QuantScheme(4, 32, True), False, 0), "cpu")
+    with pytest.raises(QuantkitError, match="QUANTKIT_CPU_ISA"):
+        layer(torch.randn(1, 64))
+    missing = [isa for isa in ISAS if isa not in supported()]
+    if missing:
+        monkeypatch.setenv(ISA_ENV, missing[0].name)
+        with pytest.raises(ValueError, match="this CPU lacks"):
+            chosen_isa()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -175,7 +256,7 @@ def fp4_reference(qt) -> torch.Tensor:
 
 @pytest.mark.parametrize("fmt,block", FP4_CASES)
 @pytest.mark.parametrize("m", [1, 3, 6, 40])  # GEMV tiles of 4 plus remainders, and the slab GEMM
-def test_fp4_cpu_kernel_matches_the_reference(fmt: str, block: int, m: int) -> None:
+def test_fp4_cpu_kernel_matches_the_reference(isa: str, fmt: str, block: int, m: int) -> None:
     qt = random_fp4_weight(72, 160, fmt, block, seed=m)  # fp4 g64: a partial last block
     layer = quant_linear(qt, "cpu")
     x = torch.randn(m, 160, generator=torch.Generator().manual_seed(9))
@@ -192,23 +273,3 @@ def test_fp4_cpu_kernel_falls_back_when_the_input_is_not_a_multiple_of_32() -> N
     x = torch.randn(2, 80, generator=torch.Generator().manual_seed(2))
     assert type(layer._kernel(x.device, torch.float32)[1]).__name__ == "FloatSlabKernel"
     assert_matches_reference(layer(x), x, fp4_reference(qt), torch.float32)
-
-
-def test_fp4_portable_build_without_avx2_matches_the_reference(tmp_path) -> None:
-    """The scalar C path (machines without AVX2) computes the same products."""
-    from quantkit.runtime.fp4_kernels import c_kernel
-    from quantkit_kernels import cpu_build
-
-    flags = [f for f in cpu_build.compile_flags() if not f.startswith("-m")]
-    original = cpu_build.compile_flags
-    cpu_build.compile_flags = lambda: flags
-    try:
-        library = cpu_build.load_library.__wrapped__(tmp_path)
-    finally:
-        cpu_build.compile_flags = original
-    for fmt, block in FP4_CASES[:3]:
-        qt = random_fp4_weight(40, 96, fmt, block, seed=block)
-        kernel = c_kernel(library, qt, qt.to_tensors())
-        for m in (2, 20):
-            x = torch.randn(m, 96, generator=torch.Generator().manual_seed(m))
-            assert_matches_reference(kernel(x), x, fp4_reference(qt), torch.float32)

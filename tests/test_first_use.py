@@ -95,7 +95,7 @@ def test_version_and_help(cli: Callable[..., Result]) -> None:
     assert all(choice in quantize_help.stdout for choice in
                ("<rtn|gptq|spqr>", "<int|fp4|mxfp4|nvfp4|fp8|q8_0|q5_0|q4_0|q4_k>", "<native|gptq|compressed-tensors|gguf>",
              "<4|8>"))
-    assert "<auto|dequant|cpu|aten|triton>" in cli("eval", "--help").stdout
+    assert "<auto|dequant|cpu|cpu-int8|aten|triton>" in cli("eval", "--help").stdout
     assert cli("inspect").returncode == 2  # a missing argument is a usage error
 
 

@@ -201,6 +201,37 @@ def test_dense_plus_sparse_layer_equals_the_dequantized_weight(bits: int, symmet
     torch.testing.assert_close(y16.double(), expected, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("bits,symmetric,group", [(3, False, 16), (3, True, 16), (4, False, 32), (8, False, 64)])
+@pytest.mark.parametrize("rows", [1, 7, 40])
+def test_c_kernel_serves_the_dense_part_exactly_and_with_int8_decode(bits: int, symmetric: bool, group: int,
+                                                                     rows: int) -> None:
+    """Inputs a multiple of 32 wide: the dense part runs through the C kernels (statistics decoded once at load),
+    exact in float32, and with int8 activations exactly the product of the block-rounded activations."""
+    from test_cpu_kernels import int8_blocks
+
+    w, _, stats = layer_problem(out=40, n=128)
+    qt = make_quantizer("spqr", act_order=True).quantize(w, stats, QuantScheme(bits, group, symmetric))
+    assert qt.outliers.count > 0
+    x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(5))
+    weight = qt.dequantize(torch.float64)
+    for backend in ("cpu", "cpu-int8"):
+        layer = QuantLinear(128, 40, False, qt.meta(), torch.float32, backend=backend)
+        for name, tensor in qt.to_tensors().items():
+            setattr(layer, name, tensor)
+        kernel = layer._kernel(x.device, x.dtype)[1]
+        assert kernel.fused is not None, repr(kernel)
+        decoded = x.double()
+        if backend == "cpu-int8" and rows <= 16:
+            # the dense part (codes at every position) sees the rounded activations, the outliers' correction
+            # (outlier - dense value) the exact ones
+            decoded = int8_blocks(x, kernel.fused.gemv_columns)
+            dense = qt.dense_permuted().double()[:, torch.argsort(qt.perm)]
+            expected = decoded @ dense.T + x.double() @ (weight - dense).T
+        else:
+            expected = decoded @ weight.T
+        torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_cpu_kernel_dequantizes_in_slabs_of_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     from quantkit.runtime import spqr_kernels
     from quantkit_kernels import slabs
@@ -208,7 +239,7 @@ def test_cpu_kernel_dequantizes_in_slabs_of_rows(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(slabs, "SLAB_BYTES", 16 * 4 * 90)  # one statistics block of rows per slab
     w, _, stats = layer_problem(out=40, n=90)
     qt = make_quantizer("spqr").quantize(w, stats, QuantScheme(3, 16, False))
-    kernel = spqr_kernels.SpQRCpuKernel(qt)
+    kernel = spqr_kernels.SpQRCpuKernel(qt, None)  # no C build: the slab path
     assert kernel.slab_rows == 16
     x = torch.randn(3, 90, generator=torch.Generator().manual_seed(6))
     torch.testing.assert_close(kernel(x).double(), x.double() @ qt.dequantize(torch.float64).T, rtol=1e-5, atol=1e-5)

@@ -1,8 +1,9 @@
-"""Build the C kernels once per machine and load them with ctypes.
+"""Build the C kernels once per machine and instruction set, and load them with ctypes.
 
-The shared library is compiled on first use with the system C compiler into a cache folder keyed by the
-source, the flags and the compiler, written under a temporary name and renamed when complete. OpenMP comes
-from ``libgomp.so.1``, the runtime torch itself loads, so the kernels share torch's thread pool.
+Each build of ``csrc/cpu_qgemm.c`` (one per :class:`quantkit_kernels.cpu_isa.Isa`) is compiled on first use
+with the system C compiler into a cache folder keyed by the source, the flags and the compiler, written
+under a temporary name and renamed when complete. OpenMP comes from ``libgomp.so.1``, the runtime torch
+itself loads, so the kernels share torch's thread pool.
 """
 
 from __future__ import annotations
@@ -16,33 +17,40 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
-import torch
+from quantkit_kernels.cpu_isa import Isa
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_qgemm.c"
+BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-std=c11")
 
 _c_ptr, _c_i64, _c_int, _c_float = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+
+
+class QkWeight(ctypes.Structure):
+    """The C ``qk_weight``: an integer weight matrix as the kernels read it."""
+
+    _fields_ = [("codes", _c_ptr), ("scales", _c_ptr), ("zeros", _c_ptr), ("n", _c_i64), ("k", _c_i64),
+                ("group_size", _c_i64), ("bits", ctypes.c_int32), ("half_scales", ctypes.c_int32),
+                ("float_zeros", ctypes.c_int32)]
+
+
+_WEIGHT = ctypes.POINTER(QkWeight)
 _SIGNATURES = {
-    # x, m, k, codes, scales, half_scales, zeros, n, group_size, bits, y, threads
-    "qk_gemv": [_c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_int, _c_ptr, _c_i64, _c_i64, _c_int, _c_ptr, _c_int],
-    # codes, scales, half_scales, zeros, k, group_size, bits, row_begin, row_end, out, threads
-    "qk_dequant_rows": [_c_ptr, _c_ptr, _c_int, _c_ptr, _c_i64, _c_i64, _c_int, _c_i64, _c_i64, _c_ptr, _c_int],
+    # weight, x, m, y, threads
+    "qk_gemv": [_WEIGHT, _c_ptr, _c_i64, _c_ptr, _c_int],
+    "qk_gemv_q8": [_WEIGHT, _c_ptr, _c_i64, _c_ptr, _c_int],
+    "qk_gemv_q8_tiled": [_WEIGHT, _c_ptr, _c_i64, _c_ptr, _c_int],
+    "qk_tile_rows": [_c_int],
+    # weight, row_begin, row_end, out, bf16, threads
+    "qk_dequant_rows": [_WEIGHT, _c_i64, _c_i64, _c_ptr, _c_int, _c_int],
     # x, m, k, packed, scales, lut, global_scale, n, scale_block, y, threads
     "qk_fp4_gemv": [_c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_ptr, _c_float, _c_i64, _c_i64, _c_ptr, _c_int],
-    # packed, scales, lut, global_scale, k, scale_block, row_begin, row_end, out, threads
-    "qk_fp4_dequant_rows": [_c_ptr, _c_ptr, _c_ptr, _c_float, _c_i64, _c_i64, _c_i64, _c_i64, _c_ptr, _c_int],
+    # packed, scales, lut, global_scale, k, scale_block, row_begin, row_end, out, bf16, threads
+    "qk_fp4_dequant_rows": [_c_ptr, _c_ptr, _c_ptr, _c_float, _c_i64, _c_i64, _c_i64, _c_i64, _c_ptr, _c_int, _c_int],
 }
 
 
 class KernelBuildError(RuntimeError):
     """The C kernels could not be compiled or loaded here."""
-
-
-def compile_flags() -> list[str]:
-    """Optimisation flags: AVX2/FMA code when this CPU has them, portable code otherwise."""
-    flags = ["-O3", "-fPIC", "-shared", "-fopenmp", "-std=c11"]
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        flags += ["-mavx2", "-mfma", "-mf16c"]
-    return flags
 
 
 def _compiler() -> str:
@@ -52,13 +60,13 @@ def _compiler() -> str:
     return compiler
 
 
-def _build(compiler: str, flags: list[str], target: Path) -> None:
+def _build(command: list[str], target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        run = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+        run = subprocess.run([*command, "-o", str(tmp), "-lm"], capture_output=True, text=True)
         if run.returncode != 0:
             raise KernelBuildError(f"compiling {SOURCE.name} failed: {run.stderr.strip().splitlines()[-1:]}")
         tmp.replace(target)
@@ -67,17 +75,21 @@ def _build(compiler: str, flags: list[str], target: Path) -> None:
 
 
 @cache
-def load_library(cache_dir: Path) -> ctypes.CDLL:
-    """The compiled kernel library, building it into ``cache_dir`` if this source/flag set is new."""
-    compiler, flags = _compiler(), compile_flags()
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
-    target = Path(cache_dir) / f"cpu_qgemm-{key}.so"
+def load_library(cache_dir: Path, isa: Isa) -> ctypes.CDLL:
+    """The kernel library built for ``isa``, compiling it into ``cache_dir`` if this source/flag set is new."""
+    command = [_compiler(), *BASE_FLAGS, *isa.compile_flags, str(SOURCE)]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(command).encode()).hexdigest()[:16]
+    target = Path(cache_dir) / f"cpu_qgemm-{isa.name}-{key}.so"
     if not target.is_file():
-        _build(compiler, flags, target)
+        _build(command, target)
     try:
         library = ctypes.CDLL(str(target))
     except OSError as exc:
         raise KernelBuildError(f"cannot load {target}: {exc}") from None
+    library.qk_isa.restype = ctypes.c_char_p
+    built = library.qk_isa().decode()
+    if built != isa.name:
+        raise KernelBuildError(f"{target.name} was compiled for {built}, not {isa.name} (compiler flags ignored?)")
     for name, argtypes in _SIGNATURES.items():
         function = getattr(library, name)
         function.argtypes, function.restype = argtypes, ctypes.c_int

@@ -1,36 +1,79 @@
 """Fused int4/int8 and FP4 dequantize-GEMM on CPU through the C kernels of ``csrc/cpu_qgemm.c``.
 
 Small batches (decode) run the fused GEMV, which reads each packed weight once and never forms a float
-weight. Larger batches (prefill) dequantize slabs of rows into a cache-sized float32 buffer and multiply
-them with torch's GEMM, so they run at dense speed plus a small unpacking cost.
+weight; with ``activations="int8"`` the activations are first rounded to int8 per block of 32 and every block
+product is an integer dot product. Larger batches (prefill) dequantize slabs of rows into a cache-sized
+buffer and multiply them with torch's GEMM in the prefill dtype (bfloat16 where the CPU has native bf16,
+see :func:`quantkit_kernels.cpu_isa.prefill_dtype`), so they run at dense speed plus a small unpacking cost.
 """
 
 from __future__ import annotations
 
 import ctypes
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from quantkit_kernels.cpu_build import QkWeight
 from quantkit_kernels.slabs import slab_rows
 
 BLOCK = 32
 GEMV_MAX_ROWS = 16
+ACTIVATIONS = ("float", "int8")
 
 
 def block_order(in_features: int) -> torch.Tensor:
-    """Column order the 4-bit kernel expects: in each block of 32, even columns first, then odd ones."""
+    """Column at each kernel position for quantkit's native 4-bit packing (byte ``j`` of a 32-column block holds
+    columns ``2j`` and ``2j+1``, which the kernel reads as positions ``j`` and ``j + 16``)."""
     return torch.arange(in_features).view(-1, BLOCK // 2, 2).transpose(1, 2).reshape(-1)
 
 
+def pack_positions(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes ``[n, k]`` in kernel position order packed as the kernel reads them: byte ``j`` of each block
+    of 32 holds position ``j`` in its low nibble and ``j + 16`` in its high one."""
+    blocks = codes.to(torch.uint8).reshape(codes.shape[0], -1, 2, BLOCK // 2)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(codes.shape[0], -1).contiguous()
+
+
+TILE_ROWS = 16
+
+
+def tile_rows(t: torch.Tensor) -> torch.Tensor:
+    """Per-row statistics ``[n, groups]`` as the tiled kernels read them: ``[tiles, groups, 16]``, the last tile
+    padded with zeros."""
+    n, groups = t.shape
+    tiles = -(-n // TILE_ROWS)
+    padded = torch.zeros(tiles * TILE_ROWS, groups, dtype=t.dtype)
+    padded[:n] = t
+    return padded.view(tiles, TILE_ROWS, groups).transpose(1, 2).contiguous()
+
+
+def tile_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes ``[n, k]`` (one a byte, kernel position order) in the tiled layout of ``qk_gemv_q8_tiled``: per tile
+    of 16 rows, block of 32 positions and octet of positions, each row's four-byte quads (see cpu_qgemm.c)."""
+    n, k = codes.shape
+    tiles = -(-n // TILE_ROWS)
+    padded = torch.zeros(tiles * TILE_ROWS, k, dtype=torch.uint8)
+    padded[:n] = codes
+    # [tile, row, block, octet, half (positions 0-3 or 4-7 of the octet), quad position]
+    quads = padded.view(tiles, TILE_ROWS, k // BLOCK, 4, 2, 4)
+    if bits == 4:
+        halves = quads.permute(0, 2, 3, 4, 1, 5)  # tile, block, octet, half, row, quad position
+        return (halves[:, :, :, 0] | (halves[:, :, :, 1] << 4)).contiguous().view(tiles, -1)
+    return quads.permute(0, 2, 3, 4, 1, 5).contiguous().view(tiles, -1)
+
+
+@dataclass
 class CpuGemm(ABC):
     """``y = x @ W.T`` through the C kernels: a fused GEMV for up to :data:`GEMV_MAX_ROWS` rows, otherwise
-    slabs of rows dequantized into a float32 buffer and torch's GEMM. ``columns`` is the input column each
-    kernel position reads (``None`` for the natural order)."""
+    slabs of rows dequantized into a ``prefill``-dtype buffer and torch's GEMM. ``columns`` is the input column
+    each kernel position reads (``None`` for the natural order); ``isa`` names the library's build."""
 
     library: ctypes.CDLL
     columns: torch.Tensor | None
+    isa: str
+    prefill: torch.dtype
 
     @property
     @abstractmethod
@@ -40,60 +83,125 @@ class CpuGemm(ABC):
     @abstractmethod
     def in_features(self) -> int: ...
 
+    @property
+    def decode(self) -> str:
+        """The activations of the decode GEMV: ``float`` or ``int8``."""
+        return "float"
+
     @abstractmethod
     def run_gemv(self, x: torch.Tensor, y: torch.Tensor) -> int:
         """Fill ``y [m, out]`` with ``x @ W.T`` (x float32 in kernel order); the C status."""
 
     @abstractmethod
     def run_dequant(self, begin: int, end: int, out: torch.Tensor) -> int:
-        """Write rows ``begin:end`` of ``W`` (kernel column order) into ``out``; the C status."""
+        """Write rows ``begin:end`` of ``W`` (kernel order) into ``out`` (float32 or bfloat16); the C status."""
+
+    @property
+    def gemv_columns(self) -> torch.Tensor | None:
+        """The input column at each position the decode GEMV reads (``None``: the natural order)."""
+        return self.columns
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        lead, dtype = x.shape[:-1], x.dtype
-        x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
-        x2 = x2.index_select(1, self.columns) if self.columns is not None else x2.contiguous()
-        y = self._gemv(x2) if x2.shape[0] <= GEMV_MAX_ROWS else self._slab_gemm(x2)
-        return y.reshape(*lead, self.out_features).to(dtype)
-
-    def _gemv(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
-        _check(self.run_gemv(x, y))
-        return y
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] <= GEMV_MAX_ROWS:  # decode: every step of a token counts, so nothing is done twice
+            columns = self.gemv_columns
+            if columns is not None:
+                x2 = x2.index_select(1, columns)
+            if x2.dtype is not torch.float32 or not x2.is_contiguous():
+                x2 = x2.to(torch.float32).contiguous()
+            y = torch.empty((x2.shape[0], self.out_features), dtype=torch.float32)
+            _check(self.run_gemv(x2, y))
+        else:
+            if self.columns is not None:
+                x2 = x2.index_select(1, self.columns)
+            y = self._slab_gemm(x2.to(self.prefill))
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if y.dtype is x.dtype else y.to(x.dtype)
 
     def _slab_gemm(self, x: torch.Tensor) -> torch.Tensor:
         rows_per_slab = slab_rows(self.in_features, BLOCK)
-        slab = torch.empty(min(rows_per_slab, self.out_features), self.in_features, dtype=torch.float32)
-        y_t = torch.empty(self.out_features, x.shape[0], dtype=torch.float32)
+        slab = torch.empty(min(rows_per_slab, self.out_features), self.in_features, dtype=x.dtype)
+        y_t = torch.empty(self.out_features, x.shape[0], dtype=x.dtype)
         x_t = x.t()
         for begin in range(0, self.out_features, rows_per_slab):
             end = min(begin + rows_per_slab, self.out_features)
             _check(self.run_dequant(begin, end, slab))
             torch.mm(slab[: end - begin], x_t, out=y_t[begin:end])
-        return y_t.t()
+        return y_t.t().contiguous()  # callers may view the output's last dimension (complex RoPE does)
+
+    def __repr__(self) -> str:
+        prefill = str(self.prefill).removeprefix("torch.")
+        return (f"{type(self).__name__}({self.out_features}x{self.in_features}, isa={self.isa}, "
+                f"decode={self.decode}, prefill={prefill})")
 
 
-@dataclass
+@dataclass(repr=False)
 class CpuIntKernel(CpuGemm):
-    """Integer weights: ``codes`` uint8 ``[n, k*bits/8]`` (bits 4 or 8, 4-bit as
-    :func:`quantkit.formats.packing.pack_nibbles`), ``scales`` float16 or float32 ``[n, groups]``, ``zeros``
-    uint8 ``[n, groups]``."""
+    """Integer weights: ``codes`` uint8 ``[n, k*bits/8]`` in kernel position order (4-bit as
+    :func:`pack_positions`), ``scales`` float16 or float32 ``[n, groups]``, ``zeros`` uint8 or float32
+    ``[n, groups]``; groups of 16 positions or a multiple of 32. ``activations``: the decode GEMV's, float32
+    (exact) or int8 blocks."""
 
-    library: ctypes.CDLL
     codes: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor
     group_size: int
     bits: int
-    columns: torch.Tensor | None
+    activations: str = "float"
+    _weight: QkWeight = field(init=False)
+    tiled: QkWeight | None = field(init=False, default=None)  # the int8 decode's 16-row tiles, where built
+    _tiled_tensors: tuple[torch.Tensor, ...] = field(init=False, default=())  # what ``tiled`` points into
+    _tiled_columns: torch.Tensor | None = field(init=False, default=None)
+    _gemv_call: tuple = field(init=False, default=())  # the decode GEMV's C function and weight structure
+
+    @property
+    def gemv_columns(self) -> torch.Tensor | None:
+        return self._tiled_columns if self.tiled is not None else self.columns
+
+    @classmethod
+    def from_codes(cls, library: ctypes.CDLL, isa: str, prefill: torch.dtype, codes: torch.Tensor,
+                   scales: torch.Tensor, zeros: torch.Tensor, group_size: int, bits: int,
+                   columns: torch.Tensor | None, activations: str = "float",
+                   native_packed: torch.Tensor | None = None) -> CpuIntKernel:
+        """Lay out codes ``[n, k]`` (one per byte, groups contiguous; ``columns[i]`` the input column of code
+        column ``i``) for the kernel. 4-bit codes in groups of 32 or more take quantkit's native packing, read
+        in place when ``native_packed`` holds it; groups of 16 take the natural order. With int8 activations on
+        a build that has them, the decode GEMV reads a copy in 16-row tiles, in the natural order."""
+        natural_codes, natural_columns = codes, columns
+        if bits == 4 and group_size != 16:
+            order = block_order(codes.shape[1])
+            columns = order if columns is None else columns[order]
+            codes = codes[:, order]
+        packed = codes if bits == 8 else native_packed if native_packed is not None else pack_positions(codes)
+        kernel = cls(library, columns, isa, prefill, packed, scales, zeros, group_size, bits, activations)
+        if activations == "int8" and library.qk_tile_rows(bits):
+            kernel._tile(natural_codes, natural_columns)
+        return kernel
+
+    def _tile(self, codes: torch.Tensor, columns: torch.Tensor | None) -> None:
+        """Serve decode from a 16-row tiled copy of ``codes`` (``columns[i]``: the input column of code column ``i``)."""
+        self._tiled_tensors = (tile_codes(codes, self.bits), tile_rows(self.scales), tile_rows(self.zeros))
+        self._tiled_columns = columns
+        self.tiled = QkWeight(*(t.data_ptr() for t in self._tiled_tensors), self.out_features, self.in_features,
+                              self.group_size, self.bits, self._weight.half_scales, self._weight.float_zeros)
+        self._gemv_call = (self.library.qk_gemv_q8_tiled, self.tiled)
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
             raise ValueError(f"the C kernels take 4- or 8-bit codes, not {self.bits}")
-        if self.in_features % BLOCK or self.group_size % BLOCK:
-            raise ValueError("in_features and group_size must be multiples of 32")
+        if self.in_features % BLOCK or not (self.group_size == 16 or self.group_size % BLOCK == 0):
+            raise ValueError("in_features must be a multiple of 32 and group_size 16 or a multiple of 32")
+        if self.activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {ACTIVATIONS}, not {self.activations!r}")
         if self.scales.dtype not in (torch.float16, torch.float32):
             self.scales = self.scales.float()
+        if self.zeros.dtype not in (torch.uint8, torch.float32):
+            self.zeros = self.zeros.float()
         self.codes, self.scales, self.zeros = (t.contiguous() for t in (self.codes, self.scales, self.zeros))
+        self._weight = QkWeight(self.codes.data_ptr(), self.scales.data_ptr(), self.zeros.data_ptr(),
+                                self.out_features, self.in_features, self.group_size, self.bits,
+                                int(self.scales.dtype == torch.float16), int(self.zeros.dtype == torch.float32))
+        self._gemv_call = (self.library.qk_gemv_q8 if self.activations == "int8" else self.library.qk_gemv, self._weight)
 
     @property
     def out_features(self) -> int:
@@ -103,36 +211,31 @@ class CpuIntKernel(CpuGemm):
     def in_features(self) -> int:
         return self.codes.shape[1] * 8 // self.bits
 
-    def _scale_args(self) -> tuple[int, int]:
-        return self.scales.data_ptr(), int(self.scales.dtype == torch.float16)
+    @property
+    def decode(self) -> str:
+        return f"{self.activations}-tiled" if self.tiled is not None else self.activations
 
     def run_gemv(self, x: torch.Tensor, y: torch.Tensor) -> int:
-        return self.library.qk_gemv(
-            x.data_ptr(), x.shape[0], self.in_features, self.codes.data_ptr(), *self._scale_args(),
-            self.zeros.data_ptr(), self.out_features, self.group_size, self.bits, y.data_ptr(),
-            torch.get_num_threads(),
-        )
+        gemv, weight = self._gemv_call
+        return gemv(weight, x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
 
     def run_dequant(self, begin: int, end: int, out: torch.Tensor) -> int:
-        return self.library.qk_dequant_rows(
-            self.codes.data_ptr(), *self._scale_args(), self.zeros.data_ptr(), self.in_features,
-            self.group_size, self.bits, begin, end, out.data_ptr(), torch.get_num_threads(),
-        )
+        return self.library.qk_dequant_rows(self._weight, begin, end, out.data_ptr(),
+                                            int(out.dtype == torch.bfloat16), torch.get_num_threads())
 
 
-@dataclass
+@dataclass(repr=False)
 class CpuFp4Kernel(CpuGemm):
-    """E2M1 weights: ``packed`` uint8 ``[n, k/2]`` (two codes a byte, even column low), block ``scales``
+    """E2M1 weights: ``packed`` uint8 ``[n, k/2]`` (quantkit's native packing, read in the order of
+    :func:`block_order`), block ``scales``
     ``[n, k/scale_block]`` as float16 or as bytes decoded by ``lut`` (256 float32 values: E8M0 or E4M3),
     divided by ``global_scale`` when given. ``k`` a multiple of 32, ``scale_block`` 16 or a multiple of 32."""
 
-    library: ctypes.CDLL
     packed: torch.Tensor
     scales: torch.Tensor
     lut: torch.Tensor | None
     global_scale: float | None
     scale_block: int
-    columns: torch.Tensor | None
 
     def __post_init__(self) -> None:
         if self.in_features % BLOCK or not fp4_block_fits(self.scale_block):
@@ -162,7 +265,7 @@ class CpuFp4Kernel(CpuGemm):
     def run_dequant(self, begin: int, end: int, out: torch.Tensor) -> int:
         return self.library.qk_fp4_dequant_rows(
             self.packed.data_ptr(), *self._scale_args(), self.in_features, self.scale_block, begin, end,
-            out.data_ptr(), torch.get_num_threads(),
+            out.data_ptr(), int(out.dtype == torch.bfloat16), torch.get_num_threads(),
         )
 
 

@@ -104,6 +104,7 @@ def run_plan(settings: dict[str, object]) -> RunPlan:
         act_scheme=act_scheme,
         act_static=act_static,
         kv_cache=kv_cache,
+        quantize_head=settings["quantize_head"],
         transform=transform,
         allocation=allocation,
         **{name: settings[name] for name in QUANTIZER_OPTIONS},

@@ -10,6 +10,7 @@ from quantkit.actquant import ACT_BITS, OBSERVERS, STATIC_FORMATS
 from quantkit.actquant import GRANULARITIES as ACT_GRANULARITIES
 from quantkit.allocation.options import SCORES, STRATEGIES
 from quantkit.allocation.units import GRANULARITIES
+from quantkit.head import HEAD_FORMATS
 from quantkit.kvcache import KV_GRANULARITIES
 from quantkit.quantizers import QUANTIZERS
 from quantkit.schemes import CHECKPOINT_LAYOUTS, SUPPORTED_BITS, SUPPORTED_FORMATS, UNQUANTIZED_DTYPES
@@ -133,6 +134,8 @@ FIELDS: tuple[RecipeField, ...] = (
     RecipeField("activations", "granularity", "act_granularity", "str", allowed=ACT_GRANULARITIES),
     RecipeField("activations", "observer", "act_observer", "str", allowed=OBSERVERS),
     RecipeField("activations", "percentile", "act_percentile", "float", minimum=0.0, maximum=100.0),
+    RecipeField("weights", "head", "quantize_head", "str", allowed=HEAD_FORMATS,
+                note="the output head, round-to-nearest; default: kept in float"),
     RecipeField("kv_cache", "format", "kv_format", "str", allowed=STATIC_FORMATS, note="8-bit keys and values"),
     RecipeField("kv_cache", "granularity", "kv_granularity", "str", allowed=KV_GRANULARITIES),
     RecipeField("calibration", "source", "calib", "str", default=defaults.CALIBRATION,

@@ -9,7 +9,6 @@ times the block scales, a slab of rows at a time. No float copy of the model is 
 
 from __future__ import annotations
 
-import ctypes
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,17 +18,18 @@ from quantkit.formats.floatgrid import FloatQuantizedTensor
 from quantkit_kernels.slabs import slab_matmul, slab_rows
 
 if TYPE_CHECKING:
+    from quantkit.runtime.kernels import CpuBuild
     from quantkit_kernels.cpu_int import CpuFp4Kernel
 
 _PAIRS = torch.stack((e2m1_decode(torch.arange(256) & 15), e2m1_decode(torch.arange(256) >> 4)), dim=1)
 
 
-def c_kernel(library: ctypes.CDLL | None, qt: FloatQuantizedTensor, stored: dict[str, torch.Tensor]) -> CpuFp4Kernel | None:
+def c_kernel(build: CpuBuild | None, qt: FloatQuantizedTensor, stored: dict[str, torch.Tensor]) -> CpuFp4Kernel | None:
     """The C kernel for this layer, or None where it does not fit (or the library could not be built)."""
     from quantkit_kernels.cpu_int import BLOCK, CpuFp4Kernel, block_order, fp4_block_fits
 
     in_features = qt.shape[1]
-    if library is None or in_features % BLOCK or not fp4_block_fits(qt.block):
+    if build is None or in_features % BLOCK or not fp4_block_fits(qt.block):
         return None
     codec = SCALE_CODECS[qt.scheme.format]
     scales = stored["weight_scale"]
@@ -38,8 +38,8 @@ def c_kernel(library: ctypes.CDLL | None, qt: FloatQuantizedTensor, stored: dict
         lut = codec.decode(torch.arange(256, dtype=torch.uint8).view(codec.dtype)).contiguous()
         scales = scales.view(torch.uint8)
     global_scale = None if qt.global_scale is None else float(qt.global_scale)
-    return CpuFp4Kernel(library, stored["weight_packed"], scales, lut, global_scale, qt.block,
-                        block_order(in_features))
+    return CpuFp4Kernel(build.library, block_order(in_features), build.isa, build.prefill, stored["weight_packed"],
+                        scales, lut, global_scale, qt.block)
 
 
 class FloatSlabKernel:

@@ -3,26 +3,37 @@
 Backends:
 - ``dequant``: decode the packed tensors to a dense weight on every call, then ``F.linear``. Always
   available; every other backend is tested against it.
-- ``cpu``: quantkit's fused C kernels (``quantkit_kernels.cpu_int``) for integer weights whose input size
-  and group size are multiples of 32; 2- and 3-bit codes run as 4-bit ones; act-order by permuting columns.
+- ``cpu``: quantkit's fused C kernels (``quantkit_kernels.cpu_int``), built for the best instruction set this
+  CPU has (``quantkit_kernels.cpu_isa``: AVX-512 BF16/VNNI, AVX-512, AVX2 or portable C;
+  ``$QUANTKIT_CPU_ISA`` picks another), for integer weights whose input size is a multiple of 32 and whose
+  groups are 16 columns or a multiple of 32; 2- and 3-bit codes run as 4-bit ones; act-order by permuting
+  columns. Decode (up to 16 rows) is exact in float32; prefill multiplies dequantized slabs in bfloat16
+  where the CPU has native bf16 (``$QUANTKIT_CPU_PREFILL=fp32`` keeps it exact).
+- ``cpu-int8``: as ``cpu``, but decode rounds the activations to int8 per block of 32 and multiplies with
+  integer dot products (VNNI, or AVX2 maddubs); FP4 layers, which have no such path, run as ``cpu``.
 - ``aten``: torch's ``_weight_int4pack_mm_for_cpu`` (group sizes 32-256) or ``_weight_int8pack_mm``
   (per-channel 8-bit).
 - ``triton``: the fused Triton GEMM on CUDA devices (on CPU too under ``TRITON_INTERPRET=1``, for tests).
 
-``auto`` takes, on CUDA, triton then dequant; on CPU, cpu, then aten for half-precision activations
-(torch's float32 int4 path is slower than a dense matmul), then dequant.
+``auto`` takes, on CUDA, triton then dequant; on CPU, cpu (exact), then aten for half-precision activations
+(torch's float32 int4 path is slower than a dense matmul), then dequant. ``cpu-int8`` is asked for by name: its
+int8 decode costs SmolLM2-135M under 0.5% WikiText-2 perplexity at W4 and W8
+(scripts/bench_serving_accuracy.py) and decodes faster.
 
-SpQR layers (:mod:`quantkit.runtime.spqr_kernels`) have a ``cpu`` path (dense rows decoded per call, plus a
-CSR outlier correction) and a ``triton`` one (the fused dense kernel plus the same correction). FP4 layers
-(:mod:`quantkit.runtime.fp4_kernels`) have a ``cpu`` path (the C kernels when the input size is a multiple of
-32, else rows decoded per call through a byte table) and a ``triton`` one (``quantkit_kernels.triton_fp4``).
+SpQR layers (:mod:`quantkit.runtime.spqr_kernels`) have ``cpu``/``cpu-int8`` paths (the dense part through
+the same C kernels with its statistics decoded at load, plus a CSR outlier correction) and a ``triton`` one
+(the fused dense kernel plus the same correction). FP4 layers (:mod:`quantkit.runtime.fp4_kernels`) have a
+``cpu`` path (the C kernels when the input size is a multiple of 32, else rows decoded per call through a
+byte table) and a ``triton`` one (``quantkit_kernels.triton_fp4``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
 
 import torch
@@ -34,7 +45,8 @@ from quantkit.formats.floatgrid import FloatQuantizedTensor
 from quantkit.formats.intgrid import IntQuantizedTensor
 from quantkit.formats.spqr import SpQRQuantizedTensor
 
-BACKENDS = ("auto", "dequant", "cpu", "aten", "triton")
+BACKENDS = ("auto", "dequant", "cpu", "cpu-int8", "aten", "triton")
+CPU_BACKENDS = {"cpu": "float", "cpu-int8": "int8"}  # backend -> activations of the decode GEMV
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -67,40 +79,68 @@ def contiguous_groups(qt: IntQuantizedTensor) -> tuple[torch.Tensor, torch.Tenso
     return qt.codes[:, columns].contiguous(), columns
 
 
+def describe_machine() -> dict:
+    """This CPU, its flags and the kernel build and prefill dtype chosen for it (``quantkit env``)."""
+    from quantkit_kernels.cpu_isa import describe
+
+    try:
+        return describe()
+    except ValueError as exc:
+        raise QuantkitError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class CpuBuild:
+    """The C kernel library for this CPU: its instruction set and the prefill GEMM dtype."""
+
+    library: ctypes.CDLL
+    isa: str
+    prefill: torch.dtype
+
+
+def cpu_build() -> CpuBuild | None:
+    """The C kernels for the instruction set chosen for this CPU (see ``quantkit_kernels.cpu_isa``), or None
+    (with a warning) where they cannot be built."""
+    from quantkit_kernels.cpu_isa import chosen_isa, prefill_dtype
+
+    try:
+        isa, prefill = chosen_isa(), prefill_dtype()
+    except ValueError as exc:
+        raise QuantkitError(str(exc)) from None
+    library = _cpu_library(isa)
+    return None if library is None else CpuBuild(library, isa.name, prefill)
+
+
 @cache
-def _cpu_library():
+def _cpu_library(isa) -> ctypes.CDLL | None:
     from quantkit.models.gguf_cache import cache_root
     from quantkit_kernels.cpu_build import KernelBuildError, load_library
 
     try:
-        return load_library(cache_root() / "kernels")
+        return load_library(cache_root() / "kernels", isa)
     except KernelBuildError as exc:
         warnings.warn(f"quantkit CPU kernels unavailable ({exc}); using slower paths", stacklevel=3)
         return None
 
 
-def _cpu_kernel(qt: IntQuantizedTensor, stored: dict[str, torch.Tensor]) -> Kernel | None:
-    from quantkit.formats.packing import pack_nibbles
-    from quantkit_kernels.cpu_int import BLOCK, CpuIntKernel, block_order
+def _cpu_kernel(qt: IntQuantizedTensor, stored: dict[str, torch.Tensor], activations: str) -> Kernel | None:
+    from quantkit_kernels.cpu_int import BLOCK, CpuIntKernel
 
     in_features = qt.shape[1]
     size = qt.scheme.group_columns(in_features)
-    library = _cpu_library()
-    if library is None or in_features % BLOCK or size % BLOCK:
+    if in_features % BLOCK or not (size == 16 or size % BLOCK == 0):
         return None
+    build = cpu_build()
     layout = contiguous_groups(qt)
-    if layout is None:
+    if build is None or layout is None:
         return None
     codes, columns = layout
     bits = 8 if qt.scheme.bits == 8 else 4
-    if bits == qt.scheme.bits and columns is None:
-        packed = stored["qweight"].view(torch.uint8)  # the native packing is the kernel's: no copy
-    else:
-        packed = codes if bits == 8 else pack_nibbles(codes)
-    if bits == 4:
-        order = block_order(in_features)
-        columns = order if columns is None else columns[order]
-    return CpuIntKernel(library, packed, qt.scales, qt.zeros.to(torch.uint8), size, bits, columns)
+    native = qt.scheme.bits == 4 and columns is None and size != 16
+    return CpuIntKernel.from_codes(
+        build.library, build.isa, build.prefill, codes, qt.scales, qt.zeros.to(torch.uint8), size, bits, columns,
+        activations, native_packed=stored["qweight"].view(torch.uint8) if native else None,
+    )
 
 
 def _aten_kernel(qt: IntQuantizedTensor, dtype: torch.dtype) -> Kernel | None:
@@ -136,8 +176,8 @@ def _int_kernel(name: str, qt: IntQuantizedTensor, stored: dict[str, torch.Tenso
     on_cuda = device.type == "cuda"
     if name == "triton":
         return _triton_kernel(qt, stored, device)
-    if name == "cpu" and not on_cuda:
-        return _cpu_kernel(qt, stored)
+    if name in CPU_BACKENDS and not on_cuda:
+        return _cpu_kernel(qt, stored, CPU_BACKENDS[name])
     if name == "aten" and not on_cuda:
         return _aten_kernel(qt, dtype)
     return None
@@ -146,8 +186,8 @@ def _int_kernel(name: str, qt: IntQuantizedTensor, stored: dict[str, torch.Tenso
 def _spqr_kernel(name: str, qt: SpQRQuantizedTensor, device: torch.device) -> Kernel | None:
     from quantkit.runtime.spqr_kernels import SpQRCpuKernel, SpQRTritonKernel
 
-    if name == "cpu" and device.type == "cpu":
-        return SpQRCpuKernel(qt)
+    if name in CPU_BACKENDS and device.type == "cpu":
+        return SpQRCpuKernel(qt, cpu_build(), CPU_BACKENDS[name])
     if name == "triton":
         from quantkit_kernels import triton_spqr
 
@@ -158,8 +198,8 @@ def _spqr_kernel(name: str, qt: SpQRQuantizedTensor, device: torch.device) -> Ke
 def _float_kernel(name: str, qt: FloatQuantizedTensor, stored: dict[str, torch.Tensor], device: torch.device) -> Kernel | None:
     from quantkit.runtime.fp4_kernels import FloatSlabKernel, FloatTritonKernel, c_kernel
 
-    if name == "cpu" and device.type == "cpu":
-        return c_kernel(_cpu_library(), qt, stored) or FloatSlabKernel(qt, stored)
+    if name in CPU_BACKENDS and device.type == "cpu":
+        return c_kernel(cpu_build(), qt, stored) or FloatSlabKernel(qt, stored)
     if name == "triton":
         from quantkit_kernels import triton_fp4
 

@@ -1,20 +1,24 @@
 """Serving SpQR layers: ``y = x @ dense.T + x @ D.T`` without ever holding a float copy of the model.
 
 ``D`` is sparse: at each outlier position it holds ``outlier value - dense value`` (float32, computed once),
-so the two terms add up to the stored weight exactly. The dense part runs either on CPU, dequantized on the
-fly in slabs of rows from 4-bit (or 8-bit) codes and the 3-bit statistics, then multiplied with torch's
-GEMM, or on CUDA through the fused Triton kernel of ``quantkit_kernels.triton_spqr``.
+so the two terms add up to the stored weight exactly. The dense part runs either on CPU through quantkit's C
+kernels (codes as 4-bit or 8-bit, the 3-bit statistics decoded once at load into per-group float32 scales and
+zero points), or on CUDA through the fused Triton kernel of ``quantkit_kernels.triton_spqr``.
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 
 from quantkit.formats.packing import pack_nibbles, unpack_nibbles
 from quantkit.formats.spqr import MIN_SCALE, SpQRQuantizedTensor, dense_weight, first_level_statistics
 from quantkit_kernels.slabs import slab_matmul, slab_rows
+
+if TYPE_CHECKING:
+    from quantkit.runtime.kernels import CpuBuild
 
 
 class OutlierCorrection:
@@ -46,16 +50,28 @@ class OutlierCorrection:
 
 
 class SpQRCpuKernel:
-    """CPU SpQR: per call, slabs of dense rows are decoded to float32 and multiplied, then outliers added."""
+    """CPU SpQR: the dense part through the C kernels (``build``), its first-level statistics decoded once at
+    load into float32 scales and zero points, with ``activations`` float or int8 in decode; where those do not
+    fit, slabs of dense rows decoded per call and torch's GEMM. Then the outliers' correction."""
 
-    def __init__(self, qt: SpQRQuantizedTensor) -> None:
+    def __init__(self, qt: SpQRQuantizedTensor, build: CpuBuild | None, activations: str = "float") -> None:
+        from quantkit_kernels.cpu_int import BLOCK, CpuIntKernel
+
         self.out_features, self.in_features = qt.shape
-        self.packed = qt.scheme.bits <= 4
-        self.codes = pack_nibbles(qt.codes) if self.packed else qt.codes.contiguous()
-        self.scale_stats, self.zero_stats = qt.scale_stats, qt.zero_stats
+        self.correction = OutlierCorrection(qt, torch.device("cpu"))
         self.block, self.group_columns, self.bits = qt.stat_group_size, qt.scheme.group_columns(qt.shape[1]), qt.scheme.bits
         self.perm = qt.perm
-        self.correction = OutlierCorrection(qt, torch.device("cpu"))
+        size = self.group_columns
+        self.fused: CpuIntKernel | None = None
+        if build is not None and self.in_features % BLOCK == 0 and (size == 16 or size % BLOCK == 0):
+            scales, zeros = qt.statistics()
+            self.fused = CpuIntKernel.from_codes(
+                build.library, build.isa, build.prefill, qt.codes, scales.t().contiguous(), zeros.t().contiguous(),
+                size, 4 if self.bits <= 4 else 8, self.perm, activations)
+            return
+        self.packed = self.bits <= 4
+        self.codes = pack_nibbles(qt.codes) if self.packed else qt.codes.contiguous()
+        self.scale_stats, self.zero_stats = qt.scale_stats, qt.zero_stats
         self.slab_rows = slab_rows(self.in_features, self.block)
 
     def _dense_rows(self, begin: int, end: int) -> torch.Tensor:
@@ -67,11 +83,18 @@ class SpQRCpuKernel:
         scales, zeros = first_level_statistics(scale_stats, zero_stats, self.bits, self.block)
         return dense_weight(stored, scales, zeros, self.group_columns)
 
+    def __repr__(self) -> str:
+        dense = repr(self.fused) if self.fused is not None else "slabs decoded per call"
+        return f"SpQRCpuKernel({dense}, outliers={self.correction.count})"
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead, dtype = x.shape[:-1], x.dtype
         x2 = x.reshape(-1, self.in_features).float()
-        xp = x2[:, self.perm] if self.perm is not None else x2
-        y = slab_matmul(xp, self.out_features, self.slab_rows, self._dense_rows)
+        if self.fused is not None:
+            y = self.fused(x2)
+        else:
+            xp = x2[:, self.perm] if self.perm is not None else x2
+            y = slab_matmul(xp, self.out_features, self.slab_rows, self._dense_rows)
         return self.correction.add_to(y, x2).to(dtype).reshape(*lead, self.out_features)
 
 
