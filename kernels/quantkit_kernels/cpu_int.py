@@ -10,6 +10,7 @@ see :func:`quantkit_kernels.cpu_isa.prefill_dtype`), so they run at dense speed 
 from __future__ import annotations
 
 import ctypes
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -37,6 +38,17 @@ def pack_positions(codes: torch.Tensor) -> torch.Tensor:
 
 
 TILE_ROWS = 16
+_SCRATCH = threading.local()
+
+
+def scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A reusable buffer of ``numel`` elements for this thread: a fresh slab on every call would be fresh pages,
+    whose first touch costs as much as a small layer's GEMM."""
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(dtype)
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[dtype] = torch.empty(numel, dtype=dtype)
+    return buffer[:numel]
 
 
 def tile_rows(t: torch.Tensor) -> torch.Tensor:
@@ -120,7 +132,7 @@ class CpuGemm(ABC):
 
     def _slab_gemm(self, x: torch.Tensor) -> torch.Tensor:
         rows_per_slab = slab_rows(self.in_features, BLOCK)
-        slab = torch.empty(min(rows_per_slab, self.out_features), self.in_features, dtype=x.dtype)
+        slab = scratch(min(rows_per_slab, self.out_features) * self.in_features, x.dtype).view(-1, self.in_features)
         y_t = torch.empty(self.out_features, x.shape[0], dtype=x.dtype)
         x_t = x.t()
         for begin in range(0, self.out_features, rows_per_slab):
