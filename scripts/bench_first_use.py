@@ -36,11 +36,6 @@ WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 PHASE = re.compile(r"^(?P<name>.+?): (?:done|[\d./]+) in (?P<seconds>[\d.]+) s$")
 
 
-def cpu_description() -> dict:
-    """The CPU model, core count, the vector flags the kernels care about and the kernel build chosen."""
-    return describe()
-
-
 def main_job_steps() -> list[list[str]]:
     """The `quantkit ...` commands of the README's set-up line, in order."""
     text = (ROOT / "README.md").read_text()
@@ -94,7 +89,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=ROOT / "results" / "bench_first_use.json")
     args = parser.parse_args()
     console = Console()
-    cpu = cpu_description()
+    cpu = describe()
     console.print(f"CPU: {cpu['model']}, {cpu['cores']} cores, flags: {' '.join(cpu['flags'])}")
     results: dict = {"cpu": cpu}
     with tempfile.TemporaryDirectory() as tmp:

@@ -29,9 +29,10 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_first_use import cpu_description  # noqa: E402
 from bench_runtimes import quantkit_cli  # noqa: E402
 from runtime_envs import RunnerError, RuntimeUnavailable, ensure, run_runner  # noqa: E402
+
+from quantkit_kernels.cpu_isa import describe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -140,7 +141,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    cpu, threads = cpu_description(), torch.get_num_threads()
+    cpu, threads = describe(), torch.get_num_threads()
     console.log(f"CPU: {cpu['model']}, {cpu['cores']} cores, flags: {' '.join(cpu['flags'])}; C kernel build "
                 f"{cpu['isa']}, prefill {cpu['prefill']}; {threads} threads")
     new_tokens = 16 if args.quick else args.new_tokens

@@ -32,10 +32,11 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_first_use import cpu_description  # noqa: E402
 from bench_runtimes import C4, MODEL, TOLERANCE, quantkit_cli, token_ids  # noqa: E402
 from llama_tools import imatrix, quantize  # noqa: E402
 from runtime_envs import RunnerError, ensure, run_runner  # noqa: E402
+
+from quantkit_kernels.cpu_isa import describe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 console = Console(width=160)
@@ -84,7 +85,7 @@ def main() -> None:
     args.windows = args.windows or (2 if quick else 16)
     args.seqlen = args.seqlen or (512 if quick else 2048)
     chunks = 8 if quick else 128
-    cpu = cpu_description()
+    cpu = describe()
     console.print(f"CPU: {cpu['model']}, {cpu['cores']} cores, flags: {' '.join(cpu['flags'])}")
     folder = args.out / ("quick" if quick else "full")
     logs = folder / "logs"

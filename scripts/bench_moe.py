@@ -45,7 +45,6 @@ import torch
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_first_use import cpu_description  # noqa: E402
 from bench_streaming import (  # noqa: E402
     QUANT_FLAGS,
     TIME,
@@ -62,6 +61,7 @@ from quantkit.export.atomic import write_json  # noqa: E402
 from quantkit.export.safetensors_io import header_specs  # noqa: E402
 from quantkit.models.synthetic import SyntheticMoeShape, write_synthetic_qwen3_moe  # noqa: E402
 from quantkit.streaming.state import work_dir  # noqa: E402
+from quantkit_kernels.cpu_isa import describe  # noqa: E402
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
 BLOCKS = "model.layers."
@@ -75,7 +75,7 @@ QUICK = dict(hidden_size=256, moe_intermediate_size=128, num_experts=8, num_expe
 
 def cpu_info() -> dict:
     """The CPU's model name, core count, and which of :data:`CPU_FLAGS` /proc/cpuinfo lists."""
-    cpu = cpu_description()
+    cpu = describe()
     return {"model": cpu["model"], "cpus": cpu["cores"], "flags": {flag: flag in cpu["flags"] for flag in CPU_FLAGS}}
 
 

@@ -42,8 +42,9 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_first_use import cpu_description  # noqa: E402
 from runtime_envs import RunnerError, Runtime, RuntimeUnavailable, ensure, one_line_error, run_runner  # noqa: E402
+
+from quantkit_kernels.cpu_isa import describe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -254,7 +255,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    cpu = cpu_description()
+    cpu = describe()
     console.print(f"CPU: {cpu['model']}, {cpu['cores']} cores, flags: {' '.join(cpu['flags'])}")
     tag = f"{'synthetic' if args.calib == 'synthetic' else Path(args.calib).stem}-{args.nsamples}x{args.calib_seqlen}"
     folder = args.out / f"gptq-w4g64-{tag}"

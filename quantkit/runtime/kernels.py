@@ -79,14 +79,20 @@ def contiguous_groups(qt: IntQuantizedTensor) -> tuple[torch.Tensor, torch.Tenso
     return qt.codes[:, columns].contiguous(), columns
 
 
+def _from_environment(choose: Callable[[], object]):
+    """``choose()`` (a choice read from ``$QUANTKIT_CPU_ISA``/``$QUANTKIT_CPU_PREFILL``), its ValueError as a
+    one-line QuantkitError."""
+    try:
+        return choose()
+    except ValueError as exc:
+        raise QuantkitError(str(exc)) from None
+
+
 def describe_machine() -> dict:
     """This CPU, its flags and the kernel build and prefill dtype chosen for it (``quantkit env``)."""
     from quantkit_kernels.cpu_isa import describe
 
-    try:
-        return describe()
-    except ValueError as exc:
-        raise QuantkitError(str(exc)) from None
+    return _from_environment(describe)
 
 
 @dataclass(frozen=True)
@@ -103,10 +109,7 @@ def cpu_build() -> CpuBuild | None:
     (with a warning) where they cannot be built."""
     from quantkit_kernels.cpu_isa import chosen_isa, prefill_dtype
 
-    try:
-        isa, prefill = chosen_isa(), prefill_dtype()
-    except ValueError as exc:
-        raise QuantkitError(str(exc)) from None
+    isa, prefill = _from_environment(lambda: (chosen_isa(), prefill_dtype()))
     library = _cpu_library(isa)
     return None if library is None else CpuBuild(library, isa.name, prefill)
 
