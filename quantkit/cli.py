@@ -371,6 +371,38 @@ def env(
         write_json(json_out, facts)
 
 
+@command()
+def generate(
+    target: Annotated[str, typer.Argument(metavar="TARGET", help="A checkpoint directory or a model (name, hub id or folder).")],
+    prompt: Annotated[str, typer.Argument(help="The text to continue.")],
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate at most (stops at end of sequence).")] = 64,
+    kernel: Annotated[Backend | None, typer.Option(help="Kernel serving quantized layers (default auto).")] = None,
+    decoder: Annotated[str, typer.Option(help="lean: quantkit's decoder (Llama, Mistral, Qwen2, Qwen3); transformers: its generate; auto: lean where the family has it.")] = "auto",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the text, tokens and timings to this JSON file.")] = None,
+) -> None:
+    """Greedy generation from a checkpoint or model, with its prefill time and decode speed."""
+    from quantkit.eval.models import load_target
+    from quantkit.runtime.generate import DECODERS
+    from quantkit.runtime.generate import generate as generate_text
+
+    if decoder not in DECODERS:
+        raise OptionError(f"--decoder {decoder!r} is not allowed; allowed: {', '.join(DECODERS)}")
+    loaded = load_target(target, kernel)
+    result = generate_text(loaded.model.eval(), loaded.tokenizer, prompt, max_new_tokens, decoder)
+    console.print(prompt + result.text, markup=False, highlight=False)
+    table = Table(title=f"quantkit generate {target}")
+    for column in ("decoder", "prompt tokens", "new tokens", "prefill s", "decode tok/s"):
+        table.add_column(column, justify="left" if column == "decoder" else "right")
+    speed = result.decode_tokens_per_s
+    table.add_row(result.decoder, str(result.prompt_tokens), str(len(result.tokens)), f"{result.prefill_s:.3f}",
+                  f"{speed:.1f}" if speed is not None else "")
+    console.print(table)
+    if json_out is not None:
+        from quantkit.export.atomic import write_json
+
+        write_json(json_out, {"target": target, "prompt": prompt, **result.as_dict()})
+
+
 @command("recipes")
 def list_recipes(
     show: Annotated[str | None, typer.Argument(metavar="[RECIPE]", help="A recipe name or file to print in full.")] = None,

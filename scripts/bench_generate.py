@@ -5,13 +5,16 @@ weights, all in one run on this machine.
 
 Checkpoints (made once under results/bench_generate/, reused): RTN W4 g64 symmetric (with a float head, an int8
 head and an int4 head: ``--quantize-head``), RTN W8 per-channel symmetric, SpQR W3 g16 (C4 calibration 128 x
-512). vLLM serves the W4 checkpoints' GPTQ exports (its CPU default for int4: int8 activations), llama.cpp their
+512), and RTN NVFP4 for bench_serving_accuracy.py. vLLM serves the W4 checkpoints' GPTQ exports (its CPU default for int4: int8 activations), llama.cpp their
 GGUF exports (q4_0 blocks; the int8 head as q8_0). Every row runs scripts/runtime_runner.py in its own process
 (the runtime's own venv for vLLM and llama.cpp, see runtime_envs.py; a row that cannot run is one line in the
 table): the prompt is the first 128 tokens of WikiText-2 test, greedy decode of --new-tokens tokens after a
 warm-up, perplexity on one 512-token window as an accuracy check. quantkit rows also report where decode time
 goes: per token inside the linears and outside them (norms, attention, cache, Python), from a second generate
-with every linear timed. The exact W4 row's greedy tokens are checked against the fake-quantized model's.
+with every linear timed. Rows marked "lean decoder" generate with quantkit.runtime.decode.LeanDecoder (static
+cache, fused q/k/v and gate/up) instead of transformers' generate. The exact W4 row's greedy tokens are
+checked against the fake-quantized model's, and the exact lean row's against the exact transformers row's (int8
+decode can flip a near tie: its activations' rounding follows the last bits of the norm before it).
 
     python scripts/bench_generate.py            # the full run (vLLM and llama.cpp environments built once)
     python scripts/bench_generate.py --quick    # 16 new tokens, quantkit rows only
@@ -45,6 +48,7 @@ CHECKPOINTS = {
     "w4-head4": [*W4, "--quantize-head", "int4"],
     "w8": ["--method", "rtn", "--bits", "8", "--group-size", "-1", "--sym"],
     "spqr-w3": ["--method", "spqr", "--bits", "3", "--group-size", "16"],
+    "nvfp4": ["--method", "rtn", "--format", "nvfp4"],  # for bench_serving_accuracy.py
 }
 EXPORTS = {"w4-gptq": ("w4", "gptq"), "w4-head4-gptq": ("w4-head4", "gptq"), "w4.gguf": ("w4", "gguf"),
            "w4-head8.gguf": ("w4-head8", "gguf")}
@@ -66,8 +70,10 @@ class Row:
 
 TIMED = {"time_linears": True}
 INT8 = {"backend": "cpu-int8", **TIMED}
+LEAN = {"decoder": "lean", **TIMED}
 ROWS = [
     Row("fp32", "quantkit-eval", None, MODEL, TIMED),
+    Row("fp32, lean decoder", "quantkit-eval", None, MODEL, LEAN),
     Row("bf16", "quantkit-eval", None, MODEL, {"dtype": "bfloat16", **TIMED}),
     Row("W4 fake-quant (float weights)", "quantkit-fake", None, "w4"),
     Row("W4 g64, quantkit cpu (exact, the default)", "quantkit", None, "w4", TIMED),
@@ -76,16 +82,20 @@ ROWS = [
     Row("W4 g64 + int8 head, quantkit cpu", "quantkit", None, "w4-head8", TIMED),
     Row("W4 g64 + int8 head, quantkit cpu-int8", "quantkit", None, "w4-head8", INT8),
     Row("W4 g64 + int4 head, quantkit cpu-int8", "quantkit", None, "w4-head4", INT8),
+    Row("W4 g64, quantkit cpu-int8, lean decoder", "quantkit", None, "w4", {**INT8, **LEAN}),
+    Row("W4 g64 + int8 head, quantkit cpu, lean decoder", "quantkit", None, "w4-head8", LEAN),
+    Row("W4 g64 + int8 head, quantkit cpu-int8, lean decoder", "quantkit", None, "w4-head8", {**INT8, **LEAN}),
     Row("W8 per-channel, quantkit cpu-int8", "quantkit", None, "w8", INT8),
     Row("SpQR W3 g16, quantkit cpu", "quantkit", None, "spqr-w3", TIMED),
     Row("SpQR W3 g16, quantkit cpu-int8", "quantkit", None, "spqr-w3", INT8),
+    Row("SpQR W3 g16, quantkit cpu-int8, lean decoder", "quantkit", None, "spqr-w3", {**INT8, **LEAN}),
     Row("vLLM CPU, W4 GPTQ export", "vllm", "vllm", "w4-gptq"),
     Row("vLLM CPU, W4 + int4 head GPTQ export", "vllm", "vllm", "w4-head4-gptq"),
     Row("llama.cpp, W4 GGUF export (q4_0, f32 head)", "llama.cpp", "llama.cpp", "w4.gguf"),
     Row("llama.cpp, W4 + int8 head GGUF export (q4_0, q8_0 head)", "llama.cpp", "llama.cpp", "w4-head8.gguf"),
 ]
 QUICK = {"fp32", "W4 fake-quant (float weights)", "W4 g64, quantkit cpu (exact, the default)", "W4 g64, quantkit cpu-int8",
-         "W4 g64 + int8 head, quantkit cpu-int8"}
+         "W4 g64 + int8 head, quantkit cpu-int8", "W4 g64 + int8 head, quantkit cpu-int8, lean decoder"}
 
 
 def ensure_checkpoint(name: str, folder: Path) -> Path:
@@ -160,9 +170,13 @@ def main() -> None:
     exact, fake = results.get("W4 g64, quantkit cpu (exact, the default)", {}), results.get("W4 fake-quant (float weights)", {})
     same = exact.get("generated") is not None and exact.get("generated") == fake.get("generated")
     console.print(f"exact W4 greedy tokens identical to the fake-quantized model's: {same}")
+    lean = results.get("W4 g64 + int8 head, quantkit cpu, lean decoder", {}).get("generated")
+    lean_same = lean is not None and lean == results.get("W4 g64 + int8 head, quantkit cpu", {}).get("generated")
+    console.print(f"lean decoder's exact greedy tokens identical to transformers' generate on the same model: {lean_same}")
     path = args.out / "bench_generate.json"
     path.write_text(json.dumps({"cpu": cpu, "threads": threads, "new_tokens": new_tokens, "prompt_tokens": PROMPT_TOKENS,
-                                "exact_w4_tokens_match_fake_quant": same, "results": results}, indent=2) + "\n")
+                                "exact_w4_tokens_match_fake_quant": same, "lean_exact_tokens_match_transformers": lean_same,
+                                "results": results}, indent=2) + "\n")
     console.log(f"saved {path}")
 
 

@@ -90,6 +90,9 @@ QUANT_PATHS = {
     "int4 g64 sym / dequant": Path_(INT4_G64, False, "dequant"),
     "nvfp4 / cpu": Path_(QuantScheme(4, 16, True, "nvfp4"), False, "cpu"),
     "mxfp4 / cpu": Path_(QuantScheme(4, 32, True, "mxfp4"), False, "cpu"),
+    "nvfp4 / cpu-int8": Path_(QuantScheme(4, 16, True, "nvfp4"), False, "cpu-int8"),
+    "mxfp4 / cpu-int8": Path_(QuantScheme(4, 32, True, "mxfp4"), False, "cpu-int8"),
+    "nvfp4 / cpu-int8 @avx2": Path_(QuantScheme(4, 16, True, "nvfp4"), False, "cpu-int8", isa="avx2"),
 }
 
 
@@ -262,6 +265,7 @@ def main() -> None:
     parser.add_argument("--hot", action="store_true", help="reuse one copy of each layer (cache-resident when small)")
     parser.add_argument("--shapes", help="comma list of shape names (or their first word) to run, e.g. llama7b-up")
     parser.add_argument("--paths", help="comma list of quantized paths to run (default: all)")
+    parser.add_argument("--rows", help="comma list of batch sizes M to time (default: 1,128,512; --quick 1,128)")
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "bench_kernels" / "bench_kernels.json")
     args = parser.parse_args()
     console = Console(width=150)
@@ -273,6 +277,8 @@ def main() -> None:
         shapes, rows, budget, max_runs = {k: v for k, v in SHAPES.items() if k.startswith("smollm2-up")}, [1, 128], 1.0, 20
     else:
         shapes, rows, budget, max_runs = SHAPES, [1, 128, 512], 10.0, 200
+    if args.rows:
+        rows = [int(m) for m in args.rows.split(",")]
     if args.shapes:
         wanted = [w.strip() for w in args.shapes.split(",") if w.strip()]
         shapes = {k: v for k, v in SHAPES.items() if any(k == w or k.split()[0] == w for w in wanted)}

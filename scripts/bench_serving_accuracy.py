@@ -8,10 +8,10 @@ Paths (each on the same loaded weights, the C kernels of the best build this CPU
 - ``int8 decode``: the ``cpu-int8`` backend's GEMV, activations rounded to int8 per block of 32, forced on
   every row (perplexity windows are prefill-sized; decode runs this path one token at a time);
 - ``float decode``: the exact float GEMV forced on every row (a check: it must equal ``exact``).
-Checkpoints are bench_generate.py's (RTN W4 g64 symmetric, W8 per-channel symmetric; made once under
-results/bench_generate). Windows: the first --windows of --seqlen tokens of WikiText-2 test.
+Checkpoints are bench_generate.py's (RTN W4 g64 symmetric, W8 per-channel symmetric, RTN NVFP4, SpQR W3 g16;
+made once under results/bench_generate). Windows: the first --windows of --seqlen tokens of WikiText-2 test.
 
-    python scripts/bench_serving_accuracy.py            # 8 windows x 1024 tokens, W4 and W8
+    python scripts/bench_serving_accuracy.py            # 8 windows x 1024 tokens, W4, W8, NVFP4 and SpQR
     python scripts/bench_serving_accuracy.py --quick    # 2 windows x 256 tokens, W4
 """
 
@@ -64,7 +64,7 @@ def main() -> None:
     console = Console(width=150)
     cpu = describe()
     console.log(f"CPU: {cpu['model']}, {cpu['cores']} cores, flags: {' '.join(cpu['flags'])}; build {cpu['isa']}")
-    seqlen, windows, names = (256, 2, ["w4"]) if args.quick else (1024, 8, ["w4", "w8"])
+    seqlen, windows, names = (256, 2, ["w4"]) if args.quick else (1024, 8, ["w4", "w8", "nvfp4", "spqr-w3"])
     results = {}
     for name in names:
         checkpoint = ensure_checkpoint(name, ROOT / "results" / "bench_generate")

@@ -9,7 +9,8 @@ file to the python of each runtime's virtual environment (vLLM, llama-cpp-python
 
 REQUEST: {"runtime": "quantkit" | "quantkit-eval" | "quantkit-fake" | "transformers" | "vllm" | "llama.cpp", "model":
 PATH, "windows": [[ids]], "prompt": [ids], "new_tokens": N, "threads": N, "options": {...}}; Hugging Face options:
-"backend" (quantkit.load's kernel), "dtype" (the model cast to it), "time_linears" (decode time inside and
+"backend" (quantkit.load's kernel), "dtype" (the model cast to it), "decoder": "lean" (generate with
+quantkit.runtime.decode.LeanDecoder instead of transformers' generate), "time_linears" (decode time inside and
 outside the linears). RESULT: perplexity,
 mean NLL, per-window NLLs, timings (load, perplexity, prefill, decode), the greedy tokens and the versions of
 the packages involved. Prefill is the time to the first generated token; decode tokens/s counts the other
@@ -95,9 +96,11 @@ def _fake_quantized(model):
     return model
 
 
-def linear_seconds(model, generate: Callable[[int], tuple[float, list[int]]], new_tokens: int) -> dict:
-    """Where decode time goes: a generate of ``new_tokens`` with every linear timed (hooks), less a 1-token
-    one, per token: inside the linears and outside them (norms, attention, cache, Python dispatch)."""
+def linear_seconds(model, generate: Callable[[int], tuple[float, list[int]]], new_tokens: int,
+                   projections: Sequence[Any] = ()) -> dict:
+    """Where decode time goes: a generate of ``new_tokens`` with every linear timed (hooks, and the fused calls
+    of the lean decoder's ``projections``), less a 1-token one, per token: inside the linears and outside them
+    (norms, attention, cache, Python dispatch)."""
     linears = [m for m in model.modules() if type(m).__name__ in ("Linear", "QuantLinear")]
     spent = [0.0]
 
@@ -107,7 +110,19 @@ def linear_seconds(model, generate: Callable[[int], tuple[float, list[int]]], ne
     def after(module, _inputs, _output) -> None:
         spent[0] += time.perf_counter() - module._started
 
+    def timed_call(call: Callable) -> Callable:
+        def run(x):
+            started = time.perf_counter()
+            y = call(x)
+            spent[0] += time.perf_counter() - started
+            return y
+
+        return run
+
     hooks = [h for m in linears for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    originals = [(p, p.fused) for p in projections if p.fused is not None]
+    for p, call in originals:
+        p.fused = timed_call(call)
     try:
         one_s, _ = generate(1)
         one_linear, spent[0] = spent[0], 0.0
@@ -115,6 +130,8 @@ def linear_seconds(model, generate: Callable[[int], tuple[float, list[int]]], ne
     finally:
         for hook in hooks:
             hook.remove()
+        for p, call in originals:
+            p.fused = call
     decode_s, linear_s = total_s - one_s, spent[0] - one_linear
     return {"decode_ms_per_token": 1e3 * decode_s / (new_tokens - 1),
             "linear_ms_per_token": 1e3 * linear_s / (new_tokens - 1),
@@ -124,8 +141,10 @@ def linear_seconds(model, generate: Callable[[int], tuple[float, list[int]]], ne
 def _kernel_summary(kernel) -> str:
     """A QuantLinear kernel's class, with its build, decode activations and prefill dtype where it has them."""
     inner = getattr(kernel, "fused", None) or kernel
-    paths = f" ({inner.isa}, decode {inner.decode}, prefill {inner.prefill})" if hasattr(inner, "isa") else ""
-    return type(kernel).__name__ + paths
+    if not hasattr(inner, "isa"):
+        return type(kernel).__name__
+    decode = "int8-tiled SpQR records" if getattr(kernel, "records", None) is not None else inner.decode
+    return f"{type(kernel).__name__} ({inner.isa}, decode {decode}, prefill {inner.prefill})"
 
 
 def run_hf(request: dict) -> dict:
@@ -143,18 +162,27 @@ def run_hf(request: dict) -> dict:
         return torch.nn.functional.cross_entropy(logits, ids[0, 1:]).item()
 
     prompt = torch.tensor(request["prompt"])[None]
+    projections = []
+    if options.get("decoder") == "lean":  # quantkit's lean decoder instead of transformers' generate
+        from quantkit.runtime.decode import LeanDecoder
 
-    def generate(count: int) -> tuple[float, list[int]]:
-        seconds, out = timed(lambda: model.generate(
-            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=count, min_new_tokens=count,
-            do_sample=False, pad_token_id=0))
-        return seconds, out[0, prompt.shape[1]:].tolist()
+        decoder = LeanDecoder(model, prompt.shape[1] + request["new_tokens"])
+        projections = decoder.projections
+
+        def generate(count: int) -> tuple[float, list[int]]:
+            return timed(lambda: decoder.generate(prompt[0], count))
+    else:
+        def generate(count: int) -> tuple[float, list[int]]:
+            seconds, out = timed(lambda: model.generate(
+                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=count, min_new_tokens=count,
+                do_sample=False, pad_token_id=0))
+            return seconds, out[0, prompt.shape[1]:].tolist()
 
     with torch.inference_mode():
         ppl_s, nlls = timed(lambda: [window_nll(w) for w in request["windows"]])
         figures = decode_figures(generate, request["new_tokens"])
         if options.get("time_linears"):
-            figures["time_split"] = linear_seconds(model, generate, request["new_tokens"])
+            figures["time_split"] = linear_seconds(model, generate, request["new_tokens"], projections)
     kernels = sorted({_kernel_summary(kernel) for m in model.modules() for _, kernel in getattr(m, "_kernels", {}).values()})
     return {"load_s": load_s, "ppl_s": ppl_s, "window_nlls": nlls, **figures, "kernels": kernels,
             "versions": versions("torch", "transformers", "quantkit")}

@@ -267,9 +267,66 @@ def test_fp4_cpu_kernel_matches_the_reference(isa: str, fmt: str, block: int, m:
     assert_matches_reference(layer(x.bfloat16()), x.bfloat16().float(), fp4_reference(qt), torch.bfloat16)
 
 
+@pytest.mark.parametrize("fmt,block", FP4_CASES[:3])
+@pytest.mark.parametrize("rows", [1, 4, 7, 16])
+def test_fp4_int8_activation_decode_matches_its_float64_reference(isa: str, fmt: str, block: int, rows: int) -> None:
+    """cpu-int8 FP4 decode (E2M1 as integer codes through a byte table, byte or half scales decoded in the
+    kernel) computes the product of the block-rounded activations; 72 outputs: a partial last tile of rows."""
+    qt = random_fp4_weight(72, 160, fmt, block, seed=rows)  # fp4 g64: a partial last block
+    layer = quant_linear(qt, "cpu-int8")
+    x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(rows + 3))
+    x[0, :32] = 0.0
+    kernel = layer._kernel(x.device, x.dtype)[1]
+    tiled = "avx512" in isa
+    assert f"decode=int8{'-tiled' if tiled else ''}," in repr(kernel) and f"isa={isa}," in repr(kernel)
+    assert_matches_reference(layer(x), int8_blocks(x, kernel.gemv_columns), fp4_reference(qt), torch.float32)
+
+
 def test_fp4_cpu_kernel_falls_back_when_the_input_is_not_a_multiple_of_32() -> None:
     qt = random_fp4_weight(24, 80, "nvfp4", 16, seed=1)
     layer = quant_linear(qt, "cpu")
     x = torch.randn(2, 80, generator=torch.Generator().manual_seed(2))
     assert type(layer._kernel(x.device, torch.float32)[1]).__name__ == "FloatSlabKernel"
     assert_matches_reference(layer(x), x, fp4_reference(qt), torch.float32)
+
+
+# ---------------------------------------------------------------- SpQR
+
+def random_spqr(out_features: int, in_features: int, scheme: QuantScheme, seed: int):
+    """Random SpQR codes, 3-bit statistics over blocks of 16 rows, a permutation and ~2% outliers."""
+    from quantkit.formats.spqr import CsrOutliers, SpQRQuantizedTensor, StatCodes
+
+    gen = torch.Generator().manual_seed(seed)
+    groups, blocks = scheme.num_groups(in_features), -(-out_features // 16)
+
+    def stats(spread: float) -> StatCodes:
+        return StatCodes(torch.randint(0, 8, (groups, out_features), generator=gen, dtype=torch.uint8),
+                         (torch.rand(groups, blocks, generator=gen) * spread + 1e-4).half(),
+                         (torch.rand(groups, blocks, generator=gen) * 7).half())
+
+    mask = torch.rand(out_features, in_features, generator=gen) < 0.02
+    outliers = CsrOutliers.from_mask(mask, torch.randn(out_features, in_features, generator=gen) * 0.1)
+    return SpQRQuantizedTensor(torch.randint(0, 2**scheme.bits, (out_features, in_features), generator=gen, dtype=torch.uint8),
+                               stats(1e-2), None if scheme.symmetric else stats(1.0), outliers, scheme, 3, 16,
+                               torch.randperm(in_features, generator=gen))
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(3, 16, False), QuantScheme(3, 16, True), QuantScheme(4, 64, False),
+                                    QuantScheme(8, 32, False)], ids=SCHEME_ID)
+@pytest.mark.parametrize("rows", [1, 6, 16])
+def test_spqr_int8_decode_matches_its_float64_reference(isa: str, scheme: QuantScheme, rows: int) -> None:
+    """cpu-int8 SpQR decode (on AVX-512 from compact statistics decoded in registers, the outliers' correction in
+    C): the dense part times the block-rounded activations plus the correction times the exact ones."""
+    from quantkit.runtime.kernels import cpu_build
+    from quantkit.runtime.spqr_kernels import SpQRCpuKernel
+
+    qt = random_spqr(72, 160, scheme, seed=rows)
+    build = cpu_build()
+    kernel = SpQRCpuKernel(qt, build, "int8")
+    assert f"isa={isa}," in repr(kernel)
+    assert ("SpQR statistics" in repr(kernel)) == bool(build.library.qk_tile_rows(4 if scheme.bits <= 4 else 8))
+    x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(rows + 4))
+    dense = qt.dense_permuted().double()[:, torch.argsort(qt.perm)]
+    expected = int8_blocks(x, kernel.fused.gemv_columns) @ dense.T + x.double() @ (qt.dequantize(torch.float64) - dense).T
+    identity = torch.eye(72, dtype=torch.float64)  # the reference is the expected product itself
+    assert_matches_reference(kernel(x), expected, identity, torch.float32)

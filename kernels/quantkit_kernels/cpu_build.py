@@ -1,7 +1,8 @@
 """Build the C kernels once per machine and instruction set, and load them with ctypes.
 
-Each build of ``csrc/cpu_qgemm.c`` (one per :class:`quantkit_kernels.cpu_isa.Isa`) is compiled on first use
-with the system C compiler into a cache folder keyed by the source, the flags and the compiler, written
+Each build of ``csrc/cpu_qgemm.c`` (the GEMV and dequantization kernels) and ``csrc/cpu_decode.c`` (the lean
+decoder's steps outside the linears), one per :class:`quantkit_kernels.cpu_isa.Isa`, is compiled on first use
+with the system C compiler into a cache folder keyed by the sources, the flags and the compiler, written
 under a temporary name and renamed when complete. OpenMP comes from ``libgomp.so.1``, the runtime torch
 itself loads, so the kernels share torch's thread pool.
 """
@@ -19,18 +20,23 @@ from pathlib import Path
 
 from quantkit_kernels.cpu_isa import Isa
 
-SOURCE = Path(__file__).with_name("csrc") / "cpu_qgemm.c"
+SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("cpu_qgemm.c", "cpu_decode.c"))
 BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-std=c11")
 
 _c_ptr, _c_i64, _c_int, _c_float = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 
 
+SCALE_FORMATS = {"e8m0": 1, "e4m3": 2, "spqr": 3}  # the C ``scale_format`` of statistics other than float
+
+
 class QkWeight(ctypes.Structure):
-    """The C ``qk_weight``: an integer weight matrix as the kernels read it."""
+    """The C ``qk_weight``: an integer weight matrix as the kernels read it. The fields after ``float_zeros``
+    (scale format, code table, constant zero point, scale divisor, SpQR's smallest scale) default to unused."""
 
     _fields_ = [("codes", _c_ptr), ("scales", _c_ptr), ("zeros", _c_ptr), ("n", _c_i64), ("k", _c_i64),
                 ("group_size", _c_i64), ("bits", ctypes.c_int32), ("half_scales", ctypes.c_int32),
-                ("float_zeros", ctypes.c_int32)]
+                ("float_zeros", ctypes.c_int32), ("scale_format", ctypes.c_int32), ("code_table", _c_ptr),
+                ("zero_point", _c_float), ("scale_divisor", _c_float), ("min_scale", _c_float)]
 
 
 _WEIGHT = ctypes.POINTER(QkWeight)
@@ -40,12 +46,19 @@ _SIGNATURES = {
     "qk_gemv_q8": [_WEIGHT, _c_ptr, _c_i64, _c_ptr, _c_int],
     "qk_gemv_q8_tiled": [_WEIGHT, _c_ptr, _c_i64, _c_ptr, _c_int],
     "qk_tile_rows": [_c_int],
+    # offsets, columns, deltas, n, x, m, k, y, threads
+    "qk_csr_add": [_c_ptr, _c_ptr, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_int],
     # weight, row_begin, row_end, out, bf16, threads
     "qk_dequant_rows": [_WEIGHT, _c_i64, _c_i64, _c_ptr, _c_int, _c_int],
     # x, m, k, packed, scales, lut, global_scale, n, scale_block, y, threads
     "qk_fp4_gemv": [_c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_ptr, _c_float, _c_i64, _c_i64, _c_ptr, _c_int],
     # packed, scales, lut, global_scale, k, scale_block, row_begin, row_end, out, bf16, threads
     "qk_fp4_dequant_rows": [_c_ptr, _c_ptr, _c_ptr, _c_float, _c_i64, _c_i64, _c_i64, _c_i64, _c_ptr, _c_int, _c_int],
+    # x, w, rows, n, eps, out
+    "qk_rms_norm": [_c_ptr, _c_ptr, _c_i64, _c_i64, _c_float, _c_ptr],
+    # qkv, heads, kv_heads, head_dim, q_norm, k_norm, eps, cos, sin, keys, values, max_len, pos, scale, out
+    "qk_attend_decode": [_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_float, _c_ptr, _c_ptr, _c_ptr, _c_ptr,
+                         _c_i64, _c_i64, _c_float, _c_ptr],
 }
 
 
@@ -68,7 +81,7 @@ def _build(command: list[str], target: Path) -> None:
     try:
         run = subprocess.run([*command, "-o", str(tmp), "-lm"], capture_output=True, text=True)
         if run.returncode != 0:
-            raise KernelBuildError(f"compiling {SOURCE.name} failed: {run.stderr.strip().splitlines()[-1:]}")
+            raise KernelBuildError(f"compiling {target.stem} failed: {run.stderr.strip().splitlines()[-1:]}")
         tmp.replace(target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -77,8 +90,8 @@ def _build(command: list[str], target: Path) -> None:
 @cache
 def load_library(cache_dir: Path, isa: Isa) -> ctypes.CDLL:
     """The kernel library built for ``isa``, compiling it into ``cache_dir`` if this source/flag set is new."""
-    command = [_compiler(), *BASE_FLAGS, *isa.compile_flags, str(SOURCE)]
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(command).encode()).hexdigest()[:16]
+    command = [_compiler(), *BASE_FLAGS, *isa.compile_flags, *map(str, SOURCES)]
+    key = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES) + " ".join(command).encode()).hexdigest()[:16]
     target = Path(cache_dir) / f"cpu_qgemm-{isa.name}-{key}.so"
     if not target.is_file():
         _build(command, target)

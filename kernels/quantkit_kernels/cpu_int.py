@@ -12,11 +12,14 @@ from __future__ import annotations
 import ctypes
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
-from quantkit_kernels.cpu_build import QkWeight
+from quantkit.formats.packing import unpack_nibbles
+from quantkit_kernels.cpu_build import SCALE_FORMATS, QkWeight
 from quantkit_kernels.slabs import slab_rows
 
 BLOCK = 32
@@ -192,11 +195,19 @@ class CpuIntKernel(CpuGemm):
 
     def _tile(self, codes: torch.Tensor, columns: torch.Tensor | None) -> None:
         """Serve decode from a 16-row tiled copy of ``codes`` (``columns[i]``: the input column of code column ``i``)."""
-        self._tiled_tensors = (tile_codes(codes, self.bits), tile_rows(self.scales), tile_rows(self.zeros))
-        self._tiled_columns = columns
-        self.tiled = QkWeight(*(t.data_ptr() for t in self._tiled_tensors), self.out_features, self.in_features,
-                              self.group_size, self.bits, self._weight.half_scales, self._weight.float_zeros)
+        self.use_tiles((tile_codes(codes, self.bits), tile_rows(self.scales), tile_rows(self.zeros)), columns)
+
+    def use_tiles(self, tensors: tuple[torch.Tensor, ...], columns: torch.Tensor | None) -> None:
+        """Serve decode from ``tensors``, the tiled codes, scales and zero points of :func:`tile_codes` and
+        :func:`tile_rows` (or views of a fused stack of them, see :class:`FusedTiledDecode`)."""
+        self._tiled_tensors, self._tiled_columns = tensors, columns
+        self.tiled = self.tiled_weight(tensors, self.out_features)
         self._gemv_call = (self.library.qk_gemv_q8_tiled, self.tiled)
+
+    def tiled_weight(self, tensors: tuple[torch.Tensor, ...], rows: int) -> QkWeight:
+        """The C structure of ``rows`` rows of this kernel's geometry in the tiled ``tensors``."""
+        return QkWeight(*(t.data_ptr() for t in tensors), rows, self.in_features, self.group_size, self.bits,
+                        self._weight.half_scales, self._weight.float_zeros)
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -236,25 +247,86 @@ class CpuIntKernel(CpuGemm):
                                             int(out.dtype == torch.bfloat16), torch.get_num_threads())
 
 
+# E2M1 code -> 2 * value + 12: FP4 as unsigned integer codes in [0, 24] with zero point 12.
+_E2M1_DOUBLED = (0, 1, 2, 3, 4, 6, 8, 12)
+FP4_INT_CODES = torch.tensor([12 + m for m in _E2M1_DOUBLED] + [12 - m for m in _E2M1_DOUBLED], dtype=torch.uint8)
+FP4_INT_ZERO = 12
+
+
+class Int8Decode(NamedTuple):
+    """An int8 decode GEMV: its C function, weight structure, the tensors that points into, its input order."""
+
+    gemv: Callable[..., int]
+    weight: QkWeight
+    tensors: tuple[torch.Tensor, ...]
+    columns: torch.Tensor | None
+    tiled: bool
+
+    def run(self, x: torch.Tensor, y: torch.Tensor) -> int:
+        """Fill ``y [m, out]`` with the product of ``x`` (float32, kernel order); the C status."""
+        return self.gemv(self.weight, x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [m, in]`` (float32, input column order, m at most :data:`GEMV_MAX_ROWS`) times the weight, float32."""
+        if self.columns is not None:
+            x = x.index_select(1, self.columns)
+        y = torch.empty((x.shape[0], self.weight.n), dtype=torch.float32)
+        _check(self.run(x.contiguous(), y))
+        return y
+
+
 @dataclass(repr=False)
 class CpuFp4Kernel(CpuGemm):
     """E2M1 weights: ``packed`` uint8 ``[n, k/2]`` (quantkit's native packing, read in the order of
-    :func:`block_order`), block ``scales``
-    ``[n, k/scale_block]`` as float16 or as bytes decoded by ``lut`` (256 float32 values: E8M0 or E4M3),
-    divided by ``global_scale`` when given. ``k`` a multiple of 32, ``scale_block`` 16 or a multiple of 32."""
+    :func:`block_order`), block ``scales`` ``[n, k/scale_block]`` as float16 or as bytes of ``scale_format``
+    (``e8m0``, ``e4m3``) decoded by ``lut`` (their 256 float32 values), divided by ``global_scale`` when given.
+    ``k`` a multiple of 32, ``scale_block`` 16 or a multiple of 32. With ``activations="int8"`` decode runs the
+    integer kernels on codes ``2 * value + 12`` (zero point 12, scales halved), from a 16-row tiled copy on
+    builds that have one, else from the rows (natural order, copied, for blocks of 16)."""
 
     packed: torch.Tensor
     scales: torch.Tensor
     lut: torch.Tensor | None
     global_scale: float | None
     scale_block: int
+    scale_format: str = "fp16"
+    activations: str = "float"
+    _int8: Int8Decode | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         if self.in_features % BLOCK or not fp4_block_fits(self.scale_block):
             raise ValueError("in_features must be a multiple of 32 and the scale block 16 or a multiple of 32")
-        if (self.lut is None) != (self.scales.dtype == torch.float16):
+        byte_scales = self.scale_format != "fp16"
+        if (self.lut is not None) != byte_scales or (self.scales.dtype == torch.float16) == byte_scales:
             raise ValueError("float16 scales take no table; byte scales need one")
         self.packed, self.scales = self.packed.contiguous(), self.scales.contiguous()
+        if self.activations == "int8":
+            self._int8 = self._int8_decode()
+
+    def _int8_decode(self) -> Int8Decode:
+        """The int8 decode GEMV of these weights as integer codes through :data:`FP4_INT_CODES`."""
+        natural = unpack_nibbles(self.packed, self.in_features)
+        tiled = bool(self.library.qk_tile_rows(4))
+        if tiled:
+            gemv, codes, scales, columns = self.library.qk_gemv_q8_tiled, tile_codes(natural, 4), tile_rows(self.scales), None
+        elif self.scale_block == 16:  # the row kernels' groups of 16 are positions 0-15 and 16-31 of a block
+            gemv, codes, scales, columns = self.library.qk_gemv_q8, pack_positions(natural), self.scales, None
+        else:
+            gemv, codes, scales, columns = self.library.qk_gemv_q8, self.packed, self.scales, self.columns
+        weight = QkWeight(codes.data_ptr(), scales.data_ptr(), None, self.out_features, self.in_features,
+                          self.scale_block, 4, int(self.scale_format == "fp16"), 0, SCALE_FORMATS.get(self.scale_format, 0),
+                          FP4_INT_CODES.data_ptr(), FP4_INT_ZERO, 2.0 * (self.global_scale or 1.0))
+        return Int8Decode(gemv, weight, (codes, scales), columns, tiled)
+
+    @property
+    def decode(self) -> str:
+        if self._int8 is None:
+            return "float"
+        return "int8-tiled" if self._int8.tiled else "int8"
+
+    @property
+    def gemv_columns(self) -> torch.Tensor | None:
+        return self.columns if self._int8 is None else self._int8.columns
 
     @property
     def out_features(self) -> int:
@@ -269,6 +341,8 @@ class CpuFp4Kernel(CpuGemm):
         return self.scales.data_ptr(), lut, 0.0 if self.global_scale is None else self.global_scale
 
     def run_gemv(self, x: torch.Tensor, y: torch.Tensor) -> int:
+        if self._int8 is not None:
+            return self._int8.run(x, y)
         return self.library.qk_fp4_gemv(
             x.data_ptr(), x.shape[0], self.in_features, self.packed.data_ptr(), *self._scale_args(),
             self.out_features, self.scale_block, y.data_ptr(), torch.get_num_threads(),
@@ -286,6 +360,67 @@ def fp4_block_fits(scale_block: int) -> bool:
     return scale_block == 16 or (scale_block > 0 and scale_block % BLOCK == 0)
 
 
+def csr_add(library: ctypes.CDLL, offsets: torch.Tensor, columns: torch.Tensor, deltas: torch.Tensor,
+            x: torch.Tensor, y: torch.Tensor) -> None:
+    """``y [m, n] += x [m, k] @ D.T`` in place (float32, contiguous) for ``D`` in CSR: int32 ``offsets [n + 1]``,
+    unsigned 16-bit ``columns`` (stored as int16) and float32 ``deltas``."""
+    _check(library.qk_csr_add(offsets.data_ptr(), columns.data_ptr(), deltas.data_ptr(), y.shape[1], x.data_ptr(),
+                              x.shape[0], x.shape[1], y.data_ptr(), torch.get_num_threads()))
+
+
 def _check(status: int) -> None:
     if status != 0:
         raise RuntimeError(f"quantkit CPU kernel failed with status {status}")
+
+
+class FusedTiledDecode:
+    """The int8 decode GEMVs of kernels that share an input (q/k/v, gate/up) as one call: their tiled tensors
+    stacked along the output rows, each kernel then serving from views of the stack, so no code is held twice.
+
+    :meth:`of` returns None unless every kernel has tiles and all have the same input size, input order, group
+    geometry, code width and statistic dtypes, and every kernel but the last whole tiles of rows."""
+
+    def __init__(self, kernels: list[CpuIntKernel]) -> None:
+        first = kernels[0]
+        self.library, self.columns = first.library, first.gemv_columns
+        self.out_features = sum(k.out_features for k in kernels)
+        self.tensors = tuple(parts[0] if len(parts) == 1 else torch.cat(parts)
+                             for parts in zip(*(k._tiled_tensors for k in kernels)))
+        self.weight = first.tiled_weight(self.tensors, self.out_features)
+        tile = 0
+        for kernel in kernels:
+            tiles = -(-kernel.out_features // TILE_ROWS)
+            kernel.use_tiles(tuple(t[tile:tile + tiles] for t in self.tensors), self.columns)
+            tile += tiles
+
+    @classmethod
+    def of(cls, kernels: list[object]) -> FusedTiledDecode | None:
+        if not all(isinstance(k, CpuIntKernel) and k.tiled is not None for k in kernels):
+            return None
+        first = kernels[0]
+
+        def geometry(k: CpuIntKernel) -> tuple:
+            return (k.in_features, k.group_size, k.bits, k.scales.dtype, k.zeros.dtype, k.library)
+
+        same_columns = all(_same_order(k.gemv_columns, first.gemv_columns) for k in kernels)
+        whole_tiles = all(k.out_features % TILE_ROWS == 0 for k in kernels[:-1])
+        if not (same_columns and whole_tiles and all(geometry(k) == geometry(first) for k in kernels)):
+            return None
+        return cls(kernels)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [m, in]`` (m at most :data:`GEMV_MAX_ROWS`) times every kernel's weight, their outputs side by
+        side, in float32."""
+        if self.columns is not None:
+            x = x.index_select(1, self.columns)
+        if x.dtype is not torch.float32 or not x.is_contiguous():
+            x = x.to(torch.float32).contiguous()
+        y = torch.empty((x.shape[0], self.out_features), dtype=torch.float32)
+        _check(self.library.qk_gemv_q8_tiled(self.weight, x.data_ptr(), x.shape[0], y.data_ptr(),
+                                             torch.get_num_threads()))
+        return y
+
+
+def _same_order(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Whether two input orders (``None``: the natural one) are the same."""
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))

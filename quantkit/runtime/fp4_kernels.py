@@ -1,8 +1,9 @@
 """Serving FP4 (E2M1) layers on CPU (quantkit's C kernels, else rows decoded per call) or through Triton.
 
 The C kernels (:class:`quantkit_kernels.cpu_int.CpuFp4Kernel`) read the packed codes in place: decode runs a
-fused GEMV that turns nibbles into values with one AVX2 permute, prefill dequantizes slabs of rows for
-torch's GEMM. Where they do not fit (inputs not a multiple of 32, blocks that are neither 16 nor a multiple
+fused GEMV that turns nibbles into values with one AVX2 permute (exact, backend ``cpu``) or, with int8
+activations (``cpu-int8``), the integer kernels on the codes ``2 * value + 12`` (a byte-table shuffle), from a
+16-row tiled copy on AVX-512; prefill dequantizes slabs of rows for torch's GEMM. Where they do not fit (inputs not a multiple of 32, blocks that are neither 16 nor a multiple
 of 32, no compiler), each byte of ``weight_packed`` becomes its two float32 values through a 256-entry table,
 times the block scales, a slab of rows at a time. No float copy of the model is kept either way.
 """
@@ -24,8 +25,10 @@ if TYPE_CHECKING:
 _PAIRS = torch.stack((e2m1_decode(torch.arange(256) & 15), e2m1_decode(torch.arange(256) >> 4)), dim=1)
 
 
-def c_kernel(build: CpuBuild | None, qt: FloatQuantizedTensor, stored: dict[str, torch.Tensor]) -> CpuFp4Kernel | None:
-    """The C kernel for this layer, or None where it does not fit (or the library could not be built)."""
+def c_kernel(build: CpuBuild | None, qt: FloatQuantizedTensor, stored: dict[str, torch.Tensor],
+             activations: str = "float") -> CpuFp4Kernel | None:
+    """The C kernel for this layer with ``activations`` in decode, or None where it does not fit (or the
+    library could not be built)."""
     from quantkit_kernels.cpu_int import BLOCK, CpuFp4Kernel, block_order, fp4_block_fits
 
     in_features = qt.shape[1]
@@ -39,7 +42,7 @@ def c_kernel(build: CpuBuild | None, qt: FloatQuantizedTensor, stored: dict[str,
         scales = scales.view(torch.uint8)
     global_scale = None if qt.global_scale is None else float(qt.global_scale)
     return CpuFp4Kernel(build.library, block_order(in_features), build.isa, build.prefill, stored["weight_packed"],
-                        scales, lut, global_scale, qt.block)
+                        scales, lut, global_scale, qt.block, codec.name, activations)
 
 
 class FloatSlabKernel:

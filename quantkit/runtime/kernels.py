@@ -10,7 +10,7 @@ Backends:
   columns. Decode (up to 16 rows) is exact in float32; prefill multiplies dequantized slabs in bfloat16
   where the CPU has native bf16 (``$QUANTKIT_CPU_PREFILL=fp32`` keeps it exact).
 - ``cpu-int8``: as ``cpu``, but decode rounds the activations to int8 per block of 32 and multiplies with
-  integer dot products (VNNI, or AVX2 maddubs); FP4 layers, which have no such path, run as ``cpu``.
+  integer dot products (VNNI, or AVX2 maddubs); FP4 layers too, their E2M1 codes mapped to integers.
 - ``aten``: torch's ``_weight_int4pack_mm_for_cpu`` (group sizes 32-256) or ``_weight_int8pack_mm``
   (per-channel 8-bit).
 - ``triton``: the fused Triton GEMM on CUDA devices (on CPU too under ``TRITON_INTERPRET=1``, for tests).
@@ -21,10 +21,11 @@ int8 decode costs SmolLM2-135M under 0.5% WikiText-2 perplexity at W4 and W8
 (scripts/bench_serving_accuracy.py) and decodes faster.
 
 SpQR layers (:mod:`quantkit.runtime.spqr_kernels`) have ``cpu``/``cpu-int8`` paths (the dense part through
-the same C kernels with its statistics decoded at load, plus a CSR outlier correction) and a ``triton`` one
-(the fused dense kernel plus the same correction). FP4 layers (:mod:`quantkit.runtime.fp4_kernels`) have a
-``cpu`` path (the C kernels when the input size is a multiple of 32, else rows decoded per call through a
-byte table) and a ``triton`` one (``quantkit_kernels.triton_fp4``).
+the same C kernels, its statistics decoded at load or, in the int8 decode on AVX-512, read as stored; plus a
+CSR outlier correction, in C for decode batches) and a ``triton`` one
+(the fused dense kernel plus the same correction). FP4 layers (:mod:`quantkit.runtime.fp4_kernels`) have
+``cpu``/``cpu-int8`` paths (the C kernels when the input size is a multiple of 32, else rows decoded per call
+through a byte table) and a ``triton`` one (``quantkit_kernels.triton_fp4``).
 """
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ def _float_kernel(name: str, qt: FloatQuantizedTensor, stored: dict[str, torch.T
     from quantkit.runtime.fp4_kernels import FloatSlabKernel, FloatTritonKernel, c_kernel
 
     if name in CPU_BACKENDS and device.type == "cpu":
-        return c_kernel(cpu_build(), qt, stored) or FloatSlabKernel(qt, stored)
+        return c_kernel(cpu_build(), qt, stored, CPU_BACKENDS[name]) or FloatSlabKernel(qt, stored)
     if name == "triton":
         from quantkit_kernels import triton_fp4
 

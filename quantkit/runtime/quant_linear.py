@@ -101,6 +101,15 @@ class QuantLinear(nn.Module):
         """The backend that serves (or will serve) inputs of this device and dtype."""
         return self._kernel(device, dtype)[0]
 
+    def kernel(self, device: torch.device, dtype: torch.dtype) -> Kernel:
+        """The kernel that serves (or will serve) inputs of this device and dtype."""
+        return self._kernel(device, dtype)[1]
+
+    @property
+    def plain_input(self) -> bool:
+        """Whether the kernel sees the input unchanged (no online transform, no activation quantization)."""
+        return self.input_transform is None and self.input_scheme is None and self.input_static is None
+
     def _kernel(self, device: torch.device, dtype: torch.dtype) -> tuple[str, Kernel]:
         key = (device, dtype)
         if key not in self._kernels:

@@ -2,13 +2,16 @@
 
 ``D`` is sparse: at each outlier position it holds ``outlier value - dense value`` (float32, computed once),
 so the two terms add up to the stored weight exactly. The dense part runs either on CPU through quantkit's C
-kernels (codes as 4-bit or 8-bit, the 3-bit statistics decoded once at load into per-group float32 scales and
-zero points), or on CUDA through the fused Triton kernel of ``quantkit_kernels.triton_spqr``.
+kernels (codes as 4-bit or 8-bit; the int8 decode on AVX-512 reads the 3-bit statistics of each 16-row tile
+and group as one 24-byte record and decodes them in registers, every other path per-group float32 scales and
+zero points decoded once at load), or on CUDA through the fused Triton kernel of
+``quantkit_kernels.triton_spqr``. On CPU the correction of decode batches runs in C too.
 """
 
 from __future__ import annotations
 
 import warnings
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,13 +21,18 @@ from quantkit.formats.spqr import MIN_SCALE, SpQRQuantizedTensor, dense_weight, 
 from quantkit_kernels.slabs import slab_matmul, slab_rows
 
 if TYPE_CHECKING:
+    import ctypes
+
     from quantkit.runtime.kernels import CpuBuild
+    from quantkit_kernels.cpu_int import Int8Decode
 
 
 class OutlierCorrection:
-    """``x @ D.T`` for the sparse correction ``D`` of an SpQR layer, in CSR on the layer's device."""
+    """``x @ D.T`` for the sparse correction ``D`` of an SpQR layer, kept in CSR as int32 ``offsets``, unsigned
+    16-bit ``columns`` (stored as int16) and float32 ``deltas``: decode batches through the C kernels when
+    ``library`` is given, otherwise torch's CSR product on the layer's device."""
 
-    def __init__(self, qt: SpQRQuantizedTensor, device: torch.device) -> None:
+    def __init__(self, qt: SpQRQuantizedTensor, device: torch.device, library: ctypes.CDLL | None = None) -> None:
         out_features, in_features = qt.shape
         rows, columns = qt.outliers.rows(), qt.outliers.columns
         position = torch.argsort(qt.perm) if qt.perm is not None else torch.arange(in_features, device=qt.codes.device)
@@ -33,41 +41,87 @@ class OutlierCorrection:
         groups = permuted // size
         scales, zeros = qt.statistics()
         dense = scales[groups, rows] * (qt.codes[rows, permuted].float() - zeros[groups, rows])
-        delta = qt.outliers.values.float() - dense
-        self.count = qt.outliers.count
+        self.deltas = (qt.outliers.values.float() - dense).contiguous()
+        self.offsets = qt.outliers.row_offsets.to(torch.int32).contiguous()
+        self.columns = columns.to(torch.int32).to(torch.int16).contiguous()
+        self.count, self.shape, self.device, self.library = qt.outliers.count, qt.shape, device, library
+
+    @cached_property
+    def matrix(self) -> torch.Tensor:
+        """``D`` as a torch CSR tensor on the layer's device (built on first use: decode never needs it)."""
         with warnings.catch_warnings():  # torch calls its CSR support beta on every construction
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            self.matrix = torch.sparse_csr_tensor(
-                qt.outliers.row_offsets.long(), columns, delta, size=(out_features, in_features),
-                check_invariants=True,
-            ).to(device)
+            return torch.sparse_csr_tensor(
+                self.offsets.long(), self.columns.long() & 0xFFFF, self.deltas, size=self.shape, check_invariants=True,
+            ).to(self.device)
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``y + x @ D.T`` for ``x [m, in]`` and ``y [m, out]`` (float32 arithmetic)."""
+        """``y + x @ D.T`` for ``x [m, in]`` and ``y [m, out]`` (float32 arithmetic; a float32 ``y`` of a decode
+        batch is updated in place)."""
+        from quantkit_kernels.cpu_int import GEMV_MAX_ROWS, csr_add
+
         if not self.count:
             return y
-        return y + (self.matrix @ x.float().t()).t().to(y.dtype)
+        if self.library is None or x.shape[0] > GEMV_MAX_ROWS or y.dtype != torch.float32 or not y.is_contiguous():
+            return y + (self.matrix @ x.float().t()).t().to(y.dtype)
+        csr_add(self.library, self.offsets, self.columns, self.deltas, x.float().contiguous(), y)
+        return y
+
+
+def _statistic_records(qt: SpQRQuantizedTensor) -> torch.Tensor:
+    """The C ``qk_spqr_stats`` records ``[tiles, groups, 24]`` (uint8) of a layer whose second-level statistics
+    cover blocks of 16 rows: per tile and group, each row's scale code | zero code << 4, then the float16
+    scale and zero of the scale codes and of the zero codes (zeros when symmetric)."""
+    from quantkit_kernels.cpu_int import tile_rows
+
+    scale, zero = qt.scale_stats, qt.zero_stats
+    codes = scale.codes if zero is None else scale.codes | (zero.codes << 4)
+    second = (scale.scale, scale.zero) + ((zero.scale, zero.zero) if zero is not None else (torch.zeros_like(scale.scale),) * 2)
+    halves = torch.stack([t.to(torch.float16).t() for t in second], dim=2).contiguous()  # [tiles, groups, 4]
+    return torch.cat([tile_rows(codes.t()), halves.view(torch.uint8)], dim=2).contiguous()
+
+
+def tiled_statistics_decode(qt: SpQRQuantizedTensor, library: ctypes.CDLL) -> Int8Decode | None:
+    """The int8 decode GEMV of the dense part from 16-row tiles of codes and :func:`_statistic_records`, on builds
+    with tiles, for statistics of at most 4 bits shared by blocks of 16 rows (None otherwise)."""
+    from quantkit_kernels.cpu_build import SCALE_FORMATS, QkWeight
+    from quantkit_kernels.cpu_int import TILE_ROWS, Int8Decode, tile_codes
+
+    bits = 4 if qt.scheme.bits <= 4 else 8
+    if qt.stat_group_size != TILE_ROWS or qt.stat_bits > 4 or not library.qk_tile_rows(bits):
+        return None
+    out_features, in_features = qt.shape
+    codes, records = tile_codes(qt.codes, bits), _statistic_records(qt)
+    zeros = None if qt.zero_stats is None else records.data_ptr()
+    weight = QkWeight(codes.data_ptr(), records.data_ptr(), zeros, out_features, in_features,
+                      qt.scheme.group_columns(in_features), bits, 0, 0, SCALE_FORMATS["spqr"], None,
+                      float(2 ** (qt.scheme.bits - 1)), 0.0, MIN_SCALE)
+    return Int8Decode(library.qk_gemv_q8_tiled, weight, (codes, records), qt.perm, True)
 
 
 class SpQRCpuKernel:
-    """CPU SpQR: the dense part through the C kernels (``build``), its first-level statistics decoded once at
-    load into float32 scales and zero points, with ``activations`` float or int8 in decode; where those do not
+    """CPU SpQR: the dense part through the C kernels (``build``), with ``activations`` float or int8 in decode:
+    the int8 decode reads compact statistics where :func:`tiled_statistics_decode` applies, every other path
+    first-level statistics decoded once at load into float32 scales and zero points; where the C kernels do not
     fit, slabs of dense rows decoded per call and torch's GEMM. Then the outliers' correction."""
 
     def __init__(self, qt: SpQRQuantizedTensor, build: CpuBuild | None, activations: str = "float") -> None:
         from quantkit_kernels.cpu_int import BLOCK, CpuIntKernel
 
         self.out_features, self.in_features = qt.shape
-        self.correction = OutlierCorrection(qt, torch.device("cpu"))
+        self.correction = OutlierCorrection(qt, torch.device("cpu"), None if build is None else build.library)
         self.block, self.group_columns, self.bits = qt.stat_group_size, qt.scheme.group_columns(qt.shape[1]), qt.scheme.bits
         self.perm = qt.perm
         size = self.group_columns
         self.fused: CpuIntKernel | None = None
+        self.records: Int8Decode | None = None  # the int8 decode from SpQR statistic records, where built
         if build is not None and self.in_features % BLOCK == 0 and (size == 16 or size % BLOCK == 0):
+            if activations == "int8":
+                self.records = tiled_statistics_decode(qt, build.library)
             scales, zeros = qt.statistics()
             self.fused = CpuIntKernel.from_codes(
                 build.library, build.isa, build.prefill, qt.codes, scales.t().contiguous(), zeros.t().contiguous(),
-                size, 4 if self.bits <= 4 else 8, self.perm, activations)
+                size, 4 if self.bits <= 4 else 8, self.perm, "float" if self.records is not None else activations)
             return
         self.packed = self.bits <= 4
         self.codes = pack_nibbles(qt.codes) if self.packed else qt.codes.contiguous()
@@ -85,12 +139,17 @@ class SpQRCpuKernel:
 
     def __repr__(self) -> str:
         dense = repr(self.fused) if self.fused is not None else "slabs decoded per call"
-        return f"SpQRCpuKernel({dense}, outliers={self.correction.count})"
+        decode = ", decode=int8-tiled with SpQR statistics" if self.records is not None else ""
+        return f"SpQRCpuKernel({dense}{decode}, outliers={self.correction.count})"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from quantkit_kernels.cpu_int import GEMV_MAX_ROWS
+
         lead, dtype = x.shape[:-1], x.dtype
         x2 = x.reshape(-1, self.in_features).float()
-        if self.fused is not None:
+        if self.records is not None and x2.shape[0] <= GEMV_MAX_ROWS:
+            y = self.records.product(x2)
+        elif self.fused is not None:
             y = self.fused(x2)
         else:
             xp = x2[:, self.perm] if self.perm is not None else x2

@@ -9,8 +9,14 @@
  *   bits == 4: 16 bytes per block; byte j holds position j in its low nibble and position j + 16 in its high
  *              nibble.
  *   bits == 8: 32 bytes per block, one code per byte.
- * group_size is 16 (two groups a block: positions 0-15 and 16-31) or a multiple of 32. Scales are IEEE halves
- * or float32, zero points bytes or float32.
+ * group_size is 16 (two groups a block: positions 0-15 and 16-31) or a multiple of 32. Scales are IEEE halves,
+ * float32 or bytes (E8M0: 2^(b - 127); E4M3: decoded exactly as the half with bits ((b & 0x80) << 8) |
+ * ((b & 0x7F) << 7), times 256), zero points bytes, float32 or one constant. The int8-activation kernels also
+ * take 4-bit codes through a 16-entry table (the integer each nibble stands for) and a divisor of every scale:
+ * so FP4 runs as integers, E2M1 value v as the code 2v + 12 with zero point 12 and scale block_scale / 2
+ * (/ global scale).
+ *
+ * SpQR's outliers are a sparse correction added after the dense product (qk_csr_add).
  *
  * Two products: exact float activations, y[m, n] = sum_g s * (sum_{p in g} x q - z * xsum[m, g]); and int8
  * activations (qk_gemv_q8), where every block of 32 activations is first rounded to d * xq with xq in
@@ -49,13 +55,30 @@ const char *qk_isa(void) {
 #endif
 }
 
+enum { QK_E8M0 = 1, QK_E4M3 = 2, QK_SPQR = 3 }; /* scale formats other than halves and float32 */
+
+/* SpQR's statistics of one tile of 16 rows and one group (scale_format QK_SPQR, the tiled kernel only): the
+ * rows' 3-bit (up to 4-bit) first-level codes and the float16 second-level scale and zero they share, decoded
+ * as the reference does in float32: s = max(scale_scale * (code - scale_zero), min_scale) and
+ * z = zero_scale * (code - zero_zero). */
+typedef struct {
+    uint8_t codes[16]; /* row i: scale code | zero code << 4 */
+    uint16_t scale_scale, scale_zero, zero_scale, zero_zero;
+} qk_spqr_stats;
+
 /* An integer weight matrix as the kernels read it (the layout above). */
 typedef struct {
     const uint8_t *codes; /* [n, k * bits / 8] */
-    const void *scales;   /* [n, groups]: IEEE halves when half_scales, else float32 */
-    const void *zeros;    /* [n, groups]: float32 when float_zeros, else bytes */
+    const void *scales;   /* [n, groups]: bytes of format scale_format when set, else IEEE halves when half_scales,
+                             else float32; QK_SPQR: [tiles, groups] qk_spqr_stats */
+    const void *zeros;    /* [n, groups]: float32 when float_zeros, else bytes; QK_SPQR: the scales' records; NULL:
+                             every one is zero_point */
     int64_t n, k, group_size;
-    int32_t bits, half_scales, float_zeros;
+    int32_t bits, half_scales, float_zeros, scale_format;
+    const uint8_t *code_table; /* 4-bit codes, int8-activation kernels: the code of each nibble; NULL: itself */
+    float zero_point;          /* the zero point of every group when zeros is NULL */
+    float scale_divisor;       /* int8-activation kernels: every scale is divided by it when > 0 */
+    float min_scale;           /* QK_SPQR: the smallest first-level scale */
 } qk_weight;
 
 static inline float half_to_float(uint16_t h) {
@@ -87,22 +110,52 @@ static inline float half_to_float(uint16_t h) {
 
 static inline int64_t weight_groups(const qk_weight *w) { return (w->k + w->group_size - 1) / w->group_size; }
 
+/* The IEEE half whose exponent and mantissa bits are those of E4M3 byte b: its value is b's / 256. */
+static inline uint16_t e4m3_half_bits(uint8_t b) { return (uint16_t)(((b & 0x80u) << 8) | ((b & 0x7Fu) << 7)); }
+
+static inline float byte_scale(int format, uint8_t b) {
+    if (format == QK_E4M3) return half_to_float(e4m3_half_bits(b)) * 256.f;
+    uint32_t bits = (uint32_t)b << 23; /* E8M0: 2^(b - 127) (b = 0 reads as 0) */
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
 static inline float scale_at(const qk_weight *w, int64_t i) {
+    if (w->scale_format) return byte_scale(w->scale_format, ((const uint8_t *)w->scales)[i]);
     return w->half_scales ? half_to_float(((const uint16_t *)w->scales)[i]) : ((const float *)w->scales)[i];
 }
 
 static inline float zero_at(const qk_weight *w, int64_t i) {
+    if (!w->zeros) return w->zero_point;
     return w->float_zeros ? ((const float *)w->zeros)[i] : (float)((const uint8_t *)w->zeros)[i];
 }
 
-static int weight_fits(const qk_weight *w) {
-    return (w->bits == 4 || w->bits == 8) && w->k % BLOCK == 0 &&
+/* An int8-activation kernel's output from its sum over scaled products: divided by scale_divisor if set. */
+static inline float unscaled(const qk_weight *w, float y) { return w->scale_divisor > 0.f ? y / w->scale_divisor : y; }
+
+static int geometry_fits(const qk_weight *w) {
+    return (w->bits == 4 || (w->bits == 8 && !w->code_table)) && w->k % BLOCK == 0 &&
            (w->group_size == 16 || (w->group_size > 0 && w->group_size % BLOCK == 0));
+}
+
+/* The row int8-activation kernels take every weight whose geometry fits and statistics are per row. */
+static int weight_fits(const qk_weight *w) { return geometry_fits(w) && w->scale_format != QK_SPQR; }
+
+/* The float kernels and row dequantization also need the codes to be the integers and no divisor. */
+static int plain_weight_fits(const qk_weight *w) {
+    return weight_fits(w) && !w->code_table && !(w->scale_divisor > 0.f);
 }
 
 /* Code at position j (0-31) of a block. */
 static inline int code_at(const uint8_t *block, int bits, int j) {
     return bits == 8 ? block[j] : (j < 16 ? block[j] & 0x0F : block[j - 16] >> 4);
+}
+
+/* The integer that code j of a block stands for (through the weight's code table). */
+static inline int mapped_code_at(const qk_weight *w, const uint8_t *block, int j) {
+    int code = code_at(block, w->bits, j);
+    return w->code_table ? w->code_table[code] : code;
 }
 
 /* Sum of the activations of every group: xsum[m * groups + g]. */
@@ -336,7 +389,7 @@ static void row_scalar(const qk_weight *w, int64_t r, const float *x, const floa
 
 /* y[m_rows, n] = x[m_rows, k] @ W.T with x in the kernel's position order. */
 int qk_gemv(const qk_weight *w, const float *x, int64_t m_rows, float *y, int threads) {
-    if (!weight_fits(w)) return 1;
+    if (!plain_weight_fits(w)) return 1;
     float *xsum = (float *)malloc(sizeof(float) * (size_t)(m_rows * weight_groups(w)));
     if (!xsum) return 2;
     group_sums(x, m_rows, w->k, w->group_size, xsum);
@@ -366,6 +419,16 @@ int qk_gemv(const qk_weight *w, const float *x, int64_t m_rows, float *y, int th
 }
 
 /* ------------------------------------------------------------------ int8 activations */
+
+/* GROUPS(BITS, MAPPED) for the codes of w, BITS and MAPPED (a code table) as literals. */
+#define BY_CODES(w, GROUPS)   \
+    if ((w)->bits == 8) {     \
+        GROUPS(8, 0)          \
+    } else if ((w)->code_table) { \
+        GROUPS(4, 1)          \
+    } else {                  \
+        GROUPS(4, 0)          \
+    }
 
 /* Activations rounded per block of 32: xq[m, k] int8, d[m, k / 32], and xsum[m, g] = sum_{p in g} d * xq. */
 static void quantize_activations(const float *x, int64_t m_rows, int64_t k, int64_t group_size, int8_t *xq, float *d,
@@ -397,18 +460,20 @@ static void quantize_activations(const float *x, int64_t m_rows, int64_t k, int6
 
 #if defined(__AVX2__)
 /* Integer dot products of one weight block with one activation block: eight int32 lanes, lanes 0-3 covering
- * positions 0-15 and lanes 4-7 positions 16-31. */
-static inline __attribute__((always_inline)) __m256i block_dot(const uint8_t *p, const int8_t *xq, const int BITS) {
+ * positions 0-15 and lanes 4-7 positions 16-31. MAPPED: 4-bit codes go through the 16-byte table. */
+static inline __attribute__((always_inline)) __m256i block_dot(const uint8_t *p, const int8_t *xq, const int BITS,
+                                                               const int MAPPED, __m128i table) {
     __m256i xv = _mm256_loadu_si256((const __m256i *)xq);
     if (BITS == 4) {
         __m128i packed = _mm_loadu_si128((const __m128i *)p);
         __m128i low = _mm_and_si128(packed, _mm_set1_epi8(0x0F));
         __m128i high = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F));
+        if (MAPPED) low = _mm_shuffle_epi8(table, low), high = _mm_shuffle_epi8(table, high);
         __m256i codes = _mm256_set_m128i(high, low);
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
         return _mm256_dpbusd_epi32(_mm256_setzero_si256(), codes, xv);
 #else
-        /* 15 * 127 * 2 fits int16: maddubs cannot saturate */
+        /* codes up to 24 (FP4's table): 24 * 127 * 2 fits int16, maddubs cannot saturate */
         return _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), _mm256_set1_epi16(1));
 #endif
     }
@@ -429,16 +494,17 @@ static inline __attribute__((always_inline)) __m256i block_dot(const uint8_t *p,
 
 static inline __attribute__((always_inline)) void row_q8(const qk_weight *w, int64_t r, const int8_t *xq, const float *d,
                                                          const float *xsum, int64_t m_rows, float *y, const int BITS,
-                                                         const int64_t GS) {
+                                                         const int MAPPED, const int64_t GS) {
     const int64_t group_size = GS ? GS : w->group_size, groups = weight_groups(w), k = w->k, blocks = k / BLOCK;
     const uint8_t *codes = w->codes + r * (k * BITS / 8);
+    const __m128i table = MAPPED ? _mm_loadu_si128((const __m128i *)w->code_table) : _mm_setzero_si128();
     for (int64_t t = 0; t < m_rows; t++) {
         __m256 total[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
         float zero_term = 0.f;
         const float *dt = d + t * blocks;
         if (group_size == 16) {
             for (int64_t b = 0; b < blocks; b++) {
-                __m256i dot = block_dot(codes + b * BLOCK * BITS / 8, xq + t * k + b * BLOCK, BITS);
+                __m256i dot = block_dot(codes + b * BLOCK * BITS / 8, xq + t * k + b * BLOCK, BITS, MAPPED, table);
                 float s0 = scale_at(w, r * groups + 2 * b), s1 = scale_at(w, r * groups + 2 * b + 1);
                 __m256 scale = _mm256_set_m128(_mm_set1_ps(s1 * dt[b]), _mm_set1_ps(s0 * dt[b]));
                 total[b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, total[b & 1]);
@@ -452,13 +518,13 @@ static inline __attribute__((always_inline)) void row_q8(const qk_weight *w, int
                 int64_t first = g * blocks_per_group, last = first + blocks_per_group;
                 if (last > blocks) last = blocks;
                 for (int64_t b = first; b < last; b++) {
-                    __m256i dot = block_dot(codes + b * BLOCK * BITS / 8, xq + t * k + b * BLOCK, BITS);
+                    __m256i dot = block_dot(codes + b * BLOCK * BITS / 8, xq + t * k + b * BLOCK, BITS, MAPPED, table);
                     total[b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(s * dt[b]), total[b & 1]);
                 }
                 zero_term += s * zero_at(w, r * groups + g) * xsum[t * groups + g];
             }
         }
-        y[t * w->n] = hsum(_mm256_add_ps(total[0], total[1])) - zero_term;
+        y[t * w->n] = unscaled(w, hsum(_mm256_add_ps(total[0], total[1])) - zero_term);
     }
 }
 #endif
@@ -474,7 +540,7 @@ static void row_q8_scalar(const qk_weight *w, int64_t r, const int8_t *xq, const
         for (int64_t b = 0; b < blocks; b++) {
             int32_t dots[2] = {0, 0};
             for (int j = 0; j < BLOCK; j++)
-                dots[j / 16] += code_at(codes + b * block_bytes, w->bits, j) * (int32_t)xq[t * k + b * BLOCK + j];
+                dots[j / 16] += mapped_code_at(w, codes + b * block_bytes, j) * (int32_t)xq[t * k + b * BLOCK + j];
             if (halves) {
                 total += d[t * blocks + b] * (scale_at(w, r * groups + 2 * b) * (float)dots[0] +
                                               scale_at(w, r * groups + 2 * b + 1) * (float)dots[1]);
@@ -484,7 +550,7 @@ static void row_q8_scalar(const qk_weight *w, int64_t r, const int8_t *xq, const
         }
         for (int64_t g = 0; g < groups; g++)
             zero_term += scale_at(w, r * groups + g) * zero_at(w, r * groups + g) * xsum[t * groups + g];
-        y[t * w->n] = total - zero_term;
+        y[t * w->n] = unscaled(w, total - zero_term);
     }
 }
 #endif
@@ -503,19 +569,15 @@ int qk_gemv_q8(const qk_weight *w, const float *x, int64_t m_rows, float *y, int
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < w->n; r++) {
 #if defined(__AVX2__)
-#define ROW_Q8_GROUPS(BITS)                                                  \
-    switch (w->group_size) {                                                 \
-        case 16: row_q8(w, r, xq, d, xsum, m_rows, y + r, BITS, 16); break;  \
-        case 32: row_q8(w, r, xq, d, xsum, m_rows, y + r, BITS, 32); break;  \
-        case 64: row_q8(w, r, xq, d, xsum, m_rows, y + r, BITS, 64); break;  \
-        case 128: row_q8(w, r, xq, d, xsum, m_rows, y + r, BITS, 128); break; \
-        default: row_q8(w, r, xq, d, xsum, m_rows, y + r, BITS, 0); break;   \
+#define ROW_Q8_GROUPS(BITS, MAPPED)                                                  \
+    switch (w->group_size) {                                                         \
+        case 16: row_q8(w, r, xq, d, xsum, m_rows, y + r, BITS, MAPPED, 16); break;  \
+        case 32: row_q8(w, r, xq, d, xsum, m_rows, y + r, BITS, MAPPED, 32); break;  \
+        case 64: row_q8(w, r, xq, d, xsum, m_rows, y + r, BITS, MAPPED, 64); break;  \
+        case 128: row_q8(w, r, xq, d, xsum, m_rows, y + r, BITS, MAPPED, 128); break; \
+        default: row_q8(w, r, xq, d, xsum, m_rows, y + r, BITS, MAPPED, 0); break;   \
     }
-        if (w->bits == 4) {
-            ROW_Q8_GROUPS(4)
-        } else {
-            ROW_Q8_GROUPS(8)
-        }
+        BY_CODES(w, ROW_Q8_GROUPS)
 #else
         row_q8_scalar(w, r, xq, d, xsum, m_rows, y + r);
 #endif
@@ -533,7 +595,8 @@ int qk_gemv_q8(const qk_weight *w, const float *x, int64_t m_rows, float *y, int
  *              8o + q in its low nibble and 8o + 4 + q in its high one.
  *   bits == 8: 128 bytes an octet; bytes 4i + q hold position 8o + q of row i, bytes 64 + 4i + q position
  *              8o + 4 + q.
- * Scales and zero points are [tiles, groups, 16]. Every lane of a dpbusd is then one row, the activations are
+ * Scales and zero points are [tiles, groups, 16], or (SpQR with statistics shared by blocks of 16 rows) one
+ * qk_spqr_stats record of 24 bytes per tile and group, decoded in registers. Every lane of a dpbusd is then one row, the activations are
  * four bytes broadcast to all lanes, and scales and zero points load as vectors: group statistics cost a few
  * instructions per 16 rows and block, whatever the group size. */
 
@@ -562,24 +625,51 @@ static inline __attribute__((always_inline)) __m512i quad_dot(__m512i acc, __m51
 #endif
 }
 
+/* Sixteen byte scales decoded (as byte_scale does). */
+static inline __m512 tile_byte_scales(int format, __m128i bytes) {
+    if (format == QK_E8M0) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu8_epi32(bytes), 23));
+    __m256i shifted = _mm256_slli_epi16(_mm256_cvtepu8_epi16(bytes), 7); /* the sign lands on bit 14: carry it to 15 */
+    __m256i bits = _mm256_add_epi16(shifted, _mm256_and_si256(shifted, _mm256_set1_epi16(0x4000)));
+    return _mm512_mul_ps(_mm512_cvtph_ps(bits), _mm512_set1_ps(256.f));
+}
+
+/* One of the statistics of an SpQR record, for its 16 rows: stat_scale * (code - stat_zero), the code in bits
+ * shift .. shift + 3 of each code byte. */
+static inline __m512 spqr_stat(const qk_spqr_stats *r, int shift, uint16_t stat_scale, uint16_t stat_zero) {
+    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)r->codes));
+    __m512 codes = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(bytes, shift), _mm512_set1_epi32(0x0F)));
+    return _mm512_mul_ps(_mm512_set1_ps(half_to_float(stat_scale)), _mm512_sub_ps(codes, _mm512_set1_ps(half_to_float(stat_zero))));
+}
+
 static inline __m512 tile_scales(const qk_weight *w, int64_t i) {
+    if (w->scale_format == QK_SPQR) {
+        const qk_spqr_stats *r = (const qk_spqr_stats *)w->scales + i;
+        return _mm512_max_ps(spqr_stat(r, 0, r->scale_scale, r->scale_zero), _mm512_set1_ps(w->min_scale));
+    }
+    if (w->scale_format) return tile_byte_scales(w->scale_format, _mm_loadu_si128((const __m128i *)((const uint8_t *)w->scales + 16 * i)));
     return w->half_scales ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w->scales + 16 * i)))
                           : _mm512_loadu_ps((const float *)w->scales + 16 * i);
 }
 
 static inline __m512 tile_zeros(const qk_weight *w, int64_t i) {
+    if (!w->zeros) return _mm512_set1_ps(w->zero_point);
+    if (w->scale_format == QK_SPQR) {
+        const qk_spqr_stats *r = (const qk_spqr_stats *)w->zeros + i;
+        return spqr_stat(r, 4, r->zero_scale, r->zero_zero);
+    }
     return w->float_zeros ? _mm512_loadu_ps((const float *)w->zeros + 16 * i)
                           : _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)((const uint8_t *)w->zeros + 16 * i))));
 }
 
-/* Sixteen rows (tile) against MT activation rows. */
+/* Sixteen rows (tile) against MT activation rows; MAPPED: 4-bit codes through the code table. */
 static inline __attribute__((always_inline)) void tile_q8(const qk_weight *w, int64_t tile, const int8_t *xq, const float *d,
-                                                          const float *xsum, float *y, const int BITS, const int MT,
-                                                          const int64_t GS) {
+                                                          const float *xsum, float *y, const int BITS, const int MAPPED,
+                                                          const int MT, const int64_t GS) {
     const int64_t group_size = GS ? GS : w->group_size, groups = weight_groups(w), k = w->k, blocks = k / BLOCK;
     const int64_t block_bytes = 64 * BITS, first = tile * groups;
     const uint8_t *codes = w->codes + tile * blocks * block_bytes;
     const __m512i nibble = _mm512_set1_epi8(0x0F);
+    const __m512i table = MAPPED ? _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)w->code_table)) : nibble;
     __m512 total[4], zero_term[4];
     for (int t = 0; t < MT; t++) total[t] = zero_term[t] = _mm512_setzero_ps();
     for (int64_t b = 0; b < blocks; b++) {
@@ -591,6 +681,10 @@ static inline __attribute__((always_inline)) void tile_q8(const qk_weight *w, in
                 __m512i v = _mm512_loadu_si512((const void *)(codes + b * block_bytes + 64 * o));
                 first_quads = _mm512_and_si512(v, nibble);
                 second_quads = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+                if (MAPPED) {
+                    first_quads = _mm512_shuffle_epi8(table, first_quads);
+                    second_quads = _mm512_shuffle_epi8(table, second_quads);
+                }
             } else {
                 first_quads = _mm512_loadu_si512((const void *)(codes + b * block_bytes + 128 * o));
                 second_quads = _mm512_loadu_si512((const void *)(codes + b * block_bytes + 128 * o + 64));
@@ -601,12 +695,15 @@ static inline __attribute__((always_inline)) void tile_q8(const qk_weight *w, in
                 acc[t][o / 2] = quad_dot(acc[t][o / 2], second_quads, xo + 4);
             }
         }
-        if (group_size == 16) {
+        if (group_size == 16) { /* the zero term here too, so that each group's statistics decode once */
             __m512 s0 = tile_scales(w, first + 2 * b), s1 = tile_scales(w, first + 2 * b + 1);
+            __m512 sz0 = _mm512_mul_ps(s0, tile_zeros(w, first + 2 * b)), sz1 = _mm512_mul_ps(s1, tile_zeros(w, first + 2 * b + 1));
             for (int t = 0; t < MT; t++) {
                 __m512 db = _mm512_set1_ps(d[t * blocks + b]);
                 total[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t][0]), _mm512_mul_ps(s0, db), total[t]);
                 total[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t][1]), _mm512_mul_ps(s1, db), total[t]);
+                zero_term[t] = _mm512_fmadd_ps(sz0, _mm512_set1_ps(xsum[t * groups + 2 * b]), zero_term[t]);
+                zero_term[t] = _mm512_fmadd_ps(sz1, _mm512_set1_ps(xsum[t * groups + 2 * b + 1]), zero_term[t]);
             }
         } else {
             __m512 s = tile_scales(w, first + b * BLOCK / group_size);
@@ -615,28 +712,32 @@ static inline __attribute__((always_inline)) void tile_q8(const qk_weight *w, in
                                            _mm512_mul_ps(s, _mm512_set1_ps(d[t * blocks + b])), total[t]);
         }
     }
-    for (int64_t g = 0; g < groups; g++) {
+    for (int64_t g = 0; group_size != 16 && g < groups; g++) {
         __m512 sz = _mm512_mul_ps(tile_scales(w, first + g), tile_zeros(w, first + g));
         for (int t = 0; t < MT; t++) zero_term[t] = _mm512_fmadd_ps(sz, _mm512_set1_ps(xsum[t * groups + g]), zero_term[t]);
     }
     int64_t rows = w->n - 16 * tile < 16 ? w->n - 16 * tile : 16;
     __mmask16 valid = (__mmask16)((1u << rows) - 1u);
-    for (int t = 0; t < MT; t++)
-        _mm512_mask_storeu_ps(y + t * w->n + 16 * tile, valid, _mm512_sub_ps(total[t], zero_term[t]));
+    for (int t = 0; t < MT; t++) {
+        __m512 out = _mm512_sub_ps(total[t], zero_term[t]);
+        if (w->scale_divisor > 0.f) out = _mm512_div_ps(out, _mm512_set1_ps(w->scale_divisor));
+        _mm512_mask_storeu_ps(y + t * w->n + 16 * tile, valid, out);
+    }
 }
 
 static inline __attribute__((always_inline)) void tile_q8_all(const qk_weight *w, int64_t tile, const int8_t *xq, const float *d,
                                                               const float *xsum, int64_t m_rows, float *y, const int BITS,
-                                                              const int64_t GS) {
+                                                              const int MAPPED, const int64_t GS) {
     const int64_t groups = weight_groups(w), k = w->k, blocks = k / BLOCK;
     int64_t m = 0;
-    for (; m + 4 <= m_rows; m += 4) tile_q8(w, tile, xq + m * k, d + m * blocks, xsum + m * groups, y + m * w->n, BITS, 4, GS);
+    for (; m + 4 <= m_rows; m += 4)
+        tile_q8(w, tile, xq + m * k, d + m * blocks, xsum + m * groups, y + m * w->n, BITS, MAPPED, 4, GS);
     const int8_t *xr = xq + m * k;
     const float *dr = d + m * blocks, *xs = xsum + m * groups;
     switch (m_rows - m) {
-        case 3: tile_q8(w, tile, xr, dr, xs, y + m * w->n, BITS, 3, GS); break;
-        case 2: tile_q8(w, tile, xr, dr, xs, y + m * w->n, BITS, 2, GS); break;
-        case 1: tile_q8(w, tile, xr, dr, xs, y + m * w->n, BITS, 1, GS); break;
+        case 3: tile_q8(w, tile, xr, dr, xs, y + m * w->n, BITS, MAPPED, 3, GS); break;
+        case 2: tile_q8(w, tile, xr, dr, xs, y + m * w->n, BITS, MAPPED, 2, GS); break;
+        case 1: tile_q8(w, tile, xr, dr, xs, y + m * w->n, BITS, MAPPED, 1, GS); break;
         default: break;
     }
 }
@@ -645,7 +746,7 @@ static inline __attribute__((always_inline)) void tile_q8_all(const qk_weight *w
 /* y[m_rows, n] = q8(x) @ W.T for weights in the tiled layout above (builds where qk_tile_rows() is 16). */
 int qk_gemv_q8_tiled(const qk_weight *w, const float *x, int64_t m_rows, float *y, int threads) {
 #if defined(__AVX512BW__)
-    if (!weight_fits(w) || !qk_tile_rows(w->bits)) return 1;
+    if (!geometry_fits(w) || !qk_tile_rows(w->bits)) return 1;
     const int64_t blocks = w->k / BLOCK, tiles = (w->n + 15) / 16;
     int8_t *xq = (int8_t *)malloc((size_t)(m_rows * w->k));
     float *d = (float *)malloc(sizeof(float) * (size_t)(m_rows * blocks));
@@ -657,19 +758,15 @@ int qk_gemv_q8_tiled(const qk_weight *w, const float *x, int64_t m_rows, float *
     quantize_activations(x, m_rows, w->k, w->group_size, xq, d, xsum);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t tile = 0; tile < tiles; tile++) {
-#define TILE_GROUPS(BITS)                                                        \
-    switch (w->group_size) {                                                     \
-        case 16: tile_q8_all(w, tile, xq, d, xsum, m_rows, y, BITS, 16); break;  \
-        case 32: tile_q8_all(w, tile, xq, d, xsum, m_rows, y, BITS, 32); break;  \
-        case 64: tile_q8_all(w, tile, xq, d, xsum, m_rows, y, BITS, 64); break;  \
-        case 128: tile_q8_all(w, tile, xq, d, xsum, m_rows, y, BITS, 128); break; \
-        default: tile_q8_all(w, tile, xq, d, xsum, m_rows, y, BITS, 0); break;   \
+#define TILE_GROUPS(BITS, MAPPED)                                                        \
+    switch (w->group_size) {                                                             \
+        case 16: tile_q8_all(w, tile, xq, d, xsum, m_rows, y, BITS, MAPPED, 16); break;  \
+        case 32: tile_q8_all(w, tile, xq, d, xsum, m_rows, y, BITS, MAPPED, 32); break;  \
+        case 64: tile_q8_all(w, tile, xq, d, xsum, m_rows, y, BITS, MAPPED, 64); break;  \
+        case 128: tile_q8_all(w, tile, xq, d, xsum, m_rows, y, BITS, MAPPED, 128); break; \
+        default: tile_q8_all(w, tile, xq, d, xsum, m_rows, y, BITS, MAPPED, 0); break;   \
     }
-        if (w->bits == 4) {
-            TILE_GROUPS(4)
-        } else {
-            TILE_GROUPS(8)
-        }
+        BY_CODES(w, TILE_GROUPS)
     }
     free(xq), free(d), free(xsum);
     return 0;
@@ -679,9 +776,25 @@ int qk_gemv_q8_tiled(const qk_weight *w, const float *x, int64_t m_rows, float *
 #endif
 }
 
+/* ------------------------------------------------------------------ sparse corrections (SpQR's outliers) */
+
+/* y[m_rows, n] += x[m_rows, k] @ D.T for a sparse D in CSR: row r holds deltas[j] at columns[j] (unsigned
+ * 16-bit), j in [offsets[r], offsets[r + 1]). */
+int qk_csr_add(const int32_t *offsets, const uint16_t *columns, const float *deltas, int64_t n, const float *x,
+               int64_t m_rows, int64_t k, float *y, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t t = 0; t < m_rows; t++) {
+            float sum = 0.f;
+            for (int32_t j = offsets[r]; j < offsets[r + 1]; j++) sum += deltas[j] * x[t * k + columns[j]];
+            y[t * n + r] += sum;
+        }
+    return 0;
+}
+
 /* Rows [row_begin, row_end) of W, positions in kernel order, as float32 or (bf16 set) bfloat16. */
 int qk_dequant_rows(const qk_weight *w, int64_t row_begin, int64_t row_end, void *out, int bf16, int threads) {
-    if (!weight_fits(w)) return 1;
+    if (!plain_weight_fits(w)) return 1;
     const int64_t groups = weight_groups(w), k = w->k, block_bytes = w->bits * BLOCK / 8;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = row_begin; r < row_end; r++) {
