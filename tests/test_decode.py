@@ -111,13 +111,13 @@ def test_quantized_models_decode_as_transformers_does(model_type: str, backend: 
     assert_steps_close(lean_steps(decoder, tokens), reference, 1e-3 if backend == "cpu-int8" else 1e-5)
     kernel = model.model.layers[0].self_attn.k_proj.kernel(torch.device("cpu"), torch.float32)
     fused = decoder.layers[0].qkv.is_fused
-    assert fused == (kernel.tiled is not None)
+    assert fused == (kernel.tiles is not None)
     if fused:
         with torch.inference_mode():
             tokens_after, reference_after = hf_steps(model, NEW_TOKENS)  # the layers now read the fused tiles
         assert tokens_after == tokens and all(torch.equal(a, b) for a, b in zip(reference_after, reference))
         q_kernel = model.model.layers[0].self_attn.q_proj.kernel(torch.device("cpu"), torch.float32)
-        storages = {k._tiled_tensors[0].untyped_storage().data_ptr() for k in (kernel, q_kernel)}
+        storages = {k.tiles.tensors[0].untyped_storage().data_ptr() for k in (kernel, q_kernel)}
         assert len(storages) == 1  # one stack, no copy per layer
 
 

@@ -79,6 +79,32 @@ def tile_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return quads.permute(0, 2, 3, 4, 1, 5).contiguous().view(tiles, -1)
 
 
+class DecodeGemv(NamedTuple):
+    """A decode GEMV bound to its weight: the C function, the weight structure, the tensors it points into
+    (beyond the kernel's own), the input column at each position it reads (None: natural order), and whether
+    it reads 16-row tiles."""
+
+    gemv: Callable[..., int]
+    weight: QkWeight
+    tensors: tuple[torch.Tensor, ...]
+    columns: torch.Tensor | None
+    tiled: bool
+
+    def run(self, x: torch.Tensor, y: torch.Tensor) -> int:
+        """Fill ``y [m, out]`` with the product of ``x`` (float32, kernel order); the C status."""
+        return self.gemv(self.weight, x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [m, in]`` (input column order, m at most :data:`GEMV_MAX_ROWS`) times the weight, in float32."""
+        if self.columns is not None:
+            x = x.index_select(1, self.columns)
+        if x.dtype is not torch.float32 or not x.is_contiguous():
+            x = x.to(torch.float32).contiguous()
+        y = torch.empty((x.shape[0], self.weight.n), dtype=torch.float32)
+        _check(self.run(x, y))
+        return y
+
+
 @dataclass
 class CpuGemm(ABC):
     """``y = x @ W.T`` through the C kernels: a fused GEMV for up to :data:`GEMV_MAX_ROWS` rows, otherwise
@@ -164,14 +190,16 @@ class CpuIntKernel(CpuGemm):
     bits: int
     activations: str = "float"
     _weight: QkWeight = field(init=False)
-    tiled: QkWeight | None = field(init=False, default=None)  # the int8 decode's 16-row tiles, where built
-    _tiled_tensors: tuple[torch.Tensor, ...] = field(init=False, default=())  # what ``tiled`` points into
-    _tiled_columns: torch.Tensor | None = field(init=False, default=None)
-    _gemv_call: tuple = field(init=False, default=())  # the decode GEMV's C function and weight structure
+    _decode: DecodeGemv = field(init=False)  # rows of ``_weight``, or the int8 decode's 16-row tiles
 
     @property
     def gemv_columns(self) -> torch.Tensor | None:
-        return self._tiled_columns if self.tiled is not None else self.columns
+        return self._decode.columns
+
+    @property
+    def tiles(self) -> DecodeGemv | None:
+        """The int8 decode from 16-row tiles, where built."""
+        return self._decode if self._decode.tiled else None
 
     @classmethod
     def from_codes(cls, library: ctypes.CDLL, isa: str, prefill: torch.dtype, codes: torch.Tensor,
@@ -199,15 +227,14 @@ class CpuIntKernel(CpuGemm):
 
     def use_tiles(self, tensors: tuple[torch.Tensor, ...], columns: torch.Tensor | None) -> None:
         """Serve decode from ``tensors``, the tiled codes, scales and zero points of :func:`tile_codes` and
-        :func:`tile_rows` (or views of a fused stack of them, see :class:`FusedTiledDecode`)."""
-        self._tiled_tensors, self._tiled_columns = tensors, columns
-        self.tiled = self.tiled_weight(tensors, self.out_features)
-        self._gemv_call = (self.library.qk_gemv_q8_tiled, self.tiled)
+        :func:`tile_rows` (or views of a fused stack of them, see :func:`fuse_tiles`)."""
+        self._decode = self.tiled_decode(tensors, self.out_features, columns)
 
-    def tiled_weight(self, tensors: tuple[torch.Tensor, ...], rows: int) -> QkWeight:
-        """The C structure of ``rows`` rows of this kernel's geometry in the tiled ``tensors``."""
-        return QkWeight(*(t.data_ptr() for t in tensors), rows, self.in_features, self.group_size, self.bits,
-                        self._weight.half_scales, self._weight.float_zeros)
+    def tiled_decode(self, tensors: tuple[torch.Tensor, ...], rows: int, columns: torch.Tensor | None) -> DecodeGemv:
+        """The int8 decode of ``rows`` rows of this kernel's geometry in the tiled ``tensors``."""
+        weight = QkWeight(*(t.data_ptr() for t in tensors), rows, self.in_features, self.group_size, self.bits,
+                          self._weight.half_scales, self._weight.float_zeros)
+        return DecodeGemv(self.library.qk_gemv_q8_tiled, weight, tensors, columns, True)
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -224,7 +251,8 @@ class CpuIntKernel(CpuGemm):
         self._weight = QkWeight(self.codes.data_ptr(), self.scales.data_ptr(), self.zeros.data_ptr(),
                                 self.out_features, self.in_features, self.group_size, self.bits,
                                 int(self.scales.dtype == torch.float16), int(self.zeros.dtype == torch.float32))
-        self._gemv_call = (self.library.qk_gemv_q8 if self.activations == "int8" else self.library.qk_gemv, self._weight)
+        gemv = self.library.qk_gemv_q8 if self.activations == "int8" else self.library.qk_gemv
+        self._decode = DecodeGemv(gemv, self._weight, (), self.columns, False)
 
     @property
     def out_features(self) -> int:
@@ -236,11 +264,10 @@ class CpuIntKernel(CpuGemm):
 
     @property
     def decode(self) -> str:
-        return f"{self.activations}-tiled" if self.tiled is not None else self.activations
+        return f"{self.activations}-tiled" if self._decode.tiled else self.activations
 
     def run_gemv(self, x: torch.Tensor, y: torch.Tensor) -> int:
-        gemv, weight = self._gemv_call
-        return gemv(weight, x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
+        return self._decode.run(x, y)
 
     def run_dequant(self, begin: int, end: int, out: torch.Tensor) -> int:
         return self.library.qk_dequant_rows(self._weight, begin, end, out.data_ptr(),
@@ -251,28 +278,6 @@ class CpuIntKernel(CpuGemm):
 _E2M1_DOUBLED = (0, 1, 2, 3, 4, 6, 8, 12)
 FP4_INT_CODES = torch.tensor([12 + m for m in _E2M1_DOUBLED] + [12 - m for m in _E2M1_DOUBLED], dtype=torch.uint8)
 FP4_INT_ZERO = 12
-
-
-class Int8Decode(NamedTuple):
-    """An int8 decode GEMV: its C function, weight structure, the tensors that points into, its input order."""
-
-    gemv: Callable[..., int]
-    weight: QkWeight
-    tensors: tuple[torch.Tensor, ...]
-    columns: torch.Tensor | None
-    tiled: bool
-
-    def run(self, x: torch.Tensor, y: torch.Tensor) -> int:
-        """Fill ``y [m, out]`` with the product of ``x`` (float32, kernel order); the C status."""
-        return self.gemv(self.weight, x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
-
-    def product(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [m, in]`` (float32, input column order, m at most :data:`GEMV_MAX_ROWS`) times the weight, float32."""
-        if self.columns is not None:
-            x = x.index_select(1, self.columns)
-        y = torch.empty((x.shape[0], self.weight.n), dtype=torch.float32)
-        _check(self.run(x.contiguous(), y))
-        return y
 
 
 @dataclass(repr=False)
@@ -291,7 +296,7 @@ class CpuFp4Kernel(CpuGemm):
     scale_block: int
     scale_format: str = "fp16"
     activations: str = "float"
-    _int8: Int8Decode | None = field(init=False, default=None)
+    _int8: DecodeGemv | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         if self.in_features % BLOCK or not fp4_block_fits(self.scale_block):
@@ -303,7 +308,7 @@ class CpuFp4Kernel(CpuGemm):
         if self.activations == "int8":
             self._int8 = self._int8_decode()
 
-    def _int8_decode(self) -> Int8Decode:
+    def _int8_decode(self) -> DecodeGemv:
         """The int8 decode GEMV of these weights as integer codes through :data:`FP4_INT_CODES`."""
         natural = unpack_nibbles(self.packed, self.in_features)
         tiled = bool(self.library.qk_tile_rows(4))
@@ -316,7 +321,7 @@ class CpuFp4Kernel(CpuGemm):
         weight = QkWeight(codes.data_ptr(), scales.data_ptr(), None, self.out_features, self.in_features,
                           self.scale_block, 4, int(self.scale_format == "fp16"), 0, SCALE_FORMATS.get(self.scale_format, 0),
                           FP4_INT_CODES.data_ptr(), FP4_INT_ZERO, 2.0 * (self.global_scale or 1.0))
-        return Int8Decode(gemv, weight, (codes, scales), columns, tiled)
+        return DecodeGemv(gemv, weight, (codes, scales), columns, tiled)
 
     @property
     def decode(self) -> str:
@@ -373,52 +378,29 @@ def _check(status: int) -> None:
         raise RuntimeError(f"quantkit CPU kernel failed with status {status}")
 
 
-class FusedTiledDecode:
-    """The int8 decode GEMVs of kernels that share an input (q/k/v, gate/up) as one call: their tiled tensors
-    stacked along the output rows, each kernel then serving from views of the stack, so no code is held twice.
+def fuse_tiles(kernels: list[object]) -> DecodeGemv | None:
+    """One int8 decode for kernels that share an input (q/k/v, gate/up): their tiles stacked along the output
+    rows, each kernel then serving from views of the stack, so no code is held twice. None unless every kernel
+    has tiles and all have the same input size, input order, group geometry, code width and statistic dtypes,
+    and every kernel but the last whole tiles of rows."""
+    if not all(isinstance(k, CpuIntKernel) and k.tiles is not None for k in kernels):
+        return None
+    first = kernels[0]
 
-    :meth:`of` returns None unless every kernel has tiles and all have the same input size, input order, group
-    geometry, code width and statistic dtypes, and every kernel but the last whole tiles of rows."""
+    def geometry(k: CpuIntKernel) -> tuple:
+        return (k.in_features, k.group_size, k.bits, k.scales.dtype, k.zeros.dtype, k.library)
 
-    def __init__(self, kernels: list[CpuIntKernel]) -> None:
-        first = kernels[0]
-        self.library, self.columns = first.library, first.gemv_columns
-        self.out_features = sum(k.out_features for k in kernels)
-        self.tensors = tuple(parts[0] if len(parts) == 1 else torch.cat(parts)
-                             for parts in zip(*(k._tiled_tensors for k in kernels)))
-        self.weight = first.tiled_weight(self.tensors, self.out_features)
-        tile = 0
-        for kernel in kernels:
-            tiles = -(-kernel.out_features // TILE_ROWS)
-            kernel.use_tiles(tuple(t[tile:tile + tiles] for t in self.tensors), self.columns)
-            tile += tiles
-
-    @classmethod
-    def of(cls, kernels: list[object]) -> FusedTiledDecode | None:
-        if not all(isinstance(k, CpuIntKernel) and k.tiled is not None for k in kernels):
-            return None
-        first = kernels[0]
-
-        def geometry(k: CpuIntKernel) -> tuple:
-            return (k.in_features, k.group_size, k.bits, k.scales.dtype, k.zeros.dtype, k.library)
-
-        same_columns = all(_same_order(k.gemv_columns, first.gemv_columns) for k in kernels)
-        whole_tiles = all(k.out_features % TILE_ROWS == 0 for k in kernels[:-1])
-        if not (same_columns and whole_tiles and all(geometry(k) == geometry(first) for k in kernels)):
-            return None
-        return cls(kernels)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [m, in]`` (m at most :data:`GEMV_MAX_ROWS`) times every kernel's weight, their outputs side by
-        side, in float32."""
-        if self.columns is not None:
-            x = x.index_select(1, self.columns)
-        if x.dtype is not torch.float32 or not x.is_contiguous():
-            x = x.to(torch.float32).contiguous()
-        y = torch.empty((x.shape[0], self.out_features), dtype=torch.float32)
-        _check(self.library.qk_gemv_q8_tiled(self.weight, x.data_ptr(), x.shape[0], y.data_ptr(),
-                                             torch.get_num_threads()))
-        return y
+    same_columns = all(_same_order(k.gemv_columns, first.gemv_columns) for k in kernels)
+    whole_tiles = all(k.out_features % TILE_ROWS == 0 for k in kernels[:-1])
+    if not (same_columns and whole_tiles and all(geometry(k) == geometry(first) for k in kernels)):
+        return None
+    stack = tuple(parts[0] if len(parts) == 1 else torch.cat(parts) for parts in zip(*(k.tiles.tensors for k in kernels)))
+    tile = 0
+    for kernel in kernels:
+        tiles = -(-kernel.out_features // TILE_ROWS)
+        kernel.use_tiles(tuple(t[tile:tile + tiles] for t in stack), first.gemv_columns)
+        tile += tiles
+    return first.tiled_decode(stack, sum(k.out_features for k in kernels), first.gemv_columns)
 
 
 def _same_order(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:

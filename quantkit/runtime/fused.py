@@ -3,7 +3,7 @@ linears without their module's dispatch.
 
 Fusion never copies a model: float linears get one weight whose row blocks become their own weights (views),
 and quantized ones served by the C kernels' int8 tiles get one stack of tiles that each layer then reads
-through views (:class:`quantkit_kernels.cpu_int.FusedTiledDecode`, decode batches only). Layers that do not fit
+through views (:func:`quantkit_kernels.cpu_int.fuse_tiles`, decode batches only). Layers that do not fit
 (other kernels, input transforms or activation quantization, mixed shapes) run one by one.
 """
 
@@ -48,13 +48,13 @@ def _fuse_dense(layers: list[nn.Module]) -> Matmul | None:
 
 def _fuse_tiled(layers: list[nn.Module], dtype: torch.dtype) -> Matmul | None:
     """One call for QuantLinear layers whose CPU kernels decode from int8 tiles (see the module docstring)."""
-    from quantkit_kernels.cpu_int import FusedTiledDecode
+    from quantkit_kernels.cpu_int import fuse_tiles
 
     if not all(isinstance(layer, QuantLinear) and layer.plain_input and layer.stored_device.type == "cpu"
                for layer in layers):
         return None
     cpu = torch.device("cpu")
-    fused = FusedTiledDecode.of([layer.kernel(cpu, dtype) for layer in layers])
+    fused = fuse_tiles([layer.kernel(cpu, dtype) for layer in layers])
     if fused is None:
         return None
     biases = [layer.bias for layer in layers]
@@ -62,7 +62,7 @@ def _fuse_tiled(layers: list[nn.Module], dtype: torch.dtype) -> Matmul | None:
         [b.float() if b is not None else torch.zeros(layer.out_features) for b, layer in zip(biases, layers)])
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        y = fused(x)
+        y = fused.product(x)
         return (y if bias is None else y + bias).to(x.dtype)
 
     return run

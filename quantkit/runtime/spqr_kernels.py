@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     import ctypes
 
     from quantkit.runtime.kernels import CpuBuild
-    from quantkit_kernels.cpu_int import Int8Decode
+    from quantkit_kernels.cpu_int import DecodeGemv
 
 
 class OutlierCorrection:
@@ -81,11 +81,11 @@ def _statistic_records(qt: SpQRQuantizedTensor) -> torch.Tensor:
     return torch.cat([tile_rows(codes.t()), halves.view(torch.uint8)], dim=2).contiguous()
 
 
-def tiled_statistics_decode(qt: SpQRQuantizedTensor, library: ctypes.CDLL) -> Int8Decode | None:
+def tiled_statistics_decode(qt: SpQRQuantizedTensor, library: ctypes.CDLL) -> DecodeGemv | None:
     """The int8 decode GEMV of the dense part from 16-row tiles of codes and :func:`_statistic_records`, on builds
     with tiles, for statistics of at most 4 bits shared by blocks of 16 rows (None otherwise)."""
     from quantkit_kernels.cpu_build import SCALE_FORMATS, QkWeight
-    from quantkit_kernels.cpu_int import TILE_ROWS, Int8Decode, tile_codes
+    from quantkit_kernels.cpu_int import TILE_ROWS, DecodeGemv, tile_codes
 
     bits = 4 if qt.scheme.bits <= 4 else 8
     if qt.stat_group_size != TILE_ROWS or qt.stat_bits > 4 or not library.qk_tile_rows(bits):
@@ -96,7 +96,7 @@ def tiled_statistics_decode(qt: SpQRQuantizedTensor, library: ctypes.CDLL) -> In
     weight = QkWeight(codes.data_ptr(), records.data_ptr(), zeros, out_features, in_features,
                       qt.scheme.group_columns(in_features), bits, 0, 0, SCALE_FORMATS["spqr"], None,
                       float(2 ** (qt.scheme.bits - 1)), 0.0, MIN_SCALE)
-    return Int8Decode(library.qk_gemv_q8_tiled, weight, (codes, records), qt.perm, True)
+    return DecodeGemv(library.qk_gemv_q8_tiled, weight, (codes, records), qt.perm, True)
 
 
 class SpQRCpuKernel:
@@ -114,7 +114,7 @@ class SpQRCpuKernel:
         self.perm = qt.perm
         size = self.group_columns
         self.fused: CpuIntKernel | None = None
-        self.records: Int8Decode | None = None  # the int8 decode from SpQR statistic records, where built
+        self.records: DecodeGemv | None = None  # the int8 decode from SpQR statistic records, where built
         if build is not None and self.in_features % BLOCK == 0 and (size == 16 or size % BLOCK == 0):
             if activations == "int8":
                 self.records = tiled_statistics_decode(qt, build.library)
