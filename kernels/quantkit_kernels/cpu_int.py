@@ -66,17 +66,24 @@ def tile_rows(t: torch.Tensor) -> torch.Tensor:
 
 def tile_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Codes ``[n, k]`` (one a byte, kernel position order) in the tiled layout of ``qk_gemv_q8_tiled``: per tile
-    of 16 rows, block of 32 positions and octet of positions, each row's four-byte quads (see cpu_qgemm.c)."""
+    of 16 rows, block of 32 positions and octet of positions, each row's four-byte quads; 3-bit codes in two
+    planes of low bits and one of third bits per block (see cpu_qgemm.c)."""
     n, k = codes.shape
     tiles = -(-n // TILE_ROWS)
     padded = torch.zeros(tiles * TILE_ROWS, k, dtype=torch.uint8)
     padded[:n] = codes
     # [tile, row, block, octet, half (positions 0-3 or 4-7 of the octet), quad position]
     quads = padded.view(tiles, TILE_ROWS, k // BLOCK, 4, 2, 4)
+    halves = quads.permute(0, 2, 3, 4, 1, 5)  # tile, block, octet, half, row, quad position
     if bits == 4:
-        halves = quads.permute(0, 2, 3, 4, 1, 5)  # tile, block, octet, half, row, quad position
         return (halves[:, :, :, 0] | (halves[:, :, :, 1] << 4)).contiguous().view(tiles, -1)
-    return quads.permute(0, 2, 3, 4, 1, 5).contiguous().view(tiles, -1)
+    if bits == 3:
+        low, high = halves & 3, halves >> 2
+        planes = [low[:, :, 2 * p, 0] | (low[:, :, 2 * p, 1] << 2) | (low[:, :, 2 * p + 1, 0] << 4)
+                  | (low[:, :, 2 * p + 1, 1] << 6) for p in range(2)]
+        third = sum(high[:, :, o, h] << (2 * o + h) for o in range(4) for h in range(2))
+        return torch.stack([*planes, third.to(torch.uint8)], dim=2).contiguous().view(tiles, -1)
+    return halves.contiguous().view(tiles, -1)
 
 
 class DecodeGemv(NamedTuple):

@@ -2,9 +2,9 @@
 
 ``D`` is sparse: at each outlier position it holds ``outlier value - dense value`` (float32, computed once),
 so the two terms add up to the stored weight exactly. The dense part runs either on CPU through quantkit's C
-kernels (codes as 4-bit or 8-bit; the int8 decode on AVX-512 reads the 3-bit statistics of each 16-row tile
-and group as one 24-byte record and decodes them in registers, every other path per-group float32 scales and
-zero points decoded once at load), or on CUDA through the fused Triton kernel of
+kernels (codes as 4-bit or 8-bit; the int8 decode on AVX-512 reads 2- and 3-bit codes packed at 3 bits and
+the 3-bit statistics of each 16-row tile and group as one 24-byte record, decoded in registers; every other
+path per-group float32 scales and zero points decoded once at load), or on CUDA through the fused Triton kernel of
 ``quantkit_kernels.triton_spqr``. On CPU the correction of decode batches runs in C too.
 """
 
@@ -87,7 +87,7 @@ def tiled_statistics_decode(qt: SpQRQuantizedTensor, library: ctypes.CDLL) -> De
     from quantkit_kernels.cpu_build import SCALE_FORMATS, QkWeight
     from quantkit_kernels.cpu_int import TILE_ROWS, DecodeGemv, tile_codes
 
-    bits = 4 if qt.scheme.bits <= 4 else 8
+    bits = 3 if qt.scheme.bits <= 3 else 4 if qt.scheme.bits == 4 else 8  # 2- and 3-bit codes in 3-bit tiles
     if qt.stat_group_size != TILE_ROWS or qt.stat_bits > 4 or not library.qk_tile_rows(bits):
         return None
     out_features, in_features = qt.shape

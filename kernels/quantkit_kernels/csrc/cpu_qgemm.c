@@ -135,12 +135,18 @@ static inline float zero_at(const qk_weight *w, int64_t i) {
 static inline float unscaled(const qk_weight *w, float y) { return w->scale_divisor > 0.f ? y / w->scale_divisor : y; }
 
 static int geometry_fits(const qk_weight *w) {
-    return (w->bits == 4 || (w->bits == 8 && !w->code_table)) && w->k % BLOCK == 0 &&
-           (w->group_size == 16 || (w->group_size > 0 && w->group_size % BLOCK == 0));
+    return w->k % BLOCK == 0 && (w->group_size == 16 || (w->group_size > 0 && w->group_size % BLOCK == 0));
 }
 
-/* The row int8-activation kernels take every weight whose geometry fits and statistics are per row. */
-static int weight_fits(const qk_weight *w) { return geometry_fits(w) && w->scale_format != QK_SPQR; }
+/* Codes the tiled kernel reads: 3-bit (its own layout), 4-bit (through a table or not) and 8-bit. */
+static int tiled_codes_fit(const qk_weight *w) {
+    return (w->bits == 3 && !w->code_table) || w->bits == 4 || (w->bits == 8 && !w->code_table);
+}
+
+/* The row int8-activation kernels take 4- and 8-bit codes whose geometry fits and statistics are per row. */
+static int weight_fits(const qk_weight *w) {
+    return geometry_fits(w) && (w->bits == 4 || (w->bits == 8 && !w->code_table)) && w->scale_format != QK_SPQR;
+}
 
 /* The float kernels and row dequantization also need the codes to be the integers and no divisor. */
 static int plain_weight_fits(const qk_weight *w) {
@@ -595,6 +601,10 @@ int qk_gemv_q8(const qk_weight *w, const float *x, int64_t m_rows, float *y, int
  *              8o + q in its low nibble and 8o + 4 + q in its high one.
  *   bits == 8: 128 bytes an octet; bytes 4i + q hold position 8o + q of row i, bytes 64 + 4i + q position
  *              8o + 4 + q.
+ *   bits == 3: 192 bytes a block, in planes rather than octets: two of 64 bytes with the codes' low two bits
+ *              (plane p: byte 4i + q holds, at bit offsets 0, 2, 4 and 6, positions 8o + q and 8o + 4 + q for
+ *              o = 2p, then o = 2p + 1) and one of 64 bytes with their third bit (byte 4i + q: bit 2o + h for
+ *              position 8o + 4h + q).
  * Scales and zero points are [tiles, groups, 16], or (SpQR with statistics shared by blocks of 16 rows) one
  * qk_spqr_stats record of 24 bytes per tile and group, decoded in registers. Every lane of a dpbusd is then one row, the activations are
  * four bytes broadcast to all lanes, and scales and zero points load as vectors: group statistics cost a few
@@ -604,9 +614,9 @@ int qk_gemv_q8(const qk_weight *w, const float *x, int64_t m_rows, float *y, int
  * 4-bit codes on AVX-512 (their products fit maddubs' int16 sums), 8-bit ones with VNNI. */
 int qk_tile_rows(int bits) {
 #if defined(__AVX512VNNI__)
-    return bits == 4 || bits == 8 ? 16 : 0;
+    return bits == 3 || bits == 4 || bits == 8 ? 16 : 0;
 #elif defined(__AVX512BW__)
-    return bits == 4 ? 16 : 0;
+    return bits == 3 || bits == 4 ? 16 : 0;
 #else
     (void)bits;
     return 0;
@@ -623,6 +633,18 @@ static inline __attribute__((always_inline)) __m512i quad_dot(__m512i acc, __m51
 #else
     return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(codes, _mm512_set1_epi32(quad)), _mm512_set1_epi16(1)));
 #endif
+}
+
+/* Bits shift and shift + 1 of every byte of v (3-bit tiles' low plane), as integers 0-3. */
+static inline __m512i two_bits(__m512i v, int shift) {
+    return _mm512_and_si512(_mm512_srli_epi16(v, (unsigned)shift), _mm512_set1_epi8(0x03));
+}
+
+/* Bit `bit` of every byte of v (3-bit tiles' high plane) as 0 or 4. Shifts cross bytes within a 16-bit lane,
+ * but only into bits the mask drops. */
+static inline __m512i third_bit(__m512i v, int bit) {
+    __m512i moved = bit <= 2 ? _mm512_slli_epi16(v, (unsigned)(2 - bit)) : _mm512_srli_epi16(v, (unsigned)(bit - 2));
+    return _mm512_and_si512(moved, _mm512_set1_epi8(0x04));
 }
 
 /* Sixteen byte scales decoded (as byte_scale does). */
@@ -685,6 +707,11 @@ static inline __attribute__((always_inline)) void tile_q8(const qk_weight *w, in
                     first_quads = _mm512_shuffle_epi8(table, first_quads);
                     second_quads = _mm512_shuffle_epi8(table, second_quads);
                 }
+            } else if (BITS == 3) {
+                __m512i low = _mm512_loadu_si512((const void *)(codes + b * block_bytes + 64 * (o / 2)));
+                __m512i high = _mm512_loadu_si512((const void *)(codes + b * block_bytes + 128));
+                first_quads = _mm512_or_si512(two_bits(low, 4 * (o % 2)), third_bit(high, 2 * o));
+                second_quads = _mm512_or_si512(two_bits(low, 4 * (o % 2) + 2), third_bit(high, 2 * o + 1));
             } else {
                 first_quads = _mm512_loadu_si512((const void *)(codes + b * block_bytes + 128 * o));
                 second_quads = _mm512_loadu_si512((const void *)(codes + b * block_bytes + 128 * o + 64));
@@ -746,7 +773,7 @@ static inline __attribute__((always_inline)) void tile_q8_all(const qk_weight *w
 /* y[m_rows, n] = q8(x) @ W.T for weights in the tiled layout above (builds where qk_tile_rows() is 16). */
 int qk_gemv_q8_tiled(const qk_weight *w, const float *x, int64_t m_rows, float *y, int threads) {
 #if defined(__AVX512BW__)
-    if (!geometry_fits(w) || !qk_tile_rows(w->bits)) return 1;
+    if (!geometry_fits(w) || !tiled_codes_fit(w) || !qk_tile_rows(w->bits)) return 1;
     const int64_t blocks = w->k / BLOCK, tiles = (w->n + 15) / 16;
     int8_t *xq = (int8_t *)malloc((size_t)(m_rows * w->k));
     float *d = (float *)malloc(sizeof(float) * (size_t)(m_rows * blocks));
@@ -766,7 +793,11 @@ int qk_gemv_q8_tiled(const qk_weight *w, const float *x, int64_t m_rows, float *
         case 128: tile_q8_all(w, tile, xq, d, xsum, m_rows, y, BITS, MAPPED, 128); break; \
         default: tile_q8_all(w, tile, xq, d, xsum, m_rows, y, BITS, MAPPED, 0); break;   \
     }
-        BY_CODES(w, TILE_GROUPS)
+        if (w->bits == 3) {
+            TILE_GROUPS(3, 0)
+        } else {
+            BY_CODES(w, TILE_GROUPS)
+        }
     }
     free(xq), free(d), free(xsum);
     return 0;
