@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -112,18 +113,24 @@ def isa_override(isa: str | None) -> Iterator[None]:
 
 
 def interleaved_medians(calls: dict[str, tuple], budget_s: float, max_rounds: int) -> dict[str, float]:
-    """Median wall time of each ``(call, warm-up count)``, timed round-robin (one call of each per round).
+    """Median wall time of each ``(call, warm-up count)``, timed round-robin (one call of each per round), in a
+    new random order every round.
 
     Interleaving spreads this machine's slow drifts in speed over every path alike, instead of favouring
-    whichever path ran in a fast spell.
+    whichever path ran in a fast spell; shuffling spreads what a call pays for the one before it (in a fixed
+    order the first quantized path, always timed after the bf16 GEMM, came out 1.17x slower than the same
+    layer timed later in the round).
     """
     for call, warmup in calls.values():
         for _ in range(warmup):
             call()
     times: dict[str, list[float]] = {name: [] for name in calls}
+    order, shuffle = list(calls), random.Random(0).shuffle
     start, rounds = time.perf_counter(), 0
     while rounds < max_rounds and (rounds < 5 or time.perf_counter() - start < budget_s):
-        for name, (call, _) in calls.items():
+        shuffle(order)
+        for name in order:
+            call = calls[name][0]
             t0 = time.perf_counter()
             call()
             times[name].append(time.perf_counter() - t0)
