@@ -93,14 +93,13 @@ class LeanDecoder:
         positions = torch.arange(max_length)[None]
         cos, sin = body.rotary_emb(torch.zeros(1, dtype=dtype), positions)
         half = self.head_dim // 2
-        self.cos = cos[0, :, None, :]  # [positions, 1, head_dim]
+        self.cos_table, self.sin_table = cos[0].contiguous(), sin[0].contiguous()  # [positions, head_dim]
         # rotate_half(x) * sin == roll(x, half) * signed_sin
-        self.signed_sin = torch.cat((-sin[0, :, None, :half], sin[0, :, None, half:]), dim=-1)
+        self.signed_sin = torch.cat((-self.sin_table[:, :half], self.sin_table[:, half:]), dim=-1)
         shape = (len(self.layers), 1, self.kv_heads, max_length, self.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype)
         self.values = torch.zeros(shape, dtype=dtype)
         self.library = _step_library(dtype, self.embed.weight.device) if c_steps else None
-        self.cos_table, self.sin_table = cos[0].contiguous(), sin[0].contiguous()  # [positions, head_dim]
 
     def _layer(self, layer: nn.Module, dtype: torch.dtype) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
@@ -121,7 +120,8 @@ class LeanDecoder:
 
     def _rope(self, x: torch.Tensor, begin: int, end: int) -> torch.Tensor:
         """Rotary embedding of ``x [tokens, heads, head_dim]`` at positions ``begin:end``."""
-        return torch.addcmul(x * self.cos[begin:end], x.roll(self.head_dim // 2, -1), self.signed_sin[begin:end])
+        return torch.addcmul(x * self.cos_table[begin:end, None], x.roll(self.head_dim // 2, -1),
+                             self.signed_sin[begin:end, None])
 
     def _attention(self, index: int, layer: _Layer, h: torch.Tensor, begin: int) -> torch.Tensor:
         tokens, end = h.shape[0], begin + h.shape[0]
@@ -150,7 +150,11 @@ class LeanDecoder:
             out.data_ptr()))
         return layer.o_proj.joint(out)
 
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, x.shape[-1:], weight, self.eps)
+
     def _norm_c(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """:meth:`_norm` through ``qk_rms_norm``."""
         out = torch.empty_like(x)
         _check(self.library.qk_rms_norm(x.data_ptr(), weight.data_ptr(), x.shape[0], x.shape[1], self.eps,
                                         out.data_ptr()))
@@ -164,17 +168,14 @@ class LeanDecoder:
             raise QuantkitError(f"the sequence exceeds the decoder's max_length {self.max_length}")
         if tokens > 1 and begin:
             raise QuantkitError("a multi-token step must start the sequence")
+        c_step = tokens == 1 and self.library is not None
+        norm = self._norm_c if c_step else self._norm
+        attention = self._attention_c if c_step else self._attention
         x = self.embed(ids)
-        if tokens == 1 and self.library is not None:
-            for index, layer in enumerate(self.layers):
-                x = x + self._attention_c(index, layer, self._norm_c(x, layer.input_norm), begin)
-                gate, up = layer.gate_up(self._norm_c(x, layer.post_norm))
-                x = x + layer.down_proj.joint(layer.act(gate) * up)
-        else:
-            for index, layer in enumerate(self.layers):
-                x = x + self._attention(index, layer, F.rms_norm(x, x.shape[-1:], layer.input_norm, self.eps), begin)
-                gate, up = layer.gate_up(F.rms_norm(x, x.shape[-1:], layer.post_norm, self.eps))
-                x = x + layer.down_proj.joint(layer.act(gate) * up)
+        for index, layer in enumerate(self.layers):
+            x = x + attention(index, layer, norm(x, layer.input_norm), begin)
+            gate, up = layer.gate_up(norm(x, layer.post_norm))
+            x = x + layer.down_proj.joint(layer.act(gate) * up)
         return self.lm_head.joint(self.norm(x[-1:]))[0]
 
     @torch.inference_mode()

@@ -69,15 +69,14 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, deco
         raise QuantkitError("the prompt is empty after tokenization")
     eos = tokenizer.eos_token_id
     first: list[float] = []
+    lean = LeanDecoder(model, ids.numel() + max_new_tokens) if chosen == "lean" else None
+
+    def note_first(_token: int) -> None:
+        if not first:
+            first.append(time.perf_counter())
+
     start = time.perf_counter()
-    if chosen == "lean":
-        lean = LeanDecoder(model, ids.numel() + max_new_tokens)
-
-        def note_first(_token: int) -> None:
-            if not first:
-                first.append(time.perf_counter())
-
-        start = time.perf_counter()
+    if lean is not None:
         tokens = lean.generate(ids, max_new_tokens, eos, note_first)
     else:
         streamer = _FirstToken()
