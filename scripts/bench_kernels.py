@@ -61,7 +61,8 @@ SPQR_W3 = QuantScheme(3, 16, False)
 @dataclass(frozen=True)
 class Path_:
     """One quantized path: the weight's scheme, act-order, the backend, the activation dtype and, when not the
-    best this CPU has, the C kernel build (``$QUANTKIT_CPU_ISA``)."""
+    best this CPU has, the C kernel build (``$QUANTKIT_CPU_ISA``); for SpQR's int8 decode, optionally one part
+    of it alone (``"dense"``: codes and statistic records; ``"outliers"``: the sparse correction)."""
 
     scheme: QuantScheme
     act_order: bool
@@ -69,6 +70,7 @@ class Path_:
     dtype: torch.dtype = torch.float32
     isa: str | None = None
     spqr: bool = False
+    spqr_part: str = ""
 
 
 QUANT_PATHS = {
@@ -83,6 +85,8 @@ QUANT_PATHS = {
     "int4 g64 asym act-order / cpu-int8": Path_(QuantScheme(4, 64, False), True, "cpu-int8"),
     "spqr w3 g16 / cpu-int8": Path_(SPQR_W3, True, "cpu-int8", spqr=True),
     "spqr w3 g16 / cpu": Path_(SPQR_W3, True, "cpu", spqr=True),
+    "spqr w3 g16 / cpu-int8 dense part": Path_(SPQR_W3, True, "cpu-int8", spqr=True, spqr_part="dense"),
+    "spqr w3 g16 / cpu-int8 outliers part": Path_(SPQR_W3, True, "cpu-int8", spqr=True, spqr_part="outliers"),
     "int4 g64 sym / aten fp32": Path_(INT4_G64, False, "aten"),
     "int4 g64 sym / aten bf16": Path_(INT4_G64, False, "aten", torch.bfloat16),
     "int8 per-channel sym / cpu": Path_(QuantScheme(8, -1, True), False, "cpu"),
@@ -198,6 +202,24 @@ def stored_bytes(layer: QuantLinear) -> int:
     return sum(getattr(layer, n).numel() * getattr(layer, n).element_size() for n in layer.tensor_names)
 
 
+class SpQRPart:
+    """One part of an SpQR layer's int8 decode (``path.spqr_part``) as a call on decode activations, with the
+    bytes it reads: the dense tiles (codes and statistic records) or the outliers' C correction."""
+
+    def __init__(self, in_features: int, out_features: int, path: Path_) -> None:
+        kernel = quantized_layer(in_features, out_features, path)._kernel(torch.device("cpu"), torch.float32)[1]
+        self.out_features, self.records, self.correction = out_features, kernel.records, kernel.correction
+        self.dense = path.spqr_part == "dense"
+        tensors = self.records.tensors if self.dense else (self.correction.offsets, self.correction.columns,
+                                                           self.correction.deltas)
+        self.nbytes = sum(t.nbytes for t in tensors)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense:
+            return self.records.product(x)
+        return self.correction.add_to(x.new_zeros(x.shape[0], self.out_features), x)
+
+
 def rotating(make, weight_bytes: int, cold: bool):
     """``(call, copies)``: a callable cycling over enough copies made by ``make()`` to exceed the caches."""
     copies = [make() for _ in range(max(1, COLD_FOOTPRINT_BYTES // weight_bytes) if cold else 1)]
@@ -231,13 +253,19 @@ def measure(rows_per_call: list[int], shapes: dict[str, tuple[int, int]], budget
             size = in_features * out_features * dtype.itemsize
             paths[path] = (rotating(partial(dense_layer, in_features, out_features, dtype), size, cold), size, dtype)
         for path, spec in QUANT_PATHS.items():
-            probe = quantized_layer(in_features, out_features, spec)
-            size, kernels[path] = stored_bytes(probe), kernel_description(probe, spec.dtype)
-            paths[path] = (rotating(partial(quantized_layer, in_features, out_features, spec), size, cold), size, spec.dtype)
+            if spec.spqr_part:
+                size, kernels[path] = SpQRPart(in_features, out_features, spec).nbytes, f"{spec.spqr_part} of the int8 decode"
+                make = partial(SpQRPart, in_features, out_features, spec)
+            else:
+                probe = quantized_layer(in_features, out_features, spec)
+                size, kernels[path] = stored_bytes(probe), kernel_description(probe, spec.dtype)
+                make = partial(quantized_layer, in_features, out_features, spec)
+            paths[path] = (rotating(make, size, cold), size, spec.dtype)
         for rows in rows_per_call:
-            # the reference path, the portable C build and torch's float32 int4 op (seconds a call) only for decode
+            # the reference path, the portable C build, torch's float32 int4 op (seconds a call) and SpQR's parts
+            # only for decode
             timed = {path: entry for path, entry in paths.items()
-                     if rows == 1 or not path.endswith(("dequant", "@portable", "aten fp32"))}
+                     if rows == 1 or not path.endswith(("dequant", "@portable", "aten fp32", "part"))}
             inputs = {path: torch.randn(rows, in_features).to(dtype) for path, (_, _, dtype) in timed.items()}
             calls = {path: (partial(call, inputs[path]), copies + 3) for path, ((call, copies), _, _) in timed.items()}
             with torch.inference_mode():

@@ -3,7 +3,7 @@
 ``D`` is sparse: at each outlier position it holds ``outlier value - dense value`` (float32, computed once),
 so the two terms add up to the stored weight exactly. The dense part runs either on CPU through quantkit's C
 kernels (codes as 4-bit or 8-bit; the int8 decode on AVX-512 reads 2- and 3-bit codes packed at 3 bits and
-the 3-bit statistics of each 16-row tile and group as one 24-byte record, decoded in registers; every other
+the 3-bit statistics of each 16-row tile and group as one 32-byte record, decoded in registers; every other
 path per-group float32 scales and zero points decoded once at load), or on CUDA through the fused Triton kernel of
 ``quantkit_kernels.triton_spqr``. On CPU the correction of decode batches runs in C too.
 """
@@ -69,16 +69,16 @@ class OutlierCorrection:
 
 
 def _statistic_records(qt: SpQRQuantizedTensor) -> torch.Tensor:
-    """The C ``qk_spqr_stats`` records ``[tiles, groups, 24]`` (uint8) of a layer whose second-level statistics
-    cover blocks of 16 rows: per tile and group, each row's scale code | zero code << 4, then the float16
-    scale and zero of the scale codes and of the zero codes (zeros when symmetric)."""
+    """The C ``qk_spqr_stats`` records ``[tiles, groups, 32]`` (uint8) of a layer whose second-level statistics
+    cover blocks of 16 rows: per tile and group, each row's scale code | zero code << 4, then the (float16)
+    scale and zero of the scale codes and of the zero codes as float32 (zeros when symmetric)."""
     from quantkit_kernels.cpu_int import tile_rows
 
     scale, zero = qt.scale_stats, qt.zero_stats
     codes = scale.codes if zero is None else scale.codes | (zero.codes << 4)
     second = (scale.scale, scale.zero) + ((zero.scale, zero.zero) if zero is not None else (torch.zeros_like(scale.scale),) * 2)
-    halves = torch.stack([t.to(torch.float16).t() for t in second], dim=2).contiguous()  # [tiles, groups, 4]
-    return torch.cat([tile_rows(codes.t()), halves.view(torch.uint8)], dim=2).contiguous()
+    values = torch.stack([t.to(torch.float16).float().t() for t in second], dim=2).contiguous()  # [tiles, groups, 4]
+    return torch.cat([tile_rows(codes.t()), values.view(torch.uint8)], dim=2).contiguous()
 
 
 def tiled_statistics_decode(qt: SpQRQuantizedTensor, library: ctypes.CDLL) -> DecodeGemv | None:

@@ -58,12 +58,12 @@ const char *qk_isa(void) {
 enum { QK_E8M0 = 1, QK_E4M3 = 2, QK_SPQR = 3 }; /* scale formats other than halves and float32 */
 
 /* SpQR's statistics of one tile of 16 rows and one group (scale_format QK_SPQR, the tiled kernel only): the
- * rows' 3-bit (up to 4-bit) first-level codes and the float16 second-level scale and zero they share, decoded
- * as the reference does in float32: s = max(scale_scale * (code - scale_zero), min_scale) and
- * z = zero_scale * (code - zero_zero). */
+ * rows' 3-bit (up to 4-bit) first-level codes and the second-level scale and zero they share (float16 values,
+ * held as float32 so that they load as broadcast operands), decoded as the reference does in float32:
+ * s = max(scale_scale * (code - scale_zero), min_scale) and z = zero_scale * (code - zero_zero). */
 typedef struct {
     uint8_t codes[16]; /* row i: scale code | zero code << 4 */
-    uint16_t scale_scale, scale_zero, zero_scale, zero_zero;
+    float scale_scale, scale_zero, zero_scale, zero_zero;
 } qk_spqr_stats;
 
 /* An integer weight matrix as the kernels read it (the layout above). */
@@ -606,7 +606,7 @@ int qk_gemv_q8(const qk_weight *w, const float *x, int64_t m_rows, float *y, int
  *              o = 2p, then o = 2p + 1) and one of 64 bytes with their third bit (byte 4i + q: bit 2o + h for
  *              position 8o + 4h + q).
  * Scales and zero points are [tiles, groups, 16], or (SpQR with statistics shared by blocks of 16 rows) one
- * qk_spqr_stats record of 24 bytes per tile and group, decoded in registers. Every lane of a dpbusd is then one row, the activations are
+ * qk_spqr_stats record of 32 bytes per tile and group, decoded in registers. Every lane of a dpbusd is then one row, the activations are
  * four bytes broadcast to all lanes, and scales and zero points load as vectors: group statistics cost a few
  * instructions per 16 rows and block, whatever the group size. */
 
@@ -657,10 +657,10 @@ static inline __m512 tile_byte_scales(int format, __m128i bytes) {
 
 /* One of the statistics of an SpQR record, for its 16 rows: stat_scale * (code - stat_zero), the code in bits
  * shift .. shift + 3 of each code byte. */
-static inline __m512 spqr_stat(const qk_spqr_stats *r, int shift, uint16_t stat_scale, uint16_t stat_zero) {
+static inline __m512 spqr_stat(const qk_spqr_stats *r, int shift, float stat_scale, float stat_zero) {
     __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)r->codes));
     __m512 codes = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(bytes, shift), _mm512_set1_epi32(0x0F)));
-    return _mm512_mul_ps(_mm512_set1_ps(half_to_float(stat_scale)), _mm512_sub_ps(codes, _mm512_set1_ps(half_to_float(stat_zero))));
+    return _mm512_mul_ps(_mm512_set1_ps(stat_scale), _mm512_sub_ps(codes, _mm512_set1_ps(stat_zero)));
 }
 
 static inline __m512 tile_scales(const qk_weight *w, int64_t i) {
@@ -722,15 +722,14 @@ static inline __attribute__((always_inline)) void tile_q8(const qk_weight *w, in
                 acc[t][o / 2] = quad_dot(acc[t][o / 2], second_quads, xo + 4);
             }
         }
-        if (group_size == 16) { /* the zero term here too, so that each group's statistics decode once */
-            __m512 s0 = tile_scales(w, first + 2 * b), s1 = tile_scales(w, first + 2 * b + 1);
-            __m512 sz0 = _mm512_mul_ps(s0, tile_zeros(w, first + 2 * b)), sz1 = _mm512_mul_ps(s1, tile_zeros(w, first + 2 * b + 1));
-            for (int t = 0; t < MT; t++) {
-                __m512 db = _mm512_set1_ps(d[t * blocks + b]);
-                total[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t][0]), _mm512_mul_ps(s0, db), total[t]);
-                total[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t][1]), _mm512_mul_ps(s1, db), total[t]);
-                zero_term[t] = _mm512_fmadd_ps(sz0, _mm512_set1_ps(xsum[t * groups + 2 * b]), zero_term[t]);
-                zero_term[t] = _mm512_fmadd_ps(sz1, _mm512_set1_ps(xsum[t * groups + 2 * b + 1]), zero_term[t]);
+        if (group_size == 16) { /* s * (d * acc - z * xsum) per group, so that its statistics decode once */
+            for (int h = 0; h < 2; h++) {
+                __m512 s = tile_scales(w, first + 2 * b + h), z = tile_zeros(w, first + 2 * b + h);
+                for (int t = 0; t < MT; t++) {
+                    __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[t][h]), _mm512_set1_ps(d[t * blocks + b]));
+                    __m512 inner = _mm512_fnmadd_ps(z, _mm512_set1_ps(xsum[t * groups + 2 * b + h]), scaled);
+                    total[t] = _mm512_fmadd_ps(s, inner, total[t]);
+                }
             }
         } else {
             __m512 s = tile_scales(w, first + b * BLOCK / group_size);
@@ -816,9 +815,13 @@ int qk_csr_add(const int32_t *offsets, const uint16_t *columns, const float *del
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < n; r++)
         for (int64_t t = 0; t < m_rows; t++) {
-            float sum = 0.f;
-            for (int32_t j = offsets[r]; j < offsets[r + 1]; j++) sum += deltas[j] * x[t * k + columns[j]];
-            y[t * n + r] += sum;
+            const float *xt = x + t * k;
+            float sum[4] = {0.f, 0.f, 0.f, 0.f}; /* four chains, so that no add waits for the one before */
+            int32_t j = offsets[r];
+            for (; j + 4 <= offsets[r + 1]; j += 4)
+                for (int i = 0; i < 4; i++) sum[i] += deltas[j + i] * xt[columns[j + i]];
+            for (; j < offsets[r + 1]; j++) sum[0] += deltas[j] * xt[columns[j]];
+            y[t * n + r] += (sum[0] + sum[1]) + (sum[2] + sum[3]);
         }
     return 0;
 }
