@@ -208,6 +208,8 @@ class SpQRPart:
 
     def __init__(self, in_features: int, out_features: int, path: Path_) -> None:
         kernel = quantized_layer(in_features, out_features, path)._kernel(torch.device("cpu"), torch.float32)[1]
+        if kernel.records is None:
+            raise RuntimeError(f"no int8 decode from SpQR statistic records in this build ({kernel!r})")
         self.out_features, self.records, self.correction = out_features, kernel.records, kernel.correction
         self.dense = path.spqr_part == "dense"
         tensors = self.records.tensors if self.dense else (self.correction.offsets, self.correction.columns,
@@ -254,7 +256,11 @@ def measure(rows_per_call: list[int], shapes: dict[str, tuple[int, int]], budget
             paths[path] = (rotating(partial(dense_layer, in_features, out_features, dtype), size, cold), size, dtype)
         for path, spec in QUANT_PATHS.items():
             if spec.spqr_part:
-                size, kernels[path] = SpQRPart(in_features, out_features, spec).nbytes, f"{spec.spqr_part} of the int8 decode"
+                try:
+                    size, kernels[path] = SpQRPart(in_features, out_features, spec).nbytes, f"{spec.spqr_part} of the int8 decode"
+                except RuntimeError as exc:
+                    console.log(f"{path}: skipped, {exc}")
+                    continue
                 make = partial(SpQRPart, in_features, out_features, spec)
             else:
                 probe = quantized_layer(in_features, out_features, spec)
