@@ -6,7 +6,10 @@ act-order (no g_idx: static groups from 4 bits, the group-aware order below): th
 default); ``gptq-w3g16-gptq`` was recorded again. The trained ``flatquant-rtn-w4g16-native`` case writes other bytes
 on an AMD EPYC than on the Intel Xeon it was recorded on, even in the portable mode (every other case matches on
 both): it holds two alternative digest sets, the Intel one and the AMD one (recorded at issue 22 from the
-unchanged code of issue 21's head), and matching either passes.
+unchanged code of issue 21's head), and matching either passes. Issue 25 changed the Hessians' float32 summation
+order (the Gram products no longer copy each batch transposed first); only ``gptq-w3g16-gptq`` moved (its 128
+calibration tokens leave the Hessians near singular, so rounding-level changes flip codes from block 0's
+down_proj on) and was recorded again, alone, on an AMD EPYC.
 
 Run as a script in a fresh interpreter with torch's portable kernels (see :data:`PORTABLE_ENV`), so that the
 arithmetic does not depend on the CPU's vector extensions:
