@@ -20,6 +20,7 @@ from quantkit.allocation.options import AllocationOptions, nearest_width
 from quantkit.allocation.plan import AllocationPlan, check_plan
 from quantkit.devices import resolve_devices
 from quantkit.diskspace import check_space, size_text
+from quantkit.distributed import Ranks, join, launched_ranks
 from quantkit.engine import EngineOptions, linear_shapes, quantize_model
 from quantkit.engine.sequential import calibration_batch
 from quantkit.errors import QuantkitError
@@ -69,6 +70,7 @@ class QuantizeResult:
     online_transforms: list[RemovableHandle] = field(default_factory=list)  # the transform's run-time maps
     source_bytes: int = 0  # the source model's parameters in the dtype it stores them in
     source_dtype: torch.dtype = torch.float32
+    writer: bool = True  # False on the ranks of a data-parallel run that leave the writing to rank 0
 
     @property
     def source_size(self) -> str:
@@ -145,8 +147,11 @@ def quantize_run(model: str | LoadedModel, run: RunPlan, output: str | Path | No
     if isinstance(transform, AppliedTransform) and not isinstance(model, LoadedModel):
         raise QuantkitError("an applied transform needs the loaded model it was fused into")
     engine_devices = resolve_devices(devices) if devices else ()
+    ranks = _join_ranks(run, engine_devices)
+    if ranks.device.type == "cuda":
+        engine_devices = (ranks.device,)  # each rank runs every block on its own GPU
     if offload is not None:
-        return _quantize_offloaded(model, run, offload, output, engine_devices, overwrite)
+        return _quantize_offloaded(model, run, offload, output, engine_devices, overwrite, ranks)
     seconds: dict[str, float] = {}
     with phase(f"loading {_model_name(model)}", seconds, "load"):
         loaded = model if isinstance(model, LoadedModel) else load_model(model, trust_remote_code=trust_remote_code,
@@ -190,13 +195,15 @@ def quantize_run(model: str | LoadedModel, run: RunPlan, output: str | Path | No
         weight_clip = {layer: clip for layer, clip in weight_clip.items() if plan.layer_bits[layer] == trained}
     torch.manual_seed(seed)
     options = EngineOptions(true_sequential=run.true_sequential, weight_clip=weight_clip, devices=engine_devices,
-                            expert_min_tokens=calibration.expert_min_tokens)
+                            expert_min_tokens=calibration.expert_min_tokens, ranks=ranks)
     with phase("quantizing", seconds, "quantize"):
         quantized = quantize_model(
             loaded.model, loaded.adapter, quantizer, plan.scheme_for(scheme) if plan else lambda _name: scheme,
             calib, options,
             label=f"{run.method} {_scheme_label(scheme) if plan is None else f'mixed {plan.target_bits} bits'}",
         )
+    if not ranks.writer:
+        return QuantizeResult(loaded.model, loaded.tokenizer, quantized, {}, seconds, writer=False)
     if run.head is not None:
         with phase(f"quantizing the output head ({_scheme_label(run.head)} RTN)", seconds, "head"):
             quantized[loaded.adapter.lm_head] = quantize_head(loaded.model, loaded.adapter, run.head)
@@ -290,7 +297,7 @@ def _quantization_record(run: RunPlan, source: str, mixed: bool = False) -> dict
 
 
 def _quantize_offloaded(model: str | LoadedModel, run: RunPlan, offload: str, output: str | Path | None,
-                        devices: tuple[torch.device, ...], overwrite: bool) -> QuantizeResult:
+                        devices: tuple[torch.device, ...], overwrite: bool, ranks: Ranks) -> QuantizeResult:
     """:func:`quantize` streaming block by block from disk (see :mod:`quantkit.streaming`)."""
     from quantkit.models.loading import load_local_tokenizer, local_model_dir
     from quantkit.streaming import StreamedModel, StreamedRun, quantize_streamed
@@ -323,16 +330,31 @@ def _quantize_offloaded(model: str | LoadedModel, run: RunPlan, offload: str, ou
     arguments |= {"calibration": [calibration.source, calibration.nsamples, calibration.seqlen, calibration.data_dir,
                                   run.true_sequential], "weights": source.identity(),
                   "devices": [str(device) for device in devices],  # arithmetic differs between device kinds
+                  "ranks": ranks.world,  # each rank spills its own share of the windows
                   "format_version": NATIVE_FORMAT_VERSION,  # finished blocks are stored in this version's layout
                   "dtype": str(kept_dtype)}
     streamed = StreamedRun(run.quantizer, run.scheme, calibration, run.seed,
                            EngineOptions(true_sequential=run.true_sequential, devices=devices,
-                                         expert_min_tokens=calibration.expert_min_tokens),
+                                         expert_min_tokens=calibration.expert_min_tokens, ranks=ranks),
                            f"{run.method} {_scheme_label(run.scheme)}", kept_dtype)
     with phase("quantizing and writing, block by block", seconds, "quantize and export"):
         quantize_streamed(source, tokenizer, streamed, arguments, Path(output), record, overwrite)
     return QuantizeResult(source.model, tokenizer, {}, record, seconds,
-                          source_bytes=stored_bytes(source.model, source_dtype), source_dtype=source_dtype)
+                          source_bytes=stored_bytes(source.model, source_dtype), source_dtype=source_dtype,
+                          writer=ranks.writer)
+
+
+def _join_ranks(run: RunPlan, devices: tuple[torch.device, ...]) -> Ranks:
+    """The data-parallel ranks of a run launched by torchrun (one rank otherwise); what the ranks cannot share
+    is refused first: the steps before the engine that train or measure on the whole model."""
+    if launched_ranks() > 1:
+        refused = [(isinstance(run.transform, Transform), "a transform"),
+                   (isinstance(run.allocation, AllocationOptions), "choosing a bit allocation (save a plan with "
+                                                                    "`quantkit allocate` and pass it)")]
+        for condition, what in refused:
+            if condition:
+                raise QuantkitError(f"data-parallel runs (torchrun) cannot do {what}; run it in one process")
+    return join(devices)
 
 
 def _reads_calibration(run: RunPlan) -> bool:

@@ -212,6 +212,8 @@ def quantize(
                           trust_remote_code=trust_remote_code)
     if saved is not None:
         saved.save(save_recipe)
+    if not result.writer:  # another rank of a data-parallel run wrote the checkpoint and reports
+        return
     _print_summary(f"quantized {model} → {output}", inspect_checkpoint(output), result.quantization_config,
                    result.seconds, result.source_size)
     if save_recipe is not None:
@@ -582,6 +584,8 @@ def _try_help(command_path: str) -> str:
 
 def _fail(message: str, code: int, hint: str | None = None) -> None:
     one_line = " ".join(message.split())
+    if os.environ.get("WORLD_SIZE", "1") != "1":  # which rank of a torchrun launch failed
+        one_line = f"rank {os.environ.get('RANK', '?')}: {one_line}"
     err_console.print(f"error: {one_line}", markup=False, highlight=False, soft_wrap=True)
     if hint:
         err_console.print(hint, markup=False, highlight=False, soft_wrap=True)

@@ -3,6 +3,7 @@ line per finished phase with its time, and a line at most once a minute while a 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +31,8 @@ def make_console(stderr: bool = False) -> Console:
 
 
 stderr_console = make_console(stderr=True)
+# Progress is shown by the first rank of a data-parallel run alone (torchrun sets RANK); the others stay quiet.
+progress_console = stderr_console if os.environ.get("RANK", "0") == "0" else Console(stderr=True, quiet=True)
 
 
 @dataclass
@@ -109,8 +112,8 @@ def warn(line: str) -> None:
 
 def progress_bar(transient: bool = False) -> Progress | LineProgress:
     """A progress display on stderr: a rich bar on a terminal, plain lines elsewhere."""
-    if not stderr_console.is_terminal:
-        return LineProgress(stderr_console)
+    if not progress_console.is_terminal:
+        return LineProgress(progress_console)
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -118,7 +121,7 @@ def progress_bar(transient: bool = False) -> Progress | LineProgress:
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
-        console=stderr_console,
+        console=progress_console,
         transient=transient,
     )
 
@@ -128,15 +131,15 @@ def phase(description: str, seconds: dict[str, float] | None = None, key: str = 
     """Time a phase of unknown length (into ``seconds[key]`` when given): a spinner on a terminal, one line
     when it ends elsewhere."""
     start = time.perf_counter()
-    if stderr_console.is_terminal:
+    if progress_console.is_terminal:
         spinner = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                           console=stderr_console, transient=True)
+                           console=progress_console, transient=True)
         with spinner:
             spinner.add_task(description, total=None)
             yield
     else:
         yield
-        stderr_console.print(f"{description}: done in {time.perf_counter() - start:.1f} s", markup=False,
+        progress_console.print(f"{description}: done in {time.perf_counter() - start:.1f} s", markup=False,
                              highlight=False)
     if seconds is not None:
         seconds[key] = time.perf_counter() - start

@@ -8,7 +8,7 @@ issue protocol: 128 windows x 512 tokens, act-order on by default), in its own p
 - block linears: torch's `linear` (the calibration forward passes through every block),
 - attention: torch's `scaled_dot_product_attention`,
 - Hessians: `HessianAccumulator.add` (the Gram products of every group's inputs),
-- solves: the quantizer's `quantize` (inverse Hessian factor, column sweep, grids),
+- solves: the quantizer's `quantize_together` (inverse Hessian factor, column sweep, grids),
 - other: the rest of the run (loading, calibration text, the model's other modules, writing).
 
 cProfile costs a few percent, alike across phases. Prints the CPU model and flags, a rich table (seconds and
@@ -40,7 +40,7 @@ PHASES = {
     "block linears": ("~", "<built-in method torch._C._nn.linear>"),
     "attention": ("~", "<built-in method torch._C._nn.scaled_dot_product_attention>"),
     "Hessians": ("quantkit/hessian.py", "add"),
-    "solves": ("quantkit/quantizers/gptq.py", "quantize"),
+    "solves": ("quantkit/quantizers/gptq.py", "quantize_together"),
 }
 
 

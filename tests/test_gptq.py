@@ -9,7 +9,7 @@ from quantkit.errors import QuantkitError
 from quantkit.hessian import HessianAccumulator
 from quantkit.quantizers import make_quantizer
 from quantkit.quantizers.base import LayerStats
-from quantkit.quantizers.gptq import damping_schedule, group_aware_perm
+from quantkit.quantizers.gptq import damping_schedule, group_aware_perm, inverse_hessian_factor
 from quantkit.schemes import QuantScheme
 
 
@@ -157,3 +157,37 @@ def test_gptq_without_hessian_is_refused() -> None:
 def test_unknown_method_names_the_available_ones() -> None:
     with pytest.raises(QuantkitError, match="unknown method 'awq'.*rtn, gptq"):
         make_quantizer("awq")
+
+
+def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_damped_inverse() -> None:
+    h = stats_for(correlated_inputs(600, 48)).hessian
+    damp = 0.01
+    damped = h + damp * torch.diag(h).mean() * torch.eye(48, dtype=torch.float64)
+    upper = inverse_hessian_factor(h, damp).double()
+    assert torch.equal(upper, torch.triu(upper)) and bool((torch.diag(upper) > 0).all())
+    torch.testing.assert_close(upper.T @ upper, torch.linalg.inv(damped), rtol=1e-5, atol=1e-5 * float(upper.abs().max()) ** 2)
+
+
+# Layers reading one input share its Hessian and are solved as one stacked problem; each must come out exactly as
+# if solved alone. NVFP4 takes a global scale from the whole tensor, so its layers are solved one at a time.
+@pytest.mark.parametrize("options,bits,group,fmt", [({}, 4, 32, "int"), ({}, 3, 32, "int"), ({"g_idx": True}, 4, 32, "int"),
+                                                    ({"mse": True}, 4, -1, "int"), ({}, 4, 16, "nvfp4")])
+def test_layers_sharing_a_hessian_solve_together_as_they_would_alone(options: dict, bits: int, group: int, fmt: str) -> None:
+    x = correlated_inputs(1024, 64)
+    stats = stats_for(x)
+    gen = torch.Generator().manual_seed(2)
+    weights = [torch.randn(rows, 64, generator=gen) * 0.02 for rows in (48, 16, 16)]
+    clips = [torch.rand(48, generator=gen) * 0.2 + 0.8, None, None]
+    layers = [LayerStats(stats.hessian, stats.tokens, clip) for clip in clips]
+    quantizer = make_quantizer("gptq", **options)
+    scheme = quantizer.default_scheme(bits, group, True, fmt=fmt)
+    together = quantizer.quantize_together(weights, layers, scheme)
+    for weight, layer, qt in zip(weights, layers, together):
+        alone = quantizer.quantize(weight, layer, scheme)
+        assert qt.shape == alone.shape == tuple(weight.shape)
+        assert set(qt.to_tensors()) == set(alone.to_tensors())
+        for name, tensor in alone.to_tensors().items():
+            assert torch.equal(qt.to_tensors()[name], tensor), name
+    stored = [qt.to_tensors() for qt in together]  # held, so that no storage is freed and its address reused
+    storages = [{t.untyped_storage().data_ptr() for t in tensors.values()} for tensors in stored]
+    assert len(set().union(*storages)) == sum(map(len, storages))  # no layer's tensor is a view of another's

@@ -14,13 +14,14 @@ full-precision block (one pass), then the quantized block recomputes the outputs
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 from torch import nn
 
 from quantkit import defaults
+from quantkit.distributed import SINGLE, Ranks
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import QuantizedTensor
 from quantkit.hessian import HessianAccumulator
@@ -34,6 +35,9 @@ from quantkit.schemes import QuantScheme
 SchemeFor = Callable[[str], QuantScheme]
 # Quantizes one linear: (full name, weight, statistics, scheme) -> quantized tensor.
 LayerQuantizer = Callable[[str, torch.Tensor, LayerStats, QuantScheme], QuantizedTensor]
+# Quantizes linears ready at the same time under one scheme: (full names, weights, statistics, scheme) -> tensors.
+GroupQuantizer = Callable[[Sequence[str], Sequence[torch.Tensor], Sequence[LayerStats], QuantScheme],
+                          list[QuantizedTensor]]
 
 
 class _StopForward(Exception):
@@ -48,6 +52,7 @@ class EngineOptions:
     statistics: bool = False  # gather Hessians even for a quantizer that needs no calibration
     quantize_layer: LayerQuantizer | None = None  # replaces ``quantizer.quantize`` (it may record more choices)
     devices: tuple[torch.device, ...] = ()  # spread the blocks over these (each runs on its own); default: in place
+    ranks: Ranks = SINGLE  # data-parallel ranks: windows split, Hessians summed, solves shared out
     expert_min_tokens: int = defaults.EXPERT_MIN_TOKENS  # fewer routed tokens: the expert's statistics are forced
     expert_tokens: dict[str, int] = field(default_factory=dict)  # filled in: calibration tokens routed to each expert
 
@@ -87,23 +92,33 @@ def check_layers(model: nn.Module, adapter: ModelAdapter, scheme_for: SchemeFor,
             check_finite(block, f"{adapter.blocks}.{i}")
 
 
-def _layer_quantizer(quantizer: Quantizer, options: EngineOptions) -> LayerQuantizer:
-    if options.quantize_layer is not None:
-        return options.quantize_layer
-    return lambda _name, weight, stats, scheme: quantizer.quantize(weight, stats, scheme)
+def _group_quantizer(quantizer: Quantizer, options: EngineOptions) -> GroupQuantizer:
+    """The quantizer's batched solve, or ``options.quantize_layer`` one linear at a time when it is set."""
+    layer = options.quantize_layer
+    if layer is not None:
+        return lambda names, weights, stats, scheme: [layer(*args, scheme) for args in zip(names, weights, stats)]
+    return lambda _names, weights, stats, scheme: quantizer.quantize_together(weights, stats, scheme)
 
 
-def _quantize_linear(linear: nn.Linear, full: str, quantize: LayerQuantizer, stats: LayerStats,
-                     scheme: QuantScheme) -> QuantizedTensor:
-    """Quantize one linear on the CPU (the quantizers' column sweeps are written for it), whatever device the
-    block runs on, and put the dequantized weight back in place."""
-    weight = linear.weight.data
-    if weight.device.type != "cpu":
-        weight = weight.cpu()
-        stats = replace(stats, hessian=None if stats.hessian is None else stats.hessian.cpu())
-    qt = quantize(full, weight, stats, scheme.for_columns(weight.shape[1]))
-    linear.weight.data.copy_(qt.dequantize(linear.weight.dtype))
-    return qt
+def quantize_linears(linears: dict[str, nn.Linear], stats: dict[str, LayerStats], quantize: GroupQuantizer,
+                     scheme_for: SchemeFor, ranks: Ranks = SINGLE) -> dict[str, QuantizedTensor]:
+    """Quantize linears ready at the same time (by full name), those under one scheme in one call, on the device
+    their weights are on, and put each dequantized weight back in place. Over several ranks, each rank solves
+    its share of the linears and every rank gets every result."""
+    owner = dict(zip(linears, ranks.owners([linear.weight.numel() * linear.in_features for linear in linears.values()])))
+    by_scheme: dict[QuantScheme, list[str]] = {}
+    for full, linear in linears.items():
+        if owner[full] == ranks.rank:
+            by_scheme.setdefault(scheme_for(full).for_columns(linear.in_features), []).append(full)
+    solved = {}
+    for scheme, names in by_scheme.items():
+        tensors = quantize(names, [linears[full].weight.data for full in names], [stats[full] for full in names], scheme)
+        solved.update(zip(names, tensors))
+    results = {}
+    for full, linear in linears.items():
+        results[full] = qt = ranks.share(solved.get(full), owner[full])
+        linear.weight.data.copy_(qt.dequantize(linear.weight.dtype).to(linear.weight.device))
+    return results
 
 
 @dataclass
@@ -168,21 +183,23 @@ class _GroupRun:
     """Statistics hooks for the dense linears of a block (or of one expert): one Hessian per group of linears
     sharing an input, each group quantized once every job contributed to it."""
 
-    def __init__(self, block: nn.Module, prefix: str, groups: Sequence[tuple[str, ...]], quantize: LayerQuantizer,
-                 scheme_for: SchemeFor, results: dict[str, QuantizedTensor], weight_clip: dict[str, torch.Tensor]) -> None:
-        self.block, self.prefix, self.groups, self.weight_clip = block, prefix, list(groups), weight_clip
+    def __init__(self, block: nn.Module, prefix: str, groups: Sequence[tuple[str, ...]], quantize: GroupQuantizer,
+                 scheme_for: SchemeFor, results: dict[str, QuantizedTensor], weight_clip: dict[str, torch.Tensor],
+                 ranks: Ranks = SINGLE) -> None:
+        self.block, self.prefix, self.groups, self.weight_clip, self.ranks = block, prefix, list(groups), weight_clip, ranks
         self.quantize, self.scheme_for, self.results = quantize, scheme_for, results
         self.accumulators: dict[int, HessianAccumulator] = {}
         self.seen: dict[tuple[int, int], tuple[int, torch.Size]] = {}  # (job, group) -> the input's identity
 
     def quantize_group(self, g: int) -> None:
         acc = self.accumulators.pop(g)
+        if self.ranks.world > 1:
+            acc.tokens = self.ranks.total(acc.tokens)
+            self.ranks.sum_(acc.total)
         hessian = acc.hessian()
-        for name in self.groups[g]:
-            full = f"{self.prefix}.{name}"
-            linear = _linear(self.block, name, full)
-            stats = LayerStats(hessian=hessian, tokens=acc.tokens, clip=self.weight_clip.get(full))
-            self.results[full] = _quantize_linear(linear, full, self.quantize, stats, self.scheme_for(full))
+        linears = {f"{self.prefix}.{name}": _linear(self.block, name, f"{self.prefix}.{name}") for name in self.groups[g]}
+        stats = {full: LayerStats(hessian=hessian, tokens=acc.tokens, clip=self.weight_clip.get(full)) for full in linears}
+        self.results.update(quantize_linears(linears, stats, self.quantize, self.scheme_for, self.ranks))
 
     def finish(self) -> None:
         """Quantize every group from the statistics gathered (the two-pass order)."""
@@ -224,7 +241,7 @@ class _ExpertsRun:
     starved expert from all of them), so the statistics of one expert are held at a time."""
 
     def __init__(self, experts: nn.ModuleList, prefix: str, groups: Sequence[tuple[str, ...]],
-                 quantize: LayerQuantizer, scheme_for: SchemeFor, results: dict[str, QuantizedTensor],
+                 quantize: GroupQuantizer, scheme_for: SchemeFor, results: dict[str, QuantizedTensor],
                  options: EngineOptions) -> None:
         self.experts, self.prefix, self.groups, self.options = experts, prefix, groups, options
         self.quantize, self.scheme_for, self.results = quantize, scheme_for, results
@@ -249,11 +266,11 @@ class _ExpertsRun:
         self.routed.clear()
         for e, expert in enumerate(self.experts):
             chosen = (index == e).any(dim=-1)
-            prefix, routed = f"{self.prefix}.{e}", int(chosen.sum())
+            prefix, routed = f"{self.prefix}.{e}", self.options.ranks.total(int(chosen.sum()))
             self.options.expert_tokens[prefix] = routed
             tokens = hidden if routed < self.options.expert_min_tokens else hidden[chosen]
             run = _GroupRun(expert, prefix, self.groups, self.quantize, self.scheme_for, self.results,
-                            self.options.weight_clip)
+                            self.options.weight_clip, self.options.ranks)
             (_lockstep_pass if true_sequential else _two_pass)(expert, [run], [(tokens, {})])
 
 
@@ -328,6 +345,7 @@ def quantize_model(
     blocks = ResidentBlocks(model, adapter, options.devices)
     inputs = None
     if calib is not None and (quantizer.needs_calibration or options.statistics):
+        calib = options.ranks.windows(calib)
         with torch.no_grad():
             inputs = capture_block_inputs(model, adapter, calib, calibration_batch(calib, options))
     quantize_blocks(blocks, adapter, quantizer, scheme_for, inputs, options, label)
@@ -358,18 +376,17 @@ def quantize_blocks(
 ) -> None:
     """Quantize blocks ``start`` onwards in order; ``inputs`` holds the batches entering block ``start``, or is
     None when no statistics are needed."""
-    quantize = _layer_quantizer(quantizer, options)
+    quantize = _group_quantizer(quantizer, options)
     with torch.no_grad(), progress_bar() as progress:
         task = progress.add_task(f"{label} quantizing", total=len(blocks), completed=start)
         for i in range(start, len(blocks)):
             progress.update(task, description=f"{label} block {i + 1}/{len(blocks)}")
             block, prefix, quantized = blocks.load(i), f"{adapter.blocks}.{i}", {}
             if inputs is None:
-                for name in adapter.block_linear_names(block):
-                    full = f"{prefix}.{name}"
-                    stats = LayerStats(clip=options.weight_clip.get(full))
-                    quantized[full] = _quantize_linear(_linear(block, name, full), full, quantize, stats,
-                                                       scheme_for(full))
+                linears = {f"{prefix}.{name}": _linear(block, name, f"{prefix}.{name}")
+                           for name in adapter.block_linear_names(block)}
+                stats = {full: LayerStats(clip=options.weight_clip.get(full)) for full in linears}
+                quantized.update(quantize_linears(linears, stats, quantize, scheme_for))
                 outputs = None
             else:
                 device = next(block.parameters()).device
@@ -382,12 +399,13 @@ def quantize_blocks(
             progress.advance(task)
 
 
-def _block_runs(block: nn.Module, prefix: str, adapter: ModelAdapter, quantize: LayerQuantizer,
+def _block_runs(block: nn.Module, prefix: str, adapter: ModelAdapter, quantize: GroupQuantizer,
                 scheme_for: SchemeFor, results: dict[str, QuantizedTensor],
                 options: EngineOptions) -> list[_GroupRun | _ExpertsRun]:
     """The statistics hooks of ``block``: its dense groups, and its routed experts if it has them."""
     runs: list[_GroupRun | _ExpertsRun] = [
-        _GroupRun(block, prefix, adapter.block_groups(block), quantize, scheme_for, results, options.weight_clip)]
+        _GroupRun(block, prefix, adapter.block_groups(block), quantize, scheme_for, results, options.weight_clip,
+                  options.ranks)]
     if adapter.expert_count(block):
         spec = adapter.experts
         runs.append(_ExpertsRun(block.get_submodule(spec.path), f"{prefix}.{spec.path}", spec.linear_groups(),

@@ -253,6 +253,12 @@ def make_grid(scheme: QuantScheme, w: torch.Tensor, mse: bool = False, per_row: 
     return FloatGrid(scheme, mse, tensor_scale, clip)
 
 
+def rows_independent(scheme: QuantScheme) -> bool:
+    """Whether :func:`make_grid` treats a tensor's rows independently (no scale drawn from the whole tensor), so
+    that stacking tensors' rows changes no row's result."""
+    return not scheme.is_gguf and scheme.format not in TENSOR_SCALED
+
+
 def quantize_groups(grid: Grid, w: torch.Tensor) -> tuple[torch.Tensor, Params, torch.Tensor]:
     """Round-to-nearest of ``w [rows, cols]`` in consecutive groups: ``(codes, params [rows, groups], values)``.
 

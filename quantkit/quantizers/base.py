@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -42,6 +43,12 @@ class Quantizer(ABC):
     @abstractmethod
     def quantize(self, weight: torch.Tensor, stats: LayerStats, scheme: QuantScheme) -> QuantizedTensor:
         """Quantize one weight matrix under ``scheme``."""
+
+    def quantize_together(self, weights: Sequence[torch.Tensor], stats: Sequence[LayerStats],
+                          scheme: QuantScheme) -> list[QuantizedTensor]:
+        """Quantize layers that are ready at the same time under one scheme (a quantizer may solve them as one
+        batch); one at a time unless overridden."""
+        return [self.quantize(weight, layer, scheme) for weight, layer in zip(weights, stats)]
 
     def default_scheme(self, bits: int | None = None, group_size: int | None = None, symmetric: bool | None = None,
                        fmt: str = defaults.NUMBER_FORMAT, block_rows: int = 1) -> QuantScheme:

@@ -8,15 +8,14 @@ updates, processed in blocks with lazy batch updates of the remaining columns.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 
-import numpy as np
 import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import QuantizedTensor, TensorPlan
-from quantkit.formats.grid import Params, make_grid
+from quantkit.formats.grid import Grid, Params, make_grid, rows_independent
 from quantkit.quantizers.base import LayerStats, Quantizer
 from quantkit.schemes import QuantScheme
 
@@ -35,17 +34,19 @@ def damping_schedule(damp: float) -> list[float]:
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` in float64, returned as float32.
 
+    With ``J`` the order-reversing permutation and ``J H J = M M^T`` (lower ``M``), the factor is
+    ``J M^-1 J``: one Cholesky and one triangular inverse instead of inverting ``H`` and factoring the inverse.
     If the damped Hessian is not positive definite, the damping grows by :func:`damping_schedule`.
     """
-    h = hessian.double()
+    h = hessian.double().flip(0, 1)
     mean_diag = torch.diag(h).mean().item()
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     schedule = damping_schedule(damp)
     for current in schedule:
-        chol, info = torch.linalg.cholesky_ex(h + current * mean_diag * eye)
+        lower, info = torch.linalg.cholesky_ex(h + current * mean_diag * eye)
         if info == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-            if info == 0 and torch.isfinite(upper).all():
+            upper = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
+            if torch.isfinite(upper).all():
                 if current != damp:
                     log.warning("Hessian needed damping %.3g (asked for %.3g)", current, damp)
                 return upper.float()
@@ -82,6 +83,14 @@ def group_aware_perm(h: torch.Tensor, group: int) -> torch.Tensor:
     return torch.cat([(starts + within[order]).reshape(-1), tail]).to(h.device)
 
 
+def stacked_clip(stats: Sequence[LayerStats], rows: Sequence[int], device: torch.device) -> torch.Tensor | None:
+    """The clipping ratios per row of layers stacked along their rows (1 where a layer has none)."""
+    if all(layer.clip is None for layer in stats):
+        return None
+    return torch.cat([torch.ones(count, device=device) if layer.clip is None else layer.clip.reshape(-1).float().to(device)
+                      for layer, count in zip(stats, rows)])
+
+
 def permuted_problem(
     w: torch.Tensor, h: torch.Tensor, perm: torch.Tensor | None, damp: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -110,9 +119,10 @@ def sweep_columns(
     hinv: torch.Tensor,
     group: int,
     start_group: Callable[[int, torch.Tensor], None],
-    round_column: Callable[[int, np.ndarray, float], np.ndarray],
+    round_column: Callable[[int, torch.Tensor, float], torch.Tensor],
 ) -> None:
-    """GPTQ's column sweep over ``w [rows, n]`` (float32, in quantization order; updated in place).
+    """GPTQ's column sweep over ``w [rows, n]`` (float32, in quantization order; updated in place), in torch on
+    ``w``'s device.
 
     At the first column of every group, ``start_group(col, pending)`` sees the group's weights as updated so
     far. Each column is then replaced by ``round_column(col, values, d)`` (``d`` its diagonal entry of the
@@ -123,22 +133,20 @@ def sweep_columns(
     block = group_aligned_block(group)
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
-        # The column loop runs in numpy: the same float32 arithmetic with far less per-call overhead.
-        w1 = w[:, i1:i2].t().contiguous().numpy()  # [columns, rows]
-        err1 = np.empty_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2].numpy()
-        for i in range(i2 - i1):
+        w1 = w[:, i1:i2].t().contiguous()  # [columns, rows]: each column one contiguous row
+        err1 = torch.empty_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i, d in enumerate(hinv1.diagonal().tolist()):
             col = i1 + i
             if col % group == 0:
-                pending = torch.from_numpy(w1[i : i + group]).t()
+                pending = w1[i : i + group].t()
                 if pending.shape[1] < group:  # the group runs past this block: take its later columns too
                     pending = torch.cat([pending, w[:, i2 : i2 + group - pending.shape[1]]], dim=1)
                 start_group(col, pending)
             column = w1[i]
-            err = (column - round_column(col, column, hinv1[i, i])) / hinv1[i, i]
-            w1[i:] -= np.outer(hinv1[i, i:], err)
-            err1[i] = err
-        w[:, i2:] -= torch.from_numpy(err1).t() @ hinv[i1:i2, i2:]
+            err = torch.sub(column, round_column(col, column, d), out=err1[i]).div_(d)
+            w1[i + 1 :].addr_(hinv1[i, i + 1 :], err, alpha=-1)
+        w[:, i2:].addmm_(err1.t(), hinv[i1:i2, i2:], alpha=-1)
 
 
 @dataclass
@@ -199,28 +207,52 @@ class GPTQQuantizer(Quantizer):
         return group_aware_perm(h, group) if grouped else act_order_perm(h)
 
     def quantize(self, weight: torch.Tensor, stats: LayerStats, scheme: QuantScheme) -> QuantizedTensor:
-        if stats.hessian is None:
+        return self.quantize_together([weight], [stats], scheme)[0]
+
+    def quantize_together(self, weights: Sequence[torch.Tensor], stats: Sequence[LayerStats],
+                          scheme: QuantScheme) -> list[QuantizedTensor]:
+        """Layers that read one input (one Hessian object) are solved as one problem of their stacked rows
+        where the grid treats rows independently: every row's result is what it would be alone."""
+        hessian = stats[0].hessian
+        if hessian is None:
             raise QuantkitError("GPTQ needs the layer's Hessian from calibration data")
         self.check_scheme(scheme)
+        stackable = rows_independent(scheme) and all(s.hessian is hessian for s in stats)
+        if len(weights) > 1 and not stackable:
+            return [self.quantize(weight, layer, scheme) for weight, layer in zip(weights, stats)]
+        rows = [weight.shape[0] for weight in weights]
+        weight = torch.cat(list(weights))
+        grid, codes, params, g_idx = self._solve(weight, hessian, scheme, stacked_clip(stats, rows, weight.device))
+        if len(rows) == 1:
+            return [grid.tensor(codes, params, g_idx)]
+        parts = zip(codes.split(rows), zip(*(p.split(rows) for p in params)))
+        return [grid.tensor(part_codes.clone(), tuple(p.clone() for p in part_params),
+                            None if g_idx is None else g_idx.clone())  # each layer owns its storage
+                for part_codes, part_params in parts]
+
+    def _solve(self, weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme,
+               clip: torch.Tensor | None) -> tuple[Grid, torch.Tensor, Params, torch.Tensor | None]:
+        """The sweep of one weight: its grid, codes ``[out, in]``, per-group parameters and ``g_idx``."""
         out_features, n = weight.shape
         group = scheme.group_columns(n)
-        w, h = without_dead_columns(weight, stats.hessian)
-        grid = make_grid(scheme, w, self.mse, clip=stats.clip)
+        w, h = without_dead_columns(weight, hessian)
+        grid = make_grid(scheme, w, self.mse, clip=clip)
         static = ([grid.fit(w[:, cols], g) for g, cols in enumerate(scheme.group_slices(n))]
                   if self.static(scheme) else None)
         w, hinv, perm = permuted_problem(w, h, self.order(h, group, static is not None), self.damp)
         codes = torch.empty((n, out_features), dtype=torch.uint8, device=w.device)  # column-major while solving
         fitted: dict[int, Params] = {}  # sweep position of a group's first column -> its grid
+        visited = perm.tolist()  # sweep position -> natural column
 
         def start_group(col: int, pending: torch.Tensor) -> None:
             if static is None:  # with g_idx the group's columns are not one block of the row: no position
-                fitted[col] = grid.fit(pending, None if self.g_idx else int(perm[col]) // group)
+                fitted[col] = grid.fit(pending, None if self.g_idx else visited[col] // group)
 
-        def round_column(col: int, column: np.ndarray, _d: float) -> np.ndarray:
-            params = static[int(perm[col]) // group] if static is not None else fitted[col - col % group]
-            column_codes, values = grid.round(torch.from_numpy(column)[:, None], params)
+        def round_column(col: int, column: torch.Tensor, _d: float) -> torch.Tensor:
+            params = static[visited[col] // group] if static is not None else fitted[col - col % group]
+            column_codes, values = grid.round(column[:, None], params)
             codes[col] = column_codes[:, 0]
-            return values[:, 0].numpy()
+            return values[:, 0]
 
         sweep_columns(w, hinv, group, start_group, round_column)
         inverse = torch.argsort(perm)
@@ -233,4 +265,4 @@ class GPTQQuantizer(Quantizer):
             groups = [fitted[int(inverse[start]) - int(inverse[start]) % group] for start in range(0, n, group)]
         params = tuple(torch.stack(p, dim=1) for p in zip(*groups))
         reordered = self.column_groups(scheme) and scheme.group_size < n  # one group needs no g_idx
-        return grid.tensor(codes, params, (inverse // group).to(torch.int32) if reordered else None)
+        return grid, codes, params, (inverse // group).to(torch.int32) if reordered else None

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 
 from quantkit.errors import QuantkitError
@@ -122,38 +121,37 @@ class SpQRQuantizer(Quantizer):
         threshold = self.outlier_threshold * (w.var(dim=0) / diag**2).mean().item()
         find_outliers = math.isfinite(threshold)
         maxq = scheme.maxq
-        codes = np.empty((n, out_features), dtype=np.uint8)  # column-major while solving
-        outlier = np.zeros((n, out_features), dtype=bool)
-        kept = np.zeros((n, out_features), dtype=np.float32)
+        codes = torch.empty((n, out_features), dtype=torch.uint8, device=w.device)  # column-major while solving
+        outlier = torch.zeros((n, out_features), dtype=torch.bool, device=w.device)
+        kept = torch.zeros((n, out_features), dtype=torch.float32, device=w.device)
         scale_stats: list[StatCodes] = []
         zero_stats: list[StatCodes] = []
-        grid: list[np.ndarray] = []
+        grid: list[torch.Tensor] = []
 
         def start_group(col: int, pending: torch.Tensor) -> None:
             d = diag[col : col + pending.shape[1]]
-            scale, zero = self._group_statistics(pending, d, threshold, scheme, scale_stats, zero_stats, stats.clip)
-            grid[:] = [scale.numpy(), zero.numpy()]
+            grid[:] = self._group_statistics(pending, d, threshold, scheme, scale_stats, zero_stats, stats.clip)
 
-        def round_column(col: int, column: np.ndarray, d: float) -> np.ndarray:
+        def round_column(col: int, column: torch.Tensor, d: float) -> torch.Tensor:
             scale, zero = grid
-            code = np.clip(np.rint(column / scale + zero), 0, maxq)
+            code = torch.clamp(torch.round(column / scale + zero), 0, maxq)
             codes[col] = code
             stored = scale * (code - zero)
             if find_outliers:
                 is_outlier = ((column - stored) / d) ** 2 > threshold
-                exact = column.astype(np.float16).astype(np.float32)
+                exact = column.half().float()
                 outlier[col] = is_outlier
-                kept[col] = np.where(is_outlier, exact, 0)
-                stored = np.where(is_outlier, exact, stored)
+                kept[col] = torch.where(is_outlier, exact, 0)
+                stored = torch.where(is_outlier, exact, stored)
             return stored
 
         sweep_columns(w, hinv, group, start_group, round_column)
 
         inverse = torch.argsort(perm)
-        mask = torch.from_numpy(outlier).t()[:, inverse]
-        values = torch.from_numpy(kept).t()[:, inverse]
+        mask = outlier.t()[:, inverse]
+        values = kept.t()[:, inverse]
         return SpQRQuantizedTensor(
-            codes=torch.from_numpy(codes).t().contiguous(),
+            codes=codes.t().contiguous(),
             scale_stats=_stack(scale_stats),
             zero_stats=_stack(zero_stats) if zero_stats else None,
             outliers=CsrOutliers.from_mask(mask, values),

@@ -95,7 +95,8 @@ def quantize_streamed(source: StreamedModel, tokenizer, run: StreamedRun, argume
     folder = work_dir(output)
     needed = max(0, _bytes_to_write(source, run, calib) - _bytes_written(folder))
     check_space(folder.parent, needed, WHAT)
-    state = RunState.open(output, arguments)
+    ranks = run.options.ranks
+    state = RunState.open(output, arguments, ranks)
     try:
         if calib is not None:
             state.check_calibration(tensor_digest(calib))  # a refusal keeps the state for the right windows
@@ -141,6 +142,8 @@ def _quantize_and_publish(source: StreamedModel, tokenizer, run: StreamedRun, st
                             run.options.expert_tokens)
     quantize_blocks(blocks, source.adapter, run.quantizer, lambda _name: run.scheme, inputs, run.options, run.label,
                     start=state.next_block)
+    if not run.options.ranks.writer:
+        return
     record["experts"] = run.options.experts_record()
     _publish(source, tokenizer, state, record, output, overwrite, run.dtype)
 
@@ -175,6 +178,7 @@ def _calibration(tokenizer, run: StreamedRun) -> torch.Tensor:
 def _block_inputs(source: StreamedModel, calib: torch.Tensor, run: StreamedRun, state: RunState) -> Calibrated:
     """The calibration batches entering block ``state.next_block``: hidden states (captured, or the spilled
     ones of a resumed run) with the keyword arguments of every block (masks, position embeddings)."""
+    calib = run.options.ranks.windows(calib)
     with torch.no_grad():
         captured = capture_block_inputs(source.model, source.adapter, calib, calibration_batch(calib, run.options))
     if state.next_block == 0 or state.next_block == source.num_blocks:

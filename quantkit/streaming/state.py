@@ -5,6 +5,10 @@
 ``state.json`` (the run's arguments, the calibration digest, each finished layer's metadata and
 ``next_block``). Every file is written under a temporary name and renamed, and ``state.json`` is renamed last,
 so a kill at any instant leaves a state that names only complete files.
+
+In a data-parallel run, rank 0 holds the lock and writes the shards and ``state.json``; every rank spills its
+own batches (``inputs-NNNNN.rank-R.safetensors``), and ``state.json`` moves on only once every rank's spill is
+complete, so a rank killed at any instant leaves a state every rank can resume from.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from quantkit.distributed import SINGLE, Ranks
 from quantkit.errors import QuantkitError
 from quantkit.export.atomic import lock_directory, write_json
 from quantkit.export.safetensors_io import write_part
@@ -60,18 +65,30 @@ def mapped_tensors(path: Path) -> dict[str, torch.Tensor]:
 class RunState:
     """A streamed run's work directory (see the module docstring)."""
 
-    def __init__(self, folder: Path, arguments: dict, record: dict, lock: int) -> None:
-        self.folder, self.arguments, self._lock = folder, arguments, lock
+    def __init__(self, folder: Path, arguments: dict, record: dict, lock: int, ranks: Ranks = SINGLE) -> None:
+        self.folder, self.arguments, self._lock, self.ranks = folder, arguments, lock, ranks
         self.next_block: int = record.get("next_block", 0)
         self.calibration: str | None = record.get("calibration")
         self.layers: dict[str, dict] = record.get("layers", {})
         self.expert_tokens: dict[str, int] = record.get("expert_tokens", {})  # calibration tokens routed to each
 
     @classmethod
-    def open(cls, output: Path, arguments: dict) -> RunState:
+    def open(cls, output: Path, arguments: dict, ranks: Ranks = SINGLE) -> RunState:
         """The state for writing ``output`` with ``arguments``: resumed if a run with the same arguments left
-        one, new otherwise; a state left by different arguments is refused, naming what differs."""
+        one, new otherwise; a state left by different arguments is refused, naming what differs. Rank 0 opens
+        it; the other ranks of a data-parallel run then read what it holds."""
         folder = work_dir(output)
+        if not ranks.writer:
+            ranks.barrier()
+            return cls(folder, arguments, _read_state(folder, arguments) or {}, -1, ranks)
+        try:
+            state = cls._open_first(folder, arguments, ranks)
+        finally:
+            ranks.barrier()
+        return state
+
+    @classmethod
+    def _open_first(cls, folder: Path, arguments: dict, ranks: Ranks) -> RunState:
         folder.mkdir(parents=True, exist_ok=True)
         lock = _lock(folder)
         try:
@@ -80,12 +97,12 @@ class RunState:
             os.close(lock)
             raise
         if record is not None:
-            return cls(folder, arguments, record, lock)
+            return cls(folder, arguments, record, lock, ranks)
         try:
             for leftover in folder.iterdir():  # no state: killed before its first commit, or while discarding
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
             (folder / "checkpoint").mkdir()
-            state = cls(folder, arguments, {}, lock)
+            state = cls(folder, arguments, {}, lock, ranks)
             state._commit()
             return state
         except BaseException:  # a new state that could not be written (a full disk): nothing to resume
@@ -102,14 +119,15 @@ class RunState:
         those of the finished blocks."""
         if self.next_block == 0:
             self.calibration = digest
-            self._commit()
+            if self.ranks.writer:
+                self._commit()
         elif self.calibration != digest:
             raise QuantkitError(f"the calibration windows differ from those {self.folder} was started with (did the "
                                 "calibration file change?); delete it to start over")
 
     def inputs(self) -> list[torch.Tensor]:
         """The hidden states entering block :attr:`next_block`, one per calibration batch, mapped from disk."""
-        path = self.folder / _inputs_name(self.next_block)
+        path = self.folder / self._inputs_name(self.next_block)
         if not path.is_file():
             raise QuantkitError(f"{path} is missing (was the state edited?); the state is discarded, run again")
         tensors = mapped_tensors(path)
@@ -118,16 +136,24 @@ class RunState:
     def commit_block(self, index: int, tensors: dict[str, torch.Tensor], layers: dict[str, dict],
                      outputs: list[torch.Tensor] | None, expert_tokens: dict[str, int]) -> None:
         """Keep block ``index``'s shard, its layers' metadata, the tokens routed to its experts and the hidden
-        states entering the next block."""
-        write_part(tensors, self.checkpoint / block_part(index))
+        states entering the next block (each rank its own; the shard and the state are rank 0's to write)."""
+        if self.ranks.writer:
+            write_part(tensors, self.checkpoint / block_part(index))
         if outputs is not None:
             write_part({f"batch.{i}": out.cpu() for i, out in enumerate(outputs)},
-                       self.folder / _inputs_name(index + 1))
+                       self.folder / self._inputs_name(index + 1))
+        self.ranks.barrier()  # every rank's spill is complete before the state names it
         self.next_block = index + 1
         self.layers.update(layers)
         self.expert_tokens.update(expert_tokens)
-        self._commit()
-        (self.folder / _inputs_name(index)).unlink(missing_ok=True)
+        if self.ranks.writer:
+            self._commit()
+        self.ranks.barrier()  # no rank drops the inputs a resumed run would still need
+        (self.folder / self._inputs_name(index)).unlink(missing_ok=True)
+
+    def _inputs_name(self, index: int) -> str:
+        rank = f".rank-{self.ranks.rank}" if self.ranks.world > 1 else ""
+        return f"inputs-{index:05d}{rank}.safetensors"
 
     def _commit(self) -> None:
         write_json(self.folder / STATE_FILE, {
@@ -136,7 +162,10 @@ class RunState:
         })
 
     def discard(self) -> None:
-        """Delete the work directory (``state.json`` first, so that a kill half way leaves no stale state)."""
+        """Delete the work directory (``state.json`` first, so that a kill half way leaves no stale state); rank
+        0's to do."""
+        if not self.ranks.writer:
+            return
         (self.folder / STATE_FILE).unlink(missing_ok=True)
         shutil.rmtree(self.folder, ignore_errors=True)
 
@@ -192,6 +221,3 @@ def block_part(index: int) -> str:
     """The work-directory name of block ``index``'s shard."""
     return f"part-{index:05d}.safetensors"
 
-
-def _inputs_name(index: int) -> str:
-    return f"inputs-{index:05d}.safetensors"
