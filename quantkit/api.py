@@ -98,6 +98,7 @@ def quantize(
     act_static: StaticActivations | None = None,
     kv_cache: KVCacheQuantization | None = None,
     quantize_head: str | None = None,
+    forward_dtype: str = defaults.FORWARD_DTYPE,
     **quantizer_options,
 ) -> QuantizeResult:
     """Quantize ``model`` (hub id, directory, GGUF file or built-in alias, or one already loaded); write a
@@ -116,6 +117,9 @@ def quantize(
     keeps its unquantized tensors in; ``auto`` is the source model's. ``allocation`` gives every linear its own width of ``scheme``: chosen here under a
     target of average bits (:class:`AllocationOptions`) or taken from a saved :class:`AllocationPlan`.
 
+    ``forward_dtype`` (``float32`` or ``bfloat16``) is the arithmetic of calibration's forward passes through the
+    blocks (autocast; Hessians and solves stay float32/float64): bfloat16 is faster where the hardware has it.
+
     ``offload="disk"`` streams the model (a local directory of safetensors shards) one decoder block at a
     time, writes each finished block at once and spills activations to disk, so peak memory stays near one
     block whatever the depth; a killed run keeps its state beside ``output`` and the same call resumes it
@@ -126,7 +130,7 @@ def quantize(
     """
     run = plan_run(method, scheme, calibration=calibration, seed=seed, true_sequential=true_sequential, layout=layout,
                    dtype=dtype, act_scheme=act_scheme, transform=transform, allocation=allocation, act_static=act_static,
-                   kv_cache=kv_cache, quantize_head=quantize_head, **quantizer_options)
+                   kv_cache=kv_cache, quantize_head=quantize_head, forward_dtype=forward_dtype, **quantizer_options)
     return quantize_run(model, run, output, overwrite, offload, devices, trust_remote_code)
 
 
@@ -195,7 +199,8 @@ def quantize_run(model: str | LoadedModel, run: RunPlan, output: str | Path | No
         weight_clip = {layer: clip for layer, clip in weight_clip.items() if plan.layer_bits[layer] == trained}
     torch.manual_seed(seed)
     options = EngineOptions(true_sequential=run.true_sequential, weight_clip=weight_clip, devices=engine_devices,
-                            expert_min_tokens=calibration.expert_min_tokens, ranks=ranks)
+                            expert_min_tokens=calibration.expert_min_tokens, ranks=ranks,
+                            forward_dtype=run.forward_torch_dtype)
     with phase("quantizing", seconds, "quantize"):
         quantized = quantize_model(
             loaded.model, loaded.adapter, quantizer, plan.scheme_for(scheme) if plan else lambda _name: scheme,
@@ -284,7 +289,7 @@ def _quantization_record(run: RunPlan, source: str, mixed: bool = False) -> dict
         "head": run.head.to_dict() if run.head is not None else None,
         "calibration": (
             {"source": calibration.source, "nsamples": calibration.nsamples, "seqlen": calibration.seqlen,
-             "true_sequential": run.true_sequential}
+             "true_sequential": run.true_sequential, "forward_dtype": run.forward_dtype}
             if run.quantizer.needs_calibration else None
         ),
         "transform": None,
@@ -328,14 +333,15 @@ def _quantize_offloaded(model: str | LoadedModel, run: RunPlan, offload: str, ou
                                               "quantkit_version")}
     arguments["quantizer"] = asdict(run.quantizer)  # as given: the record resolves some settings from the scheme
     arguments |= {"calibration": [calibration.source, calibration.nsamples, calibration.seqlen, calibration.data_dir,
-                                  run.true_sequential], "weights": source.identity(),
+                                  run.true_sequential, run.forward_dtype], "weights": source.identity(),
                   "devices": [str(device) for device in devices],  # arithmetic differs between device kinds
                   "ranks": ranks.world,  # each rank spills its own share of the windows
                   "format_version": NATIVE_FORMAT_VERSION,  # finished blocks are stored in this version's layout
                   "dtype": str(kept_dtype)}
     streamed = StreamedRun(run.quantizer, run.scheme, calibration, run.seed,
                            EngineOptions(true_sequential=run.true_sequential, devices=devices,
-                                         expert_min_tokens=calibration.expert_min_tokens, ranks=ranks),
+                                         expert_min_tokens=calibration.expert_min_tokens, ranks=ranks,
+                                         forward_dtype=run.forward_torch_dtype),
                            f"{run.method} {_scheme_label(run.scheme)}", kept_dtype)
     with phase("quantizing and writing, block by block", seconds, "quantize and export"):
         quantize_streamed(source, tokenizer, streamed, arguments, Path(output), record, overwrite)

@@ -147,6 +147,7 @@ def quantize(
     static_groups: StaticGroupsOpt = None,
     g_idx: GIdxOpt = None,
     true_sequential: Annotated[bool | None, typer.Option("--true-sequential/--no-true-sequential", help="Statistics of each group of linears after the earlier ones are quantized (default on).")] = None,
+    forward_dtype: Annotated[str | None, typer.Option(metavar=_choices("forward_dtype"), help="Arithmetic of calibration's forward passes through the blocks: float32 (default; the same result on every machine) or bfloat16 (autocast: faster on CPUs with AVX512-BF16/AMX and on GPUs; Hessians and solves stay float32/float64).")] = None,
     damp: DampOpt = None,
     mse: MseOpt = None,
     act_bits: Annotated[int | None, typer.Option(metavar=_choices("act_bits"), help="Quantize the input of every quantized linear per token (fake quantization, recorded in the checkpoint). Default: weights only.")] = None,

@@ -10,6 +10,10 @@ LAYOUT = "native"
 DTYPE = "auto"  # the unquantized tensors keep the source's dtype
 SEED = 0
 TRUE_SEQUENTIAL = True
+# The dtype calibration runs the blocks' forward passes in: float32, the same result on every machine; bfloat16
+# (autocast) is faster where the hardware has it, the statistics and solves staying float32/float64.
+FORWARD_DTYPE = "float32"
+FORWARD_DTYPES = ("float32", "bfloat16")
 BIT_CHOICES = (2, 3, 4, 8)  # the widths a mixed-bits allocation chooses from
 # A routed expert that calibration sends fewer tokens than this is starved: its statistics come from every
 # calibration token of its block instead (a forced pass), and the run lists it.

@@ -68,6 +68,12 @@ class RunPlan:
     act_static: StaticActivations | None = None
     kv_cache: KVCacheQuantization | None = None
     head: QuantScheme | None = None  # the output head's scheme when it is quantized (see quantkit.head)
+    forward_dtype: str = defaults.FORWARD_DTYPE  # of calibration's forward passes through the blocks
+
+    @property
+    def forward_torch_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of calibration's forward passes (None: the model's own arithmetic)."""
+        return None if self.forward_dtype == "float32" else getattr(torch, self.forward_dtype)
 
     @property
     def writer(self) -> Layout:
@@ -132,6 +138,7 @@ def plan_run(
     act_static: StaticActivations | None = None,
     kv_cache: KVCacheQuantization | None = None,
     quantize_head: str | None = None,
+    forward_dtype: str = defaults.FORWARD_DTYPE,
     **quantizer_options,
 ) -> RunPlan:
     """The one way a run is resolved. ``scheme`` (else ``bits`` in ``number_format`` with the method's usual
@@ -140,7 +147,10 @@ def plan_run(
     transform's online maps, before anything is loaded. ``act_static`` calibrates static scales for
     ``act_scheme`` (see :mod:`quantkit.actcalib`); ``kv_cache`` calibrates static KV-cache scales
     (:mod:`quantkit.kvcache`); ``quantize_head`` (int8 or int4) quantizes the output head too
-    (:mod:`quantkit.head`)."""
+    (:mod:`quantkit.head`). ``forward_dtype`` is the dtype calibration's forward passes run in
+    (:data:`quantkit.defaults.FORWARD_DTYPES`)."""
+    if forward_dtype not in defaults.FORWARD_DTYPES:
+        raise OptionError(f"unknown forward dtype {forward_dtype!r}; choose one of {', '.join(defaults.FORWARD_DTYPES)}")
     quantizer = make_quantizer(method, **quantizer_options)
     if act_static is not None:
         if act_scheme is None:
@@ -167,7 +177,8 @@ def plan_run(
     warn_runtimes(writer, candidates, [quantizer.plan(c).column_groups for c in candidates])
     unquantized_dtype(dtype, torch.float32)  # refused before any work
     return RunPlan(method, quantizer, scheme, tuple(candidates), calibration or CalibrationSpec(), seed,
-                   true_sequential, layout, dtype, act_scheme, transform, allocation, act_static, kv_cache, head)
+                   true_sequential, layout, dtype, act_scheme, transform, allocation, act_static, kv_cache, head,
+                   forward_dtype)
 
 
 def _head_plan(name: str, scheme: QuantScheme, act_scheme: QuantScheme | None, writer: Layout) -> QuantScheme:

@@ -16,6 +16,7 @@ seconds per block), and saves JSON.
 
     python scripts/bench_quantize_split.py                    # the issue protocol (about 3.5 minutes)
     python scripts/bench_quantize_split.py --nsamples 8 --seqlen 128   # a quick look
+    python scripts/bench_quantize_split.py --forward-dtype bfloat16    # bfloat16 forward passes and Gram products
 """
 
 from __future__ import annotations
@@ -59,8 +60,11 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
-    parser.add_argument("--output", type=Path, default=ROOT / "results" / "bench_quantize_split.json")
+    parser.add_argument("--forward-dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--output", type=Path, default=None, help="default: results/bench_quantize_split[-bfloat16].json")
     args = parser.parse_args()
+    suffix = "" if args.forward_dtype == "float32" else f"-{args.forward_dtype}"
+    args.output = args.output or ROOT / "results" / f"bench_quantize_split{suffix}.json"
     console = Console(width=140)
     cpu = describe()
     console.log(f"CPU: {cpu['model']}, {cpu['cores']} cores, flags: {' '.join(cpu['flags'])}")
@@ -69,11 +73,12 @@ def main() -> None:
         command = [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "quantkit", "quantize", "smollm2-135m",
                    "--method", "gptq", "--bits", "4", "--group-size", "64", "--calib", "c4", "--nsamples",
                    str(args.nsamples), "--seqlen", str(args.seqlen), "--data-dir", str(args.data_dir),
-                   "-o", str(Path(tmp) / "out"), "--overwrite"]
+                   "--forward-dtype", args.forward_dtype, "-o", str(Path(tmp) / "out"), "--overwrite"]
         console.log(" ".join(command[3:]))
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         seconds = phase_seconds(profile)
-    table = Table(title=f"GPTQ W4 g64 of SmolLM2-135M, C4 {args.nsamples} x {args.seqlen}; {cpu['model']}")
+    table = Table(title=f"GPTQ W4 g64 of SmolLM2-135M, C4 {args.nsamples} x {args.seqlen}, {args.forward_dtype} "
+                        f"forwards; {cpu['model']}")
     for column in ("phase", "s", "s per block", "share"):
         table.add_column(column, justify="left" if column == "phase" else "right")
     for name in (*PHASES, "other", "total"):
@@ -81,7 +86,7 @@ def main() -> None:
     console.print(table)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"cpu": cpu, "nsamples": args.nsamples, "seqlen": args.seqlen,
-                                       "seconds": seconds}, indent=2) + "\n")
+                                       "forward_dtype": args.forward_dtype, "seconds": seconds}, indent=2) + "\n")
     console.log(f"saved {args.output}")
 
 

@@ -1,5 +1,6 @@
 """Check ``--devices`` and ``--offload disk`` on a machine with a GPU: GPTQ and SpQR on a synthetic Llama, on the
-CPU, on ``cuda:0`` and split over ``cuda:0,cpu``, resident and streamed.
+CPU, on ``cuda:0`` (solves in torch on the GPU; also with bfloat16 forwards) and split over ``cuda:0,cpu``,
+resident and streamed.
 
 Reports per run: seconds, how many stored tensors equal the CPU run's, the relative error of the quantized
 model's logits against the float model, and whether streamed and resident runs on the same devices wrote the
@@ -28,6 +29,7 @@ SPQR = {"method": "spqr", "scheme": QuantScheme(3, 16, False)}
 RUNS = {
     "gptq cpu": GPTQ,
     "gptq cuda:0": GPTQ | {"devices": ["cuda:0"]},
+    "gptq cuda:0 bf16 forwards": GPTQ | {"devices": ["cuda:0"], "forward_dtype": "bfloat16"},
     "gptq cuda:0 streamed": GPTQ | {"devices": ["cuda:0"], "offload": "disk"},
     "gptq cuda:0,cpu": GPTQ | {"devices": ["cuda:0", "cpu"]},
     "gptq cuda:0,cpu streamed": GPTQ | {"devices": ["cuda:0", "cpu"], "offload": "disk"},

@@ -1,5 +1,5 @@
-"""Virtual environments of third-party runtimes (vLLM CPU, llama.cpp), built idempotently in a cache, and the
-subprocess call of `runtime_runner.py` inside one of them (JSON in, JSON out, a timeout, a one-line error).
+"""Virtual environments of third-party runtimes (vLLM CPU, llama.cpp, GPTQModel), built idempotently in a cache,
+and the subprocess call of `runtime_runner.py` inside one of them (JSON in, JSON out, a timeout, a one-line error).
 
 The environments never touch the project's: each is its own venv under ``~/.cache/quantkit/runtimes``
 (``$QUANTKIT_RUNTIMES_DIR`` moves it). One that is present and answers its probe is reused as it is; one that
@@ -10,6 +10,10 @@ llama.cpp is built once with CMake (shared libraries and the tools llama-quantiz
 llama-perplexity); llama-cpp-python is installed from the same sdist without compiling llama.cpp again and
 loads those libraries through ``LLAMA_CPP_LIB_PATH``. The build is native but without AMX: on this machine's
 CPU (AMX advertised) ggml's AMX matmul segfaults on the first decode, in the tools and the bindings alike.
+
+GPTQModel (a reference GPTQ quantizer, never a dependency of quantkit) gets the project's CPU torch first; its own
+requirements (read from its installed metadata) then come in with torch pinned by a constraints file, since
+GPTQModel 7.7 asks for a newer torch than the pinned one and pip would otherwise replace it.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ RUNNER = Path(__file__).resolve().with_name("runtime_runner.py")
 BUILD_ENV = "QUANTKIT_RUNTIMES"  # "build": tests build absent runtimes instead of skipping
 MARKER = "quantkit-runtime.json"
 VLLM_VERSION, TORCH_VERSION, LLAMA_CPP_PYTHON_VERSION = "0.32.0", "2.13.0", "0.3.36"
+GPTQMODEL_VERSION = "7.7.0"
 LLAMA_TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 CMAKE_ARGS = ("-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_CURL=OFF",
@@ -135,6 +140,58 @@ def build_vllm(runtime: Runtime, log: Path) -> None:
     sh([str(runtime.python), "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"], log)
 
 
+def gptqmodel_runtime(root: Path = CACHE) -> Runtime:
+    folder = root / f"gptqmodel-{GPTQMODEL_VERSION}"
+    # OpenMP on every core; no GPU is looked for; nothing fetched from a hub; GPTQModel's JIT-compiled C++
+    # extensions (its CPU GPTQ packer) kept inside the runtime instead of ~/.cache/gptqmodel
+    env = {"OMP_NUM_THREADS": str(os.cpu_count() or 1), "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "GPTQMODEL_TORCH_EXTENSIONS_DIR": str(folder / "torch_extensions")}
+    return Runtime("gptqmodel", folder, folder / "bin" / "python", env)
+
+
+GPTQMODEL_PROBE = ("import json, importlib.metadata as m, gptqmodel\n"
+                   "print(json.dumps({p: m.version(p) for p in ('torch', 'gptqmodel', 'transformers', 'numpy')}))")
+# GPTQModel compiles its CPU packer (pack_block_cpu.cpp, ~30 s here) on the first quantization; the build does it
+# once, so no timed quantization pays for it
+GPTQMODEL_PACKER = ("import sys\nfrom gptqmodel.utils.cpp import load_pack_block_extension\n"
+                    "sys.exit(0 if load_pack_block_extension() is not None else 1)")
+
+
+def gptqmodel_ready(runtime: Runtime) -> dict | None:
+    if not any((runtime.folder / "torch_extensions" / "pack_block_cpu").glob("*/*.so")):
+        return None
+    found = probe(runtime.python, GPTQMODEL_PROBE, runtime.env)  # imports gptqmodel: every requirement is there
+    cpu_torch = found and (found["torch"] or "").startswith(TORCH_VERSION) and "+cpu" in found["torch"]
+    return found if cpu_torch and found["gptqmodel"] == GPTQMODEL_VERSION else None
+
+
+def build_gptqmodel(runtime: Runtime, log: Path) -> None:
+    """python3 -m venv; torch (the CPU wheel, first); gptqmodel without its requirements; then those
+    requirements (from its metadata, less torch) with torch pinned by a constraints file; then GPTQModel's CPU
+    packer compiled."""
+    shutil.rmtree(runtime.folder, ignore_errors=True)
+    pip = [str(_venv(runtime.folder, log)), "-m", "pip", "install"]
+    sh([*pip, f"torch=={TORCH_VERSION}"], log)
+    torch_found = (probe(runtime.python, versions_code(("torch",))) or {}).get("torch") or ""
+    if not torch_found.endswith("+cpu"):
+        raise RuntimeUnavailable(f"pip installed a non-CPU torch into {runtime.folder} (log: {log})")
+    sh([*pip, "--no-deps", f"gptqmodel=={GPTQMODEL_VERSION}"], log)
+    requires = probe(runtime.python, "import json, importlib.metadata as m\n"
+                                     "print(json.dumps(m.requires('gptqmodel') or []))")
+    if requires is None:
+        raise RuntimeUnavailable(f"gptqmodel's requirements are unreadable in {runtime.folder} (log: {log})")
+    wanted = [r for r in requires if "extra ==" not in r and re.split(r"[\s;<>=!~\[]", r, maxsplit=1)[0].lower() != "torch"]
+    (runtime.folder / "gptqmodel-requirements.txt").write_text("\n".join(wanted) + "\n")
+    (runtime.folder / "constraints.txt").write_text(f"torch=={torch_found}\n")
+    with log.open("a") as out:
+        out.write(f"\n# gptqmodel's requirements (torch left out, pinned to {torch_found}):\n" + "\n".join(wanted) + "\n")
+    sh([*pip, "-r", str(runtime.folder / "gptqmodel-requirements.txt"), "-c", str(runtime.folder / "constraints.txt")],
+       log)
+    if (probe(runtime.python, versions_code(("torch",))) or {}).get("torch") != torch_found:
+        raise RuntimeUnavailable(f"gptqmodel's requirements replaced torch {torch_found} in {runtime.folder} (log: {log})")
+    sh([str(runtime.python), "-c", GPTQMODEL_PACKER], log, env=runtime.env, cwd=runtime.folder)
+
+
 def llama_cpp_runtime(root: Path = CACHE) -> Runtime:
     folder = root / f"llama-cpp-python-{LLAMA_CPP_PYTHON_VERSION}"
     return Runtime("llama.cpp", folder, folder / "venv" / "bin" / "python", {"LLAMA_CPP_LIB_PATH": str(folder / "build" / "bin")})
@@ -192,12 +249,13 @@ def build_llama_cpp(runtime: Runtime, log: Path) -> None:
         runtime.env.pop("LLAMA_CPP_LIB_PATH")
 
 
-RECIPES = {"vllm": (vllm_runtime, vllm_ready, build_vllm), "llama.cpp": (llama_cpp_runtime, llama_ready, build_llama_cpp)}
+RECIPES = {"vllm": (vllm_runtime, vllm_ready, build_vllm), "llama.cpp": (llama_cpp_runtime, llama_ready, build_llama_cpp),
+           "gptqmodel": (gptqmodel_runtime, gptqmodel_ready, build_gptqmodel)}
 
 
 def ensure(name: str, build: bool = True, root: Path = CACHE, log=print) -> Runtime:
-    """The runtime ``name`` ('vllm' or 'llama.cpp'), reused when its probe passes, else built (when ``build``)
-    from scratch; its record holds the versions and, when built here, the build seconds."""
+    """The runtime ``name`` ('vllm', 'llama.cpp' or 'gptqmodel'), reused when its probe passes, else built (when
+    ``build``) from scratch; its record holds the versions and, when built here, the build seconds."""
     make, ready, builder = RECIPES[name]
     runtime = make(root)
     with locked(runtime.folder):

@@ -15,6 +15,14 @@ outside the linears). RESULT: perplexity,
 mean NLL, per-window NLLs, timings (load, perplexity, prefill, decode), the greedy tokens and the versions of
 the packages involved. Prefill is the time to the first generated token; decode tokens/s counts the other
 ``new_tokens - 1`` tokens over the time after it.
+
+A request with "task": "quantize" quantizes instead (only "runtime": "gptqmodel", GPTQModel's GPTQ on CPU):
+{"runtime": "gptqmodel", "task": "quantize", "model": HF FOLDER, "calibration": SAFETENSORS FILE holding
+"input_ids" int64 [N, L], "bits": 4, "group_size": 64, "sym": true, "desc_act": true, "damp": 0.01, "output":
+FOLDER, "threads": N (default every core), "dtype": "auto" | "float32" | "bfloat16" (default "auto": GPTQModel's
+own choice, bfloat16 on CPU), "options": {more QuantizeConfig fields}}. RESULT: quantize_s (``model.quantize``
+alone), load_s, save_s, extension_s (GPTQModel's CPU packer loaded, or compiled, before the clock starts), the
+dtype, threads, CPU, peak RSS, the quantize config and the versions; the GPTQ (v1) checkpoint is in "output".
 """
 
 from __future__ import annotations
@@ -24,8 +32,10 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from importlib import metadata
 from typing import Any
 
@@ -289,13 +299,108 @@ def run_llama_cpp(request: dict) -> dict:
             "versions": versions("llama_cpp_python", "numpy")}
 
 
+# --- GPTQModel (GPTQ quantization on CPU, the reference quantizer) -------------------------------------------
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what the platform module says."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with whatever JSON cannot hold (dtypes, enums, devices) as its string."""
+    return json.loads(json.dumps(value, default=str))
+
+
+@contextmanager
+def working_directory(path: str) -> Iterator[None]:
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def quantize_gptqmodel(request: dict) -> dict:
+    """Load ``request['model']`` with GPTQModel on the CPU, quantize it with GPTQ on the calibration windows
+    (a safetensors file, never a pickle), time ``model.quantize`` alone, save the GPTQ checkpoint. GPTQModel
+    writes per-module logs under ./logs, so it works in a scratch folder (the checkpoint keeps the same log as
+    quant_log.csv) on the request's paths made absolute."""
+    request = {**request, **{key: os.path.abspath(request[key]) for key in ("model", "calibration", "output")}}
+    with tempfile.TemporaryDirectory(prefix="gptqmodel-run-") as scratch, working_directory(scratch):
+        return _quantize_gptqmodel(request)
+
+
+def _quantize_gptqmodel(request: dict) -> dict:
+    threads = int(request.get("threads") or os.cpu_count() or 1)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)  # before torch loads
+    # GPTQModel's own default of CPU workers (half the cores, at most 12), raised to the 2 that its model loader
+    # pool asks of it: on 2 cores its default (1) makes GPTQModel.load fail ("requests 2 workers but parent
+    # 'cpu' only has 1")
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, min(12, (threads + 1) // 2))))
+    import resource
+
+    import torch
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(threads)
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    windows = load_file(request["calibration"])["input_ids"]
+    if windows.dtype != torch.int64 or windows.dim() != 2:
+        raise ValueError(f"calibration input_ids must be int64 [N, L], got {windows.dtype} {list(windows.shape)}")
+    calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in windows]
+    config = QuantizeConfig(bits=request["bits"], group_size=request["group_size"], sym=request["sym"],
+                            desc_act=request["desc_act"], damp_percent=request.get("damp", 0.01), device="cpu",
+                            **request.get("options", {}))
+    dtype = request.get("dtype") or "auto"
+    # the device is QuantizeConfig's (GPTQModel refuses it in load() as well); the float model loads on the CPU
+    load_s, model = timed(lambda: GPTQModel.load(request["model"], config,
+                                                 dtype=dtype if dtype == "auto" else getattr(torch, dtype)))
+    model_dtype = str(next(model.model.parameters()).dtype)
+    # GPTQModel's CPU packer (a JIT-compiled C++ extension, built with the runtime) is loaded, or compiled if
+    # absent, before the clock starts: quantize_s never holds a compile
+    from gptqmodel.utils.cpp import load_pack_block_extension
+
+    extension_s, packer = timed(load_pack_block_extension)
+    quantize_s, _ = timed(lambda: model.quantize(calibration, batch_size=request.get("batch_size", 1)))
+    save_s, _ = timed(lambda: model.save(request["output"]))
+    try:
+        quantize_config = _jsonable(model.quantize_config.to_dict())
+    except Exception as exc:  # noqa: BLE001 - the record is a courtesy, never a failure
+        quantize_config = f"unavailable: {exc}"
+    return {"task": "quantize", "runtime": request["runtime"], "model": request["model"], "output": request["output"],
+            "quantize_s": quantize_s, "load_s": load_s, "save_s": save_s, "extension_s": extension_s,
+            "cpu_packer": packer is not None,
+            "windows": list(windows.shape), "dtype": model_dtype, "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "cpu": cpu_model(),
+            "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "GPTQMODEL_CPU_WORKERS", "CUDA_VISIBLE_DEVICES")},
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "quantize_config": quantize_config,
+            "versions": versions("torch", "gptqmodel", "transformers", "accelerate", "safetensors", "numpy")}
+
+
+QUANTIZERS: dict[str, Callable[[dict], dict]] = {"gptqmodel": quantize_gptqmodel}
+
+
 RUNNERS: dict[str, Callable[[dict], dict]] = {
     "quantkit": run_hf, "quantkit-eval": run_hf, "quantkit-fake": run_hf, "transformers": run_hf, "vllm": run_vllm, "llama.cpp": run_llama_cpp,
 }
 
 
 def run(request: dict) -> dict:
-    """The runner of ``request['runtime']``, with perplexity from the mean of the window NLLs."""
+    """The runner of ``request['runtime']``, with perplexity from the mean of the window NLLs; for
+    ``"task": "quantize"``, the quantizer of ``request['runtime']`` and its timings."""
+    if request.get("task", "eval") == "quantize":
+        return QUANTIZERS[request["runtime"]](request)
     result = RUNNERS[request["runtime"]](request)
     nll = sum(result["window_nlls"]) / len(result["window_nlls"])
     return {"runtime": request["runtime"], "model": request["model"], "perplexity": math.exp(nll), "nll": nll,

@@ -58,7 +58,8 @@ def test_cli_quantize_load_gives_fake_quant_logits(tmp_path: Path, tiny_model_di
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, fake.model(ids).logits, rtol=0, atol=1e-6)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["calibration"] == {"source": str(calib_file), "nsamples": 4, "seqlen": 32, "true_sequential": True}
+    assert qc["calibration"] == {"source": str(calib_file), "nsamples": 4, "seqlen": 32, "true_sequential": True,
+                                 "forward_dtype": "float32"}
     assert qc["seed"] == 3 and qc["quantizer"]["act_order"] is True
     tokenizer = quantkit.load_tokenizer(out)
     generated = loaded.generate(**tokenizer("The quick", return_tensors="pt"), max_new_tokens=4, do_sample=False)

@@ -101,3 +101,34 @@ def test_group_size_that_does_not_fit_is_refused() -> None:
 def test_unsupported_architecture_names_it() -> None:
     with pytest.raises(QuantkitError, match="unsupported architecture 'gpt2'"):
         adapter_for("gpt2")
+
+
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_bfloat16_forwards_keep_statistics_in_float64_and_solves_in_full_precision(true_sequential: bool) -> None:
+    calib = torch.randint(0, 320, (6, 32), generator=torch.Generator().manual_seed(0))
+    quantizer = make_quantizer("gptq")
+    seen: dict[torch.dtype | None, dict[str, tuple[torch.Tensor, bool]]] = {}
+    logits = {}
+    for dtype in (None, torch.bfloat16):
+        log = seen[dtype] = {}
+
+        def quantize_layer(name, weight, stats, scheme, log=log):
+            log[name] = (stats.hessian.clone(), torch.is_autocast_enabled("cpu"))
+            return quantizer.quantize(weight, stats, scheme)
+
+        model = tiny_model()
+        quantize_model(model, adapter_for("llama"), quantizer, lambda _: SCHEME, calib,
+                       EngineOptions(true_sequential=true_sequential, batch_tokens=64, quantize_layer=quantize_layer,
+                                     forward_dtype=dtype))
+        with torch.no_grad():
+            logits[dtype] = model(calib).logits
+    fp32, bf16 = seen[None], seen[torch.bfloat16]
+    assert set(fp32) == set(bf16) and not any(autocast for _, autocast in bf16.values())
+    # block 0's first inputs are the same float32 norm output in both runs: only the bfloat16 products differ;
+    # a later block's also differ by what the bfloat16 linears computed and by the codes of the blocks before it
+    for name, bound in (("model.layers.0.self_attn.q_proj", 2**-8), ("model.layers.1.mlp.down_proj", 0.25)):
+        assert bf16[name][0].dtype == torch.float64
+        difference = float((bf16[name][0] - fp32[name][0]).norm() / fp32[name][0].norm())
+        assert 0 < difference < bound, name
+    assert logits[torch.bfloat16].dtype == torch.float32
+    torch.testing.assert_close(logits[torch.bfloat16], logits[None], rtol=0, atol=0.1 * float(logits[None].abs().max()))

@@ -39,6 +39,19 @@ def test_hessian_accumulator_matches_float64_reference() -> None:
     assert torch.equal(stats.hessian, stats.hessian.T)
 
 
+def test_bfloat16_products_sum_to_the_hessian_of_the_rounded_inputs() -> None:
+    x = correlated_inputs(5000, 48)
+    acc = HessianAccumulator(48, product_dtype=torch.bfloat16)
+    for chunk in x.split(2500):
+        acc.add(chunk)
+    rounded = x.bfloat16().double()
+    reference = 2.0 / x.shape[0] * (rounded.T @ rounded)
+    scale = torch.sqrt(torch.outer(torch.diag(reference), torch.diag(reference)))
+    error = ((acc.hessian() - reference).abs() / scale).max().item()
+    assert 0 < error < 2**-8  # each product's result rounded to bfloat16 once, then summed in float64
+    assert torch.equal(acc.hessian(), acc.hessian().T) and acc.tokens == 5000
+
+
 # (group size, act_order, static_groups, g_idx): natural order, the group-aware order, plain act-order with
 # g_idx, static groups (the default), per channel.
 VARIANTS = [(32, False, False, False), (32, True, False, False), (32, True, False, True), (32, True, True, False),

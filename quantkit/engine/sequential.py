@@ -53,6 +53,7 @@ class EngineOptions:
     quantize_layer: LayerQuantizer | None = None  # replaces ``quantizer.quantize`` (it may record more choices)
     devices: tuple[torch.device, ...] = ()  # spread the blocks over these (each runs on its own); default: in place
     ranks: Ranks = SINGLE  # data-parallel ranks: windows split, Hessians summed, solves shared out
+    forward_dtype: torch.dtype | None = None  # autocast of the blocks' calibration forwards (None: their own dtype)
     expert_min_tokens: int = defaults.EXPERT_MIN_TOKENS  # fewer routed tokens: the expert's statistics are forced
     expert_tokens: dict[str, int] = field(default_factory=dict)  # filled in: calibration tokens routed to each expert
 
@@ -63,6 +64,16 @@ class EngineOptions:
             return None
         starved = {name: n for name, n in self.expert_tokens.items() if n < self.expert_min_tokens}
         return {"count": len(self.expert_tokens), "min_tokens": self.expert_min_tokens, "starved": starved}
+
+
+def full_precision(device: torch.device) -> torch.autocast:
+    """No autocast: statistics and solves keep their float32/float64 arithmetic inside a bfloat16 forward."""
+    return torch.autocast(device.type, enabled=False)
+
+
+def _forward_precision(block: nn.Module, dtype: torch.dtype | None) -> torch.autocast:
+    """Autocast of ``block``'s forward passes to ``dtype`` (none when None)."""
+    return torch.autocast(next(block.parameters()).device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def _linear(block: nn.Module, name: str, full_name: str) -> nn.Linear:
@@ -184,15 +195,21 @@ class _GroupRun:
     sharing an input, each group quantized once every job contributed to it."""
 
     def __init__(self, block: nn.Module, prefix: str, groups: Sequence[tuple[str, ...]], quantize: GroupQuantizer,
-                 scheme_for: SchemeFor, results: dict[str, QuantizedTensor], weight_clip: dict[str, torch.Tensor],
-                 ranks: Ranks = SINGLE) -> None:
-        self.block, self.prefix, self.groups, self.weight_clip, self.ranks = block, prefix, list(groups), weight_clip, ranks
+                 scheme_for: SchemeFor, results: dict[str, QuantizedTensor], options: EngineOptions) -> None:
+        self.block, self.prefix, self.groups = block, prefix, list(groups)
+        self.weight_clip, self.ranks = options.weight_clip, options.ranks
+        # bfloat16 forwards: the Gram products of what the bfloat16 linears read, in bfloat16 too
+        self.product_dtype = options.forward_dtype or torch.float32
         self.quantize, self.scheme_for, self.results = quantize, scheme_for, results
         self.accumulators: dict[int, HessianAccumulator] = {}
         self.seen: dict[tuple[int, int], tuple[int, torch.Size]] = {}  # (job, group) -> the input's identity
 
     def quantize_group(self, g: int) -> None:
         acc = self.accumulators.pop(g)
+        with full_precision(acc.total.device):
+            self._quantize(g, acc)
+
+    def _quantize(self, g: int, acc: HessianAccumulator) -> None:
         if self.ranks.world > 1:
             acc.tokens = self.ranks.total(acc.tokens)
             self.ranks.sum_(acc.total)
@@ -226,8 +243,9 @@ class _GroupRun:
                 self.seen[key] = identity
                 acc = self.accumulators.get(g)
                 if acc is None:
-                    acc = self.accumulators[g] = HessianAccumulator(x.shape[-1], x.device)
-                acc.add(x)
+                    acc = self.accumulators[g] = HessianAccumulator(x.shape[-1], x.device, self.product_dtype)
+                with full_precision(x.device):
+                    acc.add(x)
                 arrive(lambda: self.quantize_group(g))
             elif first != identity:
                 raise QuantkitError(f"{full} does not read the same input as the rest of its group; the adapter is wrong")
@@ -269,9 +287,8 @@ class _ExpertsRun:
             prefix, routed = f"{self.prefix}.{e}", self.options.ranks.total(int(chosen.sum()))
             self.options.expert_tokens[prefix] = routed
             tokens = hidden if routed < self.options.expert_min_tokens else hidden[chosen]
-            run = _GroupRun(expert, prefix, self.groups, self.quantize, self.scheme_for, self.results,
-                            self.options.weight_clip, self.options.ranks)
-            (_lockstep_pass if true_sequential else _two_pass)(expert, [run], [(tokens, {})])
+            run = _GroupRun(expert, prefix, self.groups, self.quantize, self.scheme_for, self.results, self.options)
+            (_lockstep_pass if true_sequential else _two_pass)(expert, [run], [(tokens, {})], self.options.forward_dtype)
 
 
 class BlockSource(Protocol):
@@ -392,7 +409,8 @@ def quantize_blocks(
                 device = next(block.parameters()).device
                 entering = [(hidden.to(device), move_to(kwargs, device)) for hidden, kwargs in inputs.entering(i)]
                 runs = _block_runs(block, prefix, adapter, quantize, scheme_for, quantized, options)
-                outputs = (_lockstep_pass if options.true_sequential else _two_pass)(block, runs, entering)
+                outputs = (_lockstep_pass if options.true_sequential else _two_pass)(block, runs, entering,
+                                                                                      options.forward_dtype)
             outputs = blocks.finish(i, quantized, outputs)
             if inputs is not None and outputs is not None:
                 inputs.hidden = outputs
@@ -404,8 +422,7 @@ def _block_runs(block: nn.Module, prefix: str, adapter: ModelAdapter, quantize: 
                 options: EngineOptions) -> list[_GroupRun | _ExpertsRun]:
     """The statistics hooks of ``block``: its dense groups, and its routed experts if it has them."""
     runs: list[_GroupRun | _ExpertsRun] = [
-        _GroupRun(block, prefix, adapter.block_groups(block), quantize, scheme_for, results, options.weight_clip,
-                  options.ranks)]
+        _GroupRun(block, prefix, adapter.block_groups(block), quantize, scheme_for, results, options)]
     if adapter.expert_count(block):
         spec = adapter.experts
         runs.append(_ExpertsRun(block.get_submodule(spec.path), f"{prefix}.{spec.path}", spec.linear_groups(),
@@ -413,30 +430,38 @@ def _block_runs(block: nn.Module, prefix: str, adapter: ModelAdapter, quantize: 
     return runs
 
 
-def _lockstep_pass(block: nn.Module, runs: list[_GroupRun | _ExpertsRun],
-                   inputs: list[tuple[torch.Tensor, dict]]) -> list[torch.Tensor]:
+def _forward(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """The block's output for one batch, in the dtype of its input (an autocast forward may return another)."""
+    return block_output(block(hidden, **kwargs)).to(hidden.dtype)
+
+
+def _lockstep_pass(block: nn.Module, runs: list[_GroupRun | _ExpertsRun], inputs: list[tuple[torch.Tensor, dict]],
+                   forward_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """One forward pass whose jobs meet at each group (and at the experts), quantized once all arrived."""
     lockstep = Lockstep()
     handles = [handle for run in runs for handle in run.install(lockstep.job_index, lockstep.rendezvous)]
     try:
-        return lockstep.run([lambda h=h, kw=kw: block_output(block(h, **kw)) for h, kw in inputs])
+        with _forward_precision(block, forward_dtype):  # the jobs share this thread's autocast state
+            return lockstep.run([lambda h=h, kw=kw: _forward(block, h, kw) for h, kw in inputs])
     finally:
         for handle in handles:
             handle.remove()
 
 
-def _two_pass(block: nn.Module, runs: list[_GroupRun | _ExpertsRun],
-              inputs: list[tuple[torch.Tensor, dict]]) -> list[torch.Tensor]:
+def _two_pass(block: nn.Module, runs: list[_GroupRun | _ExpertsRun], inputs: list[tuple[torch.Tensor, dict]],
+              forward_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """Statistics from the full-precision block, then quantize, then the quantized block's outputs."""
     current = {"job": 0}
     handles = [handle for run in runs for handle in run.install(lambda: current["job"], lambda _action: None)]
     try:
-        for job, (h, kw) in enumerate(inputs):
-            current["job"] = job
-            block(h, **kw)
+        with _forward_precision(block, forward_dtype):
+            for job, (h, kw) in enumerate(inputs):
+                current["job"] = job
+                block(h, **kw)
     finally:
         for handle in handles:
             handle.remove()
     for run in runs:
         run.finish()
-    return [block_output(block(h, **kw)) for h, kw in inputs]
+    with _forward_precision(block, forward_dtype):
+        return [_forward(block, h, kw) for h, kw in inputs]

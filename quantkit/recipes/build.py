@@ -99,6 +99,7 @@ def run_plan(settings: dict[str, object]) -> RunPlan:
                                     settings["expert_min_tokens"]),
         seed=settings["seed"],
         true_sequential=settings["true_sequential"],
+        forward_dtype=settings["forward_dtype"],
         layout=settings["layout"],
         dtype=settings["dtype"],
         act_scheme=act_scheme,

@@ -144,6 +144,8 @@ FIELDS: tuple[RecipeField, ...] = (
     RecipeField("calibration", "seqlen", "seqlen", "int", minimum=2),
     RecipeField("calibration", "seed", "seed", "int", minimum=0, maximum=2**32 - 1, default=defaults.SEED),
     RecipeField("calibration", "data_dir", "data_dir", "str"),
+    RecipeField("calibration", "forward_dtype", "forward_dtype", "str", allowed=defaults.FORWARD_DTYPES,
+                default=defaults.FORWARD_DTYPE),
     RecipeField("calibration", "expert_min_tokens", "expert_min_tokens", "int", minimum=0,
                 default=defaults.EXPERT_MIN_TOKENS, note="a routed expert given fewer tokens is starved"),
     RecipeField("transform", "name", "transform", "str", allowed=tuple(TRANSFORMS), also=(OFF,), joined=SEPARATOR,
