@@ -81,15 +81,15 @@ class Ranks:
             tensors = {name: t.contiguous() for name, t in qt.to_tensors().items()}
             header = {"meta": qt.meta(), "shape": list(qt.shape),
                       "tensors": [[name, str(t.dtype).removeprefix("torch."), list(t.shape)] for name, t in tensors.items()]}
-            payload = torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors.values()]) if tensors else None
+            payload = torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors.values()])
         header = self._broadcast_json(header if self.rank == owner else None, owner)
         specs = [(name, getattr(torch, dtype), torch.Size(shape)) for name, dtype, shape in header["tensors"]]
         sizes = [shape.numel() * torch.empty((), dtype=dtype).element_size() for _, dtype, shape in specs]
         buffer = payload.to(self.device) if self.rank == owner else torch.empty(sum(sizes), dtype=torch.uint8,
                                                                                device=self.device)
         dist.broadcast(buffer, owner)
-        received = {name: part.view(dtype).reshape(shape)
-                    for (name, dtype, shape), part in zip(specs, buffer.split(sizes))}
+        received = {name: part.clone().view(dtype).reshape(shape)  # a copy of its own: aligned for its dtype
+                    for (name, dtype, shape), part in zip(specs, buffer.cpu().split(sizes))}
         meta = header["meta"]
         return tensor_class(meta["kind"]).from_tensors(received, meta, tuple(header["shape"]))
 
@@ -100,7 +100,7 @@ class Ranks:
         buffer = data.to(self.device) if self.rank == source else torch.empty(int(length), dtype=torch.uint8,
                                                                               device=self.device)
         dist.broadcast(buffer, source)
-        return json.loads(bytes(buffer.cpu().tolist()))
+        return json.loads(buffer.cpu().numpy().tobytes())
 
     def barrier(self) -> None:
         """Wait until every rank gets here."""
@@ -125,7 +125,11 @@ def join(devices: tuple[torch.device, ...]) -> Ranks:
     world = launched_ranks()
     if world <= 1:
         return SINGLE
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    try:
+        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    except (KeyError, ValueError):
+        raise QuantkitError(f"WORLD_SIZE={world} but RANK/LOCAL_RANK are missing or not numbers; launch with "
+                            "torchrun") from None
     cuda = any(device.type == "cuda" for device in devices) or (not devices and torch.cuda.is_available())
     if cuda:
         device = devices[local] if len(devices) == world else torch.device("cuda", local)
@@ -133,7 +137,10 @@ def join(devices: tuple[torch.device, ...]) -> Ranks:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+        try:
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+        except (RuntimeError, ValueError) as exc:  # no rendezvous address, a rank that never came
+            raise QuantkitError(f"could not join the process group of {world} ranks: {exc}") from None
     if dist.get_world_size() != world:
         raise QuantkitError(f"the process group has {dist.get_world_size()} ranks but WORLD_SIZE says {world}")
     return Ranks(rank, world, device)

@@ -9,7 +9,9 @@ both): it holds two alternative digest sets, the Intel one and the AMD one (reco
 unchanged code of issue 21's head), and matching either passes. Issue 25 changed the Hessians' float32 summation
 order (the Gram products no longer copy each batch transposed first); only ``gptq-w3g16-gptq`` moved (its 128
 calibration tokens leave the Hessians near singular, so rounding-level changes flip codes from block 0's
-down_proj on) and was recorded again, alone, on an AMD EPYC.
+down_proj on) and was recorded again, alone, on an AMD EPYC. Later in issue 25 GPTQ's MSE clipping search became
+the default below 4 bits: ``gptq-w3g16-gptq`` was recorded again, alone (the torch column sweep and the stacked
+solves had left every case's bytes as they were).
 
 Run as a script in a fresh interpreter with torch's portable kernels (see :data:`PORTABLE_ENV`), so that the
 arithmetic does not depend on the CPU's vector extensions:

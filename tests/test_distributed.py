@@ -154,3 +154,59 @@ def test_what_the_ranks_cannot_share_is_refused_first(model_dir: Path, calib_fil
         quantize(str(model_dir), "gptq", QuantScheme(4, 64, True), CalibrationSpec(str(calib_file), 4, 32),
                  output=tmp_path / "out", **extra)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("environment", "message"), [
+    ({"WORLD_SIZE": "2"}, "RANK/LOCAL_RANK are missing"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}, "could not join the process group of 2 ranks"),
+    ({"WORLD_SIZE": "two"}, "is not a number of ranks"),
+])
+def test_a_launch_without_torchrun_s_rendezvous_is_one_line(model_dir: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch, environment: dict,
+                                                            message: str) -> None:
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(QuantkitError, match=message):
+        quantize(str(model_dir), "rtn", QuantScheme(4, 64, True), output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def _share_worker(rank: int, folder: str) -> None:
+    """Rank 0 quantizes one layer with SpQR (tensors of four dtypes) and shares it with rank 1."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from quantkit.quantizers import make_quantizer
+    from quantkit.quantizers.base import LayerStats
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+    try:
+        qt = None
+        if rank == 0:
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn(256, 41, generator=gen)  # 41 int16 perm entries: the next int32 tensor starts unaligned
+            quantizer = make_quantizer("spqr")
+            qt = quantizer.quantize(torch.randn(9, 41, generator=gen), LayerStats((x.T @ x).double(), 256),
+                                    quantizer.default_scheme(3))
+            save_file({name: t.contiguous() for name, t in qt.to_tensors().items()}, f"{folder}/made.safetensors")
+        shared = Ranks(rank, 2).share(qt, 0)
+        save_file({"weight": shared.dequantize(), **{name: t.contiguous() for name, t in shared.to_tensors().items()}},
+                  f"{folder}/rank{rank}.safetensors")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_shared_tensor_arrives_with_the_bytes_its_owner_made(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    torch.multiprocessing.spawn(_share_worker, args=(str(tmp_path),), nprocs=2)
+    made = load_file(str(tmp_path / "made.safetensors"))
+    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
+    assert len({t.dtype for t in made.values()}) >= 3
+    for received in ranks:
+        assert set(received) == {"weight", *made}
+        for name, tensor in made.items():
+            assert received[name].dtype == tensor.dtype and torch.equal(received[name], tensor), name
+    assert torch.equal(ranks[0]["weight"], ranks[1]["weight"])

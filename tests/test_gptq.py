@@ -204,3 +204,21 @@ def test_layers_sharing_a_hessian_solve_together_as_they_would_alone(options: di
     stored = [qt.to_tensors() for qt in together]  # held, so that no storage is freed and its address reused
     storages = [{t.untyped_storage().data_ptr() for t in tensors.values()} for tensors in stored]
     assert len(set().union(*storages)) == sum(map(len, storages))  # no layer's tensor is a view of another's
+
+
+def test_mse_clipping_is_the_default_on_integer_grids_below_4_bits() -> None:
+    x = correlated_inputs(1024, 64)
+    stats = stats_for(x)
+    weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(3)) * 0.02
+    default, searched, plain = make_quantizer("gptq"), make_quantizer("gptq", mse=True), make_quantizer("gptq", mse=False)
+    for bits, fmt, expected in ((2, "int", True), (3, "int", True), (4, "int", False), (8, "int", False),
+                                (4, "fp4", False)):
+        scheme = default.default_scheme(bits, 32, True, fmt=fmt)
+        assert default.options(scheme)["mse"] is expected
+        assert searched.options(scheme)["mse"] is True and plain.options(scheme)["mse"] is False
+        chosen = searched if expected else plain
+        assert torch.equal(default.quantize(weight, stats, scheme).dequantize(),
+                           chosen.quantize(weight, stats, scheme).dequantize())
+    scheme = default.default_scheme(3, 32, True)
+    assert not torch.equal(searched.quantize(weight, stats, scheme).dequantize(),
+                           plain.quantize(weight, stats, scheme).dequantize())

@@ -9,6 +9,11 @@ True-sequential (the default) takes each group's statistics after the earlier gr
 quantized. It runs as a single forward pass per block: the batches advance in lockstep and meet at each
 group, where the group is quantized once all batches contributed. Without it, statistics come from the
 full-precision block (one pass), then the quantized block recomputes the outputs (a second pass).
+
+The linears of a group that share one scheme are solved in one call, on the device the block runs on. Over
+data-parallel ranks (:mod:`quantkit.distributed`) each rank runs its share of the windows; a group's Hessian
+is summed over the ranks, and its linears are solved where :meth:`Ranks.owners` puts them and sent to all.
+With a ``forward_dtype`` the forward passes run under autocast; statistics and solves never do.
 """
 
 from __future__ import annotations

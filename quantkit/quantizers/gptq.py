@@ -104,6 +104,9 @@ def permuted_problem(
 # at 4 bits g64, static groups 25.98 < g_idx 26.87 < group-aware 27.22; at 3 bits g64, group-aware 60.15 while
 # static groups fall to 80.30 (the grids fitted before the sweep no longer hold the updated weights).
 STATIC_GROUPS_MIN_BITS = 4
+# The MSE clipping search is on by default on integer grids below this width, where it pays for its time
+# (SmolLM2-135M W3 g64: 60.36 without, see the README's issue-25 benchmark; at 4 bits it gained 1% for 1.4x the time).
+MSE_BELOW_BITS = 4
 
 SWEEP_BLOCK = 128  # columns per lazy-update block of the sweep: speed only, the arithmetic is the same
 
@@ -159,7 +162,8 @@ class GPTQQuantizer(Quantizer):
     without it, :func:`group_aware_perm` keeps each group's columns together and fits each group when the sweep
     reaches it; ``g_idx`` fits each group of ``group_size`` visited columns when the sweep reaches it and
     stores the group of every column (``desc_act``). ``static_groups`` None picks, without ``g_idx``, static
-    groups from :data:`STATIC_GROUPS_MIN_BITS` bits and the group-aware order below.
+    groups from :data:`STATIC_GROUPS_MIN_BITS` bits and the group-aware order below; ``mse`` None searches
+    integer grids below :data:`MSE_BELOW_BITS` bits.
     """
 
     name = "gptq"
@@ -169,7 +173,7 @@ class GPTQQuantizer(Quantizer):
     act_order: bool = True
     static_groups: bool | None = None
     g_idx: bool = False
-    mse: bool = False
+    mse: bool | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.damp:
@@ -183,8 +187,14 @@ class GPTQQuantizer(Quantizer):
             return self.static_groups
         return self.act_order and not self.g_idx and scheme.bits >= STATIC_GROUPS_MIN_BITS
 
+    def clipping(self, scheme: QuantScheme) -> bool:
+        """Whether each group's grid is searched for its least-error clipping (``mse``)."""
+        if self.mse is not None:
+            return self.mse
+        return scheme.format == "int" and scheme.bits < MSE_BELOW_BITS
+
     def options(self, scheme: QuantScheme) -> dict:
-        return {**asdict(self), "static_groups": self.static(scheme)}
+        return {**asdict(self), "static_groups": self.static(scheme), "mse": self.clipping(scheme)}
 
     def check_scheme(self, scheme: QuantScheme) -> None:
         super().check_scheme(scheme)
@@ -236,7 +246,7 @@ class GPTQQuantizer(Quantizer):
         out_features, n = weight.shape
         group = scheme.group_columns(n)
         w, h = without_dead_columns(weight, hessian)
-        grid = make_grid(scheme, w, self.mse, clip=clip)
+        grid = make_grid(scheme, w, self.clipping(scheme), clip=clip)
         static = ([grid.fit(w[:, cols], g) for g, cols in enumerate(scheme.group_slices(n))]
                   if self.static(scheme) else None)
         w, hinv, perm = permuted_problem(w, h, self.order(h, group, static is not None), self.damp)
