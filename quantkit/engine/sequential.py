@@ -249,8 +249,7 @@ class _GroupRun:
                 acc = self.accumulators.get(g)
                 if acc is None:
                     acc = self.accumulators[g] = HessianAccumulator(x.shape[-1], x.device, self.product_dtype)
-                with full_precision(x.device):
-                    acc.add(x)
+                acc.add(x)  # products in the forward's own dtype: its autocast changes nothing of them
                 arrive(lambda: self.quantize_group(g))
             elif first != identity:
                 raise QuantkitError(f"{full} does not read the same input as the rest of its group; the adapter is wrong")
