@@ -18,3 +18,6 @@ BIT_CHOICES = (2, 3, 4, 8)  # the widths a mixed-bits allocation chooses from
 # A routed expert that calibration sends fewer tokens than this is starved: its statistics come from every
 # calibration token of its block instead (a forced pass), and the run lists it.
 EXPERT_MIN_TOKENS = 128
+# Routed experts are solved in batches (one batched sweep per group of their linears) whose float64 Hessians take
+# at most this many bytes together; 1 solves them one at a time.
+EXPERT_BATCH_BYTES = 1 << 30

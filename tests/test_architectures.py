@@ -16,10 +16,12 @@ from conftest import saved_with_tokenizer
 from quantkit.api import CalibrationSpec, quantize
 from quantkit.engine import EngineOptions, check_layers, quantize_model
 from quantkit.engine.passes import block_outputs, walk_blocks
+from quantkit.engine.sequential import expert_batches
 from quantkit.errors import QuantkitError
 from quantkit.models.architectures import ADAPTERS, adapter_for
 from quantkit.models.experts import RoutedExperts, stored_modules
 from quantkit.quantizers import make_quantizer
+from quantkit.quantizers.gptq import GPTQQuantizer
 from quantkit.schemes import QuantScheme
 from quantkit.transforms import make_transform
 
@@ -244,6 +246,33 @@ def test_an_experts_hessian_is_built_from_its_routed_tokens_only() -> None:
                             (f"{prefix}.down_proj", down)):
         assert torch.allclose(seen[name], reference, rtol=1e-4, atol=1e-6), name
     assert 0 < routed < ids.numel()  # routed tokens, not all of them
+
+
+def test_experts_solved_in_one_batch_equal_experts_solved_one_at_a_time() -> None:
+    """The default budget puts a block's four experts in one batched solve per group of linears; a budget of one
+    byte solves them one at a time: the same tensors, byte for byte."""
+    ids = _ids(rows=2, length=24)
+    batch_sizes: list[int] = []
+
+    class CountingGPTQ(GPTQQuantizer):
+        def quantize_together(self, weights, stats, scheme):
+            batch_sizes.append(len({id(layer.hessian) for layer in stats}))  # distinct Hessians in one call
+            return super().quantize_together(weights, stats, scheme)
+
+    runs = {}
+    for budget in (EngineOptions().expert_batch_bytes, 1):
+        model, adapter = family_model("qwen3_moe"), adapter_for("qwen3_moe")
+        stored_modules(model, adapter)
+        experts = model.model.layers[0].mlp.experts
+        assert [len(batch) for batch in expert_batches(experts, budget)] == ([4] if budget > 1 else [1, 1, 1, 1])
+        options = EngineOptions(expert_batch_bytes=budget, expert_min_tokens=0)
+        runs[budget] = quantize_model(model, adapter, CountingGPTQ(), lambda _name: W4, ids, options)
+    batched, alone = runs.values()
+    assert batched.keys() == alone.keys() and any(".experts.3." in name for name in batched)
+    for name, qt in batched.items():
+        for key, tensor in qt.to_tensors().items():
+            assert torch.equal(tensor, alone[name].to_tensors()[key]), (name, key)
+    assert max(batch_sizes) == 4  # some solve took the four experts' Hessians at once
 
 
 def test_a_starved_expert_takes_every_token_of_its_block() -> None:

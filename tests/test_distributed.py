@@ -24,7 +24,9 @@ from quantkit.schemes import QuantScheme
 from quantkit.streaming.state import STATE_FILE, work_dir
 
 # 16 windows of 1024 tokens: the single process runs them in two batches of 8 (8192 tokens a batch), the two
-# ranks one batch of 8 each, so every Gram product and every sum happens in the same float order.
+# ranks one batch of 8 each, so every Gram product and every sum happens in the same float order. torchrun starts
+# each rank with one thread; the single process runs with one too, since a GEMM's float order can depend on its
+# thread count (it does with MKL on AVX-512 Xeons).
 WINDOWS = ["--nsamples", "16", "--seqlen", "1024"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
@@ -45,7 +47,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def single_process(model_dir: Path, calib_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     output = tmp_path_factory.mktemp("single") / "out"
-    subprocess.run(_quantize(model_dir, calib_file, output, 1), check=True, capture_output=True)
+    subprocess.run(_quantize(model_dir, calib_file, output, 1), check=True, capture_output=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})  # as torchrun starts each rank
     return output
 
 

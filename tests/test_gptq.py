@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -181,19 +183,25 @@ def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_damped_inver
     torch.testing.assert_close(upper.T @ upper, torch.linalg.inv(damped), rtol=1e-5, atol=1e-5 * float(upper.abs().max()) ** 2)
 
 
-# Layers reading one input share its Hessian and are solved as one stacked problem; each must come out exactly as
-# if solved alone. NVFP4 takes a global scale from the whole tensor, so its layers are solved one at a time.
-@pytest.mark.parametrize("options,bits,group,fmt", [({}, 4, 32, "int"), ({}, 3, 32, "int"), ({"g_idx": True}, 4, 32, "int"),
-                                                    ({"mse": True}, 4, -1, "int"), ({}, 4, 16, "nvfp4")])
-def test_layers_sharing_a_hessian_solve_together_as_they_would_alone(options: dict, bits: int, group: int, fmt: str) -> None:
-    x = correlated_inputs(1024, 64)
-    stats = stats_for(x)
+# Layers reading one input share its Hessian and are solved as one stacked problem, and problems of one shape with
+# Hessians of their own (experts) as one batched sweep; each layer must come out exactly as if solved alone. NVFP4
+# takes a global scale from the whole tensor and fp8 blocks of rows share a scale: their layers are solved alone.
+@pytest.mark.parametrize("options,bits,group,fmt,block_rows", [
+    ({}, 4, 32, "int", 1), ({}, 3, 32, "int", 1), ({"g_idx": True}, 4, 32, "int", 1), ({"mse": True}, 4, -1, "int", 1),
+    ({"act_order": False}, 4, 24, "int", 1), ({}, 4, 16, "nvfp4", 1), ({}, 8, -1, "fp8", 16), ({}, 8, 32, "fp8", 1)])
+def test_layers_solved_together_come_out_as_they_would_alone(options: dict, bits: int, group: int, fmt: str,
+                                                              block_rows: int) -> None:
     gen = torch.Generator().manual_seed(2)
-    weights = [torch.randn(rows, 64, generator=gen) * 0.02 for rows in (48, 16, 16)]
-    clips = [torch.rand(48, generator=gen) * 0.2 + 0.8, None, None]
-    layers = [LayerStats(stats.hessian, stats.tokens, clip) for clip in clips]
+    shared, *experts = [stats_for(correlated_inputs(1024, 64, seed)) for seed in range(4)]
+    # q/k/v-like layers sharing one Hessian (the first two with clipping ratios), then three "experts" of one
+    # shape with a Hessian each, each expert two layers (gate/up) sharing it
+    layers = ([LayerStats(shared.hessian, shared.tokens, torch.rand(48, generator=gen) * 0.2 + 0.8),
+               LayerStats(shared.hessian, shared.tokens, torch.rand(16, generator=gen) * 0.2 + 0.8),
+               LayerStats(shared.hessian, shared.tokens)]
+              + [LayerStats(e.hessian, e.tokens) for e in experts for _ in range(2)])
+    weights = [torch.randn(rows, 64, generator=gen) * 0.02 for rows in (48, 16, 16, 24, 24, 24, 24, 24, 24)]
     quantizer = make_quantizer("gptq", **options)
-    scheme = quantizer.default_scheme(bits, group, True, fmt=fmt)
+    scheme = replace(quantizer.default_scheme(bits, group, True, fmt=fmt), block_rows=block_rows)
     together = quantizer.quantize_together(weights, layers, scheme)
     for weight, layer, qt in zip(weights, layers, together):
         alone = quantizer.quantize(weight, layer, scheme)

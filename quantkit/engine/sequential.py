@@ -10,7 +10,9 @@ quantized. It runs as a single forward pass per block: the batches advance in lo
 group, where the group is quantized once all batches contributed. Without it, statistics come from the
 full-precision block (one pass), then the quantized block recomputes the outputs (a second pass).
 
-The linears of a group that share one scheme are solved in one call, on the device the block runs on. Over
+The linears of a group that share one scheme are solved in one call, on the device the block runs on; routed
+experts run in batches, one job per expert, so that a batch's experts reach each group together and are solved
+in one call too (GPTQ sweeps them as one batch). Over
 data-parallel ranks (:mod:`quantkit.distributed`) each rank runs its share of the windows; a group's Hessian
 is summed over the ranks, and its linears are solved where :meth:`Ranks.owners` puts them and sent to all.
 With a ``forward_dtype`` the forward passes run under autocast; statistics and solves never do.
@@ -60,6 +62,7 @@ class EngineOptions:
     ranks: Ranks = SINGLE  # data-parallel ranks: windows split, Hessians summed, solves shared out
     forward_dtype: torch.dtype | None = None  # autocast of the blocks' calibration forwards (None: their own dtype)
     expert_min_tokens: int = defaults.EXPERT_MIN_TOKENS  # fewer routed tokens: the expert's statistics are forced
+    expert_batch_bytes: int = defaults.EXPERT_BATCH_BYTES  # experts solved together keep their Hessians within this
     expert_tokens: dict[str, int] = field(default_factory=dict)  # filled in: calibration tokens routed to each expert
 
     def experts_record(self) -> dict | None:
@@ -196,32 +199,35 @@ Arrival = Callable[[Callable[[], None]], None]
 
 
 class _GroupRun:
-    """Statistics hooks for the dense linears of a block (or of one expert): one Hessian per group of linears
-    sharing an input, each group quantized once every job contributed to it."""
+    """Statistics hooks for the dense linears of a block, or of a batch of experts that each run as one job: one
+    Hessian per member and group of linears sharing an input, each group quantized (every member's linears in one
+    call) once every job contributed to it."""
 
-    def __init__(self, block: nn.Module, prefix: str, groups: Sequence[tuple[str, ...]], quantize: GroupQuantizer,
-                 scheme_for: SchemeFor, results: dict[str, QuantizedTensor], options: EngineOptions) -> None:
-        self.block, self.prefix, self.groups = block, prefix, list(groups)
+    def __init__(self, members: Sequence[tuple[nn.Module, str]], groups: Sequence[tuple[str, ...]],
+                 quantize: GroupQuantizer, scheme_for: SchemeFor, results: dict[str, QuantizedTensor],
+                 options: EngineOptions) -> None:
+        self.members, self.groups = list(members), list(groups)  # (module, full name prefix)
         self.weight_clip, self.ranks = options.weight_clip, options.ranks
         # bfloat16 forwards: the Gram products of what the bfloat16 linears read, in bfloat16 too
         self.product_dtype = options.forward_dtype or torch.float32
         self.quantize, self.scheme_for, self.results = quantize, scheme_for, results
-        self.accumulators: dict[int, HessianAccumulator] = {}
+        self.accumulators: dict[tuple[int, int], HessianAccumulator] = {}  # (member, group) -> statistics
         self.seen: dict[tuple[int, int], tuple[int, torch.Size]] = {}  # (job, group) -> the input's identity
 
     def quantize_group(self, g: int) -> None:
-        acc = self.accumulators.pop(g)
-        with full_precision(acc.total.device):
-            self._quantize(g, acc)
-
-    def _quantize(self, g: int, acc: HessianAccumulator) -> None:
-        if self.ranks.world > 1:
-            acc.tokens = self.ranks.total(acc.tokens)
-            self.ranks.sum_(acc.total)
-        hessian = acc.hessian()
-        linears = {f"{self.prefix}.{name}": _linear(self.block, name, f"{self.prefix}.{name}") for name in self.groups[g]}
-        stats = {full: LayerStats(hessian=hessian, tokens=acc.tokens, clip=self.weight_clip.get(full)) for full in linears}
-        self.results.update(quantize_linears(linears, stats, self.quantize, self.scheme_for, self.ranks))
+        accumulators = [self.accumulators.pop((m, g)) for m in range(len(self.members))]
+        with full_precision(accumulators[0].total.device):
+            linears, stats = {}, {}
+            for (module, prefix), acc in zip(self.members, accumulators):
+                if self.ranks.world > 1:
+                    acc.tokens = self.ranks.total(acc.tokens)
+                    self.ranks.sum_(acc.total)
+                hessian = acc.hessian()
+                for name in self.groups[g]:
+                    full = f"{prefix}.{name}"
+                    linears[full] = _linear(module, name, full)
+                    stats[full] = LayerStats(hessian=hessian, tokens=acc.tokens, clip=self.weight_clip.get(full))
+            self.results.update(quantize_linears(linears, stats, self.quantize, self.scheme_for, self.ranks))
 
     def finish(self) -> None:
         """Quantize every group from the statistics gathered (the two-pass order)."""
@@ -231,14 +237,12 @@ class _GroupRun:
 
     def install(self, job_index: Callable[[], int], arrive: Arrival) -> list:
         """Hooks that accumulate each group's Hessian once per job, then ``arrive`` with its quantization."""
-        handles = []
-        for g, group in enumerate(self.groups):
-            for name in group:
-                full = f"{self.prefix}.{name}"
-                handles.append(_linear(self.block, name, full).register_forward_pre_hook(self._hook(g, full, job_index, arrive)))
-        return handles
+        return [_linear(module, name, f"{prefix}.{name}").register_forward_pre_hook(
+                    self._hook(m, g, f"{prefix}.{name}", job_index, arrive))
+                for m, (module, prefix) in enumerate(self.members)
+                for g, group in enumerate(self.groups) for name in group]
 
-    def _hook(self, g: int, full: str, job_index: Callable[[], int], arrive: Arrival):
+    def _hook(self, m: int, g: int, full: str, job_index: Callable[[], int], arrive: Arrival):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
             key = (job_index(), g)
@@ -246,9 +250,9 @@ class _GroupRun:
             first = self.seen.get(key)
             if first is None:
                 self.seen[key] = identity
-                acc = self.accumulators.get(g)
+                acc = self.accumulators.get((m, g))
                 if acc is None:
-                    acc = self.accumulators[g] = HessianAccumulator(x.shape[-1], x.device, self.product_dtype)
+                    acc = self.accumulators[m, g] = HessianAccumulator(x.shape[-1], x.device, self.product_dtype)
                 acc.add(x)  # products in the forward's own dtype: its autocast changes nothing of them
                 arrive(lambda: self.quantize_group(g))
             elif first != identity:
@@ -257,10 +261,18 @@ class _GroupRun:
         return hook
 
 
+def expert_batches(experts: nn.ModuleList, budget: int) -> list[range]:
+    """Consecutive experts solved together: as many as keep their float64 Hessians of one group within
+    ``budget`` bytes (at least one)."""
+    widest = max(module.in_features for module in experts[0].modules() if isinstance(module, nn.Linear))
+    size = max(1, budget // (8 * widest * widest))
+    return [range(start, min(start + size, len(experts))) for start in range(0, len(experts), size)]
+
+
 class _ExpertsRun:
-    """The routed experts of a block: each job's tokens and routing are kept where they enter the experts;
-    once all jobs arrived, the experts are solved one at a time, each from only the tokens routed to it (a
-    starved expert from all of them), so the statistics of one expert are held at a time."""
+    """The routed experts of a block: each job's tokens and routing are kept where they enter the experts; once
+    all jobs arrived, the experts are solved in batches (:func:`expert_batches`), each expert one job of its
+    batch's pass, fed only the tokens routed to it (a starved expert all of them)."""
 
     def __init__(self, experts: nn.ModuleList, prefix: str, groups: Sequence[tuple[str, ...]],
                  quantize: GroupQuantizer, scheme_for: SchemeFor, results: dict[str, QuantizedTensor],
@@ -286,13 +298,17 @@ class _ExpertsRun:
         hidden = torch.cat([h.reshape(-1, h.shape[-1]) for h, _ in self.routed.values()])
         index = torch.cat([i.reshape(-1, i.shape[-1]) for _, i in self.routed.values()])
         self.routed.clear()
-        for e, expert in enumerate(self.experts):
-            chosen = (index == e).any(dim=-1)
-            prefix, routed = f"{self.prefix}.{e}", self.options.ranks.total(int(chosen.sum()))
-            self.options.expert_tokens[prefix] = routed
-            tokens = hidden if routed < self.options.expert_min_tokens else hidden[chosen]
-            run = _GroupRun(expert, prefix, self.groups, self.quantize, self.scheme_for, self.results, self.options)
-            (_lockstep_pass if true_sequential else _two_pass)(expert, [run], [(tokens, {})], self.options.forward_dtype)
+        for batch in expert_batches(self.experts, self.options.expert_batch_bytes):
+            jobs, members = [], []
+            for e in batch:
+                chosen = (index == e).any(dim=-1)
+                prefix, routed = f"{self.prefix}.{e}", self.options.ranks.total(int(chosen.sum()))
+                self.options.expert_tokens[prefix] = routed
+                tokens = hidden if routed < self.options.expert_min_tokens else hidden[chosen]
+                jobs.append((self.experts[e], tokens, {}))
+                members.append((self.experts[e], prefix))
+            run = _GroupRun(members, self.groups, self.quantize, self.scheme_for, self.results, self.options)
+            (_lockstep_pass if true_sequential else _two_pass)([run], jobs, self.options.forward_dtype)
 
 
 class BlockSource(Protocol):
@@ -411,10 +427,9 @@ def quantize_blocks(
                 outputs = None
             else:
                 device = next(block.parameters()).device
-                entering = [(hidden.to(device), move_to(kwargs, device)) for hidden, kwargs in inputs.entering(i)]
+                jobs = [(block, hidden.to(device), move_to(kwargs, device)) for hidden, kwargs in inputs.entering(i)]
                 runs = _block_runs(block, prefix, adapter, quantize, scheme_for, quantized, options)
-                outputs = (_lockstep_pass if options.true_sequential else _two_pass)(block, runs, entering,
-                                                                                      options.forward_dtype)
+                outputs = (_lockstep_pass if options.true_sequential else _two_pass)(runs, jobs, options.forward_dtype)
             outputs = blocks.finish(i, quantized, outputs)
             if inputs is not None and outputs is not None:
                 inputs.hidden = outputs
@@ -426,7 +441,7 @@ def _block_runs(block: nn.Module, prefix: str, adapter: ModelAdapter, quantize: 
                 options: EngineOptions) -> list[_GroupRun | _ExpertsRun]:
     """The statistics hooks of ``block``: its dense groups, and its routed experts if it has them."""
     runs: list[_GroupRun | _ExpertsRun] = [
-        _GroupRun(block, prefix, adapter.block_groups(block), quantize, scheme_for, results, options)]
+        _GroupRun([(block, prefix)], adapter.block_groups(block), quantize, scheme_for, results, options)]
     if adapter.expert_count(block):
         spec = adapter.experts
         runs.append(_ExpertsRun(block.get_submodule(spec.path), f"{prefix}.{spec.path}", spec.linear_groups(),
@@ -439,33 +454,37 @@ def _forward(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tens
     return block_output(block(hidden, **kwargs)).to(hidden.dtype)
 
 
-def _lockstep_pass(block: nn.Module, runs: list[_GroupRun | _ExpertsRun], inputs: list[tuple[torch.Tensor, dict]],
+# One job of a pass: the module it runs (a block, or one expert), its input and keyword arguments.
+Job = tuple[nn.Module, torch.Tensor, dict]
+
+
+def _lockstep_pass(runs: list[_GroupRun | _ExpertsRun], jobs: list[Job],
                    forward_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """One forward pass whose jobs meet at each group (and at the experts), quantized once all arrived."""
     lockstep = Lockstep()
     handles = [handle for run in runs for handle in run.install(lockstep.job_index, lockstep.rendezvous)]
     try:
-        with _forward_precision(block, forward_dtype):  # the jobs share this thread's autocast state
-            return lockstep.run([lambda h=h, kw=kw: _forward(block, h, kw) for h, kw in inputs])
+        with _forward_precision(jobs[0][0], forward_dtype):  # the jobs share this thread's autocast state
+            return lockstep.run([lambda job=job: _forward(*job) for job in jobs])
     finally:
         for handle in handles:
             handle.remove()
 
 
-def _two_pass(block: nn.Module, runs: list[_GroupRun | _ExpertsRun], inputs: list[tuple[torch.Tensor, dict]],
+def _two_pass(runs: list[_GroupRun | _ExpertsRun], jobs: list[Job],
               forward_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
-    """Statistics from the full-precision block, then quantize, then the quantized block's outputs."""
+    """Statistics from the full-precision modules, then quantize, then the quantized modules' outputs."""
     current = {"job": 0}
     handles = [handle for run in runs for handle in run.install(lambda: current["job"], lambda _action: None)]
     try:
-        with _forward_precision(block, forward_dtype):
-            for job, (h, kw) in enumerate(inputs):
-                current["job"] = job
-                block(h, **kw)
+        with _forward_precision(jobs[0][0], forward_dtype):
+            for index, (module, hidden, kwargs) in enumerate(jobs):
+                current["job"] = index
+                module(hidden, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
     for run in runs:
         run.finish()
-    with _forward_precision(block, forward_dtype):
-        return [_forward(block, h, kw) for h, kw in inputs]
+    with _forward_precision(jobs[0][0], forward_dtype):
+        return [_forward(*job) for job in jobs]

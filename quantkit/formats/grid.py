@@ -254,9 +254,9 @@ def make_grid(scheme: QuantScheme, w: torch.Tensor, mse: bool = False, per_row: 
 
 
 def rows_independent(scheme: QuantScheme) -> bool:
-    """Whether :func:`make_grid` treats a tensor's rows independently (no scale drawn from the whole tensor), so
-    that stacking tensors' rows changes no row's result."""
-    return not scheme.is_gguf and scheme.format not in TENSOR_SCALED
+    """Whether :func:`make_grid` treats a tensor's rows independently (no scale drawn from the whole tensor or
+    shared by blocks of rows), so that stacking tensors' rows changes no row's result."""
+    return not scheme.is_gguf and scheme.format not in TENSOR_SCALED and scheme.block_rows == 1
 
 
 def quantize_groups(grid: Grid, w: torch.Tensor) -> tuple[torch.Tensor, Params, torch.Tensor]:

@@ -122,34 +122,54 @@ def sweep_columns(
     hinv: torch.Tensor,
     group: int,
     start_group: Callable[[int, torch.Tensor], None],
-    round_column: Callable[[int, torch.Tensor, float], torch.Tensor],
+    round_column: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> None:
-    """GPTQ's column sweep over ``w [rows, n]`` (float32, in quantization order; updated in place), in torch on
-    ``w``'s device.
+    """GPTQ's column sweep over a batch of problems ``w [problems, rows, n]`` (float32, each in its quantization
+    order; updated in place), with inverse Hessian factors ``hinv [problems, n, n]``, in torch on ``w``'s device.
 
-    At the first column of every group, ``start_group(col, pending)`` sees the group's weights as updated so
-    far. Each column is then replaced by ``round_column(col, values, d)`` (``d`` its diagonal entry of the
-    inverse Hessian factor ``hinv``) and the error ``(values - stored) / d`` is propagated to the later
-    columns: at once inside a block, lazily to the columns after it.
+    At the first column of every group, ``start_group(col, pending [problems, rows, group])`` sees the group's
+    weights as updated so far. Each column is then replaced by ``round_column(col, values [problems, rows], d)``
+    (``d [problems, 1]`` its diagonal entries of the factors) and the error ``(values - stored) / d`` is
+    propagated to the later columns: at once inside a block, lazily to the columns after it. Every problem's
+    arithmetic is the same whatever else the batch holds, so each comes out as it would alone.
     """
-    n = w.shape[1]
+    n = w.shape[2]
     block = group_aligned_block(group)
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
-        w1 = w[:, i1:i2].t().contiguous()  # [columns, rows]: each column one contiguous row
+        w1 = w[:, :, i1:i2].transpose(1, 2).contiguous()  # [problems, columns, rows]: each column contiguous
         err1 = torch.empty_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        for i, d in enumerate(hinv1.diagonal().tolist()):
+        hinv1 = hinv[:, i1:i2, i1:i2]
+        diag = hinv1.diagonal(dim1=1, dim2=2).unsqueeze(2).contiguous()  # [problems, columns, 1]
+        # per column views, taken in one call each
+        columns, errors, diagonals, factor_rows = w1.unbind(1), err1.unbind(1), diag.unbind(1), hinv1.unbind(1)
+        for i in range(i2 - i1):
             col = i1 + i
             if col % group == 0:
-                pending = w1[i : i + group].t()
-                if pending.shape[1] < group:  # the group runs past this block: take its later columns too
-                    pending = torch.cat([pending, w[:, i2 : i2 + group - pending.shape[1]]], dim=1)
+                pending = w1[:, i : i + group].transpose(1, 2)
+                if pending.shape[2] < group:  # the group runs past this block: take its later columns too
+                    pending = torch.cat([pending, w[:, :, i2 : i2 + group - pending.shape[2]]], dim=2)
                 start_group(col, pending)
-            column = w1[i]
-            err = torch.sub(column, round_column(col, column, d), out=err1[i]).div_(d)
-            w1[i + 1 :].addr_(hinv1[i, i + 1 :], err, alpha=-1)
-        w[:, i2:].addmm_(err1.t(), hinv[i1:i2, i2:], alpha=-1)
+            column, d = columns[i], diagonals[i]
+            err = torch.sub(column, round_column(col, column, d), out=errors[i]).div_(d)
+            w1[:, i + 1 :].addcmul_(factor_rows[i][:, i + 1 :, None], err[:, None, :], value=-1)
+        for b in range(w.shape[0]):  # one GEMM per problem: the same arithmetic as alone
+            w[b, :, i2:].addmm_(err1[b].t(), hinv[b, i1:i2, i2:], alpha=-1)
+
+
+def solve_batches(weights: Sequence[torch.Tensor], stats: Sequence[LayerStats], stackable: bool) -> list[list[list[int]]]:
+    """Layer indices as batches of problems: with ``stackable``, the layers sharing one Hessian object form one
+    problem of their stacked rows and problems of one shape one batch; otherwise each layer is its own batch."""
+    if not stackable:
+        return [[[i]] for i in range(len(weights))]
+    problems: dict[int, list[int]] = {}
+    for i, layer in enumerate(stats):
+        problems.setdefault(id(layer.hessian), []).append(i)
+    batches: dict[tuple[int, int], list[list[int]]] = {}
+    for members in problems.values():
+        shape = (sum(weights[i].shape[0] for i in members), weights[members[0]].shape[1])
+        batches.setdefault(shape, []).append(members)
+    return list(batches.values())
 
 
 @dataclass
@@ -221,58 +241,100 @@ class GPTQQuantizer(Quantizer):
 
     def quantize_together(self, weights: Sequence[torch.Tensor], stats: Sequence[LayerStats],
                           scheme: QuantScheme) -> list[QuantizedTensor]:
-        """Layers that read one input (one Hessian object) are solved as one problem of their stacked rows
-        where the grid treats rows independently: every row's result is what it would be alone."""
-        hessian = stats[0].hessian
-        if hessian is None:
+        """Where the grid treats rows independently, layers that read one input (one Hessian object) are solved
+        as one problem of their stacked rows, and problems of one shape (experts) as one batched sweep: every
+        row's result is what it would be alone."""
+        if any(layer.hessian is None for layer in stats):
             raise QuantkitError("GPTQ needs the layer's Hessian from calibration data")
         self.check_scheme(scheme)
-        stackable = rows_independent(scheme) and all(s.hessian is hessian for s in stats)
-        if len(weights) > 1 and not stackable:
-            return [self.quantize(weight, layer, scheme) for weight, layer in zip(weights, stats)]
-        rows = [weight.shape[0] for weight in weights]
-        weight = torch.cat(list(weights))
-        grid, codes, params, g_idx = self._solve(weight, hessian, scheme, stacked_clip(stats, rows, weight.device))
-        if len(rows) == 1:
-            return [grid.tensor(codes, params, g_idx)]
-        parts = zip(codes.split(rows), zip(*(p.split(rows) for p in params)))
-        return [grid.tensor(part_codes.clone(), tuple(p.clone() for p in part_params),
-                            None if g_idx is None else g_idx.clone())  # each layer owns its storage
-                for part_codes, part_params in parts]
+        results: list[QuantizedTensor | None] = [None] * len(weights)
+        for batch in solve_batches(weights, stats, rows_independent(scheme)):
+            layers = [i for problem in batch for i in problem]
+            problem_of = [b for b, problem in enumerate(batch) for _ in problem]
+            rows = [weights[i].shape[0] for i in layers]
+            weight = torch.stack([torch.cat([weights[i] for i in problem]) for problem in batch])
+            clip = stacked_clip([stats[i] for i in layers], rows, weight.device)
+            grid, codes, params, g_idx = self._solve(weight, [stats[problem[0]].hessian for problem in batch],
+                                                     scheme, clip)
+            layer_codes = codes.reshape(-1, codes.shape[2]).split(rows)
+            layer_params = list(zip(*(p.reshape(-1, p.shape[2]).split(rows) for p in params)))
+            for k, i in enumerate(layers):
+                part = (layer_codes[k], layer_params[k], None if g_idx is None else g_idx[problem_of[k]])
+                if len(layers) > 1:  # views of the batch's tensors: each layer gets storage of its own
+                    part = tuple(_owned(value) for value in part)
+                results[i] = grid.tensor(*part)
+        return results  # type: ignore[return-value]
 
-    def _solve(self, weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme,
+    def _solve(self, weight: torch.Tensor, hessians: Sequence[torch.Tensor], scheme: QuantScheme,
                clip: torch.Tensor | None) -> tuple[Grid, torch.Tensor, Params, torch.Tensor | None]:
-        """The sweep of one weight: its grid, codes ``[out, in]``, per-group parameters and ``g_idx``."""
-        out_features, n = weight.shape
+        """The batched sweep of ``weight [problems, rows, in]`` (one Hessian per problem): its grid, codes
+        ``[problems, rows, in]``, per-group parameters ``[problems, rows, groups]`` and ``g_idx [problems, in]``.
+        The grid sees the problems' rows as the rows of one tensor."""
+        problems, out_features, n = weight.shape
         group = scheme.group_columns(n)
-        w, h = without_dead_columns(weight, hessian)
-        grid = make_grid(scheme, w, self.clipping(scheme), clip=clip)
-        static = ([grid.fit(w[:, cols], g) for g, cols in enumerate(scheme.group_slices(n))]
+        pinned = [without_dead_columns(w, h) for w, h in zip(weight, hessians)]
+        flat = torch.stack([w for w, _ in pinned]).reshape(-1, n)
+        grid = make_grid(scheme, flat, self.clipping(scheme), clip=clip)
+        static = ([grid.fit(flat[:, cols], g) for g, cols in enumerate(scheme.group_slices(n))]
                   if self.static(scheme) else None)
-        w, hinv, perm = permuted_problem(w, h, self.order(h, group, static is not None), self.damp)
-        codes = torch.empty((n, out_features), dtype=torch.uint8, device=w.device)  # column-major while solving
-        fitted: dict[int, Params] = {}  # sweep position of a group's first column -> its grid
-        visited = perm.tolist()  # sweep position -> natural column
+        solved = [permuted_problem(w, h, self.order(h, group, static is not None), self.damp) for w, h in pinned]
+        w, hinv, perm = (torch.stack(parts) for parts in zip(*solved))
+        inverse = torch.argsort(perm, dim=1)
+
+        def batched(params: Params) -> Params:  # [problems * rows, groups] -> [problems, rows, groups]
+            return tuple(p.reshape(problems, out_features, -1) for p in params)
+
+        batch = torch.arange(problems, device=w.device)[:, None]
+
+        def along(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # values[b, r, index[b, j]]
+            return values[batch, :, index].transpose(1, 2)  # indexing, not gather: it takes float8 scales too
+
+        static_params = None if static is None else batched(_stack_groups(static))  # natural group order
+        block = group_aligned_block(group)
+        block_params: dict[int, list[Params]] = {}  # sweep block start -> each column's static grids
+
+        def static_at(col: int) -> Params:
+            """The static grids of sweep position ``col``, looked up a sweep block at a time."""
+            start = col - col % block
+            if start not in block_params:
+                block_params.clear()
+                index = perm[:, start : start + block] // group  # the natural group of each position
+                block_params[start] = list(zip(*(along(p, index).unbind(2) for p in static_params)))
+            return block_params[start][col - start]
+        codes = torch.empty((problems, n, out_features), dtype=torch.uint8, device=w.device)  # column-major
+        fitted: list[Params] = []  # grids of the groups in sweep order
 
         def start_group(col: int, pending: torch.Tensor) -> None:
-            if static is None:  # with g_idx the group's columns are not one block of the row: no position
-                fitted[col] = grid.fit(pending, None if self.g_idx else visited[col] // group)
+            if static is None:  # a group's position matters only to grids that are never batched (GGUF)
+                position = None if self.g_idx or problems > 1 else int(perm[0, col]) // group
+                params = grid.fit(pending.reshape(-1, pending.shape[2]), position)  # rows of all problems
+                fitted.append(tuple(p.reshape(problems, out_features) for p in params))
 
-        def round_column(col: int, column: torch.Tensor, _d: float) -> torch.Tensor:
-            params = static[visited[col] // group] if static is not None else fitted[col - col % group]
-            column_codes, values = grid.round(column[:, None], params)
-            codes[col] = column_codes[:, 0]
-            return values[:, 0]
+        def round_column(col: int, column: torch.Tensor, _d: torch.Tensor) -> torch.Tensor:
+            params = fitted[col // group] if static_params is None else static_at(col)  # each [problems, rows]
+            column_codes, values = grid.round(column[..., None], params)
+            codes[:, col] = column_codes[..., 0]
+            return values[..., 0]
 
         sweep_columns(w, hinv, group, start_group, round_column)
-        inverse = torch.argsort(perm)
-        codes = codes.t()[:, inverse].contiguous()
-        if static is not None:
-            groups = static
+        codes = along(codes.transpose(1, 2), inverse).contiguous()
+        if static_params is not None:
+            params = static_params
         elif self.g_idx:
-            groups = [fitted[col] for col in sorted(fitted)]
+            params = batched(_stack_groups(fitted))
         else:  # contiguous groups, visited out of order: back to natural group order
-            groups = [fitted[int(inverse[start]) - int(inverse[start]) % group] for start in range(0, n, group)]
-        params = tuple(torch.stack(p, dim=1) for p in zip(*groups))
+            params = tuple(along(p, inverse[:, ::group] // group) for p in batched(_stack_groups(fitted)))
         reordered = self.column_groups(scheme) and scheme.group_size < n  # one group needs no g_idx
         return grid, codes, params, (inverse // group).to(torch.int32) if reordered else None
+
+
+def _stack_groups(groups: Sequence[Params]) -> Params:
+    """Per-group parameters (each shaped ``[..., rows]``) as ``[..., rows, groups]`` tensors."""
+    return tuple(torch.stack(p, dim=-1) for p in zip(*groups))
+
+
+def _owned(value: torch.Tensor | tuple | None) -> torch.Tensor | tuple | None:
+    """A copy of ``value`` (a tensor, or a tuple of them) in storage of its own."""
+    if isinstance(value, tuple):
+        return tuple(t.clone() for t in value)
+    return None if value is None else value.clone()

@@ -129,10 +129,13 @@ class SpQRQuantizer(Quantizer):
         grid: list[torch.Tensor] = []
 
         def start_group(col: int, pending: torch.Tensor) -> None:
-            d = diag[col : col + pending.shape[1]]
-            grid[:] = self._group_statistics(pending, d, threshold, scheme, scale_stats, zero_stats, stats.clip)
+            d = diag[col : col + pending.shape[2]]
+            grid[:] = self._group_statistics(pending[0], d, threshold, scheme, scale_stats, zero_stats, stats.clip)
 
-        def round_column(col: int, column: torch.Tensor, d: float) -> torch.Tensor:
+        def round_column(col: int, column: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+            return round_one(col, column[0], d[0])[None]
+
+        def round_one(col: int, column: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
             scale, zero = grid
             code = torch.clamp(torch.round(column / scale + zero), 0, maxq)
             codes[col] = code
@@ -145,7 +148,7 @@ class SpQRQuantizer(Quantizer):
                 stored = torch.where(is_outlier, exact, stored)
             return stored
 
-        sweep_columns(w, hinv, group, start_group, round_column)
+        sweep_columns(w[None], hinv[None], group, start_group, round_column)  # a batch of one problem
 
         inverse = torch.argsort(perm)
         mask = outlier.t()[:, inverse]
