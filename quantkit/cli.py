@@ -474,6 +474,54 @@ def render_report(
     console.print(f"report: {', '.join(str(p) for p in written)}")
 
 
+@command("diagnose")
+def diagnose(
+    base: Annotated[str, typer.Argument(metavar="BASE", help="The float model: hub id, local directory, .gguf file or built-in alias.")],
+    quantized: Annotated[str, typer.Argument(metavar="QUANTIZED", help="A quantkit checkpoint of BASE (weight-only, no transform).")],
+    heldout: Annotated[str, typer.Option(help="Text the divergence is measured on: wikitext2, c4, ptb or a local file.")] = "wikitext2",
+    windows: Annotated[int, typer.Option(min=1, help="Held-out windows.")] = defaults.DIAGNOSE_HELDOUT[0],
+    seqlen: Annotated[int, typer.Option(min=2, help="Tokens per held-out window.")] = defaults.DIAGNOSE_HELDOUT[1],
+    calib: Annotated[str, typer.Option(help="Text whose inputs the relative output errors are measured on (as --calib of quantize).")] = defaults.CALIBRATION,
+    nsamples: Annotated[int, typer.Option(min=1, help="Calibration windows for the output errors.")] = defaults.DIAGNOSE_CALIBRATION[0],
+    calib_seqlen: Annotated[int, typer.Option(min=2, help="Tokens per calibration window.")] = defaults.DIAGNOSE_CALIBRATION[1],
+    granularity: Annotated[str, typer.Option(metavar=_choices("granularity"), help="Unit measured (and repaired): a linear, a group of linears sharing an input (each routed expert whole), or a block.")] = "linear",
+    top: Annotated[int, typer.Option(min=1, help="Units shown in the table (the JSON has all).")] = 20,
+    repair: Annotated[bool, typer.Option(help="Find the fewest units (in attribution order) to raise to --repair-bits so that KL <= --target-kl, and write their allocation plan.")] = False,
+    target_kl: Annotated[float | None, typer.Option(help="The KL target of --repair.")] = None,
+    repair_bits: Annotated[int, typer.Option(help="The width repaired units are raised to.")] = defaults.REPAIR_BITS,
+    plan: Annotated[Path | None, typer.Option(help="The repair's allocation plan (for `quantize --allocation`). Default: REPORT/repair-plan.json.")] = None,
+    report: Annotated[Path | None, typer.Option(help="Directory for diagnose.json and heatmap.png. Default: quantkit-reports/diagnose-<time>.")] = None,
+    data_dir: DataDirOpt = None,
+    seed: SeedOpt = None,
+) -> None:
+    """Which layers cause a quantized model's divergence from its float base; with --repair, a plan that meets a KL target."""
+    from quantkit.allocation.units import GRANULARITIES
+    from quantkit.diagnose.report import report_tables, write_diagnosis
+    from quantkit.diagnose.run import DiagnoseRequest, run_diagnose
+    from quantkit.eval.report import check_report_dir
+
+    if repair != (target_kl is not None):
+        raise OptionError("--repair and --target-kl go together" if repair else "--target-kl needs --repair")
+    if plan is not None and not repair:
+        raise OptionError("--plan is written by --repair")
+    if granularity not in GRANULARITIES:
+        raise OptionError(f"unknown --granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
+    folder = report or Path("quantkit-reports") / f"diagnose-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+    check_report_dir(folder)
+    plan_file = (plan or folder / "repair-plan.json") if repair else None
+    if plan_file is not None:
+        _check_output_file(plan_file, "--plan", ".json")
+    request = DiagnoseRequest(base, quantized, heldout, windows, seqlen, calib, nsamples, calib_seqlen, granularity,
+                              data_dir, defaults.SEED if seed is None else seed, target_kl, repair_bits, plan_file)
+    result = run_diagnose(request)
+    for table in report_tables(result, top):
+        console.print(table)
+    written = write_diagnosis(result, folder)
+    console.print(f"report: {', '.join(str(p) for p in written)}")
+    if plan_file is not None:
+        console.print(f"plan: {plan_file} (quantize with the checkpoint's method and scheme and --allocation {plan_file})")
+
+
 @command("export")
 def export_checkpoint(
     source: Annotated[str, typer.Argument(metavar="CHECKPOINT", help="A checkpoint quantkit loads (native, GPTQ or compressed-tensors); to --layout gguf also an unquantized model.")],

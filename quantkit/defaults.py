@@ -21,3 +21,8 @@ EXPERT_MIN_TOKENS = 128
 # Routed experts are solved in batches (one batched sweep per group of their linears) whose float64 Hessians take
 # at most this many bytes together; 1 solves them one at a time.
 EXPERT_BATCH_BYTES = 1 << 30
+# quantkit diagnose: held-out windows (count, tokens) the divergence is measured on, calibration windows whose
+# inputs give the relative output errors, and the width a repair raises units to.
+DIAGNOSE_HELDOUT = (4, 256)
+DIAGNOSE_CALIBRATION = (16, 256)
+REPAIR_BITS = 8

@@ -15,7 +15,7 @@ from quantkit.eval.report import headline, task_metric
 UNQUANTIZED_BITS = 16.0  # at or above: a reference line rather than a point far to the right
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
     """A figure on an Agg canvas and its one axes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -25,7 +25,7 @@ def _figure(width: float, height: float):
     return figure, figure.add_subplot()
 
 
-def _save(figure, path: Path) -> None:
+def save_png(figure, path: Path) -> None:
     """Write ``figure`` as a PNG at ``path`` through a temporary sibling, so no half-written file is left."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -45,7 +45,7 @@ def plot_perplexity_vs_bits(report: dict, path: Path) -> bool:
         return False
     from matplotlib.ticker import LogFormatter
 
-    figure, axes = _figure(8, 5)
+    figure, axes = new_figure(8, 5)
     for i, dataset in enumerate(report["settings"]["ppl"]):
         colour = f"C{i}"
         measured = [
@@ -79,7 +79,7 @@ def plot_perplexity_vs_bits(report: dict, path: Path) -> bool:
     axes.set_title(f"Perplexity against bits per weight (seqlen {report['settings']['seqlen']})")
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(title="dataset")
-    _save(figure, path)
+    save_png(figure, path)
     return True
 
 
@@ -93,7 +93,7 @@ def plot_task_accuracy(report: dict, path: Path) -> bool:
     tasks = report["settings"]["tasks"]
     labels = [f"{task}\n({task_metric(models, task)})" for task in tasks] + ["average"]
     width = 0.8 / len(models)
-    figure, axes = _figure(max(6.0, 0.5 * len(labels) * (len(models) + 1)), 4.5)
+    figure, axes = new_figure(max(6.0, 0.5 * len(labels) * (len(models) + 1)), 4.5)
     for i, model in enumerate(models):
         colour, offset = f"C{i}", (i - (len(models) - 1) / 2) * width
         xs, heights, errors = [], [], []
@@ -132,5 +132,5 @@ def plot_task_accuracy(report: dict, path: Path) -> bool:
     axes.grid(True, axis="y", alpha=0.3)
     axes.set_axisbelow(True)
     axes.legend(fontsize=8)
-    _save(figure, path)
+    save_png(figure, path)
     return True

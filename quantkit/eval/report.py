@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -410,27 +411,35 @@ def check_report_dir(directory: Path) -> None:
 
 def write_report(report: dict, directory: Path) -> list[Path]:
     """Check ``report``, then write ``report.json``, ``report.md`` and the plots that have something to show
-    into ``directory``. Every file is staged first (see :func:`staging_beside`) and moved into place whole; a
-    plot skipped this time is removed so that no stale one remains; a full disk or a denied write is one line.
-    Returns the paths written."""
+    into ``directory`` (:func:`write_report_files`). Returns the paths written."""
     from quantkit.eval.plots import plot_perplexity_vs_bits, plot_task_accuracy
 
     check_report(report, str(directory / REPORT_JSON))
     texts = {REPORT_JSON: json.dumps(report, indent=2) + "\n", "report.md": report_markdown(report)}
+    plots = {name: functools.partial(plot, report) for name, plot in
+             zip(PLOT_FILES, (plot_perplexity_vs_bits, plot_task_accuracy))}
+    return write_report_files(directory, texts, plots)
+
+
+def write_report_files(directory: Path, texts: dict[str, str], plots: dict[str, Callable[[Path], bool]]) -> list[Path]:
+    """Write ``texts`` (file name -> content) and the ``plots`` that draw something (file name -> a function
+    that draws at a path, False when there is nothing to show) into ``directory``. Every file is staged first
+    (see :func:`staging_beside`) and moved into place whole; a plot skipped this time is removed so that no stale
+    one remains; a full disk or a denied write is one line. Returns the paths written."""
     needed = sum(len(text.encode("utf-8")) for text in texts.values())
     created = not directory.exists()
+    first = directory / next(iter(texts))
     try:
         with write_errors(directory, "the report", needed):
             directory.mkdir(parents=True, exist_ok=True)
             check_space(directory, needed, "the report")
-            with staging_beside(directory / REPORT_JSON) as staging:
+            with staging_beside(first) as staging:
                 for name, text in texts.items():
                     (staging / name).write_text(text, encoding="utf-8")
-                plots = dict(zip(PLOT_FILES, (plot_perplexity_vs_bits, plot_task_accuracy)))
-                drawn = [name for name, plot in plots.items() if plot(report, staging / name)]
+                drawn = [name for name, plot in plots.items() if plot(staging / name)]
                 for name in [*texts, *drawn]:
                     os.replace(staging / name, directory / name)
-                for name in set(PLOT_FILES) - set(drawn):
+                for name in set(plots) - set(drawn):
                     (directory / name).unlink(missing_ok=True)
                 return [directory / name for name in [*texts, *drawn]]
     except BaseException:
