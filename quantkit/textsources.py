@@ -132,6 +132,36 @@ def _read_file(path: Path, field: str) -> list[str]:
         raise QuantkitError(f"cannot read {path}: {_one_line(str(exc))}") from exc
 
 
+def _conversation(record: Any, where: str) -> list[dict[str, str]]:
+    """One conversation: an object's ``messages``, or the list itself; each message ``{role, content}`` strings."""
+    messages = record.get("messages") if isinstance(record, dict) else record
+    if not isinstance(messages, list) or not messages:
+        raise QuantkitError(f"{where} is no conversation: expected a non-empty list of messages, or an object "
+                            "whose 'messages' is one")
+    for index, message in enumerate(messages):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise QuantkitError(f"{where} message {index} is not an object with 'role' and 'content' strings")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def read_conversations(path: str | Path) -> list[list[dict[str, str]]]:
+    """The conversations of a JSONL file, one a line (``{"messages": [{"role": ..., "content": ...}, ...]}`` or
+    the bare list of messages); refused with a one-line error naming the line."""
+    path = Path(path)
+    if path.suffix.lower() != ".jsonl" or not path.is_file():
+        raise QuantkitError(f"chat calibration reads a .jsonl file of conversations; {path} is not one")
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+        conversations = [_conversation(json.loads(line), f"{path} line {number}")
+                         for number, line in enumerate(lines, 1) if line.strip()]
+    except (OSError, ValueError) as exc:
+        raise QuantkitError(f"cannot read {path}: {_one_line(str(exc))}") from exc
+    if not conversations:
+        raise QuantkitError(f"{path} holds no conversation")
+    return conversations
+
+
 def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
     """Documents of a .txt/.raw (one document), .jsonl, .json or .parquet file, or of a directory of them.
 

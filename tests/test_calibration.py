@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import random
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +18,10 @@ from conftest import tiny_model
 from helpers_tokenizer import tiny_tokenizer
 from quantkit.calib import load_calibration
 from quantkit.calib.sampling import sample_windows
+from quantkit.calib.sources import check_source
 from quantkit.calib.synthetic import synthetic_windows
 from quantkit.errors import QuantkitError
+from quantkit.textsources import read_conversations
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 C4 = DATA / "c4" / "c4_validation_2k.parquet"
@@ -179,3 +183,55 @@ def test_synthetic_is_deterministic_in_vocab_and_top_k() -> None:
     top50 = logits.topk(50, dim=-1).indices
     assert bool((top50 == tokens[:, 1:, None]).any(dim=-1).all())
     assert len(set(tokens[:, 0].tolist())) > 1  # first tokens are drawn, not fixed
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def _conversations(path: Path, count: int = 12) -> Path:
+    lines = []
+    for i in range(count):
+        messages = [{"role": "user", "content": f"Question {i}: how do {i % 5} weights fit in a few bits?"},
+                    {"role": "assistant", "content": f"Answer {i}: they are rounded group by group " * 3}]
+        lines.append(json.dumps({"messages": messages} if i % 2 else messages))  # both forms a line may take
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_chat_calibration_windows_are_the_templated_conversations(tmp_path: Path) -> None:
+    """Every window is a slice of the token stream of some conversation rendered by the chat template (role
+    markers included), drawn with the seed."""
+    tokenizer = copy.deepcopy(tiny_tokenizer())  # the helper's tokenizer is shared: it keeps no template
+    tokenizer.chat_template = CHAT_TEMPLATE
+    source = f"chat:{_conversations(tmp_path / 'chats.jsonl')}"
+    check_source(source, None)
+    windows = load_calibration(source, tokenizer, 6, 24, seed=4)
+    rendered = [tokenizer.apply_chat_template(m, tokenize=False) for m in read_conversations(tmp_path / "chats.jsonl")]
+    streams = [tokenizer(text)["input_ids"] for text in rendered]
+    assert windows.shape == (6, 24)
+    for window in windows.tolist():
+        assert any(any(s[i : i + 24] == window for i in range(len(s) - 23)) for s in streams)
+    assert "<|user|>" in "".join(tokenizer.decode(w) for w in windows.tolist()) or "<|assistant|>" in "".join(
+        tokenizer.decode(w) for w in windows.tolist())
+    assert torch.equal(windows, load_calibration(source, tokenizer, 6, 24, seed=4))
+
+
+@pytest.mark.parametrize("content,fragment", [
+    ('{"messages": []}\n', "line 1 is no conversation"),
+    ('[{"role": "user"}]\n', "line 1 message 0 is not an object with 'role' and 'content' strings"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n', "cannot read"),
+    ("\n\n", "holds no conversation"),
+])
+def test_malformed_chat_files_are_named_before_the_model_loads(tmp_path: Path, content: str, fragment: str) -> None:
+    path = tmp_path / "chats.jsonl"
+    path.write_text(content)
+    with pytest.raises(QuantkitError, match=re.escape(fragment)):
+        check_source(f"chat:{path}", None)
+
+
+def test_chat_calibration_needs_a_chat_template(tmp_path: Path) -> None:
+    with pytest.raises(QuantkitError, match="has none"):
+        load_calibration(f"chat:{_conversations(tmp_path / 'chats.jsonl')}", tiny_tokenizer(), 2, 16, seed=0)
+    with pytest.raises(QuantkitError, match="reads a .jsonl file of conversations"):
+        check_source(f"chat:{tmp_path / 'missing.jsonl'}", None)

@@ -17,6 +17,7 @@ from quantkit.textsources import (
     data_dir_file,
     hub_documents,
     local_documents,
+    read_conversations,
     read_documents,
     resolve_data_dir,
 )
@@ -50,10 +51,16 @@ def default_windows(source: str) -> tuple[int, int]:
     return SYNTHETIC_WINDOWS if source == "synthetic" else TEXT_WINDOWS
 
 
+CHAT_PREFIX = "chat:"  # --calib chat:FILE: conversations rendered through the model's chat template
+
+
 def check_source(source: str, data_dir: str | None) -> None:
     """Refuse, before any model loads, a calibration source that cannot be read: a missing, empty or
     unreadable file, an unknown name, a data directory that does not exist or lacks the named set's file."""
     if source == "synthetic":
+        return
+    if source.startswith(CHAT_PREFIX):
+        read_conversations(source[len(CHAT_PREFIX):])
         return
     spec = CALIBRATION_SETS.get(source)
     if spec is None:
@@ -93,7 +100,8 @@ def load_calibration(
     """[nsamples, seqlen] int64 calibration token ids.
 
     `source`: 'synthetic' (sampled from `model`), 'wikitext2' or 'c4' (train splits on the hub; c4 may come
-    from `data_dir` or $QUANTKIT_DATA_DIR), or a local file or directory (see textsources.read_documents).
+    from `data_dir` or $QUANTKIT_DATA_DIR), 'chat:FILE' (JSONL conversations through the tokenizer's chat
+    template), or a local file or directory (see textsources.read_documents).
     """
     if nsamples < 1:
         raise QuantkitError(f"calibration needs at least 1 sample, got nsamples={nsamples}")
@@ -104,8 +112,19 @@ def load_calibration(
             raise QuantkitError("synthetic calibration samples text from the model, but no model was given")
         return synthetic_windows(model, tokenizer, nsamples, seqlen, seed)
     spec = CALIBRATION_SETS.get(source)
-    if spec is None:
+    if source.startswith(CHAT_PREFIX):
+        documents = chat_documents(read_conversations(source[len(CHAT_PREFIX):]), tokenizer)
+    elif spec is None:
         documents = local_documents(source, ["synthetic", *CALIBRATION_SETS], "calibration")
     else:
         documents = _named_documents(spec, data_dir)
     return sample_windows(documents, tokenizer, nsamples, seqlen, seed)
+
+
+def chat_documents(conversations: list[list[dict[str, str]]], tokenizer) -> list[str]:
+    """Each conversation as the model sees it: rendered by the tokenizer's chat template (no generation prompt;
+    the template's own special tokens are in the text, so windows are cut from exactly what the model reads)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise QuantkitError("--calib chat:FILE renders conversations with the model's chat template, and this "
+                            "model's tokenizer has none")
+    return [tokenizer.apply_chat_template(messages, tokenize=False) for messages in conversations]
