@@ -116,7 +116,7 @@ GGUFTypeOpt = Annotated[str | None, typer.Option(metavar="q4_k|q4_0|q5_0|q8_0|f1
 GIdxOpt = Annotated[bool | None, typer.Option("--g-idx/--no-g-idx", help="GPTQ: plain act-order with each column's group stored (g_idx, desc_act=True); vLLM refuses such checkpoints. Default off.")]
 DampOpt = Annotated[float | None, typer.Option(help="Damping as a fraction of the mean Hessian diagonal. Default: 0.01 (gptq), 1.0 (spqr).")]
 MseOpt = Annotated[bool | None, typer.Option("--mse/--no-mse", help="GPTQ/RTN: search a clipping ratio per group (integer grids) or the block scale among candidates (float formats). Default: GPTQ on integer grids below 4 bits, otherwise off.")]
-CalibOpt = Annotated[str | None, typer.Option(help=f"Calibration (default {defaults.CALIBRATION}): c4, wikitext2 (hub), synthetic, chat:FILE (JSONL conversations through the model's chat template), or a local file/directory.")]
+CalibOpt = Annotated[str | None, typer.Option(help=f"Calibration (default {defaults.CALIBRATION}): c4, wikitext2 (hub), synthetic, self (the model's answers to built-in prompts through its chat template), chat:FILE (JSONL conversations through the model's chat template), or a local file/directory.")]
 NsamplesOpt = Annotated[int | None, typer.Option(
     help=f"Calibration windows (default {TEXT_WINDOWS[0]}; synthetic: {SYNTHETIC_WINDOWS[0]}).")]
 SeqlenOpt = Annotated[int | None, typer.Option(

@@ -59,11 +59,12 @@ REFERENCE = {
 }
 
 
-def timed_quantize(flags: list[str], output: Path, nsamples: int, seqlen: int, seed: int = 0) -> dict:
+def timed_quantize(flags: list[str], output: Path, nsamples: int, seqlen: int, seed: int = 0,
+                   calib: str = str(C4)) -> dict:
     """Run `quantkit quantize` in a fresh process under /usr/bin/time -v; wall seconds and peak RSS."""
     command = [
         "/usr/bin/time", "-v", sys.executable, "-m", "quantkit", "quantize", "smollm2-135m", *flags,
-        "--calib", str(C4), "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--seed", str(seed),
+        "--calib", calib, "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--seed", str(seed),
         "-o", str(output), "--overwrite",
     ]
     proc = subprocess.run(command, capture_output=True, text=True)

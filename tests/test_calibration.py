@@ -121,7 +121,7 @@ def test_local_jsonl_and_directory_sources(tmp_path: Path) -> None:
 
 
 def test_unknown_source_names_the_choices() -> None:
-    with pytest.raises(QuantkitError, match="'synthetic', 'wikitext2', 'c4'"):
+    with pytest.raises(QuantkitError, match="'synthetic', 'self', 'wikitext2', 'c4'"):
         load_calibration("c5", tiny_tokenizer(), 4, 16, seed=0)
 
 
@@ -235,3 +235,29 @@ def test_chat_calibration_needs_a_chat_template(tmp_path: Path) -> None:
         load_calibration(f"chat:{_conversations(tmp_path / 'chats.jsonl')}", tiny_tokenizer(), 2, 16, seed=0)
     with pytest.raises(QuantkitError, match="reads a .jsonl file of conversations"):
         check_source(f"chat:{tmp_path / 'missing.jsonl'}", None)
+
+
+def test_self_calibration_is_the_models_answers_to_templated_prompts() -> None:
+    """Each window opens with a prompt of SELF_PROMPTS as the chat template renders it (prompts in turn, the
+    first ones once more when the count does not divide), and every later token is among the model's own top-k
+    after what precedes it; the same seed gives the same windows."""
+    from quantkit.calib.synthetic import SELF_PROMPTS, TOP_K, self_windows
+
+    tokenizer = copy.deepcopy(tiny_tokenizer())
+    tokenizer.chat_template = CHAT_TEMPLATE
+    model = tiny_model()
+    windows = self_windows(model, tokenizer, 18, 96, seed=3)
+    assert windows.shape == (18, 96)
+    order = [p for p in SELF_PROMPTS for _ in range(2 if p in SELF_PROMPTS[:2] else 1)]
+    with torch.no_grad():
+        top = model(windows).logits[:, :-1].topk(TOP_K, dim=-1).indices
+    for row, prompt in enumerate(order):
+        text = CHAT_TEMPLATE.replace("{% for m in messages %}", "").split("{% endfor %}")[0]
+        rendered = text.replace("{{ m['role'] }}", "user").replace("{{ m['content'] }}", prompt) + "<|assistant|>"
+        prefix = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        assert windows[row, : len(prefix)].tolist() == prefix
+        generated = windows[row, len(prefix):]
+        assert (top[row, len(prefix) - 1:] == generated[:, None]).any(-1).all()
+    assert torch.equal(windows, self_windows(model, tokenizer, 18, 96, seed=3))
+    with pytest.raises(QuantkitError, match="has none"):
+        self_windows(model, tiny_tokenizer(), 2, 48, seed=0)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from quantkit.calib.sampling import sample_windows
-from quantkit.calib.synthetic import synthetic_windows
+from quantkit.calib.synthetic import self_windows, synthetic_windows
 from quantkit.errors import OptionError, QuantkitError
 from quantkit.textsources import (
     SUPPORTED_SUFFIXES,
@@ -44,11 +44,15 @@ _LOCAL_ALTERNATIVE = f"a local {'/'.join(SUPPORTED_SUFFIXES)} file or directory,
 # (scripts/bench_first_use.py: on SmolLM2-135M about half the time of 32 × 256, and a lower perplexity).
 TEXT_WINDOWS = (128, 2048)
 SYNTHETIC_WINDOWS = (128, 64)
+# self: the chat template's prompt (SmolLM2's with its default system turn: about 40 tokens) and room to answer
+SELF_WINDOWS = (128, 256)
+# Sources sampled from the whole model, so not available where the model is read block by block.
+MODEL_SAMPLED = ("synthetic", "self")
 
 
 def default_windows(source: str) -> tuple[int, int]:
     """``(nsamples, seqlen)`` that calibration from ``source`` takes when they are not given."""
-    return SYNTHETIC_WINDOWS if source == "synthetic" else TEXT_WINDOWS
+    return {"synthetic": SYNTHETIC_WINDOWS, "self": SELF_WINDOWS}.get(source, TEXT_WINDOWS)
 
 
 CHAT_PREFIX = "chat:"  # --calib chat:FILE: conversations rendered through the model's chat template
@@ -57,7 +61,7 @@ CHAT_PREFIX = "chat:"  # --calib chat:FILE: conversations rendered through the m
 def check_source(source: str, data_dir: str | None) -> None:
     """Refuse, before any model loads, a calibration source that cannot be read: a missing, empty or
     unreadable file, an unknown name, a data directory that does not exist or lacks the named set's file."""
-    if source == "synthetic":
+    if source in MODEL_SAMPLED:
         return
     if source.startswith(CHAT_PREFIX):
         read_conversations(source[len(CHAT_PREFIX):])
@@ -65,7 +69,7 @@ def check_source(source: str, data_dir: str | None) -> None:
     spec = CALIBRATION_SETS.get(source)
     if spec is None:
         if not Path(source).exists():
-            names = ", ".join(f"'{name}'" for name in ["synthetic", *CALIBRATION_SETS])
+            names = ", ".join(f"'{name}'" for name in [*MODEL_SAMPLED, *CALIBRATION_SETS])
             raise OptionError(f"--calib {source}: no such file or directory, and not one of {names}")
         read_documents(source)  # empty, binary or malformed text is named now, not after the model loaded
     elif data_dir_file(spec.local_file, data_dir) is None:
@@ -99,7 +103,7 @@ def load_calibration(
 ) -> torch.Tensor:
     """[nsamples, seqlen] int64 calibration token ids.
 
-    `source`: 'synthetic' (sampled from `model`), 'wikitext2' or 'c4' (train splits on the hub; c4 may come
+    `source`: 'synthetic' or 'self' (sampled from `model`), 'wikitext2' or 'c4' (train splits on the hub; c4 may come
     from `data_dir` or $QUANTKIT_DATA_DIR), 'chat:FILE' (JSONL conversations through the tokenizer's chat
     template), or a local file or directory (see textsources.read_documents).
     """
@@ -107,15 +111,16 @@ def load_calibration(
         raise QuantkitError(f"calibration needs at least 1 sample, got nsamples={nsamples}")
     if seqlen < 2:
         raise QuantkitError(f"calibration sequences need at least 2 tokens, got seqlen={seqlen}")
-    if source == "synthetic":
+    if source in MODEL_SAMPLED:
         if model is None:
-            raise QuantkitError("synthetic calibration samples text from the model, but no model was given")
-        return synthetic_windows(model, tokenizer, nsamples, seqlen, seed)
+            raise QuantkitError(f"{source} calibration samples text from the model, but no model was given")
+        sample = synthetic_windows if source == "synthetic" else self_windows
+        return sample(model, tokenizer, nsamples, seqlen, seed)
     spec = CALIBRATION_SETS.get(source)
     if source.startswith(CHAT_PREFIX):
         documents = chat_documents(read_conversations(source[len(CHAT_PREFIX):]), tokenizer)
     elif spec is None:
-        documents = local_documents(source, ["synthetic", *CALIBRATION_SETS], "calibration")
+        documents = local_documents(source, [*MODEL_SAMPLED, *CALIBRATION_SETS], "calibration")
     else:
         documents = _named_documents(spec, data_dir)
     return sample_windows(documents, tokenizer, nsamples, seqlen, seed)

@@ -139,7 +139,7 @@ FIELDS: tuple[RecipeField, ...] = (
     RecipeField("kv_cache", "format", "kv_format", "str", allowed=STATIC_FORMATS, note="8-bit keys and values"),
     RecipeField("kv_cache", "granularity", "kv_granularity", "str", allowed=KV_GRANULARITIES),
     RecipeField("calibration", "source", "calib", "str", default=defaults.CALIBRATION,
-           note="c4, wikitext2, synthetic, or a local file or directory"),
+           note="c4, wikitext2, synthetic, self, chat:FILE, or a local file or directory"),
     RecipeField("calibration", "nsamples", "nsamples", "int", minimum=1),  # default: the source's
     RecipeField("calibration", "seqlen", "seqlen", "int", minimum=2),
     RecipeField("calibration", "seed", "seed", "int", minimum=0, maximum=2**32 - 1, default=defaults.SEED),

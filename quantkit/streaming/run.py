@@ -168,10 +168,11 @@ def _bytes_written(folder: Path) -> int:
 
 def _calibration(tokenizer, run: StreamedRun) -> torch.Tensor:
     from quantkit.calib import load_calibration
+    from quantkit.calib.sources import MODEL_SAMPLED
 
     spec = run.calibration
-    if spec.source == "synthetic":
-        raise QuantkitError("synthetic calibration samples from the whole model; --offload disk needs a text source")
+    if spec.source in MODEL_SAMPLED:
+        raise QuantkitError(f"{spec.source} calibration samples from the whole model; --offload disk needs a text source")
     return load_calibration(spec.source, tokenizer, spec.nsamples, spec.seqlen, run.seed, data_dir=spec.data_dir)
 
 
