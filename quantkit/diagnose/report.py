@@ -77,7 +77,9 @@ def heat_grid(report: dict, key: str) -> tuple[list[str], list[list[float]]]:
 
 
 def plot_heatmap(report: dict, path: Path) -> bool:
-    """Two heat maps, blocks × linears: the KL restoring each gains, and its relative output error."""
+    """Two heat maps, blocks × linears: the KL restoring each gains, and its relative output error (grey: none,
+    or not above 0: a gain within the noise of the held-out windows can come out negative)."""
+    from matplotlib import colormaps
     from matplotlib.colors import LogNorm
 
     from quantkit.eval.plots import new_figure, save_png
@@ -90,8 +92,9 @@ def plot_heatmap(report: dict, path: Path) -> bool:
         columns, grid = heat_grid(report, key)
         values = [v for row in grid for v in row if not math.isnan(v) and v > 0]
         low, high = (min(values), max(values)) if values else (1e-9, 1.0)
-        clipped = [[v if math.isnan(v) else max(v, low) for v in row] for row in grid]
-        image = axes.imshow(clipped, aspect="auto", cmap="magma", norm=LogNorm(vmin=low, vmax=max(high, low * 1.01)))
+        positive = [[v if v > 0 else math.nan for v in row] for row in grid]  # no gain (or noise below 0): grey
+        cmap = colormaps["magma"].with_extremes(bad="lightgrey")
+        image = axes.imshow(positive, aspect="auto", cmap=cmap, norm=LogNorm(vmin=low, vmax=max(high, low * 1.01)))
         axes.set_xticks(range(len(columns)), columns, rotation=60, ha="right", fontsize=7)
         axes.set_yticks(range(len(grid)), [str(i) for i in range(len(grid))], fontsize=6)
         axes.set_ylabel("block")
