@@ -68,12 +68,13 @@ def output_errors(model: nn.Module, quantized: dict[str, torch.Tensor], batches:
     sums = {name: [0.0, 0.0] for name in quantized}
 
     def hook(name: str) -> Callable:
-        weight = model.get_submodule(name).weight
+        weight = model.get_submodule(name).weight.float()
+        error = weight - quantized[name]  # once per layer, not per batch
 
         def record(_module: nn.Module, args: tuple) -> None:
             x = args[0].reshape(-1, args[0].shape[-1]).float()
-            sums[name][0] += float((x @ (weight.float() - quantized[name]).t()).square().sum())
-            sums[name][1] += float((x @ weight.float().t()).square().sum())
+            sums[name][0] += float((x @ error.t()).square().sum())
+            sums[name][1] += float((x @ weight.t()).square().sum())
 
         return record
 

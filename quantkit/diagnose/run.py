@@ -127,8 +127,8 @@ def run_diagnose(request: DiagnoseRequest) -> dict:
     blocks = adapter.get_blocks(model)
     quantized = checkpoint.weights
     units = [u for u in make_units(adapter, blocks, request.granularity) if all(n in quantized for n in u.layers)]
-    block_units = [u for u in make_units(adapter, blocks, "block") if any(n in quantized for n in u.layers)]
-    block_units = [type(u)(u.name, tuple(n for n in u.layers if n in quantized), u.block) for u in block_units]
+    block_units = [replace(u, layers=tuple(n for n in u.layers if n in quantized))
+                   for u in make_units(adapter, blocks, "block") if any(n in quantized for n in u.layers)]
     attribution = attribute(model, adapter, quantized, units, block_units, heldout, list(calib.split(4)))
     report = {
         "format": REPORT_FORMAT, "version": REPORT_VERSION,
