@@ -199,9 +199,9 @@ def _conversations(path: Path, count: int = 12) -> Path:
     return path
 
 
-def test_chat_calibration_windows_are_the_templated_conversations(tmp_path: Path) -> None:
-    """Every window is a slice of the token stream of some conversation rendered by the chat template (role
-    markers included), drawn with the seed."""
+def test_chat_calibration_windows_open_each_templated_conversation(tmp_path: Path) -> None:
+    """Each window is the start of a different conversation rendered by the chat template (role markers
+    included), drawn with the seed; conversations too short for the windows are packed into one stream."""
     tokenizer = copy.deepcopy(tiny_tokenizer())  # the helper's tokenizer is shared: it keeps no template
     tokenizer.chat_template = CHAT_TEMPLATE
     source = f"chat:{_conversations(tmp_path / 'chats.jsonl')}"
@@ -210,11 +210,16 @@ def test_chat_calibration_windows_are_the_templated_conversations(tmp_path: Path
     rendered = [tokenizer.apply_chat_template(m, tokenize=False) for m in read_conversations(tmp_path / "chats.jsonl")]
     streams = [tokenizer(text)["input_ids"] for text in rendered]
     assert windows.shape == (6, 24)
-    for window in windows.tolist():
-        assert any(any(s[i : i + 24] == window for i in range(len(s) - 23)) for s in streams)
-    assert "<|user|>" in "".join(tokenizer.decode(w) for w in windows.tolist()) or "<|assistant|>" in "".join(
-        tokenizer.decode(w) for w in windows.tolist())
+    openings = [streams.index(next(s for s in streams if s[:24] == window)) for window in windows.tolist()]
+    assert len(set(openings)) == 6
+    assert all(tokenizer.decode(w).startswith("<|user|>") for w in windows.tolist())
     assert torch.equal(windows, load_calibration(source, tokenizer, 6, 24, seed=4))
+    assert not torch.equal(windows, load_calibration(source, tokenizer, 6, 24, seed=5))
+    longest = max(len(s) for s in streams)
+    packed = load_calibration(source, tokenizer, 3, longest + 5, seed=4)
+    joined = tokenizer("\n\n".join(rendered))["input_ids"]
+    for window in packed.tolist():
+        assert any(joined[i : i + longest + 5] == window for i in range(len(joined) - longest - 4))
 
 
 @pytest.mark.parametrize("content,fragment", [

@@ -30,16 +30,20 @@ def _stream_windows(
 
 
 def sample_windows(
-    documents: Sequence[str], tokenizer, nsamples: int, seqlen: int, seed: int
+    documents: Sequence[str], tokenizer, nsamples: int, seqlen: int, seed: int, anchored: bool = False
 ) -> torch.Tensor:
     """[nsamples, seqlen] int64 token windows, each from a random document longer than seqlen tokens.
 
     Documents are drawn with `random.Random(seed)` and tokenized once each. If no document long enough turns
     up (all tokenized, or MAX_FAILED_DRAWS draws), windows come from the documents joined into one stream.
+    `anchored`: each window opens at its document's first token (a chat conversation, which its template opens)
+    and no document gives two; the windows still missing come from the stream.
     """
     if not documents:
         raise QuantkitError("no calibration documents to sample from")
     rng = random.Random(seed)
+    if anchored:
+        return _anchored_windows(documents, tokenizer, nsamples, seqlen, rng)
     cache: dict[int, list[int]] = {}
     windows: list[list[int]] = []
     draws = 0
@@ -54,4 +58,20 @@ def sample_windows(
             windows.append(ids[start : start + seqlen])
         elif not windows and (len(cache) == len(documents) or draws >= MAX_FAILED_DRAWS):
             windows = _stream_windows(documents, tokenizer, nsamples, seqlen, rng)
+    return torch.tensor(windows, dtype=torch.int64)
+
+
+def _anchored_windows(
+    documents: Sequence[str], tokenizer, nsamples: int, seqlen: int, rng: random.Random
+) -> torch.Tensor:
+    """The first seqlen tokens of documents in a random order; the rest from the stream of all of them."""
+    windows: list[list[int]] = []
+    for index in rng.sample(range(len(documents)), len(documents)):
+        ids = _token_ids(tokenizer, documents[index])
+        if len(ids) >= seqlen:
+            windows.append(ids[:seqlen])
+        if len(windows) == nsamples:
+            break
+    if len(windows) < nsamples:
+        windows += _stream_windows(documents, tokenizer, nsamples - len(windows), seqlen, rng)
     return torch.tensor(windows, dtype=torch.int64)

@@ -118,8 +118,9 @@ def load_calibration(
         return sample(model, tokenizer, nsamples, seqlen, seed)
     spec = CALIBRATION_SETS.get(source)
     if source.startswith(CHAT_PREFIX):
-        documents = chat_documents(read_conversations(source[len(CHAT_PREFIX):]), tokenizer)
-    elif spec is None:
+        conversations = chat_documents(read_conversations(source[len(CHAT_PREFIX):]), tokenizer)
+        return sample_windows(conversations, tokenizer, nsamples, seqlen, seed, anchored=True)
+    if spec is None:
         documents = local_documents(source, [*MODEL_SAMPLED, *CALIBRATION_SETS], "calibration")
     else:
         documents = _named_documents(spec, data_dir)
