@@ -223,7 +223,7 @@ def quantize_run(model: str | LoadedModel, run: RunPlan, output: str | Path | No
     if run.kv_cache is not None:
         with phase(f"KV-cache scales ({run.kv_cache.format}, per {run.kv_cache.granularity})", seconds, "kv cache"):
             calibrate_kv_cache(loaded.model, loaded.adapter, run.kv_cache, calib, calibration_batch(calib, options))
-    config = _quantization_record(run, loaded.source, mixed=plan is not None)
+    config = quantization_record(run, loaded.source, mixed=plan is not None)
     config["transform"] = (
         {**applied.record, "online": {layer: list(k.sizes) for layer, k in applied.online.items()},
          "activation_clip": applied.act_clip}
@@ -276,7 +276,7 @@ def allocate_run(model: str | LoadedModel, run: RunPlan) -> AllocationPlan:
                            LayerCost(run.layout, model_dtype(loaded.model)))
 
 
-def _quantization_record(run: RunPlan, source: str, mixed: bool = False) -> dict:
+def quantization_record(run: RunPlan, source: str, mixed: bool = False) -> dict:
     """What config.json records of a run: method, options, scheme (no width when ``mixed``: each layer has its
     own), activations, calibration, seed, source."""
     scheme, calibration = run.scheme, run.calibration
@@ -328,7 +328,7 @@ def _quantize_offloaded(model: str | LoadedModel, run: RunPlan, offload: str, ou
         check_context(source.model, calibration.seqlen, "--seqlen")
     source_dtype = stored_dtype(source.config_dict)
     kept_dtype = unquantized_dtype(run.dtype, source_dtype)
-    record = _quantization_record(run, str(model))
+    record = quantization_record(run, str(model))
     arguments = {key: record[key] for key in ("method", "scheme", "input_activations", "seed", "source_model",
                                               "quantkit_version")}
     arguments["quantizer"] = asdict(run.quantizer)  # as given: the record resolves some settings from the scheme

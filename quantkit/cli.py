@@ -33,7 +33,7 @@ console = make_console()
 err_console = make_console(stderr=True)
 # quantize options that say how to run, not what to compute: never recipe fields
 RUN_OPTIONS = ("model", "output", "overwrite", "recipe", "save_recipe", "offload", "devices", "trust_remote_code",
-               "gguf_type")
+               "gguf_type", "dry_run")
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
 
@@ -190,6 +190,7 @@ def quantize(
     offload: Annotated[Literal["disk"] | None, typer.Option(help="disk: stream the model (a local safetensors directory) one block at a time, write each finished block at once and spill activations to disk; peak memory stays near one block, and rerunning a killed run's command resumes it from OUTPUT.partial. Native layout; no --transform or --allocation.")] = None,
     devices: Annotated[str | None, typer.Option(help="Spread the decoder blocks over these devices in contiguous runs, e.g. cuda:0,cuda:1 (default: where the model is).")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Let transformers run Python code shipped with the model (off by default: only do this for models you trust).")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Write nothing to OUTPUT: predict the peak memory (resident and --offload disk), the output's size and the work directory's, the time from a probe on one block, and which runtimes load the output; saved as quantkit-reports/dry-run-<time>.json.")] = False,
 ) -> None:
     """Quantize a causal LM and write a packed checkpoint (settings from flags, a recipe, or both)."""
     from quantkit.api import quantize_run
@@ -203,6 +204,9 @@ def quantize(
         given.update(_gguf_settings(gguf_type, number_format, layout))
     settings = resolve(load_recipe(recipe) if recipe else None, given, recipe or "")
     run = run_plan(settings)
+    if dry_run:
+        _dry_run(model, run)
+        return
     saved = None
     if save_recipe is not None:
         _check_output_file(save_recipe, "--save-recipe", ".yaml")
@@ -219,6 +223,17 @@ def quantize(
                    result.seconds, result.source_size)
     if save_recipe is not None:
         console.print(f"recipe: {save_recipe}")
+
+
+def _dry_run(model: str, run) -> None:
+    from quantkit.dryrun.report import dry_run_table, write_dry_run
+    from quantkit.dryrun.run import dry_run
+
+    path = Path("quantkit-reports") / f"dry-run-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}.json"
+    result = dry_run(model, run)
+    console.print(dry_run_table(result))
+    write_dry_run(result, path)
+    console.print(f"saved {path}")
 
 
 def _check_output_file(path: Path, flag: str, suffix: str) -> None:
@@ -486,8 +501,9 @@ def diagnose(
     calib_seqlen: Annotated[int, typer.Option(min=2, help="Tokens per calibration window.")] = defaults.DIAGNOSE_CALIBRATION[1],
     granularity: Annotated[str, typer.Option(metavar=_choices("granularity"), help="Unit measured (and repaired): a linear, a group of linears sharing an input (each routed expert whole), or a block.")] = "linear",
     top: Annotated[int, typer.Option(min=1, help="Units shown in the table (the JSON has all).")] = 20,
-    repair: Annotated[bool, typer.Option(help="Find the fewest units (in attribution order) to raise to --repair-bits so that KL <= --target-kl, and write their allocation plan.")] = False,
+    repair: Annotated[bool, typer.Option(help="Find the fewest units (in attribution order) to raise to --repair-bits so that KL <= --target-kl (or top-1 agreement >= --target-top1), and write their allocation plan.")] = False,
     target_kl: Annotated[float | None, typer.Option(help="The KL target of --repair.")] = None,
+    target_top1: Annotated[float | None, typer.Option(help="The top-1 agreement target of --repair (a fraction, e.g. 0.9).")] = None,
     repair_bits: Annotated[int, typer.Option(help="The width repaired units are raised to.")] = defaults.REPAIR_BITS,
     plan: Annotated[Path | None, typer.Option(help="The repair's allocation plan (for `quantize --allocation`). Default: REPORT/repair-plan.json.")] = None,
     report: Annotated[Path | None, typer.Option(help="Directory for diagnose.json and heatmap.png. Default: quantkit-reports/diagnose-<time>.")] = None,
@@ -496,12 +512,17 @@ def diagnose(
 ) -> None:
     """Which layers cause a quantized model's divergence from its float base; with --repair, a plan that meets a KL target."""
     from quantkit.allocation.units import GRANULARITIES
+    from quantkit.diagnose.repair import RepairTarget
     from quantkit.diagnose.report import report_tables, write_diagnosis
     from quantkit.diagnose.run import DiagnoseRequest, run_diagnose
     from quantkit.eval.report import check_report_dir
 
-    if repair != (target_kl is not None):
-        raise OptionError("--repair and --target-kl go together" if repair else "--target-kl needs --repair")
+    targets = [RepairTarget(metric, value) for metric, value in (("kl", target_kl), ("top1", target_top1))
+               if value is not None]
+    if not repair and targets:
+        raise OptionError(f"--target-{targets[0].metric} needs --repair")
+    if repair and len(targets) != 1:
+        raise OptionError("--repair takes one target: --target-kl or --target-top1")
     if plan is not None and not repair:
         raise OptionError("--plan is written by --repair")
     if granularity not in GRANULARITIES:
@@ -512,7 +533,8 @@ def diagnose(
     if plan_file is not None:
         _check_output_file(plan_file, "--plan", ".json")
     request = DiagnoseRequest(base, quantized, heldout, windows, seqlen, calib, nsamples, calib_seqlen, granularity,
-                              data_dir, defaults.SEED if seed is None else seed, target_kl, repair_bits, plan_file)
+                              data_dir, defaults.SEED if seed is None else seed, targets[0] if repair else None,
+                              repair_bits, plan_file)
     result = run_diagnose(request)
     for table in report_tables(result, top):
         console.print(table)

@@ -11,8 +11,10 @@ import torch
 from test_cli import assert_one_line_error, run_cli
 
 import quantkit
+from quantkit.allocation.kl import Divergence
 from quantkit.allocation.plan import AllocationPlan
 from quantkit.api import CalibrationSpec, quantize
+from quantkit.diagnose.repair import RepairTarget
 from quantkit.diagnose.run import DiagnoseRequest, run_diagnose
 from quantkit.models.loading import load_model
 from quantkit.schemes import QuantScheme
@@ -105,7 +107,8 @@ def test_repair_plan_meets_the_target_when_quantize_consumes_it(tiny_model_dir: 
     plan raises exactly those units, and the checkpoint quantized from the plan lands near the target."""
     target = diagnosis["total"]["kl"] * 0.4
     plan_file = tmp_path / "plan.json"
-    report = run_diagnose(_request(tiny_model_dir, w2_checkpoint, calib_file, target_kl=target, plan=plan_file))
+    report = run_diagnose(_request(tiny_model_dir, w2_checkpoint, calib_file, target=RepairTarget("kl", target),
+                                   plan=plan_file))
     repair = report["repair"]
     tried = {entry["count"]: entry["kl"] for entry in repair["tried"]}
     count = repair["count"]
@@ -123,6 +126,20 @@ def test_repair_plan_meets_the_target_when_quantize_consumes_it(tiny_model_dir: 
     assert after["total"]["kl"] <= target * 1.5  # GPTQ at 8 bits, where the search stood round-to-nearest in
 
 
+def test_top1_targets_are_met_from_above_and_kl_targets_from_below(tiny_model_dir: Path, w2_checkpoint: Path,
+                                                                     calib_file: Path, diagnosis: dict) -> None:
+    """A top-1 target is met at or above its value, a KL target at or below; on this tiny model the W2 checkpoint
+    already agrees on every top-1 token, so a target of 1.0 needs no unit raised."""
+    assert RepairTarget("top1", 0.9).met(Divergence(kl=5.0, top1=0.9))
+    assert not RepairTarget("top1", 0.9).met(Divergence(kl=0.0, top1=0.89))
+    assert RepairTarget("kl", 0.1).met(Divergence(kl=0.1, top1=0.0))
+    assert not RepairTarget("kl", 0.1).met(Divergence(kl=0.11, top1=1.0))
+    assert diagnosis["total"]["top1"] == 1.0
+    report = run_diagnose(_request(tiny_model_dir, w2_checkpoint, calib_file, target=RepairTarget("top1", 1.0)))
+    assert report["repair"]["count"] == 0 and report["repair"]["target"] == {"metric": "top1", "value": 1.0}
+    assert report["repair"]["tried"] == [{"count": 0, "kl": diagnosis["total"]["kl"], "top1": 1.0}]
+
+
 def test_cli_writes_tables_json_and_heatmap(tiny_model_dir: Path, w2_checkpoint: Path, calib_file: Path,
                                             tmp_path: Path) -> None:
     done = run_cli("diagnose", str(tiny_model_dir), str(w2_checkpoint), "--heldout", str(calib_file), "--windows", "2",
@@ -138,7 +155,10 @@ def test_cli_writes_tables_json_and_heatmap(tiny_model_dir: Path, w2_checkpoint:
 
 @pytest.mark.parametrize("flags,fragments", [
     (["--target-kl", "0.1"], ["--target-kl needs --repair"]),
-    (["--repair"], ["--repair and --target-kl go together"]),
+    (["--target-top1", "0.9"], ["--target-top1 needs --repair"]),
+    (["--repair"], ["--repair takes one target: --target-kl or --target-top1"]),
+    (["--repair", "--target-kl", "0.1", "--target-top1", "0.9"], ["--repair takes one target"]),
+    (["--repair", "--target-top1", "1.5"], ["the top1 target must be a number in [0, 1], got 1.5"]),
     (["--granularity", "row"], ["unknown --granularity 'row'"]),
 ])
 def test_bad_options_are_one_line_errors(flags: list[str], fragments: list[str], tiny_model_dir: Path,

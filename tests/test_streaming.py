@@ -70,6 +70,8 @@ def test_streamed_checkpoint_equals_the_resident_one(model: str, method: str, ca
     assert len(streamed) == len(resident) and streamed == resident
     assert json.loads((tmp_path / "streamed" / "config.json").read_text()) == \
         json.loads((tmp_path / "resident" / "config.json").read_text())
+    assert (tmp_path / "streamed" / "generation_config.json").read_text() == \
+        (tmp_path / "resident" / "generation_config.json").read_text()  # with or without the source's own file
     assert not work_dir(tmp_path / "streamed").exists()
     index = json.loads((tmp_path / "streamed" / "model.safetensors.index.json").read_text())
     blocks = json.loads((folder / "config.json").read_text())["num_hidden_layers"]

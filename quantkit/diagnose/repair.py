@@ -1,5 +1,5 @@
 """Repair: the fewest units, taken in the attribution's order, to raise to more bits so that the quantized model
-meets a KL target, found by bisection; and the allocation plan that makes `quantkit quantize` write it."""
+meets a KL or top-1 target, found by bisection; and the allocation plan that makes `quantkit quantize` write it."""
 
 from __future__ import annotations
 
@@ -20,31 +20,54 @@ from quantkit.models.adapters import ModelAdapter
 from quantkit.quantizers.base import Quantizer
 from quantkit.schemes import QuantScheme
 
+TARGET_METRICS = {"kl": "KL ≤", "top1": "top-1 agreement ≥"}
+
+
+@dataclass(frozen=True)
+class RepairTarget:
+    """What a repair must reach on the held-out text: KL at most ``value`` (``kl``) or top-1 agreement with the
+    float model at least ``value`` (``top1``)."""
+
+    metric: str
+    value: float
+
+    def __post_init__(self) -> None:
+        if self.metric not in TARGET_METRICS:
+            raise QuantkitError(f"unknown repair target {self.metric!r}; choose one of {', '.join(TARGET_METRICS)}")
+        upper = math.inf if self.metric == "kl" else 1.0
+        if not (math.isfinite(self.value) and 0 <= self.value <= upper):
+            raise QuantkitError(f"the {self.metric} target must be a number in [0, {upper:g}], got {self.value}")
+
+    def met(self, divergence: Divergence) -> bool:
+        return divergence.kl <= self.value if self.metric == "kl" else divergence.top1 >= self.value
+
+    def __str__(self) -> str:
+        return f"{TARGET_METRICS[self.metric]} {self.value:g}"
+
 
 @dataclass
 class Repair:
     """The units to raise (in attribution order), the divergence they leave, and every count bisection tried."""
 
-    target_kl: float
+    target: RepairTarget
     bits: int
     units: list[str]
     divergence: Divergence
     tried: dict[int, Divergence]
 
     def to_dict(self) -> dict:
-        return {"target_kl": self.target_kl, "bits": self.bits, "count": len(self.units), "units": self.units,
+        return {"target": {"metric": self.target.metric, "value": self.target.value}, "bits": self.bits,
+                "count": len(self.units), "units": self.units,
                 "kl": self.divergence.kl, "top1": self.divergence.top1,
                 "tried": [{"count": k, "kl": d.kl, "top1": d.top1} for k, d in sorted(self.tried.items())]}
 
 
 def find_repair(model: nn.Module, adapter: ModelAdapter, quantized: dict[str, torch.Tensor],
-                raised: dict[str, torch.Tensor], attribution: Attribution, heldout: torch.Tensor, target_kl: float,
-                bits: int) -> Repair:
+                raised: dict[str, torch.Tensor], attribution: Attribution, heldout: torch.Tensor,
+                target: RepairTarget, bits: int) -> Repair:
     """The smallest count ``k`` such that the quantized model with the first ``k`` units of the repair order at
-    their ``raised`` weights has KL at most ``target_kl`` on ``heldout``: bisection, taking KL as falling with
+    their ``raised`` weights meets ``target`` on ``heldout``: bisection, taking the divergence as falling with
     ``k``. Refused when even every unit raised misses the target."""
-    if not (math.isfinite(target_kl) and target_kl >= 0):
-        raise QuantkitError(f"the KL target must be a non-negative number, got {target_kl}")
     order = attribution.repair_order()
     with swapped_weights(model, quantized):
         meter = KLMeter(model, adapter, heldout, teacher=attribution.teacher)
@@ -57,16 +80,17 @@ def find_repair(model: nn.Module, adapter: ModelAdapter, quantized: dict[str, to
             return tried[count]
 
         low, high = 0, len(order)
-        if tried[0].kl > target_kl:
-            if with_raised(high).kl > target_kl:
-                raise QuantkitError(f"even every unit at {bits} bits leaves KL {tried[high].kl:.4g}, above the "
-                                    f"target {target_kl:g}")
+        if not target.met(tried[0]):
+            if not target.met(with_raised(high)):
+                left = tried[high]
+                raise QuantkitError(f"even every unit at {bits} bits leaves KL {left.kl:.4g} and top-1 "
+                                    f"{left.top1:.4g}, missing the target {target}")
             while high - low > 1:
                 middle = (low + high) // 2
-                low, high = (low, middle) if with_raised(middle).kl <= target_kl else (middle, high)
+                low, high = (low, middle) if target.met(with_raised(middle)) else (middle, high)
         else:
             high = 0
-    return Repair(target_kl, bits, [unit.name for unit in order[:high]], tried[high], tried)
+    return Repair(target, bits, [unit.name for unit in order[:high]], tried[high], tried)
 
 
 def repair_plan(repair: Repair, units: list[Unit], model: nn.Module, quantizer: Quantizer, base: QuantScheme,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from quantkit.diagnose.repair import RepairTarget
 from quantkit.eval.report import write_report_files
 
 REPORT_JSON = "diagnose.json"
@@ -45,7 +46,7 @@ def report_tables(report: dict, top: int) -> list[Table]:
                              "the most KL", report["settings"]["granularity"], ranked)]
     repair = report["repair"]
     if repair is not None:
-        table = Table(title=f"Repair to KL ≤ {repair['target_kl']:g}: {repair['count']} units at {repair['bits']} bits")
+        table = Table(title=f"Repair to {RepairTarget(**repair['target'])}: {repair['count']} units at {repair['bits']} bits")
         for column in ("units raised", "KL", "top-1"):
             table.add_column(column, justify="right")
         for tried in repair["tried"]:

@@ -14,7 +14,7 @@ from quantkit import defaults
 from quantkit.allocation.costs import LayerCost
 from quantkit.allocation.units import make_units
 from quantkit.diagnose.attribution import attribute
-from quantkit.diagnose.repair import find_repair, repair_plan
+from quantkit.diagnose.repair import RepairTarget, find_repair, repair_plan
 from quantkit.errors import QuantkitError
 from quantkit.models.adapters import ModelAdapter
 from quantkit.quantizers.base import LayerStats
@@ -36,7 +36,7 @@ class DiagnoseRequest:
     granularity: str = "linear"
     data_dir: str | None = None
     seed: int = defaults.SEED
-    target_kl: float | None = None  # repair to this KL
+    target: RepairTarget | None = None  # repair to this KL or top-1 agreement
     repair_bits: int = defaults.REPAIR_BITS
     plan: Path | None = None  # where the repair's allocation plan goes
 
@@ -112,7 +112,7 @@ def run_diagnose(request: DiagnoseRequest) -> dict:
     check_context(model, request.calib_seqlen, "--calib-seqlen")
     checkpoint = read_quantized(request.quantized, model, adapter)
     base_scheme = None
-    if request.target_kl is not None:  # refuse before the measurements what the plan cannot be made for
+    if request.target is not None:  # refuse before the measurements what the plan cannot be made for
         scheme = checkpoint.record.get("scheme") if checkpoint.layout == "native" else None
         if not scheme or scheme.get("bits") is None:
             raise QuantkitError("--repair needs a native checkpoint of one uniform scheme (its record names the "
@@ -150,7 +150,7 @@ def run_diagnose(request: DiagnoseRequest) -> dict:
         rtn = make_quantizer("rtn")  # the raised width's error is small: round-to-nearest stands in for the method
         raised = {name: rtn.quantize(model.get_submodule(name).weight.data, LayerStats(), raised_scheme)
                   .dequantize(torch.float32) for name in quantized}
-        repair = find_repair(model, adapter, quantized, raised, attribution, heldout, request.target_kl,
+        repair = find_repair(model, adapter, quantized, raised, attribution, heldout, request.target,
                              request.repair_bits)
         plan, added = repair_plan(repair, units, model, quantizer, base_scheme, request.granularity,
                                   LayerCost(checkpoint.layout, loaded.stored_dtype))

@@ -27,32 +27,44 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     os.chmod(path, 0o644)
 
 
+def plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
+    """The tensor names of each shard, in order: ``sizes`` (name -> data bytes, in writing order) filled into
+    shards of at most ``max_shard_bytes`` (a larger tensor gets a shard of its own)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, nbytes in sizes.items():
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    """The file names of ``count`` shards: one file, or the Hugging Face numbered names."""
+    return [SINGLE_FILE] if count == 1 else [shard_name(i, count) for i in range(count)]
+
+
 def write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> None:
     """Write ``tensors`` into shards of at most ``max_shard_bytes`` (one file when they fit)."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor.contiguous()
-        size += nbytes
-    if len(shards) == 1:
-        save_tensors(shards[0], folder / SINGLE_FILE)
-        return
-    names = [shard_name(i, len(shards)) for i in range(len(shards))]
+    groups = plan_shards({name: t.numel() * t.element_size() for name, t in tensors.items()}, max_shard_bytes)
+    names = shard_names(len(groups))
     weight_map = {}
-    for name, shard in zip(names, shards):
-        save_tensors(shard, folder / name)
-        weight_map.update({key: name for key in shard})
-    _write_index(folder, weight_map, sum(t.numel() * t.element_size() for t in tensors.values()))
+    for name, group in zip(names, groups):
+        save_tensors({key: tensors[key].contiguous() for key in group}, folder / name)
+        weight_map.update({key: name for key in group})
+    if len(groups) > 1:
+        _write_index(folder, weight_map, sum(t.numel() * t.element_size() for t in tensors.values()))
 
 
 def _write_index(folder: Path, weight_map: dict[str, str], total_bytes: int) -> None:
+    (folder / INDEX_FILE).write_text(index_text(weight_map, total_bytes))
+
+
+def index_text(weight_map: dict[str, str], total_bytes: int) -> str:
     """The Hugging Face shard index: which shard holds each tensor, and the tensors' total size."""
-    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
-    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    return json.dumps({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, indent=2)
 
 
 def shard_map(folder: Path) -> dict[str, str]:
@@ -156,7 +168,7 @@ def finish_parts(folder: Path, parts: list[str], dest: Path | None = None) -> No
     """Give shards written one by one (``parts`` in ``folder``, in order) their Hugging Face names and write the
     index: renamed in place, or hard-linked (copied across file systems) into ``dest``, leaving the parts."""
     dest = dest or folder
-    names = [SINGLE_FILE] if len(parts) == 1 else [shard_name(i, len(parts)) for i in range(len(parts))]
+    names = shard_names(len(parts))
     weight_map, total = {}, 0
     for part, name in zip(parts, names):
         for key, (shape, dtype) in header_specs(folder / part).items():

@@ -80,6 +80,9 @@ class Layout(ABC):
     kinds: ClassVar[tuple[str, ...] | None] = None
     single_file: ClassVar[bool] = False  # one file (GGUF) rather than a checkpoint directory
     auto_dtype: ClassVar[torch.dtype | None] = None  # what --dtype auto keeps unquantized tensors in (None: the source's)
+    # the runtimes known to load this layout (README, "Which runtime loads what"); a line of
+    # :meth:`refusing_runtimes` opens with the name of the runtime that refuses
+    runtimes: ClassVar[tuple[str, ...]] = ()
 
     def check(self, plan: TensorPlan | None = None, *, kinds: Iterable[str] = (),
               activations: InputQuantization | None = None, online: bool = False) -> None:

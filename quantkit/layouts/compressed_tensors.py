@@ -591,6 +591,7 @@ class CompressedTensorsLayout(Layout):
     name = "compressed-tensors"
     quant_method = QUANT_METHOD
     kinds = ("int", "e2m1", "fp8")
+    runtimes = ("quantkit.load", "transformers", "vLLM")
 
     def check_scheme(self, scheme: QuantScheme, column_groups: bool = False) -> None:
         check_scheme(scheme, column_groups)

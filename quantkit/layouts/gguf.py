@@ -127,6 +127,7 @@ class GGUFLayout(Layout):
     quant_method = "gguf"
     kinds = ("gguf", "int")  # int: the symmetric schemes a legacy format holds exactly (formats.gguf.from_int)
     single_file = True
+    runtimes = ("llama.cpp", "transformers (dequantized)", "quantkit eval (as a float model)")
     auto_dtype = torch.float16  # llama.cpp's own choice for the matrices it does not quantize
 
     def check(self, plan: TensorPlan | None = None, *, kinds: Iterable[str] = (),

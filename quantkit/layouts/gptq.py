@@ -290,6 +290,7 @@ class GPTQLayout(Layout):
     name = "gptq"
     quant_method = "gptq"
     kinds = ("int",)
+    runtimes = ("quantkit.load", "transformers", "vLLM", "GPTQModel")
 
     def check_scheme(self, scheme: QuantScheme, column_groups: bool = False) -> None:
         check_scheme(scheme)

@@ -79,6 +79,7 @@ class NativeLayout(Layout):
 
     name = FORMAT_NAME
     quant_method = QUANT_METHOD
+    runtimes = ("quantkit.load", "transformers (after import quantkit)")
 
     def encode(self, model: nn.Module, quantized: dict[str, QuantizedTensor], quantization_config: dict,
                dtype: torch.dtype) -> Encoded:

@@ -180,12 +180,12 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def local_model_dir(spec: str) -> Path:
+def local_model_dir(spec: str, reader: str = "--offload disk") -> Path:
     """The local Hugging Face directory ``spec`` names (for a GGUF file or a built-in alias, its converted copy);
-    a hub id is refused, since streaming reads shards from disk."""
+    a hub id is refused, since ``reader`` (streaming, the dry run) reads shards from disk."""
     path = Path(_from_pretrained_kwargs(spec)["pretrained_model_name_or_path"])
     if not path.is_dir():
-        raise QuantkitError(f"--offload disk reads a model from a local directory; {spec!r} is not one "
+        raise QuantkitError(f"{reader} reads a model from a local directory; {spec!r} is not one "
                             "(download it first, e.g. with `hf download`)")
     return path
 

@@ -27,8 +27,7 @@ class StreamedModel(CheckedSource):
     def __init__(self, folder: Path) -> None:
         super().__init__(folder)
         self.model.config.name_or_path = str(folder)  # as transformers records a model it loads
-        if (folder / "generation_config.json").is_file():
-            self.model.generation_config = _generation_config(folder)
+        self.model.generation_config = _generation_config(folder)
 
     @property
     def num_blocks(self) -> int:
@@ -102,13 +101,18 @@ class StreamedModel(CheckedSource):
 
 
 def _generation_config(folder: Path):
-    """The model's own generation defaults, as transformers keeps them for a model it loads."""
+    """The model's own generation defaults, as transformers' ``from_pretrained`` keeps them: its
+    generation_config.json, else the generation fields of its config.json."""
     from transformers import GenerationConfig
 
+    own = (folder / "generation_config.json").is_file()
     try:
-        return GenerationConfig.from_pretrained(str(folder))
+        if own:
+            return GenerationConfig.from_pretrained(str(folder))
+        return GenerationConfig.from_pretrained(str(folder), config_file_name="config.json", _from_model_config=True)
     except (OSError, ValueError) as exc:
-        raise QuantkitError(f"corrupt generation_config.json in {folder}: {str(exc).splitlines()[0]}") from None
+        name = "generation_config.json" if own else "config.json"
+        raise QuantkitError(f"corrupt {name} in {folder}: {str(exc).splitlines()[0]}") from None
 
 
 def _trim_heap() -> None:
