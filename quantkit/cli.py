@@ -225,11 +225,16 @@ def quantize(
         console.print(f"recipe: {save_recipe}")
 
 
+def _report_path(kind: str) -> Path:
+    """The default place of a command's report: quantkit-reports/KIND-<UTC time>."""
+    return Path("quantkit-reports") / f"{kind}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+
+
 def _dry_run(model: str, run) -> None:
     from quantkit.dryrun.report import dry_run_table, write_dry_run
     from quantkit.dryrun.run import dry_run
 
-    path = Path("quantkit-reports") / f"dry-run-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}.json"
+    path = _report_path("dry-run").with_suffix(".json")
     result = dry_run(model, run)
     console.print(dry_run_table(result))
     write_dry_run(result, path)
@@ -466,7 +471,7 @@ def evaluate(
     datasets = _split_list(ppl) if ppl is not None else ([] if task_names else ["wikitext2"])
     request = EvalRequest(targets, datasets, task_names, seqlen, max_windows, baseline, data_dir, kernel, limit,
                           batch_size, num_fewshot)
-    folder = report or Path("quantkit-reports") / f"eval-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+    folder = report or _report_path("eval")
     check_report_dir(folder)
     result = run_eval(request)
     console.print(report_table(result))
@@ -527,7 +532,7 @@ def diagnose(
         raise OptionError("--plan is written by --repair")
     if granularity not in GRANULARITIES:
         raise OptionError(f"unknown --granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
-    folder = report or Path("quantkit-reports") / f"diagnose-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+    folder = report or _report_path("diagnose")
     check_report_dir(folder)
     plan_file = (plan or folder / "repair-plan.json") if repair else None
     if plan_file is not None:

@@ -86,9 +86,16 @@ class RunPlan:
         return None if self.act_scheme is None else InputQuantization(self.act_scheme, self.act_static)
 
 
+def runtime_refusals(writer: Layout, schemes: list[QuantScheme], column_groups: list[bool]) -> list[str]:
+    """One line for each known runtime that will refuse ``writer``'s checkpoint of ``schemes`` (each with or without
+    act-order groups), each line once."""
+    return list(dict.fromkeys(line for scheme, grouped in zip(schemes, column_groups)
+                              for line in writer.refusing_runtimes(scheme, grouped)))
+
+
 def warn_runtimes(writer: Layout, schemes: list[QuantScheme], column_groups: list[bool]) -> None:
     """Warn, once per line, of every known runtime that will refuse ``writer``'s checkpoint of ``schemes``."""
-    _warn_once([line for scheme, grouped in zip(schemes, column_groups) for line in writer.refusing_runtimes(scheme, grouped)])
+    _warn_once(runtime_refusals(writer, schemes, column_groups))
 
 
 def warn_moe_runtimes(writer: Layout, schemes: list[QuantScheme]) -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from quantkit.dryrun.run import _loading_runtimes, check_dry_run
+from quantkit.dryrun.run import _loading_runtimes, _refusals, check_dry_run
 from quantkit.dryrun.sizes import safetensors_bytes
 from quantkit.errors import QuantkitError
 from quantkit.models.synthetic import SyntheticShape, write_synthetic_llama
@@ -82,9 +82,9 @@ def test_dry_run_predicts_size_exactly_and_peak_memory_within_a_quarter(small_mo
 
 def test_runtimes_leave_out_those_that_refuse() -> None:
     four = plan_run("rtn", bits=4, group_size=128, layout="gptq")
-    assert "vLLM" in _loading_runtimes(four)
+    assert "vLLM" in _loading_runtimes(four, _refusals(four))
     three = plan_run("rtn", bits=3, group_size=128, layout="gptq")
-    assert _loading_runtimes(three) == ["quantkit.load", "transformers", "GPTQModel"]
+    assert _loading_runtimes(three, _refusals(three)) == ["quantkit.load", "transformers", "GPTQModel"]
 
 
 def test_whole_model_steps_are_refused() -> None:

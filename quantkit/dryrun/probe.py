@@ -12,6 +12,7 @@ import torch
 
 from quantkit.engine import EngineOptions, calibration_batch, capture_block_inputs, quantize_blocks
 from quantkit.formats.base import QuantizedTensor
+from quantkit.models.loading import float32_bytes
 from quantkit.streaming.source import StreamedModel
 
 STATUS = Path("/proc/self/status")
@@ -104,7 +105,7 @@ def probe_block(source: StreamedModel, quantizer, scheme_for, calib: torch.Tenso
     quantize_blocks(blocks, source.adapter, quantizer, scheme_for, inputs, options, "dry run: probe")
     seconds = time.perf_counter() - start - blocks.load_seconds
     peak = peak_bytes()
-    loaded = setup + sum(p.numel() * 4 for p in source.block(0).parameters())
+    loaded = setup + float32_bytes(source.block(0))
     held = held_bytes(blocks.quantized)
     source.release_block(0)
     return Probe(setup_seconds, blocks.load_seconds, seconds, base, setup, loaded, max(peak, loaded), held)

@@ -15,19 +15,19 @@ from quantkit.calib.sources import MODEL_SAMPLED
 from quantkit.dryrun.probe import Probe, probe_block
 from quantkit.dryrun.sizes import (
     layer_specs,
-    native_checkpoint_bytes,
+    native_side_file_bytes,
     resident_shards,
     safetensors_bytes,
+    shard_file_bytes,
     streamed_shards,
 )
 from quantkit.engine import EngineOptions, linear_shapes
 from quantkit.errors import QuantkitError
 from quantkit.export.writer import estimated_bytes
-from quantkit.models.loading import load_local_tokenizer, local_model_dir, stored_dtype
-from quantkit.runplan import RunPlan, unquantized_dtype
+from quantkit.models.loading import float32_bytes, load_local_tokenizer, local_model_dir, stored_dtype
+from quantkit.runplan import RunPlan, runtime_refusals, unquantized_dtype
+from quantkit.streaming.run import spilled_bytes
 from quantkit.streaming.source import StreamedModel
-
-FLOAT32 = torch.float32.itemsize  # the engine computes in float32 whatever the stored dtype
 
 
 @dataclass(frozen=True)
@@ -82,19 +82,20 @@ def dry_run(model: str, run: RunPlan) -> DryRun:
         tensors, records = layer_specs(shapes, run.quantizer, scheme_for)
         if plan is not None:
             record["allocation"] = plan.summary()
-        resident = native_checkpoint_bytes(source.model, tokenizer, resident_shards(source.model, tensors, layers, dtype),
-                                           records, record, dtype)
-        streamed_parts = streamed_shards(source.model, source.adapter.blocks, source.num_blocks, tensors, layers, dtype)
-        streamed = None if plan is not None else native_checkpoint_bytes(source.model, tokenizer, streamed_parts,
-                                                                         records, record, dtype)
-        spilled = 0
+        side = native_side_file_bytes(source.model, tokenizer, records, record, dtype)
+        resident = {**shard_file_bytes(resident_shards(source.model, tensors, layers, dtype)), **side}
+        streamed, streamed_parts = None, []
+        if plan is None:  # --offload disk takes no allocation
+            streamed_parts = streamed_shards(source.model, source.adapter.blocks, source.num_blocks, tensors, layers,
+                                             dtype)
+            streamed = {**shard_file_bytes(streamed_parts), **side}
     else:
         cost = LayerCost(run.layout, dtype)
         layer_bytes = {name: cost(run.quantizer.plan(scheme_for(name)).meta(shape), shape) for name, shape in shapes.items()}
         resident, streamed, streamed_parts = {"tensors": estimated_bytes(source.model, layer_bytes, dtype)}, None, []
     calib = _windows(run, tokenizer, source) if run.quantizer.needs_calibration else None
-    if calib is not None:
-        spilled = 2 * calib.numel() * source.model.config.hidden_size * FLOAT32  # the hidden states of two blocks
+    spilled = 0 if calib is None else spilled_bytes(calib, source.model.config.hidden_size)
+    refusals = _refusals(run)
     torch.manual_seed(run.seed)
     probe = probe_block(source, run.quantizer, scheme_for, calib,
                         EngineOptions(true_sequential=run.true_sequential, forward_dtype=run.forward_torch_dtype))
@@ -103,7 +104,7 @@ def dry_run(model: str, run: RunPlan) -> DryRun:
                   None if streamed is None else sum(safetensors_bytes(part) for part in streamed_parts) + spilled,
                   basis,
                   probe.setup_seconds + source.num_blocks * (probe.load_seconds + probe.block_seconds),
-                  _loading_runtimes(run), _refusals(run), asdict(probe))
+                  _loading_runtimes(run, refusals), refusals, asdict(probe))
 
 
 def _windows(run: RunPlan, tokenizer, source: StreamedModel) -> torch.Tensor:
@@ -116,17 +117,13 @@ def _windows(run: RunPlan, tokenizer, source: StreamedModel) -> torch.Tensor:
     return load_calibration(spec.source, tokenizer, spec.nsamples, spec.seqlen, run.seed, data_dir=spec.data_dir)
 
 
-def _float32_bytes(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values()) * FLOAT32
-
-
 def _resident_peak(source: StreamedModel, probe: Probe, output_bytes: int) -> int:
     """A resident run holds the whole float model, the hidden states and every finished block's quantized
     layers while the last block is quantized (block 0's working set above its weights, as the probe saw), then
     the encoded tensors and one shard's serialized copy while it writes."""
     blocks = source.adapter.get_blocks(source.model)
-    weights = _float32_bytes(source.model)
-    outer = weights - sum(_float32_bytes(block) for block in blocks)
+    weights = float32_bytes(source.model)
+    outer = weights - sum(float32_bytes(block) for block in blocks)
     hidden = max(0, probe.setup_rss - probe.base_rss - outer)
     held = probe.base_rss + weights + hidden + (len(blocks) - 1) * probe.quantized_bytes
     quantizing = held + probe.peak_rss - probe.loaded_rss
@@ -134,14 +131,12 @@ def _resident_peak(source: StreamedModel, probe: Probe, output_bytes: int) -> in
     return max(quantizing, writing)
 
 
-def _loading_runtimes(run: RunPlan) -> list[str]:
-    """The runtimes known to load the layout that no refusal names for the run's schemes."""
-    refusals = _refusals(run)
+def _loading_runtimes(run: RunPlan, refusals: list[str]) -> list[str]:
+    """The runtimes known to load the layout that none of the run's ``refusals`` names."""
     return [name for name in run.writer.runtimes if not any(line.startswith(name) for line in refusals)]
 
 
 def _refusals(run: RunPlan) -> list[str]:
-    lines = [line for scheme in run.candidates
-             for line in run.writer.refusing_runtimes(scheme, run.quantizer.plan(scheme).column_groups)]
-    return list(dict.fromkeys(lines))
+    schemes = list(run.candidates)
+    return runtime_refusals(run.writer, schemes, [run.quantizer.plan(scheme).column_groups for scheme in schemes])
 

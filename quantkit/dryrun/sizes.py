@@ -105,8 +105,8 @@ def streamed_shards(model: nn.Module, blocks_path: str, num_blocks: int, layer_t
     return [outer, *({name: spec for name, spec in everything.items() if name.startswith(prefix)} for prefix in prefixes)]
 
 
-def native_checkpoint_bytes(model: nn.Module, tokenizer, shards: list[Specs], records: dict[str, dict],
-                            record: dict, dtype: torch.dtype) -> dict[str, int]:
-    """File name -> bytes of the native checkpoint of these shards, layer records and run record."""
-    config = checkpoint_config(model, native_quantization_config(records, record), dtype)
-    return {**shard_file_bytes(shards), **side_file_bytes(model, tokenizer, config)}
+def native_side_file_bytes(model: nn.Module, tokenizer, records: dict[str, dict], record: dict,
+                           dtype: torch.dtype) -> dict[str, int]:
+    """File name -> bytes of a native checkpoint's files besides its shards, for these layer records and run
+    record (the same for a resident run and a streamed one)."""
+    return side_file_bytes(model, tokenizer, checkpoint_config(model, native_quantization_config(records, record), dtype))

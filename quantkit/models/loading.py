@@ -89,12 +89,17 @@ def check_float_model(spec: str, in_memory: bool = True, trust_remote_code: bool
     return kwargs, config
 
 
+def float32_bytes(module: nn.Module) -> int:
+    """What ``module``'s parameters (each shared one once) take in float32, the dtype quantkit loads them in."""
+    return sum(p.numel() for p in module.parameters()) * torch.float32.itemsize
+
+
 def _check_local_weights(folder: Path, in_memory: bool) -> None:
     """Refuse a directory whose weights are pickles, whose safetensors headers disagree with its config (a
     lying size would allocate terabytes), or (when it is to be loaded whole, ``in_memory``) whose weights are
     more than the memory can hold."""
     skeleton = CheckedSource(folder).model  # the config and headers, checked; the model on the meta device
-    needed = sum(p.numel() for p in skeleton.parameters()) * torch.float32.itemsize
+    needed = float32_bytes(skeleton)
     available = _available_memory()
     if in_memory and available is not None and needed > available:
         raise QuantkitError(f"{folder} needs {size_text(needed)} of memory in float32 and only "

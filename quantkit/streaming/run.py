@@ -157,8 +157,14 @@ def _bytes_to_write(source: StreamedModel, run: StreamedRun, calib: torch.Tensor
                    for name, shape in linear_shapes(source.model, source.adapter).items()}
     total = estimated_bytes(source.model, layer_bytes, run.dtype)
     if calib is not None:
-        total += 2 * calib.numel() * source.model.config.hidden_size * 4
+        total += spilled_bytes(calib, source.model.config.hidden_size)
     return total
+
+
+def spilled_bytes(calib: torch.Tensor, hidden_size: int) -> int:
+    """What a run spills of ``calib``'s hidden states at most: those entering two blocks, in float32 (written at
+    once while one block hands over to the next)."""
+    return 2 * calib.numel() * hidden_size * torch.float32.itemsize
 
 
 def _bytes_written(folder: Path) -> int:
